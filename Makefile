@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` runs the main job, `make test` runs lint, types and the tests.
+# Each sets up what it needs itself (scripts/setup.sh: venv, packages, fedml --no-deps, mosquitto).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint typecheck unit integration bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/fedpeft-edge demo $(DEMO_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check fedpeft_edge device_agents server_app tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy fedpeft_edge device_agents server_app
+
+test: lint typecheck
+	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

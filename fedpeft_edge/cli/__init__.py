@@ -1,0 +1,55 @@
+"""The `fedpeft-edge` umbrella command: demo, profile, report, export and broker subcommands.
+
+Each subcommand lives in its own module here exposing `add_arguments(parser)` and `run(args) -> int`;
+modules are imported only when their subcommand runs, so `fedpeft-edge profile` never loads MQTT code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fedpeft_edge.errors import FedPeftError
+
+SUBCOMMANDS: dict[str, str] = {
+    "demo": "run a short FedPEFT job on this machine: broker, server and N agent processes",
+    "profile": "parameters and encoded update bytes per PEFT method for a model; bandwidth planning",
+    "report": "write report.html, PNG plots and CSVs from one or more run directories",
+    "export": "export a fine-tuned model from a run to ONNX, with a parity check",
+    "broker": "run a local MQTT broker (mosquitto if installed, else embedded amqtt)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=name)
+        if name in sys.argv[1:3] or "-h" in sys.argv or "--help" in sys.argv:
+            _load(name).add_arguments(sp)
+    return parser
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(f"fedpeft_edge.cli.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except FedPeftError as exc:
+        print(f"fedpeft-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

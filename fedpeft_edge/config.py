@@ -1,0 +1,415 @@
+"""Run configuration: FedML's YAML schema parsed once into frozen dataclasses; unknown keys are errors.
+
+The YAML sections are FedML's (`common_args`, `data_args`, `model_args`, `train_args`, `comm_args`,
+`device_args`, `tracking_args`) plus ours (`peft_args`, `dp_args`). Each component receives only its own
+section. This module holds the only `yaml.safe_load` of the project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from fedpeft_edge.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonArgs:
+    """Run identity and seeding."""
+
+    training_type: Literal["cross_device"] = "cross_device"
+    run_id: str = "fedpeft"
+    random_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArgs:
+    """Where a device's data comes from and how the shared data set is split across devices."""
+
+    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    data_cache_dir: str | None = None  # directory of the data set; None = the source's default
+    partition_method: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition_alpha: float = 0.5  # Dirichlet concentration (the paper uses 0.1 and 0.5)
+    shards_per_client: int = 2  # classes per client for partition_method=shards
+    min_samples_per_client: int = 10
+    test_fraction: float = 0.2  # per-client local test split
+    max_train_samples: int | None = None  # cap on the shared training pool (quick runs)
+    max_test_samples: int | None = None  # cap on the server's held-out test set
+    image_size: int | None = None  # None = the backbone's own input size
+    batch_size: int = 32
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """The frozen backbone and where its weights come from."""
+
+    model: str = "tf_efficientnet_lite0"
+    num_classes: int = 10
+    weights: Literal["none", "file", "efficientnet_lite0_package"] = "efficientnet_lite0_package"
+    checkpoint_path: str | None = None  # local file with timm key names, for weights=file
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # passed to timm.create_model
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterArgs:
+    """Bottleneck adapter after each block's MLP."""
+
+    width: int = 64
+    shared_across_blocks: bool = False  # True reproduces the paper's single shared adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptArgs:
+    """Visual prompt tuning for timm VisionTransformer."""
+
+    num_tokens: int = 10
+    depth: Literal["deep", "shallow"] = "deep"
+    init_std: float = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraArgs:
+    """LoRA through Hugging Face peft."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None  # None = the method's default for the backbone
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftArgs:
+    """Which PEFT method trains and shares which tensors."""
+
+    method: Literal["full", "head", "bias", "adapter", "prompt", "lora"] = "bias"
+    adapter: AdapterArgs = dataclasses.field(default_factory=AdapterArgs)
+    prompt: PromptArgs = dataclasses.field(default_factory=PromptArgs)
+    lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+    """Local training on the device and the round schedule on the server (FedML's names where it has them)."""
+
+    federated_optimizer: Literal["FedAvg", "FedAdam", "FedYogi"] = "FedAvg"
+    client_num_in_total: int = 4  # devices the data set is partitioned for
+    client_num_per_round: int = 4  # devices sampled per round
+    comm_round: int = 5
+    min_devices: int = 2  # devices online before round 1 starts
+    min_updates: int = 1  # accepted updates needed to close a round at its deadline
+    round_timeout_s: float = 120.0
+    join_timeout_s: float = 300.0
+    epochs: int = 1
+    max_steps: int | None = None  # if set, local training stops after this many steps
+    client_optimizer: Literal["sgd", "adamw"] = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    grad_clip_norm: float | None = None
+    server_learning_rate: float = 1.0  # FedAdam/FedYogi
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    send_delta: bool = False  # devices send (local - global) instead of local tensors
+    eval_every: int = 1
+    mixed_precision: bool = True  # used only on CUDA
+
+
+@dataclasses.dataclass(frozen=True)
+class CommArgs:
+    """MQTT broker, topics, security and the wire encoding."""
+
+    backend: Literal["MQTT"] = "MQTT"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    topic_prefix: str = "fedpeft"
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_insecure: bool = False
+    keepalive_s: int = 30
+    qos: Literal[0, 1] = 1
+    max_message_bytes: int = 268_435_455  # MQTT's maximum packet size; lower for brokers that limit
+    chunk_timeout_s: float = 120.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_row"] = "fp32"
+    max_update_bytes: int = 2_000_000_000  # refuse any update claiming more than this
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceArgs:
+    """Where a device computes and what it measures."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    eval_backend: Literal["torch", "onnxruntime"] = "torch"
+    metering_interval_s: float = 0.1
+    state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingArgs:
+    """Where a run writes its directory and how much it logs."""
+
+    run_dir: str = "runs"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    checkpoint_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DpArgs:
+    """Differential privacy (DP-SGD via opacus) on the device."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = None  # set this, or target_epsilon
+    target_epsilon: float | None = None
+    target_delta: float = 1e-3
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    poisson_sampling: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run's configuration; components take their own section, never this object."""
+
+    common_args: CommonArgs = dataclasses.field(default_factory=CommonArgs)
+    data_args: DataArgs = dataclasses.field(default_factory=DataArgs)
+    model_args: ModelArgs = dataclasses.field(default_factory=ModelArgs)
+    peft_args: PeftArgs = dataclasses.field(default_factory=PeftArgs)
+    train_args: TrainArgs = dataclasses.field(default_factory=TrainArgs)
+    comm_args: CommArgs = dataclasses.field(default_factory=CommArgs)
+    device_args: DeviceArgs = dataclasses.field(default_factory=DeviceArgs)
+    tracking_args: TrackingArgs = dataclasses.field(default_factory=TrackingArgs)
+    dp_args: DpArgs = dataclasses.field(default_factory=DpArgs)
+
+    def __post_init__(self) -> None:
+        _check_run(self)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file into a RunConfig; `overrides` maps dotted keys ("train_args.comm_round") to values."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}; pass an existing YAML file") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=str(p))
+
+
+def config_from_dict(
+    raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, source: str = "config"
+) -> RunConfig:
+    """Build a RunConfig from nested mappings (as YAML gives), applying dotted-key overrides."""
+    data = _deep_copy(raw)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value, source)
+    return _build(RunConfig, data, source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved configuration as plain YAML-able data (written into every run directory)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        elif isinstance(value, Mapping):
+            out[f.name] = dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def replace_in(cfg: RunConfig, **dotted: Any) -> RunConfig:
+    """A copy of cfg with dotted keys replaced, e.g. replace_in(cfg, **{"peft_args.method": "full"})."""
+    return config_from_dict(config_to_dict(cfg), dotted, source="override")
+
+
+# --- parsing -------------------------------------------------------------------------------------------
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type[T], raw: Any, where: str) -> T:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"valid keys are: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{where}: must not be null")
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(opt, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed or type(value) is bool and not any(a is value for a in allowed):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = get_args(tp)
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _coerce_scalar(tp, value, where)
+
+
+def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+# --- cross-field checks ----------------------------------------------------------------------------------
+
+
+def _positive(where: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_run(cfg: RunConfig) -> None:
+    t, d, c, m, dp = cfg.train_args, cfg.data_args, cfg.comm_args, cfg.model_args, cfg.dp_args
+    for name in ("client_num_in_total", "client_num_per_round", "comm_round", "min_devices", "min_updates",
+                 "epochs", "eval_every"):
+        _positive(f"train_args.{name}", getattr(t, name))
+    for name in ("round_timeout_s", "join_timeout_s", "learning_rate"):
+        _positive(f"train_args.{name}", getattr(t, name))
+    _positive("train_args.max_steps", t.max_steps)
+    _positive("train_args.grad_clip_norm", t.grad_clip_norm)
+    _positive("train_args.weight_decay", t.weight_decay, allow_zero=True)
+    if t.client_num_per_round > t.client_num_in_total:
+        raise ConfigError(
+            f"train_args.client_num_per_round ({t.client_num_per_round}) exceeds train_args.client_num_in_total "
+            f"({t.client_num_in_total}); lower it or add devices"
+        )
+    if t.min_updates > t.client_num_per_round:
+        raise ConfigError(
+            f"train_args.min_updates ({t.min_updates}) exceeds client_num_per_round ({t.client_num_per_round}): "
+            "a round could never close"
+        )
+    _positive("data_args.partition_alpha", d.partition_alpha)
+    _positive("data_args.batch_size", d.batch_size)
+    _positive("data_args.shards_per_client", d.shards_per_client)
+    _positive("data_args.min_samples_per_client", d.min_samples_per_client)
+    _positive("data_args.max_train_samples", d.max_train_samples)
+    _positive("data_args.max_test_samples", d.max_test_samples)
+    if not 0.0 <= d.test_fraction < 1.0:
+        raise ConfigError(f"data_args.test_fraction must be in [0, 1), got {d.test_fraction!r}")
+    _positive("model_args.num_classes", m.num_classes)
+    if m.weights == "file" and not m.checkpoint_path:
+        raise ConfigError(
+            "model_args.weights is 'file' but model_args.checkpoint_path is empty; "
+            "name a local checkpoint file with timm key names"
+        )
+    if not 1 <= c.broker_port <= 65535:
+        raise ConfigError(f"comm_args.broker_port must be in 1..65535, got {c.broker_port}")
+    if not 1024 <= c.max_message_bytes <= 268_435_455:
+        raise ConfigError(
+            f"comm_args.max_message_bytes must be in 1024..268435455 (MQTT's maximum), got {c.max_message_bytes}"
+        )
+    _positive("comm_args.keepalive_s", c.keepalive_s)
+    if bool(c.tls_cert_file) != bool(c.tls_key_file):
+        raise ConfigError("comm_args.tls_cert_file and comm_args.tls_key_file must be given together")
+    if dp.enabled and (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+        raise ConfigError(
+            "dp_args: set exactly one of noise_multiplier or target_epsilon when dp_args.enabled is true"
+        )
+    _positive("dp_args.max_grad_norm", dp.max_grad_norm)
+    _positive("dp_args.target_epsilon", dp.target_epsilon)
+    _positive("dp_args.noise_multiplier", dp.noise_multiplier, allow_zero=True)
+    if not 0.0 < dp.target_delta < 1.0:
+        raise ConfigError(f"dp_args.target_delta must be in (0, 1), got {dp.target_delta!r}")

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Sets up everything fedpeft-edge needs on a fresh machine: a virtual environment with the whole stack,
+# FedML's messaging layer (installed --no-deps), the mosquitto broker and the Fashion-MNIST data package.
+# Idempotent: a second run only checks. Used by `make demo`, `make test` and .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+apt_install() {
+    # $@: Debian packages. Installs what is missing when we are root; otherwise says what to run.
+    local missing=()
+    for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "setup: missing Debian packages ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
+        echo "setup: (without mosquitto the embedded amqtt broker is used; tests that need mosquitto skip)" >&2
+    fi
+}
+
+if [ "${SKIP_APT:-0}" != "1" ]; then
+    apt_install mosquitto dataset-fashion-mnist
+    # The Debian package enables a system-wide mosquitto on port 1883; we start our own per run.
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
+fi
+
+stamp="$VENV/.fedpeft-setup-stamp"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+# FedML's pins (numpy<2, protobuf<4, paho-mqtt<2, wandb==0.13.2 ...) cannot resolve beside a modern stack:
+# we install it without dependencies and import only its messaging layer (fedpeft_edge/transport/fedml.py).
+"$VENV/bin/python" -m pip install -q --no-deps "fedml==0.9.6"
+echo "$want" > "$stamp"
+echo "setup: environment ready in $VENV"
