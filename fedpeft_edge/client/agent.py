@@ -1,0 +1,177 @@
+"""The device side of a round: one backbone, one PEFT method, one trainer, built once; rounds swap tensors.
+
+`DeviceAgent` knows nothing of MQTT: it turns the server's messages (as params + blob) into replies. The
+transport binding is `client/manager.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+
+from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
+from fedpeft_edge.config import RunConfig
+from fedpeft_edge.data import ClientData, build_client_data, build_local_data
+from fedpeft_edge.errors import BudgetExhaustedError, ProtocolError
+from fedpeft_edge.metering.device_profile import collect_device_profile
+from fedpeft_edge.metering.resources import ResourceMonitor
+from fedpeft_edge.peft import build_method
+from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
+from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentIdentity:
+    """Who this device is in the run and where its data comes from."""
+
+    device_id: str
+    client_index: int | None  # None: the device's own local data set (deployment)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundReply:
+    """What a device sends back for one round."""
+
+    params: dict[str, Any]
+    blob: bytes
+
+
+class DeviceAgent:
+    """Loads the backbone and applies the PEFT method ONCE; then serves rounds by swapping PEFT tensors."""
+
+    def __init__(self, cfg: RunConfig, identity: AgentIdentity) -> None:
+        t0 = time.perf_counter()
+        self.identity = identity
+        self._train_args = cfg.train_args
+        self._comm = cfg.comm_args
+        self._dp = cfg.dp_args
+        if cfg.device_args.num_threads:
+            torch.set_num_threads(cfg.device_args.num_threads)
+        torch.manual_seed(cfg.common_args.random_seed + (identity.client_index or 0))
+        self.device = resolve_device(cfg.device_args.device)
+        backbone = build_backbone(cfg.model_args)
+        self.input_spec = backbone.data_config
+        self.method = build_method(cfg.peft_args)
+        self.model = self.method.apply(backbone.model).to(self.device)
+        self.manifest = self.method.manifest(self.model)
+        self.fingerprint = fingerprint_backbone(self.model, self.manifest)
+        self.data = self._load_data(cfg)
+        self.privatizer = self._build_privatizer(cfg)
+        self.trainer = LocalTrainer(self.model, cfg.train_args, self.device, self.data.train_loader,
+                                    privatizer=self.privatizer)
+        self.monitor = ResourceMonitor(cfg.device_args.metering_interval_s)
+        self.profile = collect_device_profile()
+        self.profile["startup_s"] = round(time.perf_counter() - t0, 3)
+        self.exhausted = False
+        log.info("agent %s ready in %.1fs: %s, method %s (%d shared params), %d local samples",
+                 identity.device_id, time.perf_counter() - t0, backbone.name, self.manifest.method,
+                 self.manifest.num_params, self.num_samples)
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def _load_data(self, cfg: RunConfig) -> ClientData:
+        if self.identity.client_index is None:
+            return build_local_data(cfg.data_args, self.input_spec, cfg.common_args.random_seed)
+        return build_client_data(cfg.data_args, self.input_spec, cfg.train_args.client_num_in_total,
+                                 cfg.common_args.random_seed, self.identity.client_index)
+
+    def _build_privatizer(self, cfg: RunConfig) -> Any:
+        if not cfg.dp_args.enabled:
+            return None
+        from fedpeft_edge.privacy import build_privatizer, ledger_path_for
+
+        state_dir = cfg.device_args.state_dir
+        ledger = ledger_path_for(f"{state_dir}/{self.identity.device_id}" if state_dir else None)
+        return build_privatizer(
+            cfg.dp_args,
+            sample_size=len(self.data.train_labels),
+            batch_size=cfg.data_args.batch_size,
+            epochs_per_round=cfg.train_args.epochs,
+            planned_rounds=cfg.train_args.comm_round,
+            ledger_path=ledger,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data.train_labels)
+
+    def epsilon(self) -> float | None:
+        return None if self.privatizer is None else float(self.privatizer.epsilon())
+
+    # --- protocol -----------------------------------------------------------------------------------------
+    def join_params(self) -> dict[str, Any]:
+        """What the device announces at join (and again after every reconnect)."""
+        return {
+            "device_id": self.identity.device_id,
+            "client_idx": self.identity.client_index,
+            "backbone_fingerprint": self.fingerprint,
+            "manifest_hash": self.manifest.hash,
+            "manifest": self.manifest.to_json(),
+            "num_samples": self.num_samples,
+            "profile": self.profile,
+            "data_stats": self.data.stats(),
+            "epsilon": self.epsilon(),
+            "client_status": "BUDGET_EXHAUSTED" if self.exhausted else "ONLINE",
+        }
+
+    def load_global(self, blob: bytes | memoryview, manifest_hash: str | None) -> dict[str, torch.Tensor]:
+        """Decode the global tensors (hash checked first) and write them into the model."""
+        if manifest_hash is not None and manifest_hash != self.manifest.hash:
+            raise ProtocolError(
+                f"server sent tensors for manifest {manifest_hash[:12]}, this device runs {self.manifest.hash[:12]}"
+                f" ({self.manifest.method}); run the agent with the server's config"
+            )
+        state = decode_tensors(blob, self.manifest, self.manifest.hash, self._comm.max_update_bytes, copy=True)
+        self.method.set_state(self.model, state)
+        return state
+
+    def train_round(self, round_idx: int, blob: bytes | memoryview, manifest_hash: str | None) -> RoundReply:
+        """Set the global tensors, train locally, and return the update with what the device measured."""
+        if self.exhausted:
+            raise BudgetExhaustedError(f"device {self.identity.device_id} has spent its privacy budget")
+        t0 = time.perf_counter()
+        global_state = self.load_global(blob, manifest_hash)
+        t_loaded = time.perf_counter()
+        with self.monitor.measure() as meas:
+            result = self.trainer.train(epochs=self._train_args.epochs, max_steps=self._train_args.max_steps)
+        resources = meas.summary()
+        local = self.method.get_state(self.model)
+        if self._train_args.send_delta:
+            local = {k: v - global_state[k] for k, v in local.items()}
+        t_enc = time.perf_counter()
+        out_blob = encode_tensors(local, self.manifest, self._comm.encoding)
+        encode_s = time.perf_counter() - t_enc
+        epsilon = None
+        if self.privatizer is not None:
+            epsilon = float(self.privatizer.end_round(round_idx))
+        metrics = {
+            "train_loss": result.loss,
+            "train_acc": result.accuracy,
+            "steps": result.steps,
+            "samples_seen": result.samples,
+            "train_s": result.wall_s,
+            "set_state_s": t_loaded - t0,
+            "encode_s": encode_s,
+            "images_per_s": result.samples / result.wall_s if result.wall_s > 0 else None,
+            "epsilon": epsilon,
+            "resources": resources,
+        }
+        params = {
+            "round_idx": round_idx,
+            "num_samples": self.num_samples,
+            "manifest_hash": self.manifest.hash,
+            "encoding": self._comm.encoding,
+            "is_delta": self._train_args.send_delta,
+            "metrics": metrics,
+        }
+        return RoundReply(params=params, blob=out_blob)
+
+    def evaluate_local(self) -> dict[str, Any]:
+        """Top-1 and loss of the current model on this device's local test split."""
+        res = evaluate(self.model, self.data.test_loader, self.device)
+        return {"loss": res.loss, "top1": res.top1, "samples": res.samples}

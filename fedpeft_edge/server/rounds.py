@@ -1,0 +1,154 @@
+"""Round bookkeeping: who is online, who is sampled, which updates count, and when a round closes.
+
+Pure logic with no I/O, so the server app, tests and simulations share it. Sampling is a function of
+(seed, round, attempt) and the sorted eligible devices, so a resumed server samples exactly as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from fedpeft_edge.config import TrainArgs
+
+
+class DropReason(str, enum.Enum):
+    """Why an update was not aggregated (the keys of a round's `dropped` counter)."""
+
+    STALE_ROUND = "stale_round"
+    NOT_SELECTED = "not_selected"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    INVALID = "invalid"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_ERROR = "device_error"
+
+
+@dataclasses.dataclass
+class DeviceState:
+    """What the server knows about one device."""
+
+    device_id: str
+    accepted: bool = False
+    online: bool = False
+    exhausted: bool = False  # privacy budget spent: never sampled again
+    profile: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data_stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OpenRound:
+    """The round in progress."""
+
+    index: int
+    attempt: int
+    selected: tuple[str, ...]
+    opened_at: float
+    deadline: float
+    received: set[str] = dataclasses.field(default_factory=set)
+    failed: set[str] = dataclasses.field(default_factory=set)  # reported an error or sent an invalid update
+    dropped: Counter[str] = dataclasses.field(default_factory=Counter)
+
+
+class RoundController:
+    """Decides sampling, acceptance and closing; the server app does the messaging around it."""
+
+    def __init__(self, train_args: TrainArgs, seed: int, next_round: int = 1) -> None:
+        self._args = train_args
+        self._seed = seed
+        self.next_round = next_round
+        self.devices: dict[str, DeviceState] = {}
+        self.current: OpenRound | None = None
+        self._attempt = 0
+
+    # --- devices ---------------------------------------------------------------------------------------
+    def device(self, device_id: str) -> DeviceState:
+        return self.devices.setdefault(device_id, DeviceState(device_id))
+
+    def eligible(self) -> list[str]:
+        return sorted(d.device_id for d in self.devices.values() if d.accepted and d.online and not d.exhausted)
+
+    def can_open(self) -> bool:
+        return self.current is None and len(self.eligible()) >= self._args.min_devices
+
+    @property
+    def finished(self) -> bool:
+        return self.next_round > self._args.comm_round
+
+    # --- rounds ----------------------------------------------------------------------------------------
+    def open_round(self, now: float) -> OpenRound:
+        """Sample this round's devices (seeded by seed, round and attempt) and start its deadline."""
+        pool = self.eligible()
+        k = min(self._args.client_num_per_round, len(pool))
+        rng = np.random.default_rng([self._seed, self.next_round, self._attempt])
+        chosen = sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
+        self.current = OpenRound(
+            index=self.next_round,
+            attempt=self._attempt,
+            selected=tuple(chosen),
+            opened_at=now,
+            deadline=now + self._args.round_timeout_s,
+        )
+        return self.current
+
+    def judge_update(self, device_id: str, round_idx: int, now: float) -> DropReason | None:
+        """None if an update from device_id for round_idx may be aggregated, else why it is dropped."""
+        cur = self.current
+        reason = self._reason(device_id, round_idx, now)
+        if cur is not None:
+            if reason is None:
+                cur.received.add(device_id)
+            else:
+                cur.dropped[reason.value] += 1
+        return reason
+
+    def _reason(self, device_id: str, round_idx: int, now: float) -> DropReason | None:
+        cur = self.current
+        if device_id not in self.devices or not self.devices[device_id].accepted:
+            return DropReason.UNKNOWN_DEVICE
+        if cur is None or round_idx != cur.index:
+            return DropReason.STALE_ROUND
+        if device_id not in cur.selected:
+            return DropReason.NOT_SELECTED
+        if device_id in cur.received:
+            return DropReason.DUPLICATE
+        if now > cur.deadline:
+            return DropReason.LATE
+        return None
+
+    def record_drop(self, reason: DropReason) -> None:
+        """Count a drop decided after judge_update (e.g. the tensors failed to decode)."""
+        if self.current is not None:
+            self.current.dropped[reason.value] += 1
+
+    def unaccept(self, device_id: str) -> None:
+        """Forget an accepted update (it turned out invalid after judging)."""
+        if self.current is not None:
+            self.current.received.discard(device_id)
+
+    def all_in(self) -> bool:
+        """Every selected device has replied, failed or gone offline: no reason to wait for the deadline."""
+        cur = self.current
+        if cur is None:
+            return False
+        return all(d in cur.received or d in cur.failed or not self.devices[d].online for d in cur.selected)
+
+    def quorum(self) -> bool:
+        return self.current is not None and len(self.current.received) >= self._args.min_updates
+
+    def close_round(self, aggregated: bool) -> OpenRound:
+        """End the open round; an aggregated round advances the index, a failed one is retried."""
+        if self.current is None:
+            raise RuntimeError("close_round() without an open round")
+        closed = self.current
+        self.current = None
+        if aggregated:
+            self.next_round += 1
+            self._attempt = 0
+        else:
+            self._attempt += 1
+        return closed

@@ -1,0 +1,21 @@
+"""FedAvg: the sample-weighted mean of the accepted updates (McMahan et al.), in float64."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedpeft_edge.server.strategy.base import ClientUpdate, Strategy, weighted_mean
+
+
+class FedAvg(Strategy):
+    """New global = sum_k n_k/n * local_k, accumulated in float64 and cast back to each tensor's dtype."""
+
+    name = "FedAvg"
+
+    def aggregate(
+        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        mean = weighted_mean(global_state, updates)
+        return {name: mean[name].to(g.dtype) for name, g in global_state.items()}

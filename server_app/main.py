@@ -1,0 +1,59 @@
+"""`fedpeft-server`: runs one federated job over MQTT, or resumes a killed one from its run directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from fedpeft_edge.errors import FedPeftError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedpeft-server", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="the run's YAML config")
+    src.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
+    p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fedpeft_edge.config import replace_in
+    from fedpeft_edge.server.app import ServerApp, load_server_config
+
+    try:
+        cfg, run_dir = load_server_config(args.config, args.resume)
+        if args.broker:
+            host, _, port = args.broker.rpartition(":")
+            if not host or not port.isdigit():
+                raise SystemExit(f"fedpeft-server: --broker {args.broker!r} must be HOST:PORT")
+            cfg = replace_in(cfg, **{"comm_args.broker_host": host, "comm_args.broker_port": int(port)})
+        logging.basicConfig(level=args.log_level or cfg.tracking_args.log_level,
+                            format="%(asctime)s %(levelname)s [server] %(name)s: %(message)s")
+        app = ServerApp(cfg, run_dir, resume=bool(args.resume))
+    except FedPeftError as exc:
+        print(f"fedpeft-server: error: {exc}", file=sys.stderr)
+        return 2
+
+    def stop(_signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).warning("SIGTERM: stopping; resume with --resume %s", run_dir)
+        app.finish()
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        app.run_until_done()
+    except KeyboardInterrupt:
+        app.finish()
+        return 130
+    print(f"fedpeft-server: run finished; results in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Config parsing: FedML sections into frozen dataclasses; unknown keys and bad values name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fedpeft_edge.config import RunConfig, config_from_dict, dump_config, load_config, replace_in
+from fedpeft_edge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_defaults_and_frozen() -> None:
+    cfg = config_from_dict({})
+    assert cfg.peft_args.method == "bias"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train_args.comm_round = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"train_args": {"comm_rounds": 3}}, "'comm_rounds'"),
+        ({"bogus_args": {}}, "'bogus_args'"),
+        ({"train_args": {"comm_round": "three"}}, "train_args.comm_round"),
+        ({"train_args": {"comm_round": 0}}, "train_args.comm_round"),
+        ({"peft_args": {"method": "magic"}}, "peft_args.method"),
+        ({"peft_args": {"adapter": {"widht": 3}}}, "'widht'"),
+        ({"train_args": {"nesterov": "yes"}}, "train_args.nesterov"),
+        ({"comm_args": {"broker_port": 70000}}, "comm_args.broker_port"),
+        ({"train_args": {"client_num_per_round": 9, "client_num_in_total": 4}}, "client_num_per_round"),
+        ({"model_args": {"weights": "file"}}, "checkpoint_path"),
+        ({"dp_args": {"enabled": True}}, "noise_multiplier"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        config_from_dict(raw)
+
+
+def test_scientific_notation_strings_become_floats(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train_args:\n  learning_rate: 1e-3\n")
+    assert load_config(p).train_args.learning_rate == pytest.approx(1e-3)
+
+
+def test_round_trip_and_overrides(tmp_path: Path) -> None:
+    cfg = config_from_dict({"peft_args": {"lora": {"target_modules": ["qkv"]}}}, {"train_args.comm_round": 7})
+    assert cfg.train_args.comm_round == 7 and cfg.peft_args.lora.target_modules == ("qkv",)
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert replace_in(cfg, **{"peft_args.method": "full"}).peft_args.method == "full"
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_args: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path: Path) -> None:
+    assert isinstance(load_config(path), RunConfig)
