@@ -46,6 +46,7 @@ class DataArgs:
     image_size: int | None = None  # None = the backbone's own input size
     batch_size: int = 32
     num_workers: int = 0
+    cache_max_mb: int = 1024  # keep a client's resized float images in memory up to this size, else per batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,8 @@ class CommArgs:
     reconnect_max_s: float = 30.0
     encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_row"] = "fp32"
     max_update_bytes: int = 2_000_000_000  # refuse any update claiming more than this
+    mqtt_version: Literal["5", "3.1.1"] = "5"  # 3.1.1 for brokers without MQTT 5 (amqtt)
+    publish_timeout_s: float = 60.0  # wait this long for a PUBACK before a send fails
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +183,7 @@ class DpArgs:
     max_grad_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     poisson_sampling: bool = True
+    epsilon_budget: float | None = None  # device stops training past this; None = target_epsilon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +414,7 @@ def _check_run(cfg: RunConfig) -> None:
         )
     _positive("dp_args.max_grad_norm", dp.max_grad_norm)
     _positive("dp_args.target_epsilon", dp.target_epsilon)
+    _positive("dp_args.epsilon_budget", dp.epsilon_budget)
     _positive("dp_args.noise_multiplier", dp.noise_multiplier, allow_zero=True)
     if not 0.0 < dp.target_delta < 1.0:
         raise ConfigError(f"dp_args.target_delta must be in (0, 1), got {dp.target_delta!r}")
