@@ -1,0 +1,1 @@
+"""Metering: bytes at the wire, device resources, and the run report."""

@@ -1,0 +1,118 @@
+"""Bytes at the wire: every MQTT PUBLISH a node sends or receives, per message, peer, direction and round."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+Direction = Literal["up", "down"]  # up: device -> server; down: server -> device
+
+
+def varint_len(n: int) -> int:
+    """Bytes MQTT's variable-length integer takes for n (1..4)."""
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_bytes(
+    topic: str, payload_len: int, qos: int, mqtt5: bool, properties_bytes: int | None = None
+) -> int:
+    """Exact size of a PUBLISH packet: fixed header, topic, packet id, properties, payload.
+
+    `properties_bytes` is the MQTT 5 properties field with its length prefix (1 when there are none).
+    """
+    remaining = 2 + len(topic.encode("utf-8")) + payload_len + (2 if qos > 0 else 0)
+    if mqtt5:
+        remaining += 1 if properties_bytes is None else properties_bytes
+    return 1 + varint_len(remaining) + remaining
+
+
+PUBACK_BYTES = 4  # fixed header + packet id (MQTT 5 omits reason code 0 with no properties)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferRecord:
+    """One message as it crossed the wire, whole or in chunks."""
+
+    direction: Direction
+    sent: bool  # True if this node sent it
+    peer: str  # the other node
+    round: int | None
+    msg_type: Any
+    msg_id: str | None
+    chunks: int  # PUBLISH packets (1 when not chunked)
+    mqtt_bytes: int  # all PUBLISH packets, headers included
+    payload_bytes: int  # the message frame (before chunk headers)
+    chunk_bytes: tuple[int, ...]  # size of every PUBLISH packet
+    start: float  # time.time() of the first byte sent / first chunk received
+    end: float  # time.time() of the last PUBACK / last chunk received
+
+    @property
+    def duration_s(self) -> float:
+        return self.end - self.start
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["chunk_bytes"] = list(self.chunk_bytes)
+        d["duration_s"] = self.duration_s
+        return d
+
+
+class BandwidthMeter:
+    """Thread-safe record of every message's MQTT bytes; `totals` sums them per round and peer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[TransferRecord] = []
+        self._acks = {"sent": 0, "received": 0}
+
+    def record(self, rec: TransferRecord) -> None:
+        with self._lock:
+            self._records.append(rec)
+
+    def record_ack(self, sent: bool, count: int = 1) -> None:
+        """Count PUBACK packets (control traffic, kept apart from message bytes)."""
+        with self._lock:
+            self._acks["sent" if sent else "received"] += count
+
+    def transfers(self, round: int | None = None, peer: str | int | None = None) -> list[TransferRecord]:
+        """Records matching the round and peer (None = any)."""
+        with self._lock:
+            recs = list(self._records)
+        return [r for r in recs
+                if (round is None or r.round == round) and (peer is None or r.peer == str(peer))]
+
+    def totals(self, round: int | None = None, peer: str | int | None = None) -> dict[str, int]:
+        """bytes_up, bytes_down, messages_up, messages_down, packets for the round and peer (None = all)."""
+        return _sum(self.transfers(round, peer))
+
+    def per_peer(self, round: int | None = None) -> dict[str, dict[str, int]]:
+        """totals() for every peer seen."""
+        by_peer: dict[str, list[TransferRecord]] = {}
+        for r in self.transfers(round):
+            by_peer.setdefault(r.peer, []).append(r)
+        return {p: _sum(rs) for p, rs in sorted(by_peer.items())}
+
+    def forget(self, up_to_round: int) -> None:
+        """Drop the records of rounds <= up_to_round (already written to the run log), so memory stays flat."""
+        with self._lock:
+            self._records = [r for r in self._records if r.round is None or r.round > up_to_round]
+
+    def control_bytes(self) -> dict[str, int]:
+        """PUBACK bytes sent and received."""
+        with self._lock:
+            return {k: v * PUBACK_BYTES for k, v in self._acks.items()}
+
+
+def _sum(recs: Sequence[TransferRecord]) -> dict[str, int]:
+    out = {"bytes_up": 0, "bytes_down": 0, "messages_up": 0, "messages_down": 0, "packets": 0}
+    for r in recs:
+        out[f"bytes_{r.direction}"] += r.mqtt_bytes
+        out[f"messages_{r.direction}"] += 1
+        out["packets"] += r.chunks
+    return out

@@ -1,0 +1,172 @@
+"""A local MQTT broker for demos and tests: mosquitto when installed, else an embedded amqtt broker."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from fedpeft_edge.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+BrokerKind = Literal["auto", "mosquitto", "amqtt"]
+_MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto executable, or None."""
+    for path in _MOSQUITTO_PATHS:
+        if Path(path).exists():
+            return path
+    return shutil.which("mosquitto")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_accepting(host: str, port: int, timeout_s: float, alive: Any = None) -> bool:
+    """True once a TCP connection to host:port succeeds within timeout_s (False early if alive() is False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+@dataclasses.dataclass
+class BrokerHandle:
+    """A running local broker: connect to `host:port`; `stop()` (or leaving a `with` block) ends it."""
+
+    host: str
+    port: int
+    kind: str
+    message_size_limit: int | None
+    _stop: Any = dataclasses.field(repr=False)
+
+    def stop(self) -> None:
+        self._stop()
+
+    def __enter__(self) -> BrokerHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def start_broker(
+    port: int | None = None,
+    message_size_limit: int | None = None,
+    host: str = "127.0.0.1",
+    kind: BrokerKind = "auto",
+    timeout_s: float = 10.0,
+) -> BrokerHandle:
+    """Start a broker on host:port (port None = a free one); mosquitto if installed, else embedded amqtt.
+
+    `message_size_limit` (mosquitto only) caps a PUBLISH payload, like a cloud broker does, to prove chunking.
+    """
+    port = port or free_port(host)
+    exe = find_mosquitto()
+    if kind == "mosquitto" and exe is None:
+        raise BrokerError("mosquitto is not installed (apt-get install mosquitto); or use kind='amqtt'")
+    if exe is not None and kind != "amqtt":
+        return _start_mosquitto(exe, host, port, message_size_limit, timeout_s)
+    if message_size_limit is not None:
+        log.warning("amqtt has no message size limit; message_size_limit=%s is ignored", message_size_limit)
+    return _start_amqtt(host, port, timeout_s)
+
+
+def _mosquitto_config(host: str, port: int, message_size_limit: int | None) -> str:
+    lines = [f"listener {port} {host}", "allow_anonymous true", "persistence false", "log_dest stderr",
+             "max_inflight_messages 0", "max_queued_messages 10000"]
+    if message_size_limit is not None:
+        lines.append(f"message_size_limit {message_size_limit}")
+    return "\n".join(lines) + "\n"
+
+
+def _start_mosquitto(exe: str, host: str, port: int, limit: int | None, timeout_s: float) -> BrokerHandle:
+    workdir = Path(tempfile.mkdtemp(prefix="fedpeft-mosquitto-"))
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(_mosquitto_config(host, port, limit))
+    logfile = (workdir / "mosquitto.log").open("wb")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=logfile, stderr=subprocess.STDOUT)
+    logfile.close()
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    if not wait_accepting(host, port, timeout_s, alive=lambda: proc.poll() is None):
+        text = (workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+        stop()
+        raise BrokerError(f"mosquitto did not start on {host}:{port} within {timeout_s:g} s "
+                          f"(port taken?); its log:\n{text}")
+    log.info("mosquitto (pid %d) listening on %s:%d", proc.pid, host, port)
+    return BrokerHandle(host, port, "mosquitto", limit, stop)
+
+
+def _start_amqtt(host: str, port: int, timeout_s: float) -> BrokerHandle:
+    try:
+        from amqtt.broker import Broker
+    except ImportError as exc:
+        raise BrokerError("neither mosquitto nor amqtt is installed; install one, or point at your broker") \
+            from exc
+    ready = threading.Event()
+    errors: list[BaseException] = []
+    stop_holder: dict[str, Any] = {}
+
+    async def serve() -> None:
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+                  "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+        broker = Broker(config)
+        stop_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        stop_holder["stop"] = lambda: loop.call_soon_threadsafe(stop_event.set)
+        await broker.start()
+        ready.set()
+        await stop_event.wait()
+        await broker.shutdown()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # reported to the starting thread
+            errors.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, name=f"amqtt-{port}", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        if "stop" in stop_holder:
+            stop_holder["stop"]()
+        thread.join(timeout=10)
+
+    if not ready.wait(timeout_s) or errors:  # start() returns once the listener is bound
+        stop()
+        raise BrokerError(f"embedded amqtt broker did not start on {host}:{port}: {errors[:1]}")
+    log.info("embedded amqtt broker listening on %s:%d", host, port)
+    return BrokerHandle(host, port, "amqtt", None, stop)

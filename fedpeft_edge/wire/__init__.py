@@ -1,0 +1,1 @@
+"""Wire format: framed FedML messages, manifest-checked tensor updates, and chunking."""

@@ -1,0 +1,133 @@
+"""Shared test fixtures: a real mosquitto broker on a free loopback port, started and killed per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+_START_TIMEOUT_S = 10.0
+
+
+@dataclasses.dataclass
+class RunningBroker:
+    """A broker process the fixture started: where to connect and how it was limited."""
+
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+    message_size_limit: int | None = None
+    max_packet_size: int | None = None
+
+    def log(self) -> str:
+        """The broker's log so far (for failure messages)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Terminate the broker and wait for it; kill it if it does not stop in 5 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mosquitto_path() -> str | None:
+    if Path(MOSQUITTO).exists():
+        return MOSQUITTO
+    return shutil.which("mosquitto")
+
+
+def _wait_accepting(host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def start_mosquitto(
+    workdir: Path, message_size_limit: int | None = None, max_packet_size: int | None = None
+) -> RunningBroker:
+    """Start mosquitto on a free loopback port from a generated config; skip the test if it is absent."""
+    exe = _mosquitto_path()
+    if exe is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); broker tests need a real broker")
+    workdir.mkdir(parents=True, exist_ok=True)
+    host = "127.0.0.1"
+    for _attempt in range(3):  # a free port can be taken between probe and bind
+        port = free_port()
+        lines = [f"listener {port} {host}", "allow_anonymous true", "persistence false",
+                 "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
+                 "max_inflight_messages 0", "max_queued_messages 10000"]
+        if message_size_limit is not None:
+            lines.append(f"message_size_limit {message_size_limit}")
+        if max_packet_size is not None:
+            lines.append(f"max_packet_size {max_packet_size}")
+        conf = workdir / f"mosquitto_{port}.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        log_path = workdir / f"mosquitto_{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        if _wait_accepting(host, port, proc, _START_TIMEOUT_S):
+            return RunningBroker(host, port, proc, conf, log_path, message_size_limit, max_packet_size)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+    raise RuntimeError(f"mosquitto did not start; last log:\n{log_path.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    """A fresh mosquitto on a free loopback port (`.host`, `.port`), killed after the test."""
+    broker = start_mosquitto(tmp_path / "mosquitto")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+BrokerFactory = Callable[..., RunningBroker]
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
+    """Brokers with custom limits: `mosquitto_factory(message_size_limit=131072)`; all stopped at the end."""
+    started: list[RunningBroker] = []
+
+    def make(message_size_limit: int | None = None, max_packet_size: int | None = None) -> RunningBroker:
+        broker = start_mosquitto(tmp_path / f"mosquitto{len(started)}", message_size_limit, max_packet_size)
+        started.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in started:
+            broker.stop()
