@@ -53,12 +53,15 @@ class DeviceAgent:
         self._dp = cfg.dp_args
         if cfg.device_args.num_threads:
             torch.set_num_threads(cfg.device_args.num_threads)
-        torch.manual_seed(cfg.common_args.random_seed + (identity.client_index or 0))
         self.device = resolve_device(cfg.device_args.device)
+        # The run's seed, not the device's: randomly initialised frozen tensors must be identical on every
+        # device and on the server, or the backbone fingerprints differ.
+        torch.manual_seed(cfg.common_args.random_seed)
         backbone = build_backbone(cfg.model_args)
         self.input_spec = backbone.data_config
         self.method = build_method(cfg.peft_args)
         self.model = self.method.apply(backbone.model).to(self.device)
+        torch.manual_seed(cfg.common_args.random_seed * 1_000_003 + (identity.client_index or 0))
         self.manifest = self.method.manifest(self.model)
         self.fingerprint = fingerprint_backbone(self.model, self.manifest)
         self.data = self._load_data(cfg)

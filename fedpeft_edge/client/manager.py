@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from fedpeft_edge.client.agent import DeviceAgent
@@ -28,7 +29,7 @@ class DeviceManager(FedPeftCommManager):
         self.exit_code = EXIT_FINISHED
         self.refusal: str | None = None
         self._server_online: bool | None = None
-        self._done_rounds: set[int] = set()
+        self._last_reply: Any = None
         super().__init__(comm_args, run_id, agent.identity.device_id, meter=self.meter)
 
     def register_message_receive_handlers(self) -> None:
@@ -71,8 +72,14 @@ class DeviceManager(FedPeftCommManager):
 
     def _on_sync(self, msg: Any) -> None:
         round_idx = msg.get(M.MSG_ARG_KEY_ROUND)
-        if not isinstance(round_idx, int) or round_idx in self._done_rounds:
-            return  # a repeat of a round this device already answered
+        if not isinstance(round_idx, int):
+            return
+        if self._last_reply is not None and self._last_reply.get(M.MSG_ARG_KEY_ROUND) == round_idx:
+            # The server asks again (it restarted, or our update was lost with the broker): resend the same
+            # message; its msg_id lets the server's transport drop it if the first copy did arrive.
+            log.info("round %d asked again: resending the update", round_idx)
+            self.com_manager.send_message(self._last_reply)
+            return
         deadline = msg.get(M.MSG_ARG_KEY_DEADLINE)
         if isinstance(deadline, (int, float)) and time.time() > deadline:
             log.warning("round %d arrived after its deadline; skipping it", round_idx)
@@ -96,13 +103,14 @@ class DeviceManager(FedPeftCommManager):
             log.exception("round %d failed", round_idx)
             self._report_error(round_idx, exc)
             return
-        self._done_rounds.add(round_idx)
         down = [t for t in self.meter.transfers(round=round_idx) if not t.sent]
         reply.params["metrics"]["download_s"] = max((t.duration_s for t in down), default=None)
         out = self._to_server(M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER)
         for key, value in reply.params.items():
             out.add_params(key, value)
         out.add_params(M.MSG_ARG_KEY_MODEL_PARAMS, reply.blob)
+        out.add_params(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
+        self._last_reply = out
         rec = self.com_manager.send_message(out)
         self.meter.forget(up_to_round=round_idx - 1)
         log.info("round %d: sent %d bytes in %d packet(s), loss %.4f", round_idx, rec.mqtt_bytes, rec.chunks,

@@ -48,10 +48,10 @@ class ServerApp(FedPeftCommManager):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_id = cfg.common_args.run_id
-        torch.manual_seed(cfg.common_args.random_seed)
         if cfg.device_args.num_threads:
             torch.set_num_threads(cfg.device_args.num_threads)
         self.device = resolve_device(cfg.device_args.device)
+        torch.manual_seed(cfg.common_args.random_seed)  # same frozen tensors as every device (fingerprint)
         backbone = build_backbone(cfg.model_args)
         self.method = build_method(cfg.peft_args)
         self.model = self.method.apply(backbone.model).to(self.device)
@@ -196,7 +196,14 @@ class ServerApp(FedPeftCommManager):
 
     # --- rounds ---------------------------------------------------------------------------------------
     def _maybe_open(self) -> None:
-        if self._finished or not self.rounds.can_open():
+        if self._finished:
+            return
+        if self.rounds.current is None and self.rounds.all_spent():
+            log.warning("every device has spent its privacy budget: ending the run after round %d",
+                        self.rounds.next_round - 1)
+            self._finish_run(reason="all devices spent their privacy budget")
+            return
+        if not self.rounds.can_open():
             return
         if self.rounds.finished:
             self._finish_run()
@@ -357,12 +364,14 @@ class ServerApp(FedPeftCommManager):
             extra={"cum_bytes": self.cum_bytes, "seed": self.cfg.common_args.random_seed},
         )
 
-    def _finish_run(self) -> None:
+    def _finish_run(self, reason: str = "completed") -> None:
         self._finished = True
         for device_id, dev in self.rounds.devices.items():
             if dev.accepted:
                 self.send_message(Message(M.MSG_TYPE_S2C_FINISH, M.SERVER_ID, device_id))
-        self.runlog.write_summary(build_summary(self.run_dir, self.manifest.num_params, self.fingerprint))
+        summary = build_summary(self.run_dir, self.manifest.num_params, self.fingerprint)
+        summary["end_reason"] = reason
+        self.runlog.write_summary(summary)
         log.info("run %s finished after %d rounds", self.run_id, self.cfg.train_args.comm_round)
         for t in self._timers:
             t.cancel()

@@ -72,8 +72,19 @@ class RoundController:
     def eligible(self) -> list[str]:
         return sorted(d.device_id for d in self.devices.values() if d.accepted and d.online and not d.exhausted)
 
+    @property
+    def started(self) -> bool:
+        return self.next_round > 1 or self._attempt > 0
+
     def can_open(self) -> bool:
-        return self.current is None and len(self.eligible()) >= self._args.min_devices
+        """min_devices must be online for the first round; later rounds need only min_updates of them."""
+        need = self._args.min_updates if self.started else self._args.min_devices
+        return self.current is None and len(self.eligible()) >= need
+
+    def all_spent(self) -> bool:
+        """Every admitted device has spent its privacy budget: no round can ever run again."""
+        admitted = [d for d in self.devices.values() if d.accepted]
+        return bool(admitted) and all(d.exhausted for d in admitted)
 
     @property
     def finished(self) -> bool:
