@@ -160,6 +160,8 @@ class DeviceArgs:
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     eval_backend: Literal["torch", "onnxruntime"] = "torch"
     metering_interval_s: float = 0.1
+    measure_latency: bool = True  # measure batch-1 ONNX inference latency at start-up (device profile)
+    latency_runs: int = 20
     state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
 
 

@@ -22,14 +22,16 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpeft-edge", description=__doc__.splitlines()[0])
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (all of them for --help)."""
+    parser = argparse.ArgumentParser(prog="fedpeft-edge", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, help_text in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_module=name)
-        if name in sys.argv[1:3] or "-h" in sys.argv or "--help" in sys.argv:
+        if name == chosen:
             _load(name).add_arguments(sp)
     return parser
 
@@ -39,8 +41,8 @@ def _load(name: str):  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(_load(args._module).run(args) or 0)

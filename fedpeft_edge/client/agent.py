@@ -16,7 +16,7 @@ import torch
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
 from fedpeft_edge.config import RunConfig
 from fedpeft_edge.data import ClientData, build_client_data, build_local_data
-from fedpeft_edge.errors import BudgetExhaustedError, ProtocolError
+from fedpeft_edge.errors import BudgetExhaustedError, FedPeftError, ProtocolError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
@@ -39,7 +39,7 @@ class RoundReply:
     """What a device sends back for one round."""
 
     params: dict[str, Any]
-    blob: bytes
+    blob: bytes | memoryview
 
 
 class DeviceAgent:
@@ -69,9 +69,12 @@ class DeviceAgent:
         self.trainer = LocalTrainer(self.model, cfg.train_args, self.device, self.data.train_loader,
                                     privatizer=self.privatizer)
         self.monitor = ResourceMonitor(cfg.device_args.metering_interval_s)
+        self.onnx = self._build_onnx_evaluator(cfg)
         self.profile = collect_device_profile()
+        self.profile["inference_latency_ms"] = self._measure_latency(cfg)
+        self.profile["eval_backend"] = cfg.device_args.eval_backend
         self.profile["startup_s"] = round(time.perf_counter() - t0, 3)
-        self.exhausted = False
+        self.exhausted = bool(self.privatizer is not None and self.privatizer.ledger.exhausted)
         log.info("agent %s ready in %.1fs: %s, method %s (%d shared params), %d local samples",
                  identity.device_id, time.perf_counter() - t0, backbone.name, self.manifest.method,
                  self.manifest.num_params, self.num_samples)
@@ -97,7 +100,31 @@ class DeviceAgent:
             epochs_per_round=cfg.train_args.epochs,
             planned_rounds=cfg.train_args.comm_round,
             ledger_path=ledger,
+            max_steps_per_round=cfg.train_args.max_steps,
         )
+
+    def _build_onnx_evaluator(self, cfg: RunConfig) -> Any:
+        if cfg.device_args.eval_backend != "onnxruntime":
+            return None
+        from fedpeft_edge.export.inference import OnnxEvaluator
+
+        return OnnxEvaluator(self.model, self.input_spec, num_threads=cfg.device_args.num_threads,
+                             method=self.method, image_size=cfg.data_args.image_size)
+
+    def _measure_latency(self, cfg: RunConfig) -> dict[str, Any] | None:
+        """Batch-1 latency of the exported model on this device (median over runs), for the profile."""
+        if not cfg.device_args.measure_latency:
+            return None
+        from fedpeft_edge.export.inference import OnnxEvaluator
+
+        try:
+            evaluator = self.onnx or OnnxEvaluator(self.model, self.input_spec,
+                                                   num_threads=cfg.device_args.num_threads, method=self.method,
+                                                   image_size=cfg.data_args.image_size)
+            return dict(evaluator.latency(runs=cfg.device_args.latency_runs))
+        except FedPeftError as exc:
+            log.warning("cannot measure ONNX inference latency on this device: %s", exc)
+            return None
 
     @property
     def num_samples(self) -> int:
@@ -133,13 +160,21 @@ class DeviceAgent:
         self.method.set_state(self.model, state)
         return state
 
-    def train_round(self, round_idx: int, blob: bytes | memoryview, manifest_hash: str | None) -> RoundReply:
-        """Set the global tensors, train locally, and return the update with what the device measured."""
+    def train_round(
+        self, round_idx: int, blob: bytes | memoryview, manifest_hash: str | None, evaluate_global: bool = False
+    ) -> RoundReply:
+        """Set the global tensors, train locally, and return the update with what the device measured.
+
+        With `evaluate_global` the received global model is first evaluated on the local test split.
+        """
         if self.exhausted:
             raise BudgetExhaustedError(f"device {self.identity.device_id} has spent its privacy budget")
+        if self.privatizer is not None:
+            self.privatizer.check_budget()  # refuse before training, not after spending budget on it
         t0 = time.perf_counter()
         global_state = self.load_global(blob, manifest_hash)
         t_loaded = time.perf_counter()
+        global_eval = self.evaluate_local() if evaluate_global else None
         with self.monitor.measure() as meas:
             result = self.trainer.train(epochs=self._train_args.epochs, max_steps=self._train_args.max_steps)
         resources = meas.summary()
@@ -163,6 +198,7 @@ class DeviceAgent:
             "images_per_s": result.samples / result.wall_s if result.wall_s > 0 else None,
             "epsilon": epsilon,
             "resources": resources,
+            "global_eval": global_eval,
         }
         params = {
             "round_idx": round_idx,
@@ -174,7 +210,16 @@ class DeviceAgent:
         }
         return RoundReply(params=params, blob=out_blob)
 
-    def evaluate_local(self) -> dict[str, Any]:
-        """Top-1 and loss of the current model on this device's local test split."""
-        res = evaluate(self.model, self.data.test_loader, self.device)
-        return {"loss": res.loss, "top1": res.top1, "samples": res.samples}
+    def evaluate_local(self) -> dict[str, Any] | None:
+        """Top-1 and loss of the current model on this device's local test split (torch or onnxruntime)."""
+        if not len(self.data.test_labels):
+            return None
+        t0 = time.perf_counter()
+        if self.onnx is not None:
+            self.onnx.refresh(self.model)
+            res = self.onnx.evaluate(self.data.test_loader)
+        else:
+            res = evaluate(self.model, self.data.test_loader, self.device)
+        return {"loss": res.loss, "top1": res.top1, "samples": res.samples,
+                "backend": "onnxruntime" if self.onnx is not None else "torch",
+                "eval_s": time.perf_counter() - t0}

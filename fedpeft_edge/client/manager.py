@@ -10,7 +10,7 @@ from typing import Any
 from fedpeft_edge.client.agent import DeviceAgent
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import BudgetExhaustedError, FedPeftError
-from fedpeft_edge.metering.bandwidth import BandwidthMeter
+from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.transport import messages as M
 from fedpeft_edge.transport.fedml import FedPeftCommManager, Message, guarded
 
@@ -78,15 +78,18 @@ class DeviceManager(FedPeftCommManager):
             # The server asks again (it restarted, or our update was lost with the broker): resend the same
             # message; its msg_id lets the server's transport drop it if the first copy did arrive.
             log.info("round %d asked again: resending the update", round_idx)
+            self._last_reply.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
             self.com_manager.send_message(self._last_reply)
             return
         deadline = msg.get(M.MSG_ARG_KEY_DEADLINE)
         if isinstance(deadline, (int, float)) and time.time() > deadline:
             log.warning("round %d arrived after its deadline; skipping it", round_idx)
             return
+        round_cfg = msg.get(M.MSG_ARG_KEY_CONFIG) or {}
         try:
             reply = self.agent.train_round(round_idx, msg.get(M.MSG_ARG_KEY_MODEL_PARAMS),
-                                           msg.get(M.MSG_ARG_KEY_MANIFEST_HASH))
+                                           msg.get(M.MSG_ARG_KEY_MANIFEST_HASH),
+                                           evaluate_global=bool(round_cfg.get("evaluate")))
         except BudgetExhaustedError as exc:
             log.warning("%s: leaving later rounds", exc)
             self.agent.exhausted = True
@@ -103,14 +106,15 @@ class DeviceManager(FedPeftCommManager):
             log.exception("round %d failed", round_idx)
             self._report_error(round_idx, exc)
             return
-        down = [t for t in self.meter.transfers(round=round_idx) if not t.sent]
-        reply.params["metrics"]["download_s"] = max((t.duration_s for t in down), default=None)
+        reply.params["metrics"]["download_s"] = transfer_seconds(
+            self.meter.transfers(round=round_idx), msg.get(M.MSG_ARG_KEY_SENT_AT))
         out = self._to_server(M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER)
         for key, value in reply.params.items():
             out.add_params(key, value)
         out.add_params(M.MSG_ARG_KEY_MODEL_PARAMS, reply.blob)
         out.add_params(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
         self._last_reply = out
+        out.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
         rec = self.com_manager.send_message(out)
         self.meter.forget(up_to_round=round_idx - 1)
         log.info("round %d: sent %d bytes in %d packet(s), loss %.4f", round_idx, rec.mqtt_bytes, rec.chunks,

@@ -116,3 +116,18 @@ def _sum(recs: Sequence[TransferRecord]) -> dict[str, int]:
         out[f"messages_{r.direction}"] += 1
         out["packets"] += r.chunks
     return out
+
+
+def transfer_seconds(records: Sequence[TransferRecord], sent_at: float | None) -> float | None:
+    """Seconds from the peer's send time (`sent_at`, its wall clock) to the last byte received here.
+
+    On one machine this is exact; across machines it assumes clocks kept in step (NTP). Without `sent_at`
+    (or with a clock behind ours) it falls back to first-to-last chunk received, which is 0 for one packet.
+    """
+    received = [r for r in records if not r.sent]
+    if not received:
+        return None
+    end = max(r.end for r in received)
+    if isinstance(sent_at, (int, float)) and end >= sent_at:
+        return end - float(sent_at)
+    return max(r.duration_s for r in received)

@@ -18,7 +18,7 @@ import torch
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
 from fedpeft_edge.config import RunConfig, dump_config, load_config
 from fedpeft_edge.errors import CheckpointError, CodecError, FedPeftError
-from fedpeft_edge.metering.bandwidth import BandwidthMeter
+from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.peft import build_method
 from fedpeft_edge.server.checkpoint import load_checkpoint, save_checkpoint
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
@@ -39,6 +39,7 @@ class _Pending:
     update: ClientUpdate
     metrics: dict[str, Any]
     received_at: float
+    upload_s: float | None
 
 
 class ServerApp(FedPeftCommManager):
@@ -65,7 +66,7 @@ class ServerApp(FedPeftCommManager):
         self.cum_bytes = 0
         self._pending: dict[str, _Pending] = {}
         self._timers: list[threading.Timer] = []
-        self._round_blob: bytes = b""
+        self._round_blob: bytes | memoryview = b""
         self._finished = False
         if resume:
             self._resume()
@@ -188,7 +189,7 @@ class ServerApp(FedPeftCommManager):
         if cur is not None and device_id in cur.selected and device_id not in cur.received:
             cur.failed.add(device_id)
             self.rounds.record_drop(reason)
-            self._device_record(cur, device_id, "dropped", reason.value, {}, None)
+            self._device_record(cur, device_id, "dropped", reason.value, {})
             self._maybe_close_early()
 
     def _round_index(self) -> int | None:
@@ -222,8 +223,14 @@ class ServerApp(FedPeftCommManager):
         msg.add_params(M.MSG_ARG_KEY_MANIFEST_HASH, self.manifest.hash)
         msg.add_params(M.MSG_ARG_KEY_ENCODING, self.cfg.comm_args.encoding)
         msg.add_params(M.MSG_ARG_KEY_DEADLINE, cur.deadline)
+        msg.add_params(M.MSG_ARG_KEY_CONFIG, {"evaluate": self._device_eval(cur.index)})
         msg.add_params(M.MSG_ARG_KEY_MODEL_PARAMS, self._round_blob)
+        msg.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
         self.send_message(msg)
+
+    def _device_eval(self, round_idx: int) -> bool:
+        """Devices evaluate the global model they receive when the server has no test set of its own."""
+        return self.test_loader is None and (round_idx - 1) % self.cfg.train_args.eval_every == 0
 
     def _start_timer(self, delay: float, name: str, cur: OpenRound) -> None:
         msg = Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID)
@@ -250,7 +257,7 @@ class ServerApp(FedPeftCommManager):
         if reason is not None:
             log.info("dropped update from %s for round %s: %s", device_id, round_idx, reason.value)
             if cur is not None and reason is not DropReason.DUPLICATE and device_id in cur.selected:
-                self._device_record(cur, device_id, "dropped", reason.value, msg.get(M.MSG_ARG_KEY_METRICS), msg)
+                self._device_record(cur, device_id, "dropped", reason.value, msg.get(M.MSG_ARG_KEY_METRICS))
             return
         if cur is None:  # judge_update accepts only for an open round
             return
@@ -261,10 +268,14 @@ class ServerApp(FedPeftCommManager):
             cur.failed.add(device_id)
             self.rounds.record_drop(DropReason.INVALID)
             log.warning("invalid update from %s: %s", device_id, exc)
-            self._device_record(cur, device_id, "dropped", f"invalid: {exc}", msg.get(M.MSG_ARG_KEY_METRICS), msg)
+            self._device_record(cur, device_id, "dropped", f"invalid: {exc}", msg.get(M.MSG_ARG_KEY_METRICS))
             self._maybe_close_early()
             return
-        self._pending[device_id] = _Pending(update, msg.get(M.MSG_ARG_KEY_METRICS) or {}, now)
+        mine = [t for t in self.meter.transfers(round=cur.index, peer=device_id)
+                if t.msg_id == msg.get(M.MSG_ARG_KEY_MSG_ID)]
+        upload_s = transfer_seconds(mine, msg.get(M.MSG_ARG_KEY_SENT_AT))
+        metrics = msg.get(M.MSG_ARG_KEY_METRICS)
+        self._pending[device_id] = _Pending(update, metrics if isinstance(metrics, dict) else {}, now, upload_s)
         self._maybe_close_early()
 
     def _decode_update(self, device_id: str, msg: Any) -> ClientUpdate:
@@ -297,10 +308,10 @@ class ServerApp(FedPeftCommManager):
         for d in cur.selected:
             if d in self._pending:
                 p = self._pending[d]
-                self._device_record(cur, d, "accepted", None, p.metrics, None, p.received_at)
+                self._device_record(cur, d, "accepted", None, p.metrics, p.upload_s, p.received_at)
             elif d not in cur.failed:
-                self._device_record(cur, d, "dropped", "no_update_by_deadline", {}, None)
-        eval_res = self._evaluate(cur.index) if ok else None
+                self._device_record(cur, d, "dropped", "no_update_by_deadline", {})
+        eval_res = (self._evaluate(cur.index) or self._device_eval_mean()) if ok else None
         self._round_record(cur, ok, aggregate_s, eval_res)
         if ok:
             self._checkpoint(cur.index)
@@ -317,26 +328,42 @@ class ServerApp(FedPeftCommManager):
         res = evaluate(self.model, self.test_loader, self.device)
         return {"loss": res.loss, "top1": res.top1, "samples": res.samples}
 
+    def _device_eval_mean(self) -> dict[str, Any] | None:
+        """Sample-weighted mean of the devices' evaluations of this round's global model (no server test set)."""
+        evals: list[dict[str, Any]] = []
+        for p in self._pending.values():
+            e = p.metrics.get("global_eval")
+            if isinstance(e, dict) and isinstance(e.get("samples"), int) and e["samples"] > 0:
+                evals.append(e)
+        if not evals:
+            return None
+        n = sum(e["samples"] for e in evals)
+        return {"loss": sum(e["loss"] * e["samples"] for e in evals) / n,
+                "top1": sum(e["top1"] * e["samples"] for e in evals) / n, "samples": n, "where": "devices"}
+
     # --- records --------------------------------------------------------------------------------------
     def _device_record(
-        self, cur: OpenRound, device_id: str, status: str, reason: str | None, metrics: Any, _msg: Any,
-        received_at: float | None = None,
+        self, cur: OpenRound, device_id: str, status: str, reason: str | None, metrics: Any,
+        upload_s: float | None = None, received_at: float | None = None,
     ) -> None:
         metrics = metrics if isinstance(metrics, dict) else {}
         down = self.meter.transfers(round=cur.index, peer=device_id)
         sent = [t for t in down if t.sent]
         got = [t for t in down if not t.sent]
+        download_s = metrics.get("download_s")
+        if not isinstance(download_s, (int, float)):
+            download_s = max((t.duration_s for t in sent), default=None)
         self.runlog.write(
             "device_round", round=cur.index, attempt=cur.attempt, device_id=device_id, status=status,
             drop_reason=reason, num_samples=self._pending[device_id].update.num_samples
             if device_id in self._pending else None,
             bytes_down=sum(t.mqtt_bytes for t in sent), bytes_up=sum(t.mqtt_bytes for t in got),
             msgs_down=len(sent), msgs_up=len(got),
-            download_s=max((t.duration_s for t in sent), default=None),
-            upload_s=max((t.duration_s for t in got), default=None),
+            download_s=download_s, upload_s=upload_s,
             train_s=metrics.get("train_s"), train_loss=metrics.get("train_loss"),
             train_acc=metrics.get("train_acc"), epsilon=metrics.get("epsilon"),
             images_per_s=metrics.get("images_per_s"), resources=metrics.get("resources"),
+            global_eval=metrics.get("global_eval"),
             response_s=(received_at - cur.opened_at) if received_at else None,
         )
 

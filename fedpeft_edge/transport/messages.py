@@ -52,6 +52,7 @@ MSG_ARG_KEY_ACCEPTED = "accepted"
 MSG_ARG_KEY_REASON = "reason"
 MSG_ARG_KEY_ERROR = "error"
 MSG_ARG_KEY_DEADLINE = "deadline"  # wall-clock seconds (time.time()) by which an update must arrive
+MSG_ARG_KEY_SENT_AT = "sent_at"  # sender's wall clock just before publishing (transfer times)
 MSG_ARG_KEY_CONFIG = "config"  # per-round training settings sent down (epochs, max_steps, lr ...)
 MSG_ARG_KEY_TIMER = "timer"  # name of a local timer (MSG_TYPE_LOCAL_TIMER)
 MSG_ARG_KEY_PRESENCE = "presence"  # "ONLINE" | "OFFLINE" (MSG_TYPE_PRESENCE)

@@ -194,8 +194,8 @@ def test_missing_run_dir_and_config(tmp_path: Path) -> None:
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> int:
-    # the umbrella parser loads a subcommand's options when its name is in sys.argv, as from a shell
-    monkeypatch.setattr("sys.argv", ["fedpeft-edge", *argv])
+    # sys.argv is set to something unrelated: the umbrella parser must read the argv it is given
+    monkeypatch.setattr("sys.argv", ["pytest"])
     return cli_main(argv)
 
 
