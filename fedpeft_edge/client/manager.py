@@ -29,12 +29,13 @@ class DeviceManager(FedPeftCommManager):
         self.exit_code = EXIT_FINISHED
         self.refusal: str | None = None
         self._server_online: bool | None = None
+        self._server_session: Any = None
         self._last_reply: Any = None
         super().__init__(comm_args, run_id, agent.identity.device_id, meter=self.meter)
 
     def register_message_receive_handlers(self) -> None:
         handlers = {
-            M.MSG_TYPE_CONNECTION_IS_READY: lambda _m: self._join(),
+            M.MSG_TYPE_CONNECTION_IS_READY: self._on_connected,
             M.MSG_TYPE_PRESENCE: self._on_presence,
             M.MSG_TYPE_S2C_JOIN_ACK: self._on_ack,
             M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT: self._on_sync,
@@ -52,14 +53,23 @@ class DeviceManager(FedPeftCommManager):
             msg.add_params(key, value)
         self.send_message(msg)
 
+    def _on_connected(self, _msg: Any) -> None:
+        # After a reconnect, announce again if the server is known to be up; at start-up wait for its
+        # (retained) presence instead, so a device joins once.
+        if self._server_online:
+            self._join()
+
     def _on_presence(self, msg: Any) -> None:
+        """Join whenever a new server session comes online (first sight, server restart, broker restart)."""
         if str(msg.get_sender_id()) != str(M.SERVER_ID):
             return
         online = msg.get(M.MSG_ARG_KEY_PRESENCE) == M.PRESENCE_ONLINE
-        if online and self._server_online is not True:
+        session = msg.get(M.MSG_ARG_KEY_PRESENCE_SINCE)
+        if online and (self._server_online is not True or session != self._server_session):
             log.info("server is online: announcing %s", self.agent.identity.device_id)
             self._join()
         self._server_online = online
+        self._server_session = session
 
     def _on_ack(self, msg: Any) -> None:
         if msg.get(M.MSG_ARG_KEY_ACCEPTED):

@@ -7,6 +7,7 @@ split into MQTT packets exactly as the transport would; nothing is inferred from
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
 from fedpeft_edge.metering.bandwidth import publish_packet_bytes
@@ -37,25 +38,79 @@ def measure_update(
     encoding: str | None = None,
 ) -> UpdateSize:
     """Build the model with `method`, encode its shared tensors and count the MQTT packets that carry them."""
+    pa = dataclasses.replace(peft_args or PeftArgs(), method=method)  # type: ignore[arg-type]
+    return measure_updates(model_args, pa, comm_args, [encoding or comm_args.encoding])[0]
+
+
+def measure_updates(
+    model_args: ModelArgs, peft_args: PeftArgs, comm_args: CommArgs, encodings: Sequence[str]
+) -> list[UpdateSize]:
+    """One UpdateSize per encoding for one method; the model is built once (random weights: sizes only)."""
     from fedpeft_edge.backbone import build_backbone
     from fedpeft_edge.peft import build_method
 
-    model_args = dataclasses.replace(model_args, weights="none")  # sizes do not depend on the values
-    pa = dataclasses.replace(peft_args or PeftArgs(), method=method)  # type: ignore[arg-type]
-    m = build_method(pa)
-    model = m.apply(build_backbone(model_args).model)
+    m = build_method(peft_args)
+    model = m.apply(build_backbone(dataclasses.replace(model_args, weights="none")).model)
     manifest = m.manifest(model)
-    enc = encoding or comm_args.encoding
-    blob = encode_tensors(m.get_state(model), manifest, enc)
-    params = {M.MSG_ARG_KEY_TYPE: M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, M.MSG_ARG_KEY_SENDER: "device-0",
-              M.MSG_ARG_KEY_RECEIVER: M.SERVER_ID, M.MSG_ARG_KEY_ROUND: 1, M.MSG_ARG_KEY_NUM_SAMPLES: 1000,
-              M.MSG_ARG_KEY_MANIFEST_HASH: manifest.hash, M.MSG_ARG_KEY_ENCODING: enc,
-              M.MSG_ARG_KEY_MSG_ID: "0" * 32, M.MSG_ARG_KEY_MODEL_PARAMS: blob}
-    frame = sum(memoryview(p).nbytes for p in message_parts({k: v for k, v in params.items()
-                                                             if k != M.MSG_ARG_KEY_MODEL_PARAMS}, blob))
-    topic = Topics(comm_args.topic_prefix, "planning").d2s("device-0")
-    sizes = packet_sizes(topic, frame, comm_args)
-    return UpdateSize(method, enc, manifest.num_params, manifest.nbytes, len(blob), frame, sum(sizes), len(sizes))
+    state = m.get_state(model)
+    out = []
+    for enc in encodings:
+        blob = encode_tensors(state, manifest, enc)
+        params = {M.MSG_ARG_KEY_TYPE: M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, M.MSG_ARG_KEY_SENDER: "device-0",
+                  M.MSG_ARG_KEY_RECEIVER: M.SERVER_ID, M.MSG_ARG_KEY_ROUND: 1, M.MSG_ARG_KEY_NUM_SAMPLES: 1000,
+                  M.MSG_ARG_KEY_MANIFEST_HASH: manifest.hash, M.MSG_ARG_KEY_ENCODING: enc,
+                  M.MSG_ARG_KEY_MSG_ID: "0" * 32, M.MSG_ARG_KEY_SENT_AT: 1.8e9}
+        frame = sum(memoryview(p).nbytes for p in message_parts(params, blob))
+        topic = Topics(comm_args.topic_prefix, "planning").d2s("device-0")
+        sizes = packet_sizes(topic, frame, comm_args)
+        out.append(UpdateSize(peft_args.method, enc, manifest.num_params, manifest.nbytes, len(blob), frame,
+                              sum(sizes), len(sizes)))
+    return out
+
+
+# Named links: (down, up) in bits per second, as typical figures to plan with.
+LINKS: dict[str, tuple[float, float]] = {
+    "lte": (30e6, 10e6),
+    "3g": (2e6, 0.5e6),
+    "wifi": (100e6, 100e6),
+    "ethernet": (1e9, 1e9),
+}
+
+
+def parse_link(spec: str) -> tuple[str, float, float]:
+    """'lte', '10mbit' (both ways) or '50mbit/10mbit' (down/up) -> (label, down bit/s, up bit/s)."""
+    from fedpeft_edge.errors import ConfigError
+
+    name = spec.strip().lower()
+    if name in LINKS:
+        return name, *LINKS[name]
+    parts = name.split("/")
+    try:
+        rates = [_rate(p) for p in parts]
+    except ValueError as exc:
+        raise ConfigError(
+            f"link {spec!r} is not understood ({exc}); use a name ({', '.join(LINKS)}), '10mbit', '1gbit' "
+            "or 'DOWN/UP' such as '50mbit/10mbit'"
+        ) from exc
+    if len(rates) not in (1, 2):
+        raise ConfigError(f"link {spec!r}: give one rate or DOWN/UP")
+    return name, rates[0], rates[-1]
+
+
+def _rate(text: str) -> float:
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1.0}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            value = float(text[: -len(unit)])
+            if value <= 0:
+                raise ValueError("a rate must be positive")
+            return value * factor
+    raise ValueError(f"no unit in {text!r}")
+
+
+def round_seconds(size: UpdateSize, down_bps: float, up_bps: float) -> float:
+    """Seconds a device spends moving one round's update down and its own up on a link (no contention)."""
+    return 8 * size.mqtt_bytes / down_bps + 8 * size.mqtt_bytes / up_bps
 
 
 def packet_sizes(topic: str, frame_bytes: int, comm_args: CommArgs) -> list[int]:

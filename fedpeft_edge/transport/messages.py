@@ -56,6 +56,7 @@ MSG_ARG_KEY_SENT_AT = "sent_at"  # sender's wall clock just before publishing (t
 MSG_ARG_KEY_CONFIG = "config"  # per-round training settings sent down (epochs, max_steps, lr ...)
 MSG_ARG_KEY_TIMER = "timer"  # name of a local timer (MSG_TYPE_LOCAL_TIMER)
 MSG_ARG_KEY_PRESENCE = "presence"  # "ONLINE" | "OFFLINE" (MSG_TYPE_PRESENCE)
+MSG_ARG_KEY_PRESENCE_SINCE = "presence_since"  # the peer's clock when it published that presence (a session id)
 
 PRESENCE_ONLINE = "ONLINE"
 PRESENCE_OFFLINE = "OFFLINE"  # FedML's CommunicationConstants.MSG_CLIENT_STATUS_OFFLINE

@@ -474,6 +474,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         sender = body.get("node") if str(body.get("node")) == node else node
         message = Message(M.MSG_TYPE_PRESENCE, sender, self.node_id)
         message.add_params(M.MSG_ARG_KEY_PRESENCE, status)
+        message.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body.get("time"))
         return message
 
 

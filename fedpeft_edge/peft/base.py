@@ -1,0 +1,209 @@
+"""The PEFT method interface: a manifest of shared tensors and exact state exchange for one model."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpeft_edge.backbone import named_tensors
+from fedpeft_edge.errors import PeftMethodError
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+    torch.int8, torch.bool)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One shared tensor: its stable name, shape and dtype name (e.g. "float32")."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return _DTYPES[self.dtype]
+        except KeyError as exc:
+            raise PeftMethodError(f"tensor {self.name}: unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}") \
+                from exc
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name=name, shape=tuple(int(s) for s in tensor.shape),
+                   dtype=str(tensor.dtype).removeprefix("torch."))
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The ordered tensors a method trains and shares; `hash` identifies it across processes."""
+
+    method: str
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors in their own dtypes (raw, before any wire encoding)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def to_json(self) -> str:
+        body = {"method": self.method,
+                "tensors": [[t.name, list(t.shape), t.dtype] for t in self.tensors]}
+        return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            body = json.loads(text)
+            specs = tuple(TensorSpec(str(n), tuple(int(s) for s in shape), str(d)) for n, shape, d in body["tensors"])
+            return cls(method=str(body["method"]), tensors=specs)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PeftMethodError(f"not a manifest JSON ({exc}); expected {{'method':..., 'tensors':[[name, "
+                                  "shape, dtype], ...]}}") from exc
+
+
+class PeftMethod(abc.ABC):
+    """One PEFT method: insert its modules once, then name, read and write exactly the tensors it shares."""
+
+    name: str = ""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Insert the method's modules (once) and freeze every tensor the method does not train."""
+        if getattr(model, "_fedpeft_method", None) is not None:
+            raise PeftMethodError(
+                f"model already has PEFT method {model._fedpeft_method!r} applied; build a fresh backbone "
+                f"before applying {self.name!r}"
+            )
+        self._check_supported(model)
+        model = self._insert(model)
+        trained = set(self._select(model))
+        for key, tensor in named_tensors(model).items():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(key in trained)
+        model._fedpeft_method = self.name  # type: ignore[assignment]
+        return model
+
+    def manifest(self, model: nn.Module) -> Manifest:
+        """The ordered (state-dict order) names, shapes and dtypes of the tensors this method shares."""
+        tensors = named_tensors(model)
+        chosen = set(self._select(model))
+        specs = tuple(TensorSpec.of(k, t) for k, t in tensors.items() if k in chosen)
+        if not specs:
+            raise PeftMethodError(f"method {self.name!r} selects no tensor on {type(model).__name__}; "
+                                  "was apply() called on this model?")
+        return Manifest(method=self.name, tensors=specs)
+
+    def get_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Detached contiguous CPU copies of the shared tensors, in manifest order."""
+        tensors = named_tensors(model)
+        return {s.name: tensors[s.name].detach().to("cpu", copy=True).contiguous()
+                for s in self.manifest(model).tensors}
+
+    def set_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Write `state` into the model after checking keys, shapes, dtypes and finiteness (all or nothing)."""
+        manifest = self.manifest(model)
+        check_state(manifest, state)
+        tensors = named_tensors(model)
+        with torch.no_grad():
+            for spec in manifest.tensors:
+                tensors[spec.name].copy_(state[spec.name])
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        """The model to export for inference (ONNX), with what can be merged merged; `model` stays unchanged.
+
+        The default returns `model` itself: plain parameters (bias, head, full) need no merging and inserted
+        modules (prompts, adapters) stay in the graph. LoRA overrides it to fold B @ A into the weights.
+        """
+        return model
+
+    def describe(self) -> str:
+        """The method's settings in a few words, for tables and logs."""
+        return ""
+
+    # --- what each method provides ---
+
+    def _check_supported(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Raise PeftMethodError if the method cannot run on this backbone."""
+
+    def _insert(self, model: nn.Module) -> nn.Module:
+        """Add the method's modules; the default adds none."""
+        return model
+
+    @abc.abstractmethod
+    def _select(self, model: nn.Module) -> Iterable[str]:
+        """Canonical names of the tensors this method trains and shares (structural, not by requires_grad)."""
+
+
+def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
+    """Refuse a state whose keys, shapes, dtypes or values do not match the manifest."""
+    missing = [n for n in manifest.names if n not in state]
+    extra = [k for k in state if k not in set(manifest.names)]
+    if missing or extra:
+        raise PeftMethodError(
+            f"state does not match manifest {manifest.method!r} ({manifest.hash[:12]}): missing {missing[:5]} "
+            f"({len(missing)}), extra {extra[:5]} ({len(extra)}); send exactly the manifest's tensors"
+        )
+    for spec in manifest.tensors:
+        value = state[spec.name]
+        if not isinstance(value, torch.Tensor):
+            raise PeftMethodError(f"state[{spec.name!r}] is a {type(value).__name__}, expected a torch.Tensor")
+        if tuple(value.shape) != spec.shape:
+            raise PeftMethodError(f"state[{spec.name!r}] has shape {tuple(value.shape)}, manifest says {spec.shape}")
+        if str(value.dtype).removeprefix("torch.") != spec.dtype:
+            raise PeftMethodError(
+                f"state[{spec.name!r}] has dtype {value.dtype}, manifest says {spec.dtype}; cast it before set_state"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise PeftMethodError(f"state[{spec.name!r}] holds NaN or infinite values; refusing the update")
+
+
+def parameter_names(model: nn.Module) -> list[str]:
+    """Canonical names of every parameter (not buffer) of the model."""
+    return [k for k, t in named_tensors(model).items() if isinstance(t, nn.Parameter)]
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Canonical names of the classifier's parameters (timm's get_classifier())."""
+    get = getattr(unwrap(model), "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        raise PeftMethodError(f"{type(model).__name__} has no classifier with parameters; build it with "
+                              "model_args.num_classes > 0")
+    ids = {id(p) for p in head.parameters()}
+    return [k for k, t in named_tensors(model).items() if id(t) in ids]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The innermost model under wrappers such as opacus' GradSampleModule (they keep it in `_module`)."""
+    while isinstance(getattr(model, "_module", None), nn.Module):
+        model = model._module  # type: ignore[assignment]
+    return model

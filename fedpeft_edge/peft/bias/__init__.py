@@ -1,0 +1,5 @@
+"""Bias tuning."""
+
+from fedpeft_edge.peft.bias.method import BiasMethod
+
+__all__ = ["BiasMethod"]

@@ -1,0 +1,5 @@
+"""Head tuning."""
+
+from fedpeft_edge.peft.head.method import HeadMethod
+
+__all__ = ["HeadMethod"]

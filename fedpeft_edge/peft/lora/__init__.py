@@ -1,0 +1,5 @@
+"""LoRA via Hugging Face peft."""
+
+from fedpeft_edge.peft.lora.method import LoraMethod
+
+__all__ = ["LoraMethod"]

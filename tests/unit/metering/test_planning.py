@@ -1,0 +1,49 @@
+"""Bandwidth planning: measured update sizes, packet splitting as the transport does it, link parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
+from fedpeft_edge.errors import ConfigError
+from fedpeft_edge.metering.bandwidth import publish_packet_bytes
+from fedpeft_edge.metering.planning import measure_updates, packet_sizes, parse_link, round_seconds
+from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES
+
+TINY = ModelArgs(model="vit_tiny_patch16_224", num_classes=10, weights="none",
+                 model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
+
+
+def test_sizes_follow_the_encoding_and_the_manifest() -> None:
+    fp32, fp16, int8 = measure_updates(TINY, PeftArgs(method="bias"), CommArgs(), ["fp32", "fp16", "int8"])
+    assert fp32.raw_bytes == 4 * fp32.params
+    assert fp32.blob_bytes - fp32.raw_bytes < 100  # the blob header only
+    assert fp32.frame_bytes < fp32.mqtt_bytes < fp32.frame_bytes + 100
+    assert fp16.blob_bytes < 0.55 * fp32.blob_bytes and int8.blob_bytes < 0.3 * fp32.blob_bytes
+    assert fp32.packets == 1
+
+
+def test_chunked_packets_sum_to_frame_plus_headers() -> None:
+    comm = CommArgs(max_message_bytes=4096)
+    sizes = packet_sizes("fedpeft/r/d2s/device-0", 100_000, comm)
+    assert len(sizes) > 1 and max(sizes) <= 4096 + 5
+    # per packet: PUBLISH header with a 2-byte remaining length (payloads of 128..16383 bytes) + chunk header
+    overhead = publish_packet_bytes("fedpeft/r/d2s/device-0", 1000, 1, True) - 1000 + CHUNK_HEADER_BYTES
+    assert sum(sizes) == 100_000 + len(sizes) * overhead
+
+
+@pytest.mark.parametrize(("spec", "down", "up"), [("lte", 30e6, 10e6), ("10mbit", 1e7, 1e7),
+                                                   ("50mbit/10mbit", 5e7, 1e7), ("1gbit", 1e9, 1e9)])
+def test_parse_link(spec: str, down: float, up: float) -> None:
+    assert parse_link(spec)[1:] == (down, up)
+
+
+@pytest.mark.parametrize("spec", ["fast", "10", "-5mbit", "1mbit/2mbit/3mbit"])
+def test_bad_links_name_the_fix(spec: str) -> None:
+    with pytest.raises(ConfigError, match="link"):
+        parse_link(spec)
+
+
+def test_round_seconds() -> None:
+    (size,) = measure_updates(TINY, PeftArgs(method="head"), CommArgs(), ["fp32"])
+    assert round_seconds(size, 8e6, 8e6) == pytest.approx(2 * size.mqtt_bytes / 1e6)
