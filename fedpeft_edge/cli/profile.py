@@ -72,7 +72,8 @@ def bandwidth_table(args: argparse.Namespace, kwargs: dict, variants: dict, rows
     comm = CommArgs(max_message_bytes=args.max_message_bytes)
     model_args = ModelArgs(model=args.model, num_classes=args.num_classes, weights="none", model_kwargs=kwargs)
     n = args.devices
-    head = (f"{'method':<22}{'enc':<6}{'update MB':>11}{'packets':>8}{'vs full':>9}{'round MB (' + str(n) + ' dev)':>18}"
+    round_col = f"round MB ({n} dev)"
+    head = (f"{'method':<22}{'enc':<6}{'update MB':>11}{'packets':>8}{'vs full':>9}{round_col:>18}"
             + "".join(f"{'s @ ' + name:>14}" for name, _, _ in links))
     lines = [f"measured on the wire (MQTT bytes per update, each way); a round = {n} devices x (down + up)",
              head, "-" * len(head)]
