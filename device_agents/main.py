@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any
 
+from fedpeft_edge.config import broker_overrides
 from fedpeft_edge.errors import FedPeftError
 
 
@@ -36,10 +37,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset:
         out["data_args.dataset"] = args.dataset
     if args.broker:
-        host, _, port = args.broker.rpartition(":")
-        if not host or not port.isdigit():
-            raise SystemExit(f"fedpeft-agent: --broker {args.broker!r} must be HOST:PORT, e.g. 192.168.1.10:1883")
-        out["comm_args.broker_host"], out["comm_args.broker_port"] = host, int(port)
+        out.update(broker_overrides(args.broker))
     if args.eval_backend:
         out["device_args.eval_backend"] = args.eval_backend
     if args.state_dir:

@@ -250,6 +250,14 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def broker_overrides(spec: str) -> dict[str, Any]:
+    """Dotted overrides for a `--broker HOST:PORT` flag of the programs."""
+    host, _, port = spec.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--broker {spec!r} must be HOST:PORT, e.g. 192.168.1.10:1883")
+    return {"comm_args.broker_host": host, "comm_args.broker_port": int(port)}
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved configuration as YAML."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -23,16 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedpeft_edge.config import replace_in
+    from fedpeft_edge.config import broker_overrides, replace_in
     from fedpeft_edge.server.app import ServerApp, load_server_config
 
     try:
         cfg, run_dir = load_server_config(args.config, args.resume)
         if args.broker:
-            host, _, port = args.broker.rpartition(":")
-            if not host or not port.isdigit():
-                raise SystemExit(f"fedpeft-server: --broker {args.broker!r} must be HOST:PORT")
-            cfg = replace_in(cfg, **{"comm_args.broker_host": host, "comm_args.broker_port": int(port)})
+            cfg = replace_in(cfg, **broker_overrides(args.broker))
         logging.basicConfig(level=args.log_level or cfg.tracking_args.log_level,
                             format="%(asctime)s %(levelname)s [server] %(name)s: %(message)s")
         app = ServerApp(cfg, run_dir, resume=bool(args.resume))

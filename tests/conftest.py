@@ -6,11 +6,12 @@ import dataclasses
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from fedpeft_edge.transport.broker import wait_accepting
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 _START_TIMEOUT_S = 10.0
@@ -59,19 +60,6 @@ def _mosquitto_path() -> str | None:
     return shutil.which("mosquitto")
 
 
-def _wait_accepting(host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 def start_mosquitto(
     workdir: Path, message_size_limit: int | None = None, max_packet_size: int | None = None
 ) -> RunningBroker:
@@ -95,7 +83,7 @@ def start_mosquitto(
         log_path = workdir / f"mosquitto_{port}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        if _wait_accepting(host, port, proc, _START_TIMEOUT_S):
+        if wait_accepting(host, port, _START_TIMEOUT_S, alive=lambda p=proc: p.poll() is None):
             return RunningBroker(host, port, proc, conf, log_path, message_size_limit, max_packet_size)
         if proc.poll() is None:
             proc.kill()

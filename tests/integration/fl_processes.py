@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fedpeft_edge.server.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,18 +90,8 @@ class Procs:
 
 
 def records(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if kind is None or rec.get("kind") == kind:
-            out.append(rec)
-    return out
+    """The run's metrics records so far ([] before the server wrote any)."""
+    return read_metrics(run_dir, kind) if (run_dir / "metrics.jsonl").exists() else []
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float, procs: Procs) -> None:
