@@ -311,7 +311,10 @@ class ServerApp(FedPeftCommManager):
                 self._device_record(cur, d, "accepted", None, p.metrics, p.upload_s, p.received_at)
             elif d not in cur.failed:
                 self._device_record(cur, d, "dropped", "no_update_by_deadline", {})
+        t_eval = time.time()
         eval_res = (self._evaluate(cur.index) or self._device_eval_mean()) if ok else None
+        if eval_res is not None:
+            eval_res["eval_s"] = time.time() - t_eval
         self._round_record(cur, ok, aggregate_s, eval_res)
         if ok:
             self._checkpoint(cur.index)
