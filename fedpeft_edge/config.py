@@ -123,6 +123,7 @@ class TrainArgs:
     server_tau: float = 1e-3
     send_delta: bool = False  # devices send (local - global) instead of local tensors
     eval_every: int = 1
+    evaluate_on_devices: bool = False  # devices also evaluate each global model on their local test split
     mixed_precision: bool = True  # used only on CUDA
 
 

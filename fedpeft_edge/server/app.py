@@ -229,8 +229,9 @@ class ServerApp(FedPeftCommManager):
         self.send_message(msg)
 
     def _device_eval(self, round_idx: int) -> bool:
-        """Devices evaluate the global model they receive when the server has no test set of its own."""
-        return self.test_loader is None and (round_idx - 1) % self.cfg.train_args.eval_every == 0
+        """Devices evaluate the global model they receive when asked to, or when the server has no test set."""
+        wanted = self.cfg.train_args.evaluate_on_devices or self.test_loader is None
+        return wanted and (round_idx - 1) % self.cfg.train_args.eval_every == 0
 
     def _start_timer(self, delay: float, name: str, cur: OpenRound) -> None:
         msg = Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID)

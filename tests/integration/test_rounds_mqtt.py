@@ -178,3 +178,22 @@ def test_broker_restart_mid_run(mosquitto_factory: Any, tmp_path: Path, procs: P
         again.wait(timeout=10)
     assert aggregated_rounds(run_dir) == [1, 2, 3, 4]
     assert "reconnected" in procs.log("dev0") or "connected" in procs.log("dev0")
+
+
+def test_devices_evaluate_through_onnxruntime(mosquitto_broker: Any, tmp_path: Path, procs: Procs) -> None:
+    cfg = write_config(tmp_path / "run.yaml", mosquitto_broker.port, "ort",
+                       train_args={"comm_round": 2, "evaluate_on_devices": True},
+                       device_args={"num_threads": 1, "latency_runs": 5})
+    run_dir = run_dir_of(cfg)
+    procs.server(cfg)
+    procs.agent(cfg, "dev0", 0, "--eval-backend", "onnxruntime")
+    procs.agent(cfg, "dev1", 1)
+    wait_for("summary.json", (run_dir / "summary.json").exists, 240, procs)
+    rows = {(r["round"], r["device_id"]): r for r in records(run_dir, "device_round")}
+    ort_eval, torch_eval = rows[(2, "dev0")]["global_eval"], rows[(2, "dev1")]["global_eval"]
+    assert ort_eval["backend"] == "onnxruntime" and torch_eval["backend"] == "torch"
+    assert 0.0 <= ort_eval["top1"] <= 1.0 and ort_eval["samples"] > 0
+    profiles = {r["device_id"]: r["profile"] for r in records(run_dir, "join")}
+    latency = profiles["dev0"]["inference_latency_ms"]
+    assert latency["median_ms"] > 0 and latency["runs"] == 5
+    assert profiles["dev0"]["eval_backend"] == "onnxruntime"
