@@ -46,6 +46,10 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config) if Path(args.config).exists() else RunConfig()
     backbone = build_backbone(cfg.model_args)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh head is zero (all logits 0): give it trained-like values so parity means something
+        for p in backbone.model.get_classifier().parameters():
+            p.normal_(0.0, 0.05)
     spec = backbone.data_config
     input_size = resolve_input_size(spec.input_size, cfg.data_args.image_size)
     start = time.perf_counter()
