@@ -1,7 +1,7 @@
 """FedML's messaging contract (Message, Observer, BaseCommunicationManager, FedMLCommManager), loaded safely.
 
-`import fedml.x` would run fedml/__init__.py (hundreds of modules, and FedML's init function calls its cloud). Instead the
-`fedml`, `fedml.core`, `fedml.core.mlops` and `fedml.cross_silo*` packages are pre-registered as empty
+`import fedml.x` would run fedml/__init__.py (hundreds of modules; FedML's init function calls its cloud).
+Instead the `fedml`, `fedml.core`, `fedml.core.mlops` and `fedml.cross_silo*` packages are pre-registered as empty
 packages pointing into the installed wheel, so only the ~12 messaging modules load. Pinned to fedml==0.9.6.
 This is the only module that imports fedml.
 """
