@@ -85,9 +85,11 @@ class DeviceManager(FedPeftCommManager):
         if not isinstance(round_idx, int):
             return
         if self._last_reply is not None and self._last_reply.get(M.MSG_ARG_KEY_ROUND) == round_idx:
-            # The server asks again (it restarted, or our update was lost with the broker): resend the same
-            # message; its msg_id lets the server's transport drop it if the first copy did arrive.
+            # The server asks again (it restarted, or our update was lost with the broker, or it arrived
+            # while no round was open and was dropped as stale): resend the same update as a new message, since
+            # the transport would drop a repeated msg_id unseen; the server counts a real repeat as duplicate.
             log.info("round %d asked again: resending the update", round_idx)
+            self._last_reply.add_params(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
             self._last_reply.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
             self.com_manager.send_message(self._last_reply)
             return

@@ -320,8 +320,9 @@ class ServerApp(FedPeftCommManager):
         if ok:
             self._checkpoint(cur.index)
         else:
-            log.warning("round %d got %d of %d required updates by its deadline; retrying it", cur.index,
-                        len(cur.received), self.cfg.train_args.min_updates)
+            log.warning("round %d closed with %d of %d required updates (deadline passed, or every selected device "
+                        "failed or went offline); retrying it", cur.index, len(cur.received),
+                        self.cfg.train_args.min_updates)
         self._maybe_open()
         if not self._finished and self.rounds.current is None and self.rounds.finished:
             self._finish_run()
