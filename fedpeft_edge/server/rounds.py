@@ -64,6 +64,7 @@ class RoundController:
         self.devices: dict[str, DeviceState] = {}
         self.current: OpenRound | None = None
         self._attempt = 0
+        self._started = False
 
     # --- devices ---------------------------------------------------------------------------------------
     def device(self, device_id: str) -> DeviceState:
@@ -72,13 +73,10 @@ class RoundController:
     def eligible(self) -> list[str]:
         return sorted(d.device_id for d in self.devices.values() if d.accepted and d.online and not d.exhausted)
 
-    @property
-    def started(self) -> bool:
-        return self.next_round > 1 or self._attempt > 0
-
     def can_open(self) -> bool:
-        """min_devices must be online for the first round; later rounds need only min_updates of them."""
-        need = self._args.min_updates if self.started else self._args.min_devices
+        """min_devices must be online for this server's first round (also after a resume); later rounds need
+        only min_updates of them, so a device that drops out does not stall the run."""
+        need = self._args.min_updates if self._started else self._args.min_devices
         return self.current is None and len(self.eligible()) >= need
 
     def all_spent(self) -> bool:
@@ -97,6 +95,7 @@ class RoundController:
         k = min(self._args.client_num_per_round, len(pool))
         rng = np.random.default_rng([self._seed, self.next_round, self._attempt])
         chosen = sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
+        self._started = True
         self.current = OpenRound(
             index=self.next_round,
             attempt=self._attempt,

@@ -32,9 +32,10 @@ def test_dp_devices_report_growing_epsilon_and_a_spent_budget_leaves_the_run(
     mosquitto_broker: Any, tmp_path: Path, procs: Procs
 ) -> None:
     state = tmp_path / "state"
-    # three devices so that two stay eligible (min_devices) after the capped one leaves
+    # all three start together (min_devices 3); after the capped one leaves, the other two carry on
     common: dict[str, Any] = {
-        "train_args": {"comm_round": 3, "min_updates": 1, "client_num_in_total": 3, "client_num_per_round": 3},
+        "train_args": {"comm_round": 3, "min_updates": 1, "min_devices": 3, "client_num_in_total": 3,
+                       "client_num_per_round": 3},
         "device_args": {"num_threads": 1, "state_dir": str(state)},
     }
     open_cfg = write_config(tmp_path / "open.yaml", mosquitto_broker.port, "dp",

@@ -65,3 +65,19 @@ def test_exhausted_devices_are_never_sampled() -> None:
     assert set(rc.open_round(0.0).selected) == {"dev3", "dev4", "dev5"}
     rc.close_round(aggregated=True)
     assert rc.next_round == 2
+
+
+def test_min_devices_gates_only_the_first_round_of_a_server() -> None:
+    rc = _controller()
+    for name in ("dev3", "dev4", "dev5"):
+        rc.devices[name].online = False
+    assert rc.can_open()  # 3 online = min_devices
+    rc.open_round(0.0)
+    rc.close_round(aggregated=True)
+    rc.devices["dev2"].online = False
+    assert rc.can_open()  # 2 online >= min_updates
+    resumed = _controller()
+    resumed.next_round = 2
+    for name in ("dev2", "dev3", "dev4", "dev5"):
+        resumed.devices[name].online = False
+    assert not resumed.can_open()  # a resumed server waits for min_devices again
