@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpeft_edge.config import RunConfig, load_config  # noqa: E402
 from fedpeft_edge.errors import CheckpointError, ConfigError  # noqa: E402
+from fedpeft_edge.server.runlog import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def load_run(path: str | Path) -> RunData:
         raise CheckpointError(
             f"{run_dir} has no metrics.jsonl; pass a run directory written by fedpeft-server"
         )
-    records = _read_jsonl(metrics)
+    records = read_metrics(run_dir)
     cfg = _read_config(run_dir / "config.yaml")
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
@@ -102,21 +103,6 @@ def load_run(path: str | Path) -> RunData:
         rounds=sorted(by_kind["round"], key=lambda r: _num(r.get("round")) or 0.0),
         summary=_read_summary(run_dir / "summary.json"),
     )
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a server killed mid-write leaves a torn last line
-            log.warning("%s:%d is not JSON; skipped", path, lineno)
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _read_config(path: Path) -> RunConfig | None:

@@ -421,10 +421,11 @@ class ServerApp(FedPeftCommManager):
 
 def build_summary(run_dir: Path, shared_params: int, fingerprint: str) -> dict[str, Any]:
     """summary.json: final accuracy, bytes per direction and per round, from the records themselves."""
-    rounds = [r for r in read_metrics(run_dir, "round") if r.get("status") == "aggregated"]
+    every = read_metrics(run_dir, "round")  # failed attempts too: their bytes crossed the wire
+    rounds = [r for r in every if r.get("status") == "aggregated"]
     evals = [r["eval"]["top1"] for r in rounds if r.get("eval")]
-    down = sum(r["bytes_down"] for r in read_metrics(run_dir, "round"))
-    up = sum(r["bytes_up"] for r in read_metrics(run_dir, "round"))
+    down = sum(r["bytes_down"] for r in every)
+    up = sum(r["bytes_up"] for r in every)
     return {
         "rounds": len(rounds),
         "final_top1": evals[-1] if evals else None,
@@ -435,7 +436,7 @@ def build_summary(run_dir: Path, shared_params: int, fingerprint: str) -> dict[s
         "bytes_per_round": (down + up) / len(rounds) if rounds else None,
         "shared_params": shared_params,
         "backbone_fingerprint": fingerprint,
-        "dropped": _count_drops(read_metrics(run_dir, "round")),
+        "dropped": _count_drops(every),
     }
 
 

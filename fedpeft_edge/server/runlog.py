@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -56,12 +59,15 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory written by fedpeft-server")
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # a server killed mid-write leaves a torn last line
+            log.warning("%s:%d is not JSON; skipped", path, lineno)
             continue
-        if kind is None or rec.get("kind") == kind:
+        if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
             out.append(rec)
     return out
 
