@@ -26,6 +26,7 @@ TORCH_INDEX=""
 EXTRAS=""
 FEDML_VERSION=0.9.6
 CPU_INDEX=https://download.pytorch.org/whl/cpu
+NV_TEGRA_RELEASE=${NV_TEGRA_RELEASE:-/etc/nv_tegra_release}  # L4T's release file (tests point it elsewhere)
 
 die() { echo "install_agent: $*" >&2; exit 2; }
 
@@ -46,7 +47,7 @@ done
 
 l4t_release() {
     # "R36" from /etc/nv_tegra_release ("# R36 (release), REVISION: 3.0 ..."), empty elsewhere.
-    [ -r /etc/nv_tegra_release ] && sed -n 's/^# \(R[0-9]*\) .*/\1/p' /etc/nv_tegra_release | head -n1 || true
+    [ -r "$NV_TEGRA_RELEASE" ] && sed -n 's/^# \(R[0-9]*\) .*/\1/p' "$NV_TEGRA_RELEASE" | head -n1 || true
 }
 
 detect_platform() {

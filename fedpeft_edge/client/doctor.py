@@ -67,9 +67,12 @@ def check_torch(device_args: DeviceArgs, torch_module: Any = None) -> Check:
     if cuda:
         accel = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}"
     elif mps:
-        accel = "Apple MPS (the agent trains on cpu: device_args.device has no mps)"
+        accel = "Apple MPS" + ("" if device_args.device == "mps" else " (set device_args.device: mps to use it)")
     else:
         accel = "no accelerator: cpu"
+    if device_args.device == "mps" and not mps:
+        return Check("torch", "FAIL", f"torch {torch.__version__}, device_args.device='mps' but MPS is not "
+                     "available (Apple silicon and macOS 12.3+ only); set device: auto")
     if device_args.device.startswith("cuda") and not cuda:
         return Check("torch", "FAIL", f"torch {torch.__version__}, device_args.device={device_args.device!r} but "
                      "CUDA is not available; install the CUDA/JetPack torch wheel or set device: auto")

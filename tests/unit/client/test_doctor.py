@@ -47,6 +47,7 @@ def _fake_torch(cuda: bool) -> Any:
 def test_torch_ok_and_cuda_missing_fails() -> None:
     assert D.check_torch(DeviceArgs()).status == "OK"
     assert "CUDA 12.2, Orin" in D.check_torch(DeviceArgs(device="cuda"), _fake_torch(True)).detail
+    assert D.check_torch(DeviceArgs(device="mps"), _fake_torch(False)).status == "FAIL"
     row = D.check_torch(DeviceArgs(device="cuda"), _fake_torch(False))
     assert row.status == "FAIL" and "CUDA is not available" in row.detail
 
