@@ -239,3 +239,59 @@ def test_program_prints_a_table_and_exits_non_zero_when_blocked(tmp_path: Path,
     out = capsys.readouterr().out
     assert "broker reachable      FAIL" in out and "NOT READY" in out
     assert main(["doctor", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def _tls_files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A CA, a server certificate for 127.0.0.1 signed by it, its key, and an unrelated second CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, other_key, srv_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    paths = tuple(tmp_path / n for n in ("ca.pem", "server.pem", "server.key", "other-ca.pem"))
+    paths[0].write_bytes(cert("test-ca", ca_key, "test-ca", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert("127.0.0.1", srv_key, "test-ca", ca_key, False).public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(srv_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    paths[3].write_bytes(cert("other", other_key, "other", other_key, True).public_bytes(serialization.Encoding.PEM))
+    return paths  # type: ignore[return-value]
+
+
+def test_tls_broker_connects_with_its_ca_and_fails_with_another(tmp_path: Path) -> None:
+    start_mosquitto(tmp_path / "skip-if-absent").stop()
+    ca, srv, key, other = _tls_files(tmp_path)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    # "user root": started as root, mosquitto would drop to user mosquitto, who cannot read tmp_path (0700);
+    # started as anyone else, the option has no effect.
+    conf.write_text(f"user root\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {srv}\nkeyfile {key}\n"
+                    "allow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from fedpeft_edge.transport.broker import wait_accepting
+
+    try:
+        assert wait_accepting("127.0.0.1", port, 10.0)
+        good = probe_broker(CommArgs(broker_port=port, tls_ca_file=str(ca)), "doc", 5.0)
+        bad = probe_broker(CommArgs(broker_port=port, tls_ca_file=str(other)), "doc", 5.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+    assert [r.status for r in D.check_broker(good)] == ["OK", "OK"] and good.tls
+    assert D.check_broker(bad)[1].status == "FAIL" and "TLS" in D.check_broker(bad)[1].detail
