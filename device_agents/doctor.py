@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fedpeft_edge.config import broker_overrides, load_config
 from fedpeft_edge.errors import FedPeftError
+
+if TYPE_CHECKING:
+    from fedpeft_edge.client.doctor import Check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def render_table(rows: Sequence[object]) -> str:
+def render_table(rows: Sequence[Check]) -> str:
     """check | status | detail, then the verdict."""
-    width = max(len(r.name) for r in rows)  # type: ignore[attr-defined]
+    width = max(len(r.name) for r in rows)
     lines = [f"{'check'.ljust(width)}  status  detail", f"{'-' * width}  ------  ------"]
-    lines += [f"{r.name.ljust(width)}  {r.status.ljust(6)}  {r.detail}" for r in rows]  # type: ignore[attr-defined]
-    blocking = [r.name for r in rows if r.blocks_join]  # type: ignore[attr-defined]
-    warned = any(r.status == "WARN" for r in rows)  # type: ignore[attr-defined]
+    lines += [f"{r.name.ljust(width)}  {r.status.ljust(6)}  {r.detail}" for r in rows]
+    blocking = [r.name for r in rows if r.blocks_join]
+    warned = any(r.status == "WARN" for r in rows)
     lines.append("")
     lines.append(f"NOT READY: {len(blocking)} check(s) block a join: {', '.join(blocking)}" if blocking
                  else "ready to join" + (" (with warnings)" if warned else ""))
