@@ -96,3 +96,10 @@ def test_agent_only_install_completes_a_round(agent_python: Path, mosquitto_brok
     finally:
         procs.stop_all()
     assert "no ONNX inference latency" in procs.log("edge1")  # the optional onnx extra is really absent
+    # The doctor's fingerprint is the one the server accepted at join: it matches the run's summary.
+    after = subprocess.run(
+        [str(agent_python), "-m", "device_agents.main", "doctor", "--config", str(cfg), "--device-id", "edge1",
+         "--server-summary", str(run_dir / "summary.json")],
+        capture_output=True, text=True, timeout=300, env=_agent_env(), cwd=tmp_path)
+    assert after.returncode == 0 and "matches the run's" in after.stdout, after.stdout + after.stderr
+    assert "server presence (OFFLINE)" in after.stdout  # the finished server's retained last will
