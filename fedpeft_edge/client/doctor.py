@@ -302,7 +302,7 @@ def check_sensors(roots: SensorRoots = SensorRoots(), nvml_loader: Callable[[], 
         energy = True
     except Exception as exc:  # any NVML failure (no library, no driver, no GPU) means "not available"
         log.debug("NVML: %s", exc)
-    bat = (battery or r._battery)()
+    bat = (battery or r.read_battery)()
     if bat is not None:
         seen.append(f"battery {bat.percent:.0f}%{' plugged' if bat.power_plugged else ''}")
     if not energy:

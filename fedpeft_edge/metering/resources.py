@@ -265,7 +265,7 @@ class ThermalSource:
     def begin(self, t: float) -> None:
         self._temps = {}
         self._next = 0.0
-        self._battery0 = _battery()
+        self._battery0 = read_battery()
         self.sample(t)
 
     def sample(self, t: float) -> None:
@@ -278,7 +278,7 @@ class ThermalSource:
     def end(self, t: float) -> dict[str, Any]:
         self._next = 0.0
         self.sample(t)
-        battery1 = _battery()
+        battery1 = read_battery()
         return {
             "temperatures_max_c": dict(self._temps) or None,
             "battery_pct_start": None if self._battery0 is None else float(self._battery0.percent),
@@ -303,7 +303,8 @@ def _temperatures() -> dict[str, float]:
     return out
 
 
-def _battery() -> Any:
+def read_battery() -> Any:
+    """psutil's battery reading (.percent, .power_plugged), or None on a machine without a battery."""
     reader = getattr(psutil, "sensors_battery", None)
     try:
         return reader() if reader else None
