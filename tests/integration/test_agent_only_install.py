@@ -71,6 +71,33 @@ def test_agent_only_venv_lacks_the_server_stack(agent_python: Path) -> None:
     assert out.stdout.strip() == "[]"
 
 
+#: Modules that need an extra (onnx or server) and so may not import from the agent-only venv.
+SERVER_ONLY = {"fedpeft_edge.export", "fedpeft_edge.cli.export", "fedpeft_edge.metering.report",
+               "fedpeft_edge.cli.report"}
+_IMPORT_ALL = """
+import importlib, json, pkgutil, fedpeft_edge, device_agents
+mods = [m.name for pkg, p in ((fedpeft_edge, "fedpeft_edge."), (device_agents, "device_agents."))
+        for m in pkgutil.walk_packages(pkg.__path__, p) if not m.name.endswith("__main__")]
+bad = {}
+for name in mods:
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        bad[name] = str(exc)
+print(json.dumps({"modules": len(mods), "failed": bad}))
+"""
+
+
+def test_every_device_module_imports_without_the_extras(agent_python: Path) -> None:
+    import json
+
+    out = subprocess.run([str(agent_python), "-c", _IMPORT_ALL], capture_output=True, text=True, timeout=300,
+                         env=_agent_env(), cwd=REPO.parent, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["modules"] > 50
+    assert set(result["failed"]) <= SERVER_ONLY, result["failed"]  # e.g. data/ importing sklearn at the top
+
+
 def test_agent_only_install_completes_a_round(agent_python: Path, mosquitto_broker: Any, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "run.yaml", mosquitto_broker.port, "agentonly",
                        train_args={"client_num_in_total": 1, "client_num_per_round": 1, "comm_round": 1,
