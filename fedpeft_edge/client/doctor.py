@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -282,12 +284,14 @@ def check_sensors(roots: SensorRoots = SensorRoots(), nvml_loader: Callable[[], 
     energy = False
     tegra = roots.tegrastats or shutil.which("tegrastats")
     if tegra:
-        seen.append(f"tegrastats ({tegra})")
-        energy = True
+        note, ok = _tegrastats_line(tegra)
+        seen.append(note)
+        energy = energy or ok
     rails = r.find_ina3221_rails(roots.i2c_drivers)
     if rails:
-        seen.append("INA3221 " + "+".join(x.name for x in rails))
-        energy = True
+        note, ok = _ina3221_read(rails)
+        seen.append(note)
+        energy = energy or ok
     zones = sorted(p for p in roots.powercap.glob("intel-rapl:*") if p.name.count(":") == 1)
     readable = r.find_rapl_zones(roots.powercap)
     if readable:
@@ -309,6 +313,57 @@ def check_sensors(roots: SensorRoots = SensorRoots(), nvml_loader: Callable[[], 
         return Check("energy sensors", "WARN", "; ".join(seen + ["no energy sensor: energy is reported as not "
                                                                  "available (null)"]))
     return Check("energy sensors", "OK", "; ".join(seen))
+
+
+def _tegrastats_line(command: str, timeout_s: float = 5.0) -> tuple[str, bool]:
+    """Run tegrastats for its first line and parse it: the rails it shows and which make the total."""
+    from fedpeft_edge.errors import MeteringError
+    from fedpeft_edge.metering.resources import parse_tegrastats_line, total_rails
+
+    try:
+        proc = subprocess.Popen([command, "--interval", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    except OSError as exc:
+        return f"tegrastats at {command} does not start ({exc})", False
+    try:
+        line = _first_line(proc, timeout_s)
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+    if not line:
+        return f"tegrastats at {command} printed nothing in {timeout_s:g} s (run it by hand; sudo?)", False
+    try:
+        sample = parse_tegrastats_line(line)
+    except MeteringError as exc:
+        return f"tegrastats line not understood ({exc})", False
+    if not sample.rails_mw:
+        return "tegrastats shows no power rails on this board", False
+    _rails, basis = total_rails(list(sample.rails_mw))
+    return f"tegrastats rails {'+'.join(sample.rails_mw)} (total: {basis})", True
+
+
+def _first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline() if proc.stdout else ""),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return box[0].strip() if box else ""
+
+
+def _ina3221_read(rails: Sequence[Any]) -> tuple[str, bool]:
+    """Read every INA3221 rail once; name those this user cannot read."""
+    readable, failed = [], []
+    for rail in rails:
+        try:
+            rail.read_w()
+            readable.append(rail.name)
+        except (OSError, ValueError, FedPeftError) as exc:
+            failed.append(f"{rail.name} ({type(exc).__name__})")
+    note = "INA3221 " + "+".join(readable) if readable else "INA3221 rails present"
+    if failed:
+        note += "; unreadable: " + ", ".join(failed)
+    return note, bool(readable)
 
 
 # --- memory and disk --------------------------------------------------------------------------------------

@@ -199,9 +199,43 @@ def test_no_energy_sensor_warns_and_rapl_permissions_are_named(tmp_path: Path) -
     assert row.status == "OK" and "RAPL package-0" in row.detail and "battery 81%" in row.detail
 
 
-def test_tegrastats_and_nvml_count_as_energy_sensors(tmp_path: Path) -> None:
-    roots = D.SensorRoots(powercap=tmp_path, i2c_drivers=tmp_path, tegrastats="/usr/bin/tegrastats")
-    assert D.check_sensors(roots, _no_nvml, lambda: None).status == "OK"
+FIXTURES = REPO / "tests" / "fixtures" / "tegrastats"
+
+
+def _fake_tegrastats(tmp_path: Path, line: str, name: str = "tegrastats") -> str:
+    exe = tmp_path / name
+    exe.write_text(f"#!/bin/sh\nwhile true; do echo '{line}'; sleep 0.1; done\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_tegrastats_is_run_and_its_total_named(tmp_path: Path) -> None:
+    line = (FIXTURES / "orin_agx_jp6.log").read_text().splitlines()[0]
+    roots = D.SensorRoots(powercap=tmp_path, i2c_drivers=tmp_path, tegrastats=_fake_tegrastats(tmp_path, line))
+    row = D.check_sensors(roots, _no_nvml, lambda: None)
+    assert row.status == "OK" and "total: module supplies VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0" in row.detail
+    broken = D.SensorRoots(tmp_path, tmp_path, _fake_tegrastats(tmp_path, "tegrastats: permission denied", "bad"))
+    row = D.check_sensors(broken, _no_nvml, lambda: None)
+    assert row.status == "WARN" and "not understood" in row.detail
+    row = D.check_sensors(D.SensorRoots(tmp_path, tmp_path, str(tmp_path / "missing")), _no_nvml, lambda: None)
+    assert row.status == "WARN" and "does not start" in row.detail
+
+
+def test_unreadable_ina3221_rails_are_named(tmp_path: Path) -> None:
+    dev = tmp_path / "i2c" / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    dev.mkdir(parents=True)
+    (dev / "in1_label").write_text("VDD_IN\n")
+    (dev / "in1_input").write_text("5000\n")
+    (dev / "curr1_input").write_text("1000\n")
+    (dev / "in2_label").write_text("VDD_SOC\n")  # no in2_input/curr2_input: unreadable
+    roots = D.SensorRoots(powercap=tmp_path, i2c_drivers=tmp_path / "i2c", tegrastats="")
+    row = D.check_sensors(roots, _no_nvml, lambda: None)
+    if row.detail.startswith("tegrastats"):
+        pytest.skip("this machine has tegrastats on PATH")
+    assert row.status == "OK" and "INA3221 VDD_IN; unreadable: VDD_SOC" in row.detail
+
+
+def test_nvml_counts_as_an_energy_sensor(tmp_path: Path) -> None:
     nvml = types.SimpleNamespace(nvmlDeviceGetCount=lambda: 1)
     row = D.check_sensors(D.SensorRoots(tmp_path, tmp_path, ""), lambda: nvml, lambda: None)
     assert "NVML (1 GPU)" in row.detail
