@@ -157,7 +157,7 @@ class CommArgs:
 class DeviceArgs:
     """Where a device computes and what it measures."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # mps: Apple silicon (explicit; auto = CUDA or cpu)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     eval_backend: Literal["torch", "onnxruntime"] = "torch"
     metering_interval_s: float = 0.1

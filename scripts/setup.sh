@@ -35,7 +35,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -e ".[all,dev]"
 # FedML's pins (numpy<2, protobuf<4, paho-mqtt<2, wandb==0.13.2 ...) cannot resolve beside a modern stack:
 # we install it without dependencies and import only its messaging layer (fedpeft_edge/transport/fedml.py).
 "$VENV/bin/python" -m pip install -q --no-deps "fedml==0.9.6"

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "write report.html, PNG plots and CSVs from one or more run directories",
     "export": "export a fine-tuned model from a run to ONNX, with a parity check",
     "broker": "run a local MQTT broker (mosquitto if installed, else embedded amqtt)",
+    "install-service": "write a systemd unit that runs this device's agent as a non-root service",
 }
 
 
@@ -37,7 +38,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def _load(name: str):  # type: ignore[no-untyped-def]
-    return importlib.import_module(f"fedpeft_edge.cli.{name}")
+    return importlib.import_module(f"fedpeft_edge.cli.{name.replace('-', '_')}")
 
 
 def main(argv: list[str] | None = None) -> int:

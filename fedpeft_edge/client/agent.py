@@ -16,7 +16,7 @@ import torch
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
 from fedpeft_edge.config import RunConfig
 from fedpeft_edge.data import ClientData, build_client_data, build_local_data
-from fedpeft_edge.errors import BudgetExhaustedError, FedPeftError, ProtocolError
+from fedpeft_edge.errors import BudgetExhaustedError, ConfigError, FedPeftError, ProtocolError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
@@ -106,7 +106,13 @@ class DeviceAgent:
     def _build_onnx_evaluator(self, cfg: RunConfig) -> Any:
         if cfg.device_args.eval_backend != "onnxruntime":
             return None
-        from fedpeft_edge.export.inference import OnnxEvaluator
+        try:
+            from fedpeft_edge.export.inference import OnnxEvaluator
+        except ImportError as exc:
+            raise ConfigError(
+                f"device_args.eval_backend='onnxruntime' needs the onnx extra ({exc}); "
+                "pip install 'fedpeft-edge[onnx]' or set eval_backend: torch"
+            ) from exc
 
         return OnnxEvaluator(self.model, self.input_spec, num_threads=cfg.device_args.num_threads,
                              method=self.method, image_size=cfg.data_args.image_size)
@@ -115,7 +121,12 @@ class DeviceAgent:
         """Batch-1 latency of the exported model on this device (median over runs), for the profile."""
         if not cfg.device_args.measure_latency:
             return None
-        from fedpeft_edge.export.inference import OnnxEvaluator
+        try:
+            from fedpeft_edge.export.inference import OnnxEvaluator
+        except ImportError as exc:  # an agent-only install without the onnx extra
+            log.warning("no ONNX inference latency in the device profile: %s (pip install 'fedpeft-edge[onnx]')",
+                        exc)
+            return None
 
         try:
             evaluator = self.onnx or OnnxEvaluator(self.model, self.input_spec,
