@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
 from fedpeft_edge.metering.bandwidth import publish_packet_bytes
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, chunk_count
 from fedpeft_edge.wire.codec import encode_tensors, message_parts

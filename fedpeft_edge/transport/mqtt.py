@@ -28,7 +28,8 @@ from paho.mqtt.properties import Properties
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord, publish_packet_bytes
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import ConnectionReady, Presence
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import BaseCommunicationManager, Message
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import Reassembler, is_chunk, parse_chunk, split_payload
@@ -172,8 +173,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._connected.set()
         log.info("node %s %sconnected to %s:%s", self.node_id, "re" if reconnect else "",
                  self.args.broker_host, self.args.broker_port)
-        ready = Message(M.MSG_TYPE_CONNECTION_IS_READY, self.node_id, self.node_id)
-        self._inbox.put(_Local(ready))
+        self._inbox.put(_Local(ConnectionReady(str(self.node_id)).to_message()))
         if self.on_connection_change is not None:
             self.on_connection_change(True)
 
@@ -471,11 +471,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed presence from %s: %r", node, item.payload[:80])
             return None
-        sender = body.get("node") if str(body.get("node")) == node else node
-        message = Message(M.MSG_TYPE_PRESENCE, sender, self.node_id)
-        message.add_params(M.MSG_ARG_KEY_PRESENCE, status)
-        message.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body.get("time"))
-        return message
+        since = body.get("time")
+        return Presence(node=node, online=status == M.PRESENCE_ONLINE,
+                        since=float(since) if isinstance(since, (int, float)) else None,
+                        receiver=str(self.node_id)).to_message()
 
 
 def _pop_blob(params: dict[str, Any]) -> memoryview | None:
