@@ -27,17 +27,17 @@ from paho.mqtt.properties import Properties
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import CodecError, TransportError
-from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord, publish_packet_bytes
+from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import ConnectionReady, Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import BaseCommunicationManager, Message
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import Reassembler, is_chunk, parse_chunk, split_payload
 from fedpeft_edge.wire.codec import BLOB_KEY_PARAM, decode_message, message_parts
+from fedpeft_edge.wire.packet import max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
 
-MQTT_MAX_PACKET = 268_435_455 + 5  # remaining length limit + fixed header
 _DEDUP_WINDOW = 4096
 _MAX_INFLIGHT = 16  # chunks awaiting PUBACK per client: bounds memory for a 300 MB transfer
 
@@ -270,7 +270,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             if publish_packet_bytes(topic, total, qos, self._mqtt5) <= limit:
                 sizes = self._publish_all(topic, iter([b"".join(parts)]))
             else:
-                max_chunk = limit - publish_packet_bytes(topic, 0, qos, self._mqtt5) - 3  # varint growth
+                max_chunk = max_chunk_bytes(topic, limit, qos, self._mqtt5)
                 sizes = self._publish_all(topic, split_payload(parts, max_chunk))
             end = time.time()
         rec = TransferRecord(
@@ -284,10 +284,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
 
     def packet_limit(self) -> int:
         """Largest PUBLISH packet we send: comm_args.max_message_bytes, or less if the broker said so."""
-        limit = min(self.args.max_message_bytes + 5, MQTT_MAX_PACKET)
-        if self._broker_max_packet:
-            limit = min(limit, int(self._broker_max_packet))
-        return limit
+        return packet_limit(self.args.max_message_bytes, self._broker_max_packet)
 
     def _route(self, params: dict[str, Any]) -> tuple[str, str]:
         receiver = params.get(M.MSG_ARG_KEY_RECEIVER)
