@@ -47,6 +47,7 @@ class DeviceManager(FedPeftCommManager):
         self._server_session: Any = None
         self._last_reply: Update | None = None
         self._resends = 0
+        self._task_no = -1
         self._resend_round: int | None = None
         self._max_resends = resend_limit
         super().__init__(comm_args, run_id, agent.identity.device_id, meter=self.meter)
@@ -102,9 +103,11 @@ class DeviceManager(FedPeftCommManager):
 
     def _on_sync(self, task: RoundTask) -> None:
         last = self._last_reply
-        if last is not None and last.round == task.round:
+        # A repeated task (same round; in async mode also the same task number) asks for the update again.
+        if last is not None and last.round == task.round and (task.mode == "sync" or task.attempt == self._task_no):
             self._resend(last)
             return
+        self._task_no = task.attempt
         if task.deadline is not None and time.time() > task.deadline:
             log.warning("round %d arrived after its deadline; skipping it", task.round)
             return

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class RunLog:
-    """Appends one JSON record per line and flushes it, so a killed server loses no completed record."""
+    """Appends one JSON record per line. Each record is handed to the OS at once (a killed server loses none)
+    but made durable (fsync) only by `sync()`, once per round and at the end: join spam cannot turn into one
+    fsync per message."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -27,8 +29,13 @@ class RunLog:
         record = {"kind": kind, "time": time.time(), **fields}
         self._fh.write(json.dumps(record, default=_jsonable) + "\n")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
         return record
+
+    def sync(self) -> None:
+        """fsync what was written (the engine calls it when a round closes and when the run ends)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         return read_metrics(self.run_dir, kind)
@@ -50,7 +57,9 @@ class RunLog:
         return path
 
     def close(self) -> None:
-        self._fh.close()
+        if not self._fh.closed:
+            self.sync()
+            self._fh.close()
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
