@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         return rc
     _print_tables(run_dir, cfg, wall)
     if not args.no_report:
-        from fedpeft_edge.metering.report import write_report
+        from fedpeft_edge.report import write_report
 
         files = write_report([run_dir])
         print(f"report: {files.html}")

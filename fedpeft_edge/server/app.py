@@ -61,6 +61,7 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     model = method.apply(backbone.model).to(device)
     manifest = method.manifest(model)
     fingerprint = fingerprint_backbone(model, manifest)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_resumable(run_dir, manifest.hash, fingerprint)
     else:

@@ -62,8 +62,8 @@ class Harness:
     """Drives one engine; `out` collects everything it asked to send."""
 
     def __init__(self, run_dir: Path, resume: bool = False, checkpoints: Any = None, **train: Any) -> None:
-        args: dict[str, Any] = dict(client_num_in_total=4, client_num_per_round=3, comm_round=3, min_devices=3, min_updates=2,
-                    round_timeout_s=10.0, join_timeout_s=30.0)
+        args: dict[str, Any] = dict(client_num_in_total=4, client_num_per_round=3, comm_round=3, min_devices=3,
+                                    min_updates=2, round_timeout_s=10.0, join_timeout_s=30.0)
         args.update(train)
         self.args = TrainArgs(**args)
         self.run_dir = run_dir
