@@ -87,11 +87,16 @@ class LoraArgs:
     target_modules: tuple[str, ...] | None = None  # None = the method's default for the backbone
 
 
+# The PEFT method names, defined once: peft/registry.py registers exactly these, the CLI offers them.
+PeftMethodName = Literal["full", "head", "bias", "adapter", "prompt", "lora"]
+PEFT_METHODS: tuple[str, ...] = get_args(PeftMethodName)
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftArgs:
     """Which PEFT method trains and shares which tensors."""
 
-    method: Literal["full", "head", "bias", "adapter", "prompt", "lora"] = "bias"
+    method: PeftMethodName = "bias"
     adapter: AdapterArgs = dataclasses.field(default_factory=AdapterArgs)
     prompt: PromptArgs = dataclasses.field(default_factory=PromptArgs)
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
