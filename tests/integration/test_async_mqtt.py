@@ -12,13 +12,6 @@ from fl_processes import Procs, aggregated_rounds, records, run_dir_of, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
-@pytest.fixture
-def procs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    p = Procs(tmp_path / "logs")
-    yield p
-    p.stop_all()
-
-
 def test_async_rounds_close_at_the_fast_devices_pace(mosquitto_broker: Any, tmp_path: Path, procs: Procs) -> None:
     train = {"round_mode": "async", "client_num_in_total": 3, "client_num_per_round": 3, "min_devices": 3,
              "min_updates": 1, "async_buffer_size": 2, "max_staleness": 12, "comm_round": 10, "max_steps": 20,
