@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level or cfg.tracking_args.log_level,
                             format=f"%(asctime)s %(levelname)s [{args.device_id}] %(name)s: %(message)s")
         agent = DeviceAgent(cfg, AgentIdentity(args.device_id, args.client_index))
-        manager = DeviceManager(agent, cfg.comm_args, cfg.common_args.run_id)
+        manager = DeviceManager(agent, cfg.comm_args, cfg.common_args.run_id,
+                                resend_limit=cfg.train_args.resend_rate_per_round)
     except FedPeftError as exc:
         print(f"fedpeft-agent: error: {exc}", file=sys.stderr)
         return 2

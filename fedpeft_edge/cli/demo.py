@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.config import PEFT_METHODS
+
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(REPO_CONFIGS / "quickstart.yaml"),
                         help="run config (default: configs/quickstart.yaml)")
-    parser.add_argument("--method", choices=["full", "head", "bias", "adapter", "prompt", "lora"],
+    parser.add_argument("--method", choices=PEFT_METHODS,
                         help="PEFT method (default: the config's, bias)")
     parser.add_argument("--devices", type=int, help="number of agent processes (all take part every round)")
     parser.add_argument("--rounds", type=int, help="federated rounds")
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         return rc
     _print_tables(run_dir, cfg, wall)
     if not args.no_report:
-        from fedpeft_edge.metering.report import write_report
+        from fedpeft_edge.report import write_report
 
         files = write_report([run_dir])
         print(f"report: {files.html}")

@@ -1,6 +1,6 @@
 """The device side of a round: one backbone, one PEFT method, one trainer, built once; rounds swap tensors.
 
-`DeviceAgent` knows nothing of MQTT: it turns the server's messages (as params + blob) into replies. The
+`DeviceAgent` knows nothing of MQTT: it turns the server's typed messages (protocol/) into replies. The
 transport binding is `client/manager.py`.
 """
 
@@ -20,6 +20,8 @@ from fedpeft_edge.errors import BudgetExhaustedError, ConfigError, FedPeftError,
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.protocol import DeviceReport, EvalReport, Join, RoundTask, Update
+from fedpeft_edge.protocol.keys import STATUS_BUDGET_EXHAUSTED, STATUS_ONLINE
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
 from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
 
@@ -34,14 +36,6 @@ class AgentIdentity:
     client_index: int | None  # None: the device's own local data set (deployment)
 
 
-@dataclasses.dataclass(frozen=True)
-class RoundReply:
-    """What a device sends back for one round."""
-
-    params: dict[str, Any]
-    blob: bytes | memoryview
-
-
 class DeviceAgent:
     """Loads the backbone and applies the PEFT method ONCE; then serves rounds by swapping PEFT tensors."""
 
@@ -51,6 +45,7 @@ class DeviceAgent:
         self._train_args = cfg.train_args
         self._comm = cfg.comm_args
         self._dp = cfg.dp_args
+        self._slowdown = cfg.device_args.slowdown_factor
         if cfg.device_args.num_threads:
             torch.set_num_threads(cfg.device_args.num_threads)
         self.device = resolve_device(cfg.device_args.device)
@@ -145,20 +140,20 @@ class DeviceAgent:
         return None if self.privatizer is None else float(self.privatizer.epsilon())
 
     # --- protocol -----------------------------------------------------------------------------------------
-    def join_params(self) -> dict[str, Any]:
+    def join(self) -> Join:
         """What the device announces at join (and again after every reconnect)."""
-        return {
-            "device_id": self.identity.device_id,
-            "client_idx": self.identity.client_index,
-            "backbone_fingerprint": self.fingerprint,
-            "manifest_hash": self.manifest.hash,
-            "manifest": self.manifest.to_json(),
-            "num_samples": self.num_samples,
-            "profile": self.profile,
-            "data_stats": self.data.stats(),
-            "epsilon": self.epsilon(),
-            "client_status": "BUDGET_EXHAUSTED" if self.exhausted else "ONLINE",
-        }
+        return Join(
+            sender=self.identity.device_id,
+            client_idx=self.identity.client_index,
+            backbone_fingerprint=self.fingerprint,
+            manifest_hash=self.manifest.hash,
+            manifest=self.manifest.to_json(),
+            num_samples=self.num_samples,
+            profile=self.profile,
+            data_stats=self.data.stats(),
+            epsilon=self.epsilon(),
+            client_status=STATUS_BUDGET_EXHAUSTED if self.exhausted else STATUS_ONLINE,
+        )
 
     def load_global(self, blob: bytes | memoryview, manifest_hash: str | None) -> dict[str, torch.Tensor]:
         """Decode the global tensors (hash checked first) and write them into the model."""
@@ -171,23 +166,22 @@ class DeviceAgent:
         self.method.set_state(self.model, state)
         return state
 
-    def train_round(
-        self, round_idx: int, blob: bytes | memoryview, manifest_hash: str | None, evaluate_global: bool = False
-    ) -> RoundReply:
+    def train_round(self, task: RoundTask) -> Update:
         """Set the global tensors, train locally, and return the update with what the device measured.
 
-        With `evaluate_global` the received global model is first evaluated on the local test split.
+        With `task.evaluate` the received global model is first evaluated on the local test split.
         """
         if self.exhausted:
             raise BudgetExhaustedError(f"device {self.identity.device_id} has spent its privacy budget")
         if self.privatizer is not None:
             self.privatizer.check_budget()  # refuse before training, not after spending budget on it
         t0 = time.perf_counter()
-        global_state = self.load_global(blob, manifest_hash)
+        global_state = self.load_global(task.blob, task.manifest_hash)
         t_loaded = time.perf_counter()
-        global_eval = self.evaluate_local() if evaluate_global else None
+        global_eval = self.evaluate_local() if task.evaluate else None
         with self.monitor.measure() as meas:
             result = self.trainer.train(epochs=self._train_args.epochs, max_steps=self._train_args.max_steps)
+        self._slow_down(time.perf_counter() - t_loaded)
         resources = meas.summary()
         local = self.method.get_state(self.model)
         if self._train_args.send_delta:
@@ -197,31 +191,33 @@ class DeviceAgent:
         encode_s = time.perf_counter() - t_enc
         epsilon = None
         if self.privatizer is not None:
-            epsilon = float(self.privatizer.end_round(round_idx))
-        metrics = {
-            "train_loss": result.loss,
-            "train_acc": result.accuracy,
-            "steps": result.steps,
-            "samples_seen": result.samples,
-            "train_s": result.wall_s,
-            "set_state_s": t_loaded - t0,
-            "encode_s": encode_s,
-            "images_per_s": result.samples / result.wall_s if result.wall_s > 0 else None,
-            "epsilon": epsilon,
-            "resources": resources,
-            "global_eval": global_eval,
-        }
-        params = {
-            "round_idx": round_idx,
-            "num_samples": self.num_samples,
-            "manifest_hash": self.manifest.hash,
-            "encoding": self._comm.encoding,
-            "is_delta": self._train_args.send_delta,
-            "metrics": metrics,
-        }
-        return RoundReply(params=params, blob=out_blob)
+            epsilon = float(self.privatizer.end_round(task.round))
+        report = DeviceReport(
+            train_loss=result.loss,
+            train_acc=result.accuracy,
+            steps=result.steps,
+            samples_seen=result.samples,
+            train_s=result.wall_s,
+            set_state_s=t_loaded - t0,
+            encode_s=encode_s,
+            images_per_s=result.samples / result.wall_s if result.wall_s > 0 else None,
+            epsilon=epsilon,
+            resources=resources,
+            global_eval=global_eval,
+        )
+        return Update(
+            sender=self.identity.device_id, round=task.round, num_samples=self.num_samples, blob=out_blob,
+            report=report, manifest_hash=self.manifest.hash, encoding=self._comm.encoding,
+            is_delta=self._train_args.send_delta, model_version=task.model_version,
+        )
 
-    def evaluate_local(self) -> dict[str, Any] | None:
+    def _slow_down(self, train_s: float) -> None:
+        """device_args.slowdown_factor (tests only): sleep so local training takes factor x as long."""
+        factor = self._slowdown
+        if factor > 1.0:
+            time.sleep((factor - 1.0) * train_s)
+
+    def evaluate_local(self) -> EvalReport | None:
         """Top-1 and loss of the current model on this device's local test split (torch or onnxruntime)."""
         if not len(self.data.test_labels):
             return None
@@ -231,6 +227,6 @@ class DeviceAgent:
             res = self.onnx.evaluate(self.data.test_loader)
         else:
             res = evaluate(self.model, self.data.test_loader, self.device)
-        return {"loss": res.loss, "top1": res.top1, "samples": res.samples,
-                "backend": "onnxruntime" if self.onnx is not None else "torch",
-                "eval_s": time.perf_counter() - t0}
+        return EvalReport(loss=res.loss, top1=res.top1, samples=res.samples,
+                          backend="onnxruntime" if self.onnx is not None else "torch",
+                          eval_s=time.perf_counter() - t0)

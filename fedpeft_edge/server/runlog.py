@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft_edge.errors import CheckpointError
-
-log = logging.getLogger(__name__)
+from fedpeft_edge.rundir import read_metrics
 
 
 class RunLog:
-    """Appends one JSON record per line and flushes it, so a killed server loses no completed record."""
+    """Appends one JSON record per line. Each record is handed to the OS at once (a killed server loses none)
+    but made durable (fsync) only by `sync()`, once per round and at the end: join spam cannot turn into one
+    fsync per message."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -27,8 +26,13 @@ class RunLog:
         record = {"kind": kind, "time": time.time(), **fields}
         self._fh.write(json.dumps(record, default=_jsonable) + "\n")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
         return record
+
+    def sync(self) -> None:
+        """fsync what was written (the engine calls it when a round closes and when the run ends)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         return read_metrics(self.run_dir, kind)
@@ -50,26 +54,9 @@ class RunLog:
         return path
 
     def close(self) -> None:
-        self._fh.close()
-
-
-def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (optionally of one kind); a torn last line is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a run directory written by fedpeft-server")
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a server killed mid-write leaves a torn last line
-            log.warning("%s:%d is not JSON; skipped", path, lineno)
-            continue
-        if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
-            out.append(rec)
-    return out
+        if not self._fh.closed:
+            self.sync()
+            self._fh.close()
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import SERVER_ID
 from fedpeft_edge.transport.topics import Topics
 
 
@@ -81,7 +81,7 @@ def _client(comm_args: CommArgs, session: _Session, topics: Topics, echo_topic: 
         client.tls_set(ca_certs=a.tls_ca_file, certfile=a.tls_cert_file, keyfile=a.tls_key_file,
                        cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.tls_insecure_set(a.tls_insecure)
-    server_presence = topics.presence(M.SERVER_ID)
+    server_presence = topics.presence(SERVER_ID)
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         session.reason = reason

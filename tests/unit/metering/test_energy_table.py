@@ -44,7 +44,7 @@ def test_samples_seen_wins_and_gpu_energy_is_summed() -> None:
 
 
 def test_report_writes_the_energy_table(tmp_path: Path) -> None:
-    from fedpeft_edge.metering.report import write_report
+    from fedpeft_edge.report import write_report
 
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
