@@ -170,9 +170,11 @@ class DeviceLogic:
         self._resends += 1
         log.info("%s: round %d asked again: resending the update (%d/%d)", self.device_id, round_idx,
                  self._resends, self._max_resends)
-        self._last_reply.add_params(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
-        self._last_reply.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
-        return SyncAction.RESEND, self._last_reply
+        again = Message()
+        again.init_from_json_object(dict(self._last_reply.get_params()))  # the blob is shared, not copied
+        again.add_params(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
+        again.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
+        return SyncAction.RESEND, again
 
     def train(self, msg: Any) -> list[Any]:
         """Train the round classify_sync() said to train; the reply (update, error or budget status)."""
