@@ -79,7 +79,8 @@ class Simulation:
             return MemoryCommManager(self.bus, node_id, meter)
 
         self.server = ServerApp(cfg, self.run_dir, resume=resume, backend=backend)
-        self.server.runlog = _LabelledRunLog(self.server.runlog, BYTES_KIND)
+        # until the server writes its transport's bytes_kind itself (engine wiring)
+        self.server.runlog = _LabelledRunLog(self.server.runlog, BYTES_KIND)  # type: ignore[assignment]
         self.runtime = SharedRuntime(cfg)
         self.devices: list[DeviceManager] = []
         for i in range(cfg.train_args.client_num_in_total):
