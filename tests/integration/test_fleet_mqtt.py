@@ -66,7 +66,7 @@ def test_fleets_and_single_agents_aggregate_the_weighted_mean(
             mean = sum(ups[(rnd, d)][1][name].double() * ups[(rnd, d)][0] / total_n for d in accepted)
             assert torch.allclose(glob[name].double(), mean, atol=1e-6), (rnd, name)
         for r in rows:
-            dev = (r.get("resources") or {}).get("device")
+            dev: dict[str, Any] = (r.get("resources") or {}).get("device") or {}
             if r["device_id"].startswith("f"):
                 fleet_rows += 1
                 assert dev["train_thread_cpu_s"] > 0 and dev["state_bytes"]["total"] > 0
