@@ -24,6 +24,7 @@ from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.protocol import EvalReport
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class SharedRuntime:
     def current_peft(self) -> dict[str, torch.Tensor]:
         return self.method.get_state(self.model)
 
-    def evaluate(self, state: DeviceState) -> dict[str, Any] | None:
+    def evaluate(self, state: DeviceState) -> EvalReport | None:
         """Top-1 and loss of the active model on `state`'s local test split (torch or onnxruntime)."""
         if not len(state.data.test_labels):
             return None
@@ -150,6 +151,6 @@ class SharedRuntime:
             res = self.onnx.evaluate(state.data.test_loader)
         else:
             res = evaluate(self.model, state.data.test_loader, self.device)
-        return {"loss": res.loss, "top1": res.top1, "samples": res.samples,
-                "backend": "onnxruntime" if self.onnx is not None else "torch",
-                "eval_s": time.perf_counter() - t0}
+        return EvalReport(loss=res.loss, top1=res.top1, samples=res.samples,
+                          backend="onnxruntime" if self.onnx is not None else "torch",
+                          eval_s=time.perf_counter() - t0)
