@@ -79,6 +79,7 @@ class FleetHost:
             m.finish()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Drop queued training, wait for the one in flight (it sends nothing once finished), disconnect."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for m in self.managers:
             m.com_manager.close()

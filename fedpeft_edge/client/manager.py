@@ -65,8 +65,12 @@ class DeviceManager(FedPeftCommManager):
                 self.pool.submit(self._train, task)
 
     def _train(self, task: RoundTask) -> None:
+        if self.logic.finished:  # the run ended while this task waited for a worker
+            return
         try:
-            self._send_all(self.logic.train(task))
+            replies = self.logic.train(task)
+            if not self.logic.finished:  # after FINISH the connection is closed: nothing to send on
+                self._send_all(replies)
         except Exception:  # a send that fails must not kill the worker; the server asks again
             log.exception("%s: sending the round's reply failed", self.logic.device_id)
 
