@@ -127,8 +127,8 @@ def device_state_bytes(cfg_path: Path, k: int) -> dict[str, float]:
 
     runtime = SharedRuntime(load_config(cfg_path))
     states = [build_device_state(runtime, AgentIdentity(f"dev{i}", i)) for i in range(k)]
-    with runtime.activate(states[0]):
-        runtime.trainer.train(max_steps=1)
+    with runtime.activate(states[0]) as slot:
+        slot.trainer.train(max_steps=1)
     opt = states[0].nbytes()["optimizer"]  # the same tensors on every device (one momentum buffer per param)
     sizes = [s.nbytes() for s in states]
     return {"peft": sum(s["peft"] for s in sizes), "optimizer": opt * k, "data": sum(s["data"] for s in sizes),

@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from fedpeft_edge.client.device import DeviceState
-from fedpeft_edge.client.runtime import SharedRuntime
+from fedpeft_edge.client.runtime import SharedRuntime, TrainingSlot
 from fedpeft_edge.errors import BudgetExhaustedError, FedPeftError, ProtocolError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.protocol import (
@@ -201,8 +201,8 @@ class DeviceLogic:
             raise ProtocolError(
                 f"server sent tensors for manifest {task.manifest_hash[:12]}, this device runs "
                 f"{rt.manifest.hash[:12]} ({rt.manifest.method}); run the agent with the server's config")
-        with rt.activate(st):
-            report, local = self._train_window(task)
+        with rt.activate(st) as slot:
+            report, local = self._train_window(task, slot)
         t_enc = time.perf_counter()
         blob = encode_tensors(local, rt.manifest, self._comm.encoding)
         encode_s = time.perf_counter() - t_enc
@@ -216,7 +216,7 @@ class DeviceLogic:
             model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
         )
 
-    def _train_window(self, task: RoundTask) -> tuple[DeviceReport, dict[str, Any]]:
+    def _train_window(self, task: RoundTask, slot: TrainingSlot) -> tuple[DeviceReport, dict[str, Any]]:
         """Inside activate(): set the global tensors, train, read the local tensors back."""
         rt, st = self.runtime, self.state
         t0 = time.perf_counter()
@@ -227,11 +227,11 @@ class DeviceLogic:
         global_eval = rt.evaluate(st) if task.evaluate else None
         cpu0 = time.thread_time()
         with rt.monitor.measure() as meas:
-            result = rt.trainer.train(epochs=self._train_args.epochs, max_steps=self._train_args.max_steps)
+            result = slot.trainer.train(epochs=self._train_args.epochs, max_steps=self._train_args.max_steps)
         train_cpu_s = time.thread_time() - cpu0
         if self._slowdown > 1.0:  # tests only: a slow device
             time.sleep((self._slowdown - 1.0) * (time.perf_counter() - t_loaded))
-        local = rt.current_peft()
+        local = rt.current_peft(st)
         if self._train_args.send_delta:
             local = {k: v - global_state[k] for k, v in local.items()}
         resources = dict(meas.summary())

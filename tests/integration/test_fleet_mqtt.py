@@ -42,7 +42,7 @@ def test_fleets_and_single_agents_aggregate_the_weighted_mean(
         procs.agent(cfg, "solo0", 2 * FLEET)
         procs.agent(cfg, "solo1", 2 * FLEET + 1)
         wait_for("summary.json", (run_dir / "summary.json").exists, 200, procs)
-        codes = {name: p.wait(timeout=30) for name, p in procs.procs.items() if name != "server"}
+        codes = {name: p.wait(timeout=90) for name, p in procs.procs.items() if name != "server"}
     finally:
         tap.close()
         procs.stop_all()
