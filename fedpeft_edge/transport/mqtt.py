@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -162,6 +163,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._connected.set()
             return
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        _set_nodelay(client)
         if self.is_server:
             client.subscribe([(self.topics.all_d2s(), 1), (self.topics.all_presence(), 1)])
         else:
@@ -476,6 +478,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         message.add_params(M.MSG_ARG_KEY_PRESENCE, status)
         message.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body.get("time"))
         return message
+
+
+def _set_nodelay(client: mqtt.Client) -> None:
+    """Disable Nagle: a message's last segment and every PUBACK go out at once, not after a delayed ACK."""
+    sock = client.socket()
+    if isinstance(sock, (socket.socket, ssl.SSLSocket)):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # not TCP (a unix socket or websocket proxy): nothing to tune
+            log.debug("TCP_NODELAY not set: %s", exc)
 
 
 def _pop_blob(params: dict[str, Any]) -> memoryview | None:
