@@ -76,6 +76,16 @@ def bench_codec(repeats: int = 9) -> None:
               f"{bound:.0%}); with the zero-copy decode of a reassembled transfer {both0:.0%}")
         report(f"codec enc+dec, {tensors} tensor(s), from bytes", both, 0.5)
         report(f"codec enc+dec, {tensors} tensor(s), reassembled", both0, 0.5)
+    sizes = [32, 16, 96, 24, 144, 40, 240, 80, 480, 112, 672, 192, 1152, 320, 1280] * 9  # conv-net biases
+    small = {f"blocks.{i}.bias": torch.randn(n) for i, n in enumerate(sizes)}
+    sman = Manifest("bias", tuple(TensorSpec.of(k, v) for k, v in small.items()))
+    sblob = bytes(encode_tensors(small, sman))
+    t = side_by_side({"enc": lambda: encode_tensors(small, sman),
+                      "dec": lambda: decode_tensors(sblob, sman, sman.hash)}, 201)
+    print(f"  a {len(sblob) / 1e3:.0f} KB update of {len(small)} bias tensors (what the server decodes per device "
+          f"and round): encode {t['enc'] * 1e6:.0f} us, decode {t['dec'] * 1e6:.0f} us")
+    SUMMARY.append((f"  ({len(small)}-tensor {len(sblob) / 1e3:.0f} KB update: decode)",
+                    f"{t['dec'] * 1e6:.0f} us", "(info)", True))
     for enc in ("fp16", "bf16", "int8", "int8_row"):
         state, man = state_of(20_000_000, 20)
         lossy = encode_tensors(state, man, enc)
