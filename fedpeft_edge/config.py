@@ -165,6 +165,10 @@ class CommArgs:
     max_update_bytes: int = 2_000_000_000  # refuse any update claiming more than this
     mqtt_version: Literal["5", "3.1.1"] = "5"  # 3.1.1 for brokers without MQTT 5 (amqtt)
     publish_timeout_s: float = 60.0  # wait this long for a PUBACK before a send fails
+    # The server re-announces its (retained) presence when a device comes online, at most once a second: for
+    # brokers whose retained store is node-local (a RabbitMQ cluster), where a device on another node would
+    # never see the server's retained ONLINE and so never join.
+    presence_echo: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

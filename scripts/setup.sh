@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything fedpeft-edge needs on a fresh machine: a virtual environment with the whole stack,
-# FedML's messaging layer (installed --no-deps), the mosquitto broker and the Fashion-MNIST data package.
+# FedML's messaging layer (installed --no-deps), the mosquitto and RabbitMQ brokers and the Fashion-MNIST data
+# package.
 # Idempotent: a second run only checks. Used by `make demo`, `make test` and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +24,12 @@ apt_install() {
 }
 
 if [ "${SKIP_APT:-0}" != "1" ]; then
-    apt_install mosquitto dataset-fashion-mnist
-    # The Debian package enables a system-wide mosquitto on port 1883; we start our own per run.
-    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
+    apt_install mosquitto dataset-fashion-mnist rabbitmq-server
+    # The Debian packages enable a system-wide mosquitto (1883) and RabbitMQ node; we start our own per run.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now mosquitto >/dev/null 2>&1 || true
+        systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
+    fi
 fi
 
 stamp="$VENV/.fedpeft-setup-stamp"
