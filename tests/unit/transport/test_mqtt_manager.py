@@ -174,7 +174,7 @@ def test_presence_echo_reannounces_the_same_server_session(mosquitto_broker: Any
         seen = [(m.get_sender_id(), m.get(M.MSG_ARG_KEY_PRESENCE), m.get(M.MSG_ARG_KEY_PRESENCE_SINCE))
                 for _t, m, _th in obs.got]
         assert len(seen) == (2 if echo else 1), seen  # the retained copy, then (echo only) the re-announcement
-        assert all(s[:2] == (M.SERVER_ID, M.PRESENCE_ONLINE) for s in seen), seen
+        assert all((str(s[0]), s[1]) == (str(M.SERVER_ID), M.PRESENCE_ONLINE) for s in seen), seen
         assert len({s[2] for s in seen}) == 1, "an echo must keep the session, or joined devices re-join"
     finally:
         device.close()
