@@ -163,6 +163,7 @@ class ServerApp(FedPeftCommManager):
         if node == str(M.SERVER_ID) or node not in self.rounds.devices:
             return
         self.rounds.devices[node].online = online
+        self.runlog.write("presence", device_id=node, online=online)
         if not online:
             log.info("device %s went offline", node)
             self._maybe_close_early()
@@ -210,6 +211,8 @@ class ServerApp(FedPeftCommManager):
             self._finish_run()
             return
         cur = self.rounds.open_round(time.time())
+        self.runlog.write("round_open", round=cur.index, attempt=cur.attempt, selected=list(cur.selected),
+                          deadline=cur.deadline, opened_at=cur.opened_at, mode="sync")
         self._pending.clear()
         self._round_blob = encode_tensors(self.global_state, self.manifest, self.cfg.comm_args.encoding)
         log.info("round %d (attempt %d): %s", cur.index, cur.attempt, ", ".join(cur.selected))
