@@ -69,10 +69,13 @@ class Hub:
         self._clients[index].discard(q)
 
     def close_clients(self) -> None:
-        """End every event stream (on shutdown), from the loop's thread."""
+        """End every event stream after the deltas already queued (on shutdown), from the loop's thread."""
         for clients in self._clients:
             for q in clients:
-                _end(q)
+                try:
+                    q.put_nowait(None)
+                except asyncio.QueueFull:
+                    _end(q)
             clients.clear()
 
     def clients(self) -> int:

@@ -87,6 +87,14 @@ class DashboardServer:
         return f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
     def stop(self) -> None:
+        """End the event streams once the browsers got what is queued (the run's end), then stop serving."""
+        loop = self.hub.loop
+        if loop is not None and self._thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(self.hub.close_clients)
+                time.sleep(0.3)
+            except RuntimeError:
+                pass
         self._server.should_exit = True
         self._thread.join(timeout=10)
 

@@ -4,6 +4,7 @@ server continues the run it started (its id is kept in <run dir>/mlflow_run_id).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -30,27 +31,48 @@ class MlflowSink:
     """Logs every aggregated round's metrics at step = round; device metrics under `device/<id>/...`."""
 
     def __init__(self, cfg: Any, run_dir: str | Path) -> None:
-        try:
-            from mlflow.entities import Metric, Param
-            from mlflow.tracking import MlflowClient
-        except ImportError as exc:
+        if importlib.util.find_spec("mlflow") is None:
             raise TrackingError("tracking_args.enable_mlflow needs mlflow (mlflow-skinny): "
-                                "pip install 'fedpeft-edge[tracking]'") from exc
+                                "pip install 'fedpeft-edge[tracking]'")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.tracking_uri = cfg.tracking_args.mlflow_tracking_uri or default_tracking_uri(self.run_dir)
+        self.run_id: str | None = None
+        self._folder = ScalarFolder()
+        self._client: Any = None
+        self._error: TrackingError | None = None
+
+    @property
+    def client(self) -> Any:
+        """The MlflowClient, opened on first use: importing MLflow and creating its store takes seconds,
+        spent on the sink's thread, never in the server's start-up or round flow."""
+        if self._client is None:
+            if self._error is not None:  # opening failed once: do not spend seconds on every record
+                raise self._error
+            try:
+                self._client = self._open()
+            except TrackingError as exc:
+                self._error = exc
+                raise
+        return self._client
+
+    def _open(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
         from fedpeft_edge.config import config_to_dict
 
-        self._Metric, self._Param = Metric, Param
-        self.run_dir = Path(run_dir)
-        args = cfg.tracking_args
-        self.tracking_uri = args.mlflow_tracking_uri or default_tracking_uri(self.run_dir)
+        args = self.cfg.tracking_args
         try:
-            self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            self.run_id = self._open_run(args.mlflow_experiment_name, cfg.common_args.run_id)
-            self._log_params(flatten_config(config_to_dict(cfg)))
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = client
+            self.run_id = self._open_run(args.mlflow_experiment_name, self.cfg.common_args.run_id)
+            self._log_params(flatten_config(config_to_dict(self.cfg)))
         except Exception as exc:  # MLflow raises its own exception types and plain OSErrors alike
+            self._client = None
             raise TrackingError(f"cannot open MLflow store {self.tracking_uri}: {exc}; set "
                                 "tracking_args.mlflow_tracking_uri to a reachable store") from exc
-        self._folder = ScalarFolder()
         log.info("MLflow run %s in %s", self.run_id, self.tracking_uri)
+        return client
 
     def _open_run(self, experiment_name: str, run_name: str) -> str:
         marker = self.run_dir / "mlflow_run_id"
@@ -73,17 +95,21 @@ class MlflowSink:
         return str(run.info.run_id)
 
     def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
         existing = self.client.get_run(self.run_id).data.params
-        items = [self._Param(k, v[:_PARAM_CHARS]) for k, v in params.items() if k not in existing]
+        items = [Param(k, v[:_PARAM_CHARS]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
 
     def write(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        client = self.client
         stamp = int(1000 * float(record.get("time") or time.time()))
-        metrics = [self._Metric(k, v, stamp, step) for scalars, step in self._folder.feed(record)
-                   for k, v in scalars.items()]
+        metrics = [Metric(k, v, stamp, step) for scalars, step in self._folder.feed(record) for k, v in scalars.items()]
         if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+            client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
         for rel in _ARTEFACTS:

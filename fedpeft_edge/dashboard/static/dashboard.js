@@ -52,7 +52,14 @@ class RunView {
       this.merge(d);
       this.render("round" in d);
     });
-    this.es.onerror = () => setConn(this.state && this.state.run.finished ? "finished" : "lost");
+    this.es.onerror = () => {
+      if (this.state && this.state.run.finished) {
+        this.es.close(); // the run is over: nothing more will come
+        setConn("finished");
+      } else {
+        setConn("lost"); // EventSource reconnects by itself and gets a fresh snapshot
+      }
+    };
   }
 
   merge(d) {
@@ -76,6 +83,7 @@ class RunView {
     const live = !run.finished && run.started != null;
     status.textContent = run.finished ? "finished" : live ? "live" : "waiting for devices";
     status.className = "badge run-status " + (run.finished ? "finished" : live ? "live" : "");
+    if (views.every((v) => v.state && v.state.run.finished)) setConn("finished");
     this.renderKpis();
     this.renderDevices();
     this.renderCurrent();
@@ -114,7 +122,7 @@ class RunView {
       const last = d.last_round == null ? "–" : "#" + d.last_round + " " + (d.last_status || "");
       const drops = Object.entries(d.drops || {}).map(([k, v]) => k + " ×" + v).join(", ") || "–";
       tr.append(name, state, el("td", "", fmt.ago(d.last_seen, now)), el("td", "muted", d.profile || "–"),
-        el("td", "", last), el("td", "num", fmt.num(d.cpu_s, 1)), el("td", "num", fmt.num(d.cpu_util_pct, 0)),
+        el("td", "", last), el("td", "num", fmt.num(d.cpu_s, d.cpu_s != null && d.cpu_s < 10 ? 2 : 1)), el("td", "num", fmt.num(d.cpu_util_pct, 0)),
         el("td", "num", fmt.num(d.rss_peak_mb, 0)), el("td", "num", d.energy_j == null ? "n/a" : fmt.num(d.energy_j, 1)),
         el("td", "num", d.epsilon == null ? "–" : fmt.num(d.epsilon, 2)),
         el("td", "num", fmt.mb(d.bytes_down) + " / " + fmt.mb(d.bytes_up)), el("td", "", drops));
@@ -187,19 +195,20 @@ class RunView {
     const rnd = ok.map((r) => r.round);
     const acc = ok.map((r) => (r.top1 == null ? null : 100 * r.top1));
     const mb = ok.map((r) => (r.cum_bytes || 0) / 1e6);
-    this.chart("acc-round", [rnd, acc], [{ label: "top-1 %", stroke: "#3461d1", width: 2, points: { size: 6 } }], "round", "%");
-    this.chart("acc-mb", [mb, acc], [{ label: "top-1 %", stroke: "#7a4fd1", width: 2, points: { size: 6 } }], "MB", "%");
+    const line = (label, stroke) => ({ label, stroke, width: 2, points: { size: 6, fill: stroke } });
+    this.chart("acc-round", [rnd, acc], [line("top-1 %", "#3461d1")], { x: "round", y: "%", rounds: true });
+    this.chart("acc-mb", [mb, acc], [line("top-1 %", "#7a4fd1")], { x: "MB on the wire (cumulative)", y: "%" });
     const x = rows.map((r) => r.round + 0.1 * Math.min(9, (r.attempt || 1) - 1)); // a retried round sits just after
-    const bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.35, 40], align: 0 }) : undefined;
-    this.chart("bytes", [x,
-      rows.map((r) => (r.bytes_down || 0) / 1e6), rows.map((r) => (r.bytes_up || 0) / 1e6)],
-      [{ label: "down MB", stroke: "#3461d1", fill: "rgba(52,97,209,.55)", paths: bars, points: { show: !bars } },
-       { label: "up MB", stroke: "#d9822b", fill: "rgba(217,130,43,.55)", paths: bars, points: { show: !bars } }], "round", "MB");
-    this.chart("rtime", [x, rows.map((r) => r.round_s)],
-      [{ label: "round s", stroke: "#1f9d55", width: 2, points: { size: 6 } }], "round", "s");
+    const bars = (align) => (uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.32, 36], align }) : undefined);
+    this.chart("bytes", [x, rows.map((r) => (r.bytes_down || 0) / 1e6), rows.map((r) => (r.bytes_up || 0) / 1e6)],
+      [{ label: "down MB", stroke: "#3461d1", fill: "rgba(52,97,209,.7)", paths: bars(-1), points: { show: false } },
+       { label: "up MB", stroke: "#d9822b", fill: "rgba(217,130,43,.7)", paths: bars(1), points: { show: false } }],
+      { x: "round", y: "MB", rounds: true, pad: true, zero: true });
+    this.chart("rtime", [x, rows.map((r) => r.round_s)], [line("round s", "#1f9d55")],
+      { x: "round", y: "s", rounds: true, zero: true });
   }
 
-  chart(name, data, series, xlabel, ylabel) {
+  chart(name, data, series, o) {
     const box = this.$(".chart." + name);
     const width = Math.max(260, box.clientWidth || 400);
     const existing = this.charts[name];
@@ -208,11 +217,17 @@ class RunView {
       return;
     }
     if (existing) existing.u.destroy();
+    const xs = { time: false };
+    if (o.pad) xs.range = (u, lo, hi) => [(lo == null ? 1 : lo) - 0.6, (hi == null ? 1 : hi) + 0.6];
+    const ys = {};
+    if (o.zero) ys.range = (u, lo, hi) => [0, hi > 0 ? hi * 1.15 : 1];
+    const grid = { stroke: "#eef1f6" };
     const opts = {
-      width, height: 210, legend: { show: true },
-      scales: { x: { time: false } },
-      axes: [{ label: xlabel, grid: { stroke: "#eef1f6" } }, { label: ylabel, grid: { stroke: "#eef1f6" }, size: 52 }],
-      series: [{ label: xlabel }, ...series],
+      width, height: 210, legend: { live: false },
+      scales: { x: xs, y: ys },
+      axes: [{ label: o.x, grid, ...(o.rounds ? { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] } : {}) },
+             { label: o.y, grid, size: 56 }],
+      series: [{ label: o.x }, ...series],
       cursor: { drag: { x: false, y: false } },
     };
     this.charts[name] = { u: new uPlot(opts, data, box), width, n: series.length };
