@@ -23,7 +23,7 @@ apt_install() {
 }
 
 if [ "${SKIP_APT:-0}" != "1" ]; then
-    apt_install mosquitto dataset-fashion-mnist
+    apt_install mosquitto dataset-fashion-mnist chromium chromium-driver  # chromium: the dashboard's browser test
     # The Debian package enables a system-wide mosquitto on port 1883; we start our own per run.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 fi
@@ -35,7 +35,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,tracking]"
 # FedML's pins (numpy<2, protobuf<4, paho-mqtt<2, wandb==0.13.2 ...) cannot resolve beside a modern stack:
 # we install it without dependencies and import only its messaging layer (fedpeft_edge/transport/fedml.py).
 "$VENV/bin/python" -m pip install -q --no-deps "fedml==0.9.6"
