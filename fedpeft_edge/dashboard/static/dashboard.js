@@ -142,7 +142,8 @@ class RunView {
     const line = el("div", "current-line");
     const title = el("span");
     title.append("Round ", el("b", "", String(c.round)));
-    line.append(title, el("span", "muted", "attempt " + c.attempt + (c.mode ? " · " + c.mode : "")),
+    const how = [c.attempt ? "retry " + c.attempt : "", c.mode || ""].filter(Boolean).join(" · ");
+    line.append(title, el("span", "muted", how),
       el("span", "muted", Object.keys(answered).length + " of " + c.selected.length + " answered"));
     const cd = el("span", "countdown");
     line.append(cd);
@@ -198,7 +199,7 @@ class RunView {
     const line = (label, stroke) => ({ label, stroke, width: 2, points: { size: 6, fill: stroke } });
     this.chart("acc-round", [rnd, acc], [line("top-1 %", "#3461d1")], { x: "round", y: "%", rounds: true });
     this.chart("acc-mb", [mb, acc], [line("top-1 %", "#7a4fd1")], { x: "MB on the wire (cumulative)", y: "%" });
-    const x = rows.map((r) => r.round + 0.1 * Math.min(9, (r.attempt || 1) - 1)); // a retried round sits just after
+    const x = rows.map((r) => r.round + 0.1 * Math.min(9, r.attempt || 0)); // a retried round sits just after
     const bars = (align) => (uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.32, 36], align }) : undefined);
     this.chart("bytes", [x, rows.map((r) => (r.bytes_down || 0) / 1e6), rows.map((r) => (r.bytes_up || 0) / 1e6)],
       [{ label: "down MB", stroke: "#3461d1", fill: "rgba(52,97,209,.7)", paths: bars(-1), points: { show: false } },
@@ -210,6 +211,13 @@ class RunView {
 
   chart(name, data, series, o) {
     const box = this.$(".chart." + name);
+    if (!data[0].length) { // nothing to draw yet: say so rather than show empty axes
+      if (this.charts[name]) this.charts[name].u.destroy();
+      delete this.charts[name];
+      box.replaceChildren(el("div", "chart-empty", "waiting for the first round…"));
+      return;
+    }
+    if (!this.charts[name]) box.replaceChildren();
     const width = Math.max(260, box.clientWidth || 400);
     const existing = this.charts[name];
     if (existing && existing.width === width && existing.n === series.length) {
