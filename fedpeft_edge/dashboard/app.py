@@ -19,9 +19,8 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from fedpeft_edge.dashboard.state import FederationState
 
@@ -100,11 +99,20 @@ def build_app(hub: Hub, token: str | None = None) -> Starlette:
             raise _NotFound(f"no run {request.path_params['index']}; /api/runs lists 0..{len(hub.states) - 1}")
         return index
 
+    files = _load_static()
+
     async def index_page(request: Request) -> Response:
-        page = FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        body, media = files["index.html"]
+        page = Response(body, media_type=media, headers={"Cache-Control": "no-cache"})
         if token:  # the page's own requests (scripts, styles, events) then carry it as a cookie
             page.set_cookie("fedpeft_token", token, httponly=True, samesite="strict")
         return page
+
+    async def static(request: Request) -> Response:
+        found = files.get(request.path_params["path"])
+        if found is None:
+            raise _NotFound(f"no static file {request.path_params['path']}")
+        return Response(found[0], media_type=found[1], headers={"Cache-Control": "max-age=3600"})
 
     async def runs(_request: Request) -> Response:
         return JSONResponse([{"index": i, "run_id": s.run["run_id"], "run_dir": s.run["run_dir"]}
@@ -129,7 +137,7 @@ def build_app(hub: Hub, token: str | None = None) -> Starlette:
 
     app = Starlette(
         routes=[Route("/", index_page), Route("/api/runs", runs), Route("/api/state/{index}", state),
-                Route("/api/events/{index}", events), Mount("/static", StaticFiles(directory=STATIC), name="static")],
+                Route("/api/events/{index}", events), Route("/static/{path:path}", static)],
         lifespan=lifespan,
         exception_handlers={_NotFound: _not_found},
     )
@@ -157,6 +165,19 @@ async def _stream(hub: Hub, index: int, request: Request) -> AsyncIterator[str]:
             yield frame
     finally:
         hub.unsubscribe(index, q)
+
+
+_MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".md": "text/plain; charset=utf-8"}
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    """The page's files, read once: serving from memory keeps a page load off the disk and the thread pool."""
+    out = {}
+    for path in STATIC.rglob("*"):
+        if path.is_file():
+            out[path.relative_to(STATIC).as_posix()] = (path.read_bytes(), _MEDIA.get(path.suffix, "text/plain"))
+    return out
 
 
 def _sse(event: str, data: dict[str, Any], seq: Any) -> str:

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import logging
-import secrets
-import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from fedpeft_edge.dashboard.app import Hub, build_app
-from fedpeft_edge.dashboard.state import FederationState
-from fedpeft_edge.errors import DashboardError, FedPeftError
-from fedpeft_edge.server.runlog import RunLog, read_metrics
+_T0 = time.thread_time()  # importing the web stack is part of what a dashboard costs the server
 
+import asyncio  # noqa: E402
+import ipaddress  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import secrets  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from fedpeft_edge.dashboard.app import Hub, build_app  # noqa: E402
+from fedpeft_edge.dashboard.state import FederationState  # noqa: E402
+from fedpeft_edge.errors import DashboardError, FedPeftError  # noqa: E402
+from fedpeft_edge.server.runlog import RunLog, read_metrics  # noqa: E402
+
+IMPORT_CPU_S = time.thread_time() - _T0
 log = logging.getLogger(__name__)
+_TICK_S = 1.0
 
 _START_TIMEOUT_S = 15.0
 
@@ -52,20 +60,36 @@ def run_info(cfg: Any) -> dict[str, Any]:
             "round_timeout_s": cfg.train_args.round_timeout_s}
 
 
+class _QuietServer(uvicorn.Server):
+    """uvicorn's supervising loop wakes ten times a second to look for shutdown; once a second is enough for a
+    dashboard (it keeps the Date header current), so an idle dashboard costs the server next to nothing."""
+
+    async def main_loop(self) -> None:
+        while not await self.on_tick(0):  # counter 0: the once-a-second work (Date header) on every tick
+            await asyncio.sleep(_TICK_S)
+
+
 class DashboardServer:
     """uvicorn serving one Hub on a daemon thread; `url` carries the token when there is one."""
 
     def __init__(self, hub: Hub, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
-        import uvicorn
-
         if token is None and not is_loopback(host):
             token = secrets.token_urlsafe(18)  # never serve a federation's view off-host without a token
         self.hub, self.host, self.token = hub, host, token
         config = uvicorn.Config(build_app(hub, token), host=host, port=port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=2, ws="none")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="dashboard", daemon=True)
+        self._server = _QuietServer(config)
+        self._thread = threading.Thread(target=self._serve, name="dashboard", daemon=True)
         self.port = port
+        self.cpu_s: dict[str, float] = {"startup": 0.0, "web": 0.0, "records": 0.0}
+        self.sink: LiveSink | None = None
+
+    def _serve(self) -> None:
+        t0 = time.thread_time()
+        try:
+            self._server.run()
+        finally:
+            self.cpu_s["web"] = time.thread_time() - t0
 
     def start(self) -> DashboardServer:
         self._thread.start()
@@ -97,6 +121,10 @@ class DashboardServer:
                 pass
         self._server.should_exit = True
         self._thread.join(timeout=10)
+        if self.sink is not None:
+            self.cpu_s["records"] = self.sink.cpu_s
+        log.info("dashboard CPU %.3f s (start-up %.3f, web thread %.3f, folding records %.3f)",
+                 sum(self.cpu_s.values()), self.cpu_s["startup"], self.cpu_s["web"], self.cpu_s["records"])
 
 
 class LiveSink:
@@ -104,9 +132,12 @@ class LiveSink:
 
     def __init__(self, hub: Hub, index: int, run_dir: Path) -> None:
         self.hub, self.index, self.run_dir = hub, index, run_dir
+        self.cpu_s = 0.0  # this sink thread's CPU, for the dashboard's cost figure
 
     def write(self, record: dict[str, Any]) -> None:
+        t0 = time.thread_time()
         self.hub.publish(self.index, self.hub.states[self.index].apply(record))
+        self.cpu_s += time.thread_time() - t0
 
     def close(self) -> None:
         summary = _summary(self.run_dir)
@@ -118,11 +149,14 @@ def serve_live(
     runlog: RunLog, run_id: str, info: dict[str, Any], bind: str, token: str | None = None
 ) -> DashboardServer:
     """Start a dashboard for the run being written to runlog (records already on disk are replayed)."""
+    t0 = time.thread_time()
     host, port = parse_bind(bind)
     state = FederationState(run_id, str(runlog.run_dir), info)
     hub = Hub([state])
     server = DashboardServer(hub, host, port, token).start()
-    runlog.add_sink(LiveSink(hub, 0, runlog.run_dir), replay=True)
+    server.sink = LiveSink(hub, 0, runlog.run_dir)
+    runlog.add_sink(server.sink, replay=True)
+    server.cpu_s["startup"] = IMPORT_CPU_S + time.thread_time() - t0
     return server
 
 

@@ -105,7 +105,7 @@ class FederationState:
         dev = self._touch(r)
         if dev is None:
             return None
-        res = r.get("resources") if isinstance(r.get("resources"), dict) else {}
+        res = _mapping(r.get("resources"))
         dev.update(last_round=r.get("round"), last_status=r.get("status"), drop_reason=r.get("drop_reason"))
         dev["bytes_down"] += int(r.get("bytes_down") or 0)
         dev["bytes_up"] += int(r.get("bytes_up") or 0)
@@ -149,7 +149,7 @@ class FederationState:
         return {"current": dict(self.current)}
 
     def _on_round(self, r: dict[str, Any]) -> dict[str, Any]:
-        ev = r.get("eval") if isinstance(r.get("eval"), dict) else {}
+        ev = _mapping(r.get("eval"))
         row = {"round": r.get("round"), "attempt": r.get("attempt"), "status": r.get("status", "aggregated"),
                "selected": len(r.get("selected") or []), "accepted": r.get("accepted"),
                "dropped": dict(r.get("dropped") or {}), "bytes_down": r.get("bytes_down"),
@@ -208,3 +208,7 @@ def _profile_line(profile: Any) -> str | None:
     if profile.get("ram_total_mb"):
         parts.append(f"{profile['ram_total_mb'] / 1024:.0f} GiB")
     return ", ".join(parts) or None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

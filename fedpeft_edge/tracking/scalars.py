@@ -8,7 +8,7 @@ from typing import Any
 
 def round_scalars(record: dict[str, Any], epsilons: list[float]) -> dict[str, float]:
     """Scalars of an aggregated `round` record; epsilons are its devices' reported epsilons (max is logged)."""
-    ev = record.get("eval") if isinstance(record.get("eval"), dict) else {}
+    ev = _mapping(record.get("eval"))
     out = {
         "round/top1": ev.get("top1"),
         "round/loss": ev.get("loss"),
@@ -28,7 +28,7 @@ def round_scalars(record: dict[str, Any], epsilons: list[float]) -> dict[str, fl
 
 def device_scalars(record: dict[str, Any]) -> dict[str, float]:
     """Scalars of an accepted `device_round` record, under `device/<id>/...`."""
-    res = record.get("resources") if isinstance(record.get("resources"), dict) else {}
+    res = _mapping(record.get("resources"))
     prefix = f"device/{record.get('device_id')}/"
     out = {
         "train_loss": record.get("train_loss"),
@@ -93,3 +93,7 @@ class ScalarFolder:
             if record.get("status", "aggregated") == "aggregated":
                 return [(round_scalars(record, epsilons), step)]
         return []
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
