@@ -110,3 +110,26 @@ def test_off_loopback_always_gets_a_token_and_bad_addresses_are_refused() -> Non
     for bad in ("http", "host:99999", "x:"):
         with pytest.raises(DashboardError, match="dashboard"):
             parse_bind(bad)
+
+
+def test_finished_runs_load_side_by_side(tmp_path: Any) -> None:
+    from fedpeft_edge.config import config_from_dict, dump_config
+    from fedpeft_edge.dashboard.server import load_runs
+    from fedpeft_edge.server.runlog import RunLog
+
+    dirs = []
+    for name, rounds in (("a", 2), ("b", 3)):
+        run_dir = tmp_path / name
+        log = RunLog(run_dir)
+        for r in range(1, rounds + 1):
+            log.write("round", round=r, status="aggregated", eval={"top1": 0.1 * r}, cum_bytes=100 * r)
+        log.close()
+        dump_config(config_from_dict({"train_args": {"comm_round": rounds}}), run_dir / "config.yaml")
+        dirs.append(run_dir)
+    (dirs[0] / "summary.json").write_text('{"rounds": 2}')
+    hub = load_runs(dirs)
+    a, b = (s.snapshot() for s in hub.states)
+    assert (a["run"]["run_id"], len(a["rounds"]), a["run"]["finished"], a["run"]["comm_round"]) == ("a", 2, True, 2)
+    assert (b["run"]["run_id"], len(b["rounds"]), b["run"]["finished"]) == ("b", 3, False)
+    with pytest.raises(DashboardError, match="no metrics.jsonl"):
+        load_runs([tmp_path / "missing"])
