@@ -118,15 +118,15 @@ def federated_run(agents: int, rounds: int, dashboard: bool, tiny: bool) -> dict
     cmd = [sys.executable, "-m", "server_app.main", "--config", str(cfg)]
     if dashboard:
         cmd += ["--dashboard", f"127.0.0.1:{_free_port()}"]
-    with server_log.open("wb") as out:
-        server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with server_log.open("wb") as log:
+        server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = Client(server_log) if dashboard else None
     agents_p = []
     for i in range(agents):
-        with (work / f"dev{i}.log").open("wb") as out:
+        with (work / f"dev{i}.log").open("wb") as log:
             agents_p.append(subprocess.Popen(
                 [sys.executable, "-m", "device_agents.main", "--config", str(cfg), "--device-id", f"dev{i}",
-                 "--client-index", str(i)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+                 "--client-index", str(i)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         _pid, status, usage = os.wait4(server.pid, 0)
         server.returncode = os.waitstatus_to_exitcode(status)

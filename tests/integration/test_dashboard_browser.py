@@ -1,5 +1,7 @@
 """The live dashboard in real headless Chromium during a real run: mosquitto, a server process serving
---dashboard, two agent processes. The page lists every device and its round counter advances with no reload."""
+--dashboard, two agent processes. The page lists every device and its round counter advances with no reload.
+The same run (one run: they are slow to start) has TensorBoard and MLflow enabled; both are read back with
+their own readers and must match the run's metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 from browser import start_chromium
 from conftest import free_port
-from fl_processes import REPO, Procs, aggregated_rounds, run_dir_of, wait_for, write_config
+from fl_processes import REPO, Procs, aggregated_rounds, records, run_dir_of, wait_for, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -61,9 +63,11 @@ def _save(driver: Any, tmp_path: Path, name: str) -> Path:
     return stable
 
 
-def test_live_page_lists_devices_and_follows_rounds(mosquitto_broker: Any, tmp_path: Path, procs: Procs) -> None:
+def test_live_page_and_trackers_follow_a_real_run(mosquitto_broker: Any, tmp_path: Path, procs: Procs) -> None:
     cfg = write_config(tmp_path / "run.yaml", mosquitto_broker.port, "dash",
-                       train_args={"comm_round": ROUNDS}, data_args={"max_train_samples": 480})
+                       train_args={"comm_round": ROUNDS}, data_args={"max_train_samples": 480},
+                       tracking_args={"run_dir": str(tmp_path / "runs"), "log_level": "INFO",
+                                      "enable_tensorboard": True, "enable_mlflow": True})
     run_dir = run_dir_of(cfg)
     procs.start("server", "server_app.main", "--config", str(cfg), "--dashboard", f"127.0.0.1:{free_port()}")
     url = _dashboard_url(procs)
@@ -99,3 +103,33 @@ def test_live_page_lists_devices_and_follows_rounds(mosquitto_broker: Any, tmp_p
     assert counters[-1] == ROUNDS, f"counter stopped at {counters[-1]}; saw {sorted(set(counters))}"
     assert counters == sorted(counters) and len(set(counters)) >= 3, f"round counter values seen: {counters}"
     assert page["marker"] == "loaded-once", "the page reloaded"
+
+    wait_for("the server to exit", lambda: procs.procs["server"].poll() is not None, 120, procs)
+    _check_trackers(run_dir)
+
+
+def _check_trackers(run_dir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rounds = [r for r in records(run_dir, "round") if r["status"] == "aggregated"]
+    want_top1 = [(r["round"], r["eval"]["top1"]) for r in rounds]
+    want_up = [(r["round"], float(r["bytes_up"])) for r in rounds]
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert {"round/top1", "round/bytes_down", "round/bytes_up", "round/round_s", "device/dev0/train_loss",
+            "device/dev1/cpu_s"} <= set(acc.Tags()["scalars"])
+    assert [(e.step, pytest.approx(e.value)) for e in acc.Scalars("round/top1")] == want_top1
+    assert [(e.step, e.value) for e in acc.Scalars("round/bytes_up")] == want_up
+
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train_args.comm_round"] == str(ROUNDS) and run.data.params["peft_args.method"] == "bias"
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "round/bytes_up"))
+    assert hist == want_up
+    arts = {f.path for f in client.list_artifacts(run_id)}
+    assert {"summary.json", "config.yaml", "checkpoint.json", "checkpoints"} <= arts, arts
+    ckpt = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    assert ckpt == [f"checkpoints/round_{ROUNDS:04d}.safetensors"]
