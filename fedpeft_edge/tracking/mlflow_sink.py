@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 _PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 _PARAM_CHARS = 6000
-_ARTEFACTS = ("summary.json", "config.yaml", "report.html", "metrics.jsonl", "checkpoint.json")
+_ARTEFACTS = ("summary.json", "config.yaml", "metrics.jsonl", "checkpoint.json")
 
 
 def default_tracking_uri(run_dir: str | Path) -> str:
@@ -112,6 +112,9 @@ class MlflowSink:
             client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
+        report = self._write_report()
+        if report is not None:
+            self.client.log_artifacts(self.run_id, str(report), artifact_path="report")
         for rel in _ARTEFACTS:
             path = self.run_dir / rel
             if path.exists():
@@ -121,6 +124,18 @@ class MlflowSink:
             self.client.log_artifact(self.run_id, str(final), artifact_path="checkpoints")
         finished = (self.run_dir / "summary.json").exists()
         self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
+
+
+    def _write_report(self) -> Path | None:
+        """The run's report (report.html, PNGs, CSVs), written now so the MLflow run carries it."""
+        from fedpeft_edge.errors import FedPeftError
+        from fedpeft_edge.metering.report import write_report
+
+        try:
+            return write_report([self.run_dir], self.run_dir / "report").html.parent
+        except (FedPeftError, OSError, ValueError) as exc:
+            log.warning("no report for the MLflow run of %s: %s", self.run_dir, exc)
+            return None
 
 
 def _final_checkpoint(run_dir: Path) -> Path | None:

@@ -97,4 +97,4 @@ def test_mlflow_run_has_metrics_params_and_artefacts(tmp_path: Path) -> None:
     hist = client.get_metric_history(run_id, "round/top1")
     assert sorted((m.step, round(m.value, 6)) for m in hist) == [(1, 0.4), (2, 0.8)]
     assert run.data.metrics["device/dev0/epsilon"] == 1.0
-    assert {f.path for f in client.list_artifacts(run_id)} >= {"summary.json", "config.yaml", "metrics.jsonl"}
+    assert {f.path for f in client.list_artifacts(run_id)} >= {"summary.json", "config.yaml", "metrics.jsonl", "report"}
