@@ -88,7 +88,10 @@ class RunView {
     this.renderDevices();
     this.renderCurrent();
     this.renderDrops();
-    if (chartsToo) this.renderCharts();
+    if (chartsToo) {
+      this.renderCharts();
+      renderCompare();
+    }
   }
 
   renderKpis() {
@@ -242,6 +245,36 @@ class RunView {
   }
 }
 
+const PALETTE = ["#3461d1", "#d9822b", "#1f9d55", "#7a4fd1", "#d64545", "#0f8fa3", "#8a6a00", "#c2418f"];
+
+// Several runs: their accuracy on shared axes (x values merged; a run has null where it has no point).
+const compare = { charts: {} };
+function renderCompare() {
+  if (views.length < 2 || views.some((v) => !v.state)) return;
+  document.getElementById("compare").hidden = false;
+  for (const [name, xOf] of [["cmp-mb", (r) => (r.cum_bytes || 0) / 1e6], ["cmp-round", (r) => r.round]]) {
+    const per = views.map((v) => new Map(v.state.rounds.filter((r) => r.status === "aggregated" && r.top1 != null)
+      .map((r) => [xOf(r), 100 * r.top1])));
+    const xs = [...new Set(per.flatMap((m) => [...m.keys()]))].sort((a, b) => a - b);
+    const data = [xs, ...per.map((m) => xs.map((x) => (m.has(x) ? m.get(x) : null)))];
+    const box = document.querySelector(".chart." + name);
+    if (compare.charts[name]) compare.charts[name].destroy();
+    box.replaceChildren();
+    if (!xs.length) continue;
+    compare.charts[name] = new uPlot({
+      width: Math.max(260, box.clientWidth || 400), height: 230, legend: { live: false },
+      scales: { x: { time: false } },
+      axes: [{ label: name === "cmp-mb" ? "MB on the wire (cumulative)" : "round", grid: { stroke: "#eef1f6" },
+               ...(name === "cmp-round" ? { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] } : {}) },
+             { label: "top-1 %", grid: { stroke: "#eef1f6" }, size: 56 }],
+      series: [{}, ...views.map((v, i) => ({ label: v.state.run.run_id + (v.state.run.method ? " (" + v.state.run.method + ")" : ""),
+        stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true,
+        points: { size: 6, fill: PALETTE[i % PALETTE.length] } }))],
+      cursor: { drag: { x: false, y: false } },
+    }, data, box);
+  }
+}
+
 function setConn(state) {
   const c = document.getElementById("conn");
   c.textContent = state === "live" ? "live" : state === "finished" ? "run finished" : state === "lost" ? "reconnecting…" : state;
@@ -257,7 +290,10 @@ async function main() {
   let resizeTimer = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);
-    resizeTimer = setTimeout(() => views.forEach((v) => v.state && v.renderCharts()), 200);
+    resizeTimer = setTimeout(() => {
+      views.forEach((v) => v.state && v.renderCharts());
+      renderCompare();
+    }, 200);
   });
 }
 
