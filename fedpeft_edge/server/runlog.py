@@ -59,8 +59,10 @@ class _SinkWorker:
         """Deliver what is queued (up to timeout seconds), then close the sink."""
         self._queue.put(self._STOP)
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("run log sink %s still busy after %.0fs; closing it anyway", type(self.sink).__name__, timeout)
+        if self._thread.is_alive():  # closing it now would race its thread: leave it, say what is lost
+            log.warning("run log sink %s still busy after %.0fs (%d records undelivered); not closed",
+                        type(self.sink).__name__, timeout, self._queue.qsize())
+            return
         try:
             self.sink.close()
         except Exception:
@@ -76,7 +78,7 @@ class RunLog:
     in the file), each through its own queue and thread.
     """
 
-    def __init__(self, run_dir: str | Path, sink_close_timeout_s: float = 30.0) -> None:
+    def __init__(self, run_dir: str | Path, sink_close_timeout_s: float = 120.0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
