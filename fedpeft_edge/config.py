@@ -192,6 +192,12 @@ class TrackingArgs:
     run_dir: str = "runs"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     checkpoint_every: int = 1
+    # experiment tracking, as run-log sinks (fedpeft_edge/tracking/); the `tracking` extra installs both
+    enable_tensorboard: bool = False
+    tensorboard_dir: str | None = None  # default: <run dir>/tensorboard
+    enable_mlflow: bool = False
+    mlflow_tracking_uri: str | None = None  # default: sqlite:///<run dir>/mlflow/mlflow.db (a local store)
+    mlflow_experiment_name: str = "fedpeft-edge"
 
 
 @dataclasses.dataclass(frozen=True)

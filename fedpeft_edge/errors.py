@@ -65,3 +65,11 @@ class CheckpointError(FedPeftError):
 
 class ExportError(FedPeftError):
     """An ONNX export failed or its parity check disagreed with PyTorch."""
+
+
+class DashboardError(FedPeftError):
+    """The dashboard cannot be served as asked (bad address, port taken, missing run directory)."""
+
+
+class TrackingError(FedPeftError):
+    """An experiment tracker (TensorBoard, MLflow) cannot be set up as configured."""

@@ -1,4 +1,4 @@
-"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate and more.
+"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate, dashboard and more.
 
 Each subcommand lives in its own module here exposing `add_arguments(parser)` and `run(args) -> int`;
 modules are imported only when their subcommand runs, so `fedpeft-edge profile` never loads MQTT code.
@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "broker": "run a local MQTT broker (mosquitto if installed, else embedded amqtt)",
     "install-service": "write a systemd unit that runs this device's agent as a non-root service",
     "simulate": "run the server and N devices in one process on one shared backbone (no broker)",
+    "dashboard": "serve the federation dashboard for finished runs, side by side",
 }
 
 
