@@ -129,7 +129,7 @@ class MlflowSink:
     def _write_report(self) -> Path | None:
         """The run's report (report.html, PNGs, CSVs), written now so the MLflow run carries it."""
         from fedpeft_edge.errors import FedPeftError
-        from fedpeft_edge.metering.report import write_report
+        from fedpeft_edge.report import write_report
 
         try:
             return write_report([self.run_dir], self.run_dir / "report").html.parent
