@@ -65,3 +65,7 @@ class CheckpointError(FedPeftError):
 
 class ExportError(FedPeftError):
     """An ONNX export failed or its parity check disagreed with PyTorch."""
+
+
+class LabError(FedPeftError):
+    """The network lab cannot build or run its namespaces, links or programs."""
