@@ -143,7 +143,11 @@ class Relay:
         asyncio.get_running_loop().call_later(seconds, self._maybe_restore)
 
     def _maybe_restore(self) -> None:
-        if not self.cut and not self._restored.is_set():
+        left = self._cut_until - time.time()
+        if left > 0:  # the loop's monotonic timer may fire a hair before the wall clock passes the end
+            asyncio.get_running_loop().call_later(left, self._maybe_restore)
+            return
+        if not self._restored.is_set():
             self._restored.set()
             self.bytes.event("restore")
 

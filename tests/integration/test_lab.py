@@ -87,10 +87,12 @@ def test_shaped_rates_and_latency_are_measured(tmp_path: Path, no_leftovers: Non
     assert sum(b.get("down", 0) for b in bins) >= rows["d1"].bytes_down  # the relay saw the update cross
 
 
+@pytest.mark.slow
 def test_link_cut_mid_round_reconnects_and_run_completes(tmp_path: Path, no_leftovers: None) -> None:
     lab = {"devices": 2, "links": ["10mbit"],
            "outages": [{"device": "d1", "duration_s": 20, "at_round": 2, "after_s": 0.1}]}
-    path = _lab_config(tmp_path, "lab-cut", lab, train_args={"comm_round": 3})
+    # min_updates 2: round 2 cannot close without d1, so the run completes only if d1 comes back
+    path = _lab_config(tmp_path, "lab-cut", lab, train_args={"comm_round": 3, "min_updates": 2})
     cfg = load_config(path)
     result = LabRun(cfg, path, tmp_path / "lab").run()
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in (tmp_path / "lab").glob("*.log"))
@@ -104,7 +106,7 @@ def test_link_cut_mid_round_reconnects_and_run_completes(tmp_path: Path, no_left
     joins = [r for r in read_metrics(result.run_dir, "join") if r["device_id"] == "d1"]
     assert len(joins) >= 2, logs  # it noticed the dead link (keepalive), reconnected after it and joined again
     last = [r for r in read_metrics(result.run_dir, "device_round") if r["device_id"] == "d1" and r["round"] == 3]
-    assert last and last[0]["status"] == "accepted", logs
+    assert "accepted" in {r["status"] for r in last}, logs
 
 
 def test_a_killed_runs_namespaces_are_removed(tmp_path: Path, no_leftovers: None) -> None:
