@@ -35,16 +35,20 @@ CAP_NET_ADMIN = 12
 FRAME_BYTES = 1514
 
 
-def missing_privileges() -> str | None:
-    """Why this process cannot build the lab (None if it can): CAP_NET_ADMIN, CAP_SYS_ADMIN and `ip`/`tc`."""
+def missing_privileges(cap_eff: int | None = None) -> str | None:
+    """Why this process cannot build the lab (None if it can): CAP_NET_ADMIN, CAP_SYS_ADMIN and `ip`/`tc`.
+
+    `cap_eff` is the effective capability mask; None reads this process's from /proc/self/status.
+    """
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"the `{tool}` program is missing: install iproute2 (apt-get install iproute2)"
-    try:
-        status = Path("/proc/self/status").read_text()
-        cap_eff = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
-    except (OSError, StopIteration, ValueError):
-        return "cannot read this process's capabilities from /proc/self/status"
+    if cap_eff is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+            cap_eff = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+        except (OSError, StopIteration, ValueError):
+            return "cannot read this process's capabilities from /proc/self/status"
     needed = {"CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": 21}  # SYS_ADMIN: `ip netns` mounts
     lacking = [name for name, bit in needed.items() if not cap_eff >> bit & 1]
     if lacking:
