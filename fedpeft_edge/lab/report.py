@@ -112,7 +112,8 @@ def timeline(run_dir: Path, origin: float) -> list[Segment]:
 
 def relay_bytes(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A relay log's byte bins and its events (cut, restore)."""
-    bins, events = [], []
+    bins: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -186,9 +187,9 @@ def plot_timeline(segs: Sequence[Segment], links: dict[str, LinkProfile], path: 
             if bars:
                 ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=color, label=phase if y == 0 else None)
     for o in outages:
-        y = devices.index(o["device"]) if o["device"] in devices else None
-        if y is not None:
-            ax.broken_barh([(o["started"] - origin, o["duration_s"])], (y - 0.45, 0.9), facecolors="none",
+        if o["device"] in devices:
+            row = devices.index(o["device"])
+            ax.broken_barh([(o["started"] - origin, o["duration_s"])], (row - 0.45, 0.9), facecolors="none",
                            edgecolors="red", hatch="//", label="link cut")
     ax.set_yticks(range(len(devices)), [f"{d} ({links[d].name})" for d in devices])
     ax.set_xlabel("seconds since the lab started")
