@@ -23,7 +23,7 @@ apt_install() {
 }
 
 if [ "${SKIP_APT:-0}" != "1" ]; then
-    apt_install mosquitto dataset-fashion-mnist
+    apt_install mosquitto dataset-fashion-mnist iproute2  # iproute2: ip netns, veth and tc for `fedpeft-edge lab`
     # The Debian package enables a system-wide mosquitto on port 1883; we start our own per run.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 fi

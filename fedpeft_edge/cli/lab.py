@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: lab_args.links_dir, else configs/links/)")
     parser.add_argument("--work-dir", default=None, help="logs and relay byte logs (default: RUN_DIR/lab)")
     parser.add_argument("--no-report", action="store_true", help="skip the timeline, bytes and prediction report")
+    parser.add_argument("--report-only", metavar="WORK_DIR", default=None,
+                        help="write the report of a finished lab run again from its work directory (no root needed)")
     parser.add_argument("--cleanup", action="store_true",
                         help="only remove namespaces that killed lab runs left behind, then exit")
 
@@ -25,6 +27,16 @@ def run(args: argparse.Namespace) -> int:
         require_privileges()
         removed = cleanup_stale()
         print(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
+        return 0
+    if args.report_only:
+        if not args.config:
+            raise ConfigError("--report-only needs the run's --config too (for the prediction)")
+        from fedpeft_edge.config import load_config
+        from fedpeft_edge.lab.report import write_lab_report
+        from fedpeft_edge.lab.runner import LabResult
+
+        report = write_lab_report(LabResult.load(Path(args.report_only)), load_config(args.config))
+        print(report.table)
         return 0
     if not args.config:
         raise ConfigError("pass --config RUN.yaml (a run config with a lab_args section), or --cleanup")

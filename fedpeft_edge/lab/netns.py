@@ -33,6 +33,7 @@ SUBNET = "10.77"
 SERVER_IP = f"{SUBNET}.0.1"
 CAP_NET_ADMIN = 12
 FRAME_BYTES = 1514
+TBF_LIMIT_BYTES = 512 * 1024  # deeper than what the relay's sockets let TCP keep in flight: tbf never drops
 
 
 def missing_privileges(cap_eff: int | None = None) -> str | None:
@@ -82,7 +83,7 @@ def tbf_args(rate_mbit: float, burst_kb: float | None) -> list[str]:
     """tc tbf arguments for a rate: the bucket holds 4 ms of the rate, at least 4 full frames, unless given."""
     rate_bps = rate_mbit * 1e6
     burst = int(burst_kb * 1024) if burst_kb else max(int(rate_bps / 8 * 0.004), 4 * FRAME_BYTES)
-    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", "200ms"]
+    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(TBF_LIMIT_BYTES)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,8 @@ class LinkRow:
     round_s: float | None
     ideal_down_s: float | None  # bytes over the shaped rate (None: direction unshaped)
     ideal_up_s: float | None
+    relay_down_s: float | None = None  # the update's burst at the device's relay: arriving at the device
+    relay_up_s: float | None = None  # ... and leaving the device (its sender side), 0.05 s resolution
 
     @property
     def goodput_down_mbit(self) -> float | None:
@@ -73,20 +75,66 @@ def _ideal(nbytes: int, mbit: float | None) -> float | None:
     return 8 * nbytes / (mbit * 1e6) if mbit else None
 
 
-def link_rows(run_dir: Path, links: dict[str, LinkProfile]) -> list[LinkRow]:
-    """Every accepted device round of the run with its link's ideal transfer times."""
+def link_rows(run_dir: Path, links: dict[str, LinkProfile],
+              relay_logs: dict[str, Path] | None = None) -> list[LinkRow]:
+    """Every accepted device round of the run with its link's ideal transfer times (and the relay's, if given)."""
     rounds = {(r["round"], r.get("attempt")): r for r in read_metrics(run_dir, "round")}
+    bursts = {d: transfers(relay_bytes(p)[0]) for d, p in (relay_logs or {}).items()}
     out = []
     for r in read_metrics(run_dir, "device_round"):
         if r.get("status") != "accepted" or r["device_id"] not in links:
             continue
         prof = links[r["device_id"]]
         rnd = rounds.get((r["round"], r.get("attempt")), {})
+        relay_down = relay_up = None
+        if rnd and r.get("response_s") and r["device_id"] in bursts:
+            opened = rnd["time"] - rnd["round_s"]
+            window = (opened, opened + r["response_s"])
+            relay_down = _largest(bursts[r["device_id"]], "down", window)
+            relay_up = _largest(bursts[r["device_id"]], "up", window)
         out.append(LinkRow(r["device_id"], prof.name, r["round"], int(r["bytes_down"]), int(r["bytes_up"]),
                            r.get("download_s"), r.get("upload_s"), r.get("train_s"), r.get("response_s"),
                            rnd.get("round_s"), _ideal(int(r["bytes_down"]), prof.down_mbit),
-                           _ideal(int(r["bytes_up"]), prof.up_mbit)))
+                           _ideal(int(r["bytes_up"]), prof.up_mbit), relay_down, relay_up))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Burst:
+    """Consecutive relay bins carrying bytes one way: one transfer as the device's link saw it."""
+
+    direction: str
+    start: float
+    end: float
+    nbytes: int
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def transfers(bins: Sequence[dict[str, Any]], gap_s: float = 0.2) -> list[Burst]:
+    """Group a relay log's bins into bursts per direction (a pause longer than gap_s ends one)."""
+    from fedpeft_edge.lab.relay import BIN_S
+
+    out = []
+    for direction in ("down", "up"):
+        cur: list[float] | None = None  # start, end, bytes
+        for b in sorted((b for b in bins if b.get(direction)), key=lambda b: b["t"]):
+            if cur is not None and b["t"] - cur[1] <= gap_s:
+                cur[1], cur[2] = b["t"] + BIN_S, cur[2] + b[direction]
+                continue
+            if cur is not None:
+                out.append(Burst(direction, cur[0], cur[1], int(cur[2])))
+            cur = [b["t"], b["t"] + BIN_S, b[direction]]
+        if cur is not None:
+            out.append(Burst(direction, cur[0], cur[1], int(cur[2])))
+    return out
+
+
+def _largest(bursts: Sequence[Burst], direction: str, window: tuple[float, float]) -> float | None:
+    mine = [b for b in bursts if b.direction == direction and b.end > window[0] and b.start < window[1] + 0.1]
+    return max(mine, key=lambda b: b.nbytes).seconds if mine else None
 
 
 def timeline(run_dir: Path, origin: float) -> list[Segment]:
@@ -242,21 +290,23 @@ def format_links(rows: Sequence[LinkRow]) -> str:
     def f(x: float | None, spec: str = ".3f") -> str:
         return "-" if x is None else format(x, spec)
 
-    head = (f"{'dev':<5}{'link':<11}{'rnd':>4}{'down MB':>9}{'down s':>8}{'ideal':>8}{'Mbit/s':>8}"
-            f"{'up MB':>8}{'up s':>8}{'ideal':>8}{'Mbit/s':>8}{'train s':>8}{'resp s':>8}")
-    lines = [head, "-" * len(head)]
+    head = (f"{'dev':<5}{'link':<13}{'rnd':>4}{'down MB':>8}{'down s':>8}{'relay':>7}{'ideal':>7}{'Mbit/s':>8}"
+            f"{'up MB':>7}{'up s':>7}{'relay':>7}{'ideal':>7}{'Mbit/s':>8}{'train s':>8}{'resp s':>8}")
+    lines = ["down s: server send -> last byte at the device (receiver); up s: device send -> last byte at the "
+             "server (receiver); relay: the burst on the device's link (down: arriving, up: leaving = sender)",
+             head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.device_id:<5}{r.link:<11}{r.round:>4}{r.bytes_down / 1e6:>9.3f}{f(r.download_s):>8}"
-                     f"{f(r.ideal_down_s):>8}{f(r.goodput_down_mbit, '.2f'):>8}{r.bytes_up / 1e6:>8.3f}"
-                     f"{f(r.upload_s):>8}{f(r.ideal_up_s):>8}{f(r.goodput_up_mbit, '.2f'):>8}"
-                     f"{f(r.train_s):>8}{f(r.response_s):>8}")
+        lines.append(f"{r.device_id:<5}{r.link:<13}{r.round:>4}{r.bytes_down / 1e6:>8.3f}{f(r.download_s):>8}"
+                     f"{f(r.relay_down_s, '.2f'):>7}{f(r.ideal_down_s):>7}{f(r.goodput_down_mbit, '.2f'):>8}"
+                     f"{r.bytes_up / 1e6:>7.3f}{f(r.upload_s):>7}{f(r.relay_up_s, '.2f'):>7}{f(r.ideal_up_s):>7}"
+                     f"{f(r.goodput_up_mbit, '.2f'):>8}{f(r.train_s):>8}{f(r.response_s):>8}")
     return "\n".join(lines)
 
 
 def write_lab_report(result: Any, cfg: RunConfig, out_dir: Path | None = None) -> LabReport:
     """Write lab_timeline.png, lab_bytes.png, lab_links.csv, lab_prediction.csv and lab_report.txt."""
     out = out_dir or result.run_dir
-    rows = link_rows(result.run_dir, result.links)
+    rows = link_rows(result.run_dir, result.links, result.relay_logs)
     preds = predictions(cfg, rows, result.links)
     files = [plot_timeline(timeline(result.run_dir, result.started_at), result.links, out / "lab_timeline.png",
                            result.outages, result.started_at),

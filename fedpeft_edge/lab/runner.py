@@ -45,6 +45,17 @@ class LabResult:
     outages: list[dict[str, Any]]
     started_at: float
 
+    @classmethod
+    def load(cls, work_dir: Path) -> LabResult:
+        """The result a lab run wrote to WORK_DIR/lab.json (to report on it again)."""
+        path = work_dir / "lab.json"
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LabError(f"cannot read {path} ({exc}); pass the work directory of a finished lab run") from exc
+        return cls(Path(d["run_dir"]), work_dir, {k: LinkProfile(**v) for k, v in d["links"].items()},
+                   {k: Path(v) for k, v in d["relay_logs"].items()}, d["server_rc"], d["outages"], d["started_at"])
+
     def to_json(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "links": {d: dataclasses.asdict(p) for d, p in self.links.items()},
                 "relay_logs": {d: str(p) for d, p in self.relay_logs.items()}, "server_rc": self.server_rc,
@@ -75,6 +86,7 @@ class LabRun:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
         self._stop = False
+        self._following = False
 
     def run(self) -> LabResult:
         require_privileges()
@@ -95,8 +107,10 @@ class LabRun:
                 self._start(d.device_id, d.namespace, "-m", "device_agents.main", "--config", str(self.config_path),
                             "--device-id", d.device_id, "--client-index", str(i),
                             "--broker", f"127.0.0.1:{BROKER_PORT}")
+            self._following = True
             server_rc = self._follow(started, outages)
         finally:
+            self._following, self._stop = False, True  # a signal from here on changes nothing: we tear down
             self._stop_all()
             topo.teardown()
             for s, h in old.items():
@@ -107,8 +121,12 @@ class LabRun:
         return result
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stop:
+            return
         log.warning("signal %d: stopping the lab and removing its namespaces", signum)
         self._stop = True
+        if not self._following:  # still starting: abort what blocks; `finally` removes the namespaces
+            raise LabError(f"stopped by signal {signum} while the lab was starting")
 
     # --- processes ----------------------------------------------------------------------------------------
     def _popen(self, name: str, cmd: list[str], stdin: int | None = None) -> subprocess.Popen[bytes]:

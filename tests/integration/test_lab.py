@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,9 +125,52 @@ def test_a_killed_runs_namespaces_are_removed(tmp_path: Path, no_leftovers: None
     assert not state.exists()
 
 
-def test_cleanup_command_runs(tmp_path: Path) -> None:
-    env = {**os.environ}
-    proc = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "lab", "--cleanup"], capture_output=True,
-                          text=True, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert "removed" in proc.stdout
+def _start_lab(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    path = _lab_config(tmp_path, "lab-kill", {"devices": 2, "links": ["1mbit"]})
+    proc = subprocess.Popen([sys.executable, "-m", "fedpeft_edge.cli", "lab", "--config", str(path), "--no-report",
+                             "--work-dir", str(tmp_path / "lab")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, path
+
+
+def _wait_for_namespaces(before: set[str], count: int, timeout: float = 30.0) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mine = set(our_namespaces()) - before
+        if len(mine) >= count and (Path("/run/netns") / sorted(mine)[0]).exists():
+            return mine
+        time.sleep(0.2)
+    raise AssertionError("the lab did not create its namespaces")
+
+
+def test_sigterm_removes_the_namespaces(tmp_path: Path, no_leftovers: None) -> None:
+    before = set(our_namespaces())
+    proc, _ = _start_lab(tmp_path)
+    mine = _wait_for_namespaces(before, 4)
+    time.sleep(3)  # programs starting inside them
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert not set(our_namespaces()) & mine, err.decode()[-2000:]
+
+
+def test_after_sigkill_the_next_run_cleans_up(tmp_path: Path, no_leftovers: None) -> None:
+    before = set(our_namespaces())
+    proc, _ = _start_lab(tmp_path)
+    mine = _wait_for_namespaces(before, 4)
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert mine <= set(our_namespaces())  # a killed lab cannot clean up itself
+    pids = [p for ns in mine for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                     text=True).stdout.split()]
+    out = subprocess.run([sys.executable, "-m", "fedpeft_edge.cli", "lab", "--cleanup"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not set(our_namespaces()) & mine
+    assert pids and not any(_alive(p) for p in pids)  # what ran inside them is gone too
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
