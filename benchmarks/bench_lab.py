@@ -65,7 +65,7 @@ def bench_method(method: str, rounds: int, max_steps: int) -> list[dict[str, flo
     for link in LINKS:
         rows = [r for r in link_rows(result.run_dir, result.links) if r.link == link]
         measured = statistics.median(r.response_s or 0.0 for r in rows)
-        compute = statistics.median(r.train_s or 0.0 for r in rows)  # local training, as the device timed it
+        compute = statistics.median(r.compute_s or 0.0 for r in rows)  # set_state + train + encode, device-timed
         ideal = statistics.median((r.ideal_down_s or 0) + (r.ideal_up_s or 0) for r in rows)
         predicted = preds[link].predicted_s + compute
         out.append({"method": method, "link": link, "mb": preds[link].update_bytes / 1e6, "measured": measured,
@@ -87,8 +87,8 @@ def main() -> int:
         print(f"bench_lab: skipped: {why}")
         return 0
     rows = [r for m in args.methods.split(",") for r in bench_method(m.strip(), args.rounds, args.max_steps)]
-    print("\nround time per link = round opened -> that device's update at the server; compute = its train_s;"
-          " predicted = compute + profile transfer")
+    print("\nround time per link = round opened -> that device's update at the server; compute = its set_state +"
+          " train + encode; predicted = compute + profile transfer")
     print(f"{'method':<7}{'link':<9}{'update MB':>10}{'measured s':>11}{'predicted s':>12}{'ratio':>7}"
           f"{'target':>9}{'xfer ratio':>11}{'efficiency':>11}{'target':>8}")
     for r in rows:

@@ -36,7 +36,10 @@ SEGMENT_BYTES = 1448  # TCP payload of a 1500-byte Ethernet frame with timestamp
 READ_BYTES = 65536
 MAX_QUEUED_BYTES = 32 * 1024 * 1024  # per direction; reading pauses above it (backpressure)
 BIN_S = 0.05
-LINK_SOCKET_BUFFER = 32768  # the kernel doubles it; enough for 100 Mbit/s on the lab's sub-ms veth round trip
+# Socket buffers of the relay's link side (the kernel doubles them): enough for 100 Mbit/s on the lab's sub-ms
+# veth round trip; the send buffer small so "up" bytes are counted within 32 kB of leaving on the link.
+LINK_SEND_BUFFER = 16384
+LINK_RECEIVE_BUFFER = 32768
 
 
 @dataclasses.dataclass
@@ -175,18 +178,20 @@ class Relay:
         await self._link_up()
         if getattr(reader, "_eof", False):  # StreamReader has no public "peer closed" while bytes are buffered
             raise _Abandoned
-        return await asyncio.open_connection(sock=await self._upstream_socket())
+        reader, writer = await asyncio.open_connection(sock=await self._upstream_socket())
+        writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel: no user-space backlog
+        return reader, writer
 
     async def _upstream_socket(self) -> socket.socket:
         """The link-side socket, its buffers bounded BEFORE connecting (the window is fixed at the handshake).
 
-        TCP then keeps at most ~64 kB in flight each way, less than the tbf queue (netns.TBF_LIMIT_BYTES), so
+        TCP then keeps at most ~64 kB in flight each way, far less than the tbf queue (netns.TBF_LIMIT_BYTES), so
         the shaper delays but never drops: the link loses packets only where the profile's `loss` says, and
         "up" bytes are counted close to when they leave on the link.
         """
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_SOCKET_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_SEND_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_RECEIVE_BUFFER)
         sock.setblocking(False)
         try:
             await asyncio.get_running_loop().sock_connect(sock, self.upstream)

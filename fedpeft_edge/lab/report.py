@@ -57,6 +57,7 @@ class LinkRow:
     ideal_up_s: float | None
     relay_down_s: float | None = None  # the update's burst at the device's relay: arriving at the device
     relay_up_s: float | None = None  # ... and leaving the device (its sender side), 0.05 s resolution
+    compute_s: float | None = None  # set_state + train + encode on the device (train_s alone if not recorded)
 
     @property
     def goodput_down_mbit(self) -> float | None:
@@ -95,8 +96,14 @@ def link_rows(run_dir: Path, links: dict[str, LinkProfile],
         out.append(LinkRow(r["device_id"], prof.name, r["round"], int(r["bytes_down"]), int(r["bytes_up"]),
                            r.get("download_s"), r.get("upload_s"), r.get("train_s"), r.get("response_s"),
                            rnd.get("round_s"), _ideal(int(r["bytes_down"]), prof.down_mbit),
-                           _ideal(int(r["bytes_up"]), prof.up_mbit), relay_down, relay_up))
+                           _ideal(int(r["bytes_up"]), prof.up_mbit), relay_down, relay_up, _compute(r)))
     return out
+
+
+def _compute(r: dict[str, Any]) -> float | None:
+    parts = [r.get(k) for k in ("set_state_s", "train_s", "encode_s")]
+    known = [float(x) for x in parts if isinstance(x, (int, float))]
+    return sum(known) if known else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +157,7 @@ def timeline(run_dir: Path, origin: float) -> list[Segment]:
         arrived = opened + r["response_s"]
         down_end = opened + (r.get("download_s") or 0.0)
         up_start = arrived - (r.get("upload_s") or 0.0)
-        train_end = min(up_start, down_end + (r.get("train_s") or 0.0))
+        train_end = min(up_start, down_end + (_compute(r) or 0.0))
         d, n = r["device_id"], r["round"]
         segs += [Segment(d, n, "download", opened, down_end), Segment(d, n, "train", down_end, train_end),
                  Segment(d, n, "idle", train_end, up_start), Segment(d, n, "upload", up_start, arrived),
@@ -181,7 +188,7 @@ class PredictionRow:
     update_bytes: int
     predicted_s: float
     measured_s: float  # median over the devices' accepted rounds on that link of download_s + upload_s
-    predicted_round_s: float  # predicted transfer + the measured median train_s
+    predicted_round_s: float  # predicted transfer + the measured median compute (set_state + train + encode)
     measured_round_s: float  # median response_s (round opened -> update arrived)
 
     @property
@@ -205,7 +212,7 @@ def predictions(cfg: RunConfig, rows: Sequence[LinkRow], links: dict[str, LinkPr
         if not (prof.down_mbit and prof.up_mbit) or not mine:
             continue
         pred = round_seconds(size, prof.down_mbit * 1e6, prof.up_mbit * 1e6)
-        train = statistics.median(r.train_s or 0.0 for r in mine)
+        train = statistics.median(r.compute_s or 0.0 for r in mine)
         out.append(PredictionRow(cfg.peft_args.method, name, size.mqtt_bytes, pred,
                                  statistics.median((r.download_s or 0.0) + (r.upload_s or 0.0) for r in mine),
                                  pred + train, statistics.median(r.response_s or 0.0 for r in mine)))
@@ -291,15 +298,16 @@ def format_links(rows: Sequence[LinkRow]) -> str:
         return "-" if x is None else format(x, spec)
 
     head = (f"{'dev':<5}{'link':<13}{'rnd':>4}{'down MB':>8}{'down s':>8}{'relay':>7}{'ideal':>7}{'Mbit/s':>8}"
-            f"{'up MB':>7}{'up s':>7}{'relay':>7}{'ideal':>7}{'Mbit/s':>8}{'train s':>8}{'resp s':>8}")
+            f"{'up MB':>7}{'up s':>7}{'relay':>7}{'ideal':>7}{'Mbit/s':>8}{'comp s':>8}{'resp s':>8}")
     lines = ["down s: server send -> last byte at the device (receiver); up s: device send -> last byte at the "
-             "server (receiver); relay: the burst on the device's link (down: arriving, up: leaving = sender)",
+             "server (receiver); relay: the burst on the device's link (down: arriving, up: leaving = sender); "
+             "comp s: set_state + train + encode on the device",
              head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.device_id:<5}{r.link:<13}{r.round:>4}{r.bytes_down / 1e6:>8.3f}{f(r.download_s):>8}"
                      f"{f(r.relay_down_s, '.2f'):>7}{f(r.ideal_down_s):>7}{f(r.goodput_down_mbit, '.2f'):>8}"
                      f"{r.bytes_up / 1e6:>7.3f}{f(r.upload_s):>7}{f(r.relay_up_s, '.2f'):>7}{f(r.ideal_up_s):>7}"
-                     f"{f(r.goodput_up_mbit, '.2f'):>8}{f(r.train_s):>8}{f(r.response_s):>8}")
+                     f"{f(r.goodput_up_mbit, '.2f'):>8}{f(r.compute_s):>8}{f(r.response_s):>8}")
     return "\n".join(lines)
 
 
