@@ -167,10 +167,12 @@ class Topology:
 
 def remove_namespace(ns: str) -> None:
     """SIGKILL every process left in namespace `ns`, then delete it (a no-op if it does not exist)."""
-    pids = _ip("netns", "pids", ns, check=False)
-    for pid in pids.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while (pids := _ip("netns", "pids", ns, check=False).stdout.split()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.05)  # the namespace lives on while a process in it does
     _ip("netns", "delete", ns, check=False)
 
 

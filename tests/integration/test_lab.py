@@ -166,6 +166,9 @@ def test_after_sigkill_the_next_run_cleans_up(tmp_path: Path, no_leftovers: None
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert not set(our_namespaces()) & mine
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # SIGKILLed processes take a moment to exit
     assert pids and not any(_alive(p) for p in pids)  # what ran inside them is gone too
 
 
