@@ -212,7 +212,7 @@ class LinkProfile:
 @dataclasses.dataclass(frozen=True)
 class OutageArgs:
     """Device `device` (its id, e.g. "d1") loses its link for `duration_s`, `after_s` into round `at_round`
-    (or, without `at_round`, `after_s` after the lab started the server)."""
+    (or, without `at_round`, `after_s` after the lab started)."""
 
     device: str = ""
     duration_s: float = 10.0

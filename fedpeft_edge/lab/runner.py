@@ -156,8 +156,7 @@ class LabRun:
                "--upstream", f"{SERVER_IP}:{BROKER_PORT}", "--log", str(self.work_dir / f"relay-{device_id}.jsonl"),
                "--seed", str(self.cfg.lab_args.seed * 1000 + index)]
         proc = self._popen(f"relay-{device_id}", cmd, stdin=subprocess.PIPE)
-        assert proc.stdout is not None  # noqa: S101 - set by PIPE above, not an input check
-        line = proc.stdout.readline()
+        line = proc.stdout.readline() if proc.stdout is not None else b""
         if b"ready" not in line:
             raise LabError(f"the relay of {device_id} did not start (see {self.work_dir}/relay-{device_id}.log)")
 
