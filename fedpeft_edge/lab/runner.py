@@ -132,9 +132,13 @@ class LabRun:
     def _popen(self, name: str, cmd: list[str], stdin: int | None = None) -> subprocess.Popen[bytes]:
         out = (self.work_dir / f"{name}.log").open("ab")
         self._logs.append(out)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # The caller's directory (relative run_dir and data paths mean what they mean to the user); this
+        # checkout first on the path, so the programs are the ones beside this module.
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, stdout=out if stdin is None else subprocess.PIPE, stderr=out, stdin=stdin,
-                                cwd=REPO, env=env, start_new_session=True)
+                                env=env, start_new_session=True)
         self._procs[name] = proc
         return proc
 
