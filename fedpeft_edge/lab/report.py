@@ -80,7 +80,7 @@ def link_rows(run_dir: Path, links: dict[str, LinkProfile],
               relay_logs: dict[str, Path] | None = None) -> list[LinkRow]:
     """Every accepted device round of the run with its link's ideal transfer times (and the relay's, if given)."""
     rounds = {(r["round"], r.get("attempt")): r for r in read_metrics(run_dir, "round")}
-    bursts = {d: _bursts(relay_bytes(p)[0], links[d]) for d, p in (relay_logs or {}).items() if d in links}
+    bins = {d: relay_bytes(p)[0] for d, p in (relay_logs or {}).items() if d in links}
     out = []
     for r in read_metrics(run_dir, "device_round"):
         if r.get("status") != "accepted" or r["device_id"] not in links:
@@ -88,11 +88,13 @@ def link_rows(run_dir: Path, links: dict[str, LinkProfile],
         prof = links[r["device_id"]]
         rnd = rounds.get((r["round"], r.get("attempt")), {})
         relay_down = relay_up = None
-        if rnd and r.get("response_s") and r["device_id"] in bursts:
+        if rnd and r.get("response_s") and r["device_id"] in bins:
             opened = rnd["time"] - rnd["round_s"]
-            window = (opened, opened + r["response_s"])
-            relay_down = _largest(bursts[r["device_id"]], "down", window)
-            relay_up = _largest(bursts[r["device_id"]], "up", window)
+            # only this round's bins: back-to-back rounds would otherwise run into one burst
+            mine = [b for b in bins[r["device_id"]] if opened - 0.05 <= b["t"] <= opened + r["response_s"] + 0.05]
+            bursts = _bursts(mine, prof)
+            relay_down = _largest(bursts, "down")
+            relay_up = _largest(bursts, "up")
         out.append(LinkRow(r["device_id"], prof.name, r["round"], int(r["bytes_down"]), int(r["bytes_up"]),
                            r.get("download_s"), r.get("upload_s"), r.get("train_s"), r.get("response_s"),
                            rnd.get("round_s"), _ideal(int(r["bytes_down"]), prof.down_mbit),
@@ -121,22 +123,35 @@ class Burst:
 
 
 def transfers(bins: Sequence[dict[str, Any]], gap_s: float = 0.2) -> list[Burst]:
-    """Group a relay log's bins into bursts per direction (a pause longer than gap_s ends one)."""
-    from fedpeft_edge.lab.relay import BIN_S
-
+    """Group a relay log's bins into bursts per direction (a pause longer than gap_s ends one). A burst spans
+    the bins that carry its middle 96% of bytes, so a small message just before or after it does not stretch it."""
     out = []
     for direction in ("down", "up"):
-        cur: list[float] | None = None  # start, end, bytes
+        group: list[dict[str, Any]] = []
         for b in sorted((b for b in bins if b.get(direction)), key=lambda b: b["t"]):
-            if cur is not None and b["t"] - cur[1] <= gap_s:
-                cur[1], cur[2] = b["t"] + BIN_S, cur[2] + b[direction]
-                continue
-            if cur is not None:
-                out.append(Burst(direction, cur[0], cur[1], int(cur[2])))
-            cur = [b["t"], b["t"] + BIN_S, b[direction]]
-        if cur is not None:
-            out.append(Burst(direction, cur[0], cur[1], int(cur[2])))
+            if group and b["t"] - group[-1]["t"] > gap_s:
+                out.append(_burst(group, direction))
+                group = []
+            group.append(b)
+        if group:
+            out.append(_burst(group, direction))
     return out
+
+
+def _burst(group: Sequence[dict[str, Any]], direction: str) -> Burst:
+    from fedpeft_edge.lab.relay import BIN_S
+
+    total = sum(int(b[direction]) for b in group)
+    seen, first, last = 0, None, group[-1]["t"]
+    for b in group:
+        seen += int(b[direction])
+        if first is None and seen > 0.02 * total:
+            first = b["t"]
+        if seen >= 0.98 * total:
+            last = b["t"]
+            break
+    start = group[0]["t"] if first is None else first
+    return Burst(direction, start, last + BIN_S, total)
 
 
 def _bursts(bins: Sequence[dict[str, Any]], prof: LinkProfile) -> list[Burst]:
@@ -149,8 +164,8 @@ def _bursts(bins: Sequence[dict[str, Any]], prof: LinkProfile) -> list[Burst]:
     return out
 
 
-def _largest(bursts: Sequence[Burst], direction: str, window: tuple[float, float]) -> float | None:
-    mine = [b for b in bursts if b.direction == direction and b.end > window[0] and b.start < window[1] + 0.1]
+def _largest(bursts: Sequence[Burst], direction: str) -> float | None:
+    mine = [b for b in bursts if b.direction == direction]
     return max(mine, key=lambda b: b.nbytes).seconds if mine else None
 
 

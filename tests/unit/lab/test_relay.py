@@ -87,3 +87,16 @@ def test_jitter_stays_within_bounds_and_keeps_order() -> None:
     rel = [model.release_at(x, 100) for x in t]
     assert rel == sorted(rel)  # a TCP stream's bytes never overtake each other
     assert all(0.03 - 1e-9 <= r - x <= 0.07 + 1e-9 for r, x in zip(rel, t, strict=True))
+
+
+def test_relay_bins_group_into_transfers_without_stray_messages() -> None:
+    from fedpeft_edge.lab.report import transfers
+
+    bins = [{"t": 10.0, "down": 40}]  # a small message just before the update
+    bins += [{"t": round(10.2 + 0.05 * i, 2), "down": 6250} for i in range(40)]  # 250 kB over 2 s
+    bins += [{"t": 20.0, "down": 100_000}, {"t": 12.5, "up": 500}]
+    got = transfers(bins, gap_s=0.3)
+    down = sorted((b for b in got if b.direction == "down"), key=lambda b: b.start)
+    assert [b.nbytes for b in down] == [250_040, 100_000]
+    assert abs(down[0].seconds - 2.0) < 0.11 and down[0].start >= 10.2
+    assert [b.nbytes for b in got if b.direction == "up"] == [500]
