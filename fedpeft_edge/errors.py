@@ -73,3 +73,7 @@ class DashboardError(FedPeftError):
 
 class TrackingError(FedPeftError):
     """An experiment tracker (TensorBoard, MLflow) cannot be set up as configured."""
+
+
+class LabError(FedPeftError):
+    """The network lab cannot build or run its namespaces, links or programs."""

@@ -24,7 +24,9 @@ apt_install() {
 }
 
 if [ "${SKIP_APT:-0}" != "1" ]; then
-    apt_install mosquitto dataset-fashion-mnist rabbitmq-server chromium chromium-driver  # chromium: the dashboard's browser test
+    # rabbitmq-server: the clustered-broker tests; chromium: the dashboard's browser test; iproute2: ip netns,
+    # veth and tc for `fedpeft-edge lab`
+    apt_install mosquitto dataset-fashion-mnist rabbitmq-server chromium chromium-driver iproute2
     # The Debian packages enable a system-wide mosquitto (1883) and RabbitMQ node; we start our own per run.
     if command -v systemctl >/dev/null 2>&1; then
         systemctl disable --now mosquitto >/dev/null 2>&1 || true

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "install-service": "write a systemd unit that runs this device's agent as a non-root service",
     "simulate": "run the server and N devices in one process on one shared backbone (no broker)",
     "dashboard": "serve the federation dashboard for finished runs, side by side",
+    "lab": "a run over emulated links: device namespaces, tc rates, latency, loss and outages; network report",
 }
 
 
