@@ -21,6 +21,7 @@ from fedpeft_edge.errors import CheckpointError, CodecError, FedPeftError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.peft import build_method
 from fedpeft_edge.server.checkpoint import load_checkpoint, save_checkpoint
+from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
 from fedpeft_edge.server.runlog import RunLog, read_metrics
 from fedpeft_edge.server.strategy import ClientUpdate, build_strategy
@@ -73,7 +74,9 @@ class ServerApp(FedPeftCommManager):
         else:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.meter = BandwidthMeter()
-        super().__init__(cfg.comm_args, self.run_id, M.SERVER_ID, meter=self.meter)
+        self._drops = DropRecorder(self.runlog)  # receive-path drops -> `dropped_message` records
+        super().__init__(cfg.comm_args, self.run_id, M.SERVER_ID, meter=self.meter, on_drop=self._drops)
+        self.com_manager.set_admission(lambda d: d in self.rounds.devices and self.rounds.devices[d].accepted)
 
     # --- set-up ---------------------------------------------------------------------------------------
     def _server_test_loader(self, input_spec: Any) -> Any:
@@ -416,6 +419,7 @@ class ServerApp(FedPeftCommManager):
         finally:
             for t in self._timers:
                 t.cancel()
+            self._drops.flush()
             self.runlog.close()
 
 

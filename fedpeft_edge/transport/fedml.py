@@ -22,6 +22,7 @@ from fedpeft_edge.errors import FedPeftError, ProtocolError, TransportError
 if TYPE_CHECKING:
     from fedpeft_edge.config import CommArgs
     from fedpeft_edge.metering.bandwidth import BandwidthMeter
+    from fedpeft_edge.transport.drops import DroppedMessage
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         node_id: str | int,
         meter: BandwidthMeter | None = None,
         connect_timeout_s: float = 10.0,
+        on_drop: Callable[[DroppedMessage], None] | None = None,
     ) -> None:
         self._comm_args = comm_args
+        self._on_drop = on_drop
         self._run_id = run_id
         self._meter = meter
         self._connect_timeout_s = connect_timeout_s
@@ -101,7 +104,7 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
 
         self.com_manager = MqttCommManager(
             self._comm_args, self._run_id, self.node_id, meter=self._meter,
-            connect_timeout_s=self._connect_timeout_s,
+            connect_timeout_s=self._connect_timeout_s, on_drop=self._on_drop,
         )
         self.com_manager.add_observer(self)
 
