@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "write report.html, PNG plots and CSVs from one or more run directories",
     "export": "export a fine-tuned model from a run to ONNX, with a parity check",
     "broker": "run a local MQTT broker (mosquitto if installed, else embedded amqtt)",
+    "provision": "create per-device credentials, broker password file and ACL, signing keys, optional TLS",
 }
 
 
