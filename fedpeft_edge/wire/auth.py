@@ -141,9 +141,10 @@ class Verifier:
                             "unknown_sender")
         if view.nbytes < _ENV.size or not is_sealed(view):
             raise AuthError(f"message from {sender!r} on {topic} is not signed", "unsigned")
-        magic, version, _f, _r, ts, nonce, sig = _ENV.unpack_from(view, 0)
-        if version != VERSION:
-            raise AuthError(f"envelope version {version} from {sender!r} is not supported", "unsigned")
+        magic, version, flags, reserved, ts, nonce, sig = _ENV.unpack_from(view, 0)
+        if version != VERSION or flags or reserved:
+            raise AuthError(f"envelope version {version} (flags {flags}, {reserved}) from {sender!r} is not "
+                            f"supported (this build reads version {VERSION})", "unsigned")
         frame = view[_ENV.size:]
         try:
             key.verify(sig, _signed_bytes(topic, ts, nonce, frame_digest([frame])))
