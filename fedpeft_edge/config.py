@@ -159,7 +159,8 @@ class CommArgs:
     require_signatures: bool = False  # drop every unsigned, forged or replayed message
     replay_window_s: float = 300.0  # signed messages older or newer than this (clock skew) are dropped
     # Receive path bounds (transport/mqtt.py, wire/chunk.py).
-    inbox_max_messages: int = 1024  # queued inbound packets; paho's thread waits (back-pressure) when full
+    inbox_max_messages: int = 65_536  # queued inbound packets; more are dropped (`inbox_full`), never waited for
+    inbox_max_bytes: int = 64 * 1024 * 1024  # queued inbound payload bytes (at least one largest packet fits)
     max_pending_transfers: int = 4  # chunked transfers in flight per sender
 
 
@@ -427,8 +428,8 @@ def _check_run(cfg: RunConfig) -> None:
             f"comm_args.max_message_bytes must be in 1024..268435455 (MQTT's maximum), got {c.max_message_bytes}"
         )
     _positive("comm_args.keepalive_s", c.keepalive_s)
-    for name in ("replay_window_s", "inbox_max_messages", "max_pending_transfers", "max_update_bytes",
-                 "chunk_timeout_s"):
+    for name in ("replay_window_s", "inbox_max_messages", "inbox_max_bytes", "max_pending_transfers",
+                 "max_update_bytes", "chunk_timeout_s"):
         _positive(f"comm_args.{name}", getattr(c, name))
     if c.require_signatures and not c.signing_key_file:
         raise ConfigError(

@@ -53,7 +53,7 @@ class DropRecorder:
         if key not in self._sums and len(self._sums) >= self.max_keys:
             key = ("*", "*", drop.reason)
         s = self._sums.setdefault(key, _Sum(0, 0, drop.detail))
-        s.count += 1
+        s.count += drop.count
         s.bytes += drop.bytes
 
     def flush(self) -> None:

@@ -19,9 +19,13 @@ class DroppedMessage:
     reason: str  # a short code: malformed, unsigned, bad_signature, replayed, stale, unknown_sender, ...
     detail: str  # the error's message
     bytes: int  # payload bytes of what was dropped
+    count: int = 1  # packets this record stands for (a full inbox reports its drops together)
 
     def record(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.count == 1:
+            del out["count"]
+        return out
 
 
 class DropLog:
@@ -39,7 +43,7 @@ class DropLog:
         self.counts: dict[str, int] = {}
 
     def __call__(self, drop: DroppedMessage) -> None:
-        self.counts[drop.reason] = self.counts.get(drop.reason, 0) + 1
+        self.counts[drop.reason] = self.counts.get(drop.reason, 0) + drop.count
         now = self._clock()
         start, n = self._window.get(drop.reason, (now, 0))
         if now - start > self.interval_s:

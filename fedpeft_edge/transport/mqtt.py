@@ -102,7 +102,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self.state = State.NEW
         self._observers: list[Any] = []
         self._inbox: queue.Queue[Any] = queue.Queue()  # local items never wait; inbound ones take a slot
-        self._inbound_slots = threading.BoundedSemaphore(comm_args.inbox_max_messages)
+        self._inbound_lock = threading.Lock()
+        self._inbound = [0, 0]  # packets, payload bytes queued
+        self._overflow: dict[str, tuple[int, int]] = {}  # topic -> (packets, bytes) dropped by a full inbox
+        self._inbound_max_bytes = max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET))
         self.drops = DropLog(on_drop)
         self._signer, self._verifier = _build_auth(comm_args, self.is_server)
         self._presence_seen: dict[str, tuple[float, int]] = {}
@@ -265,10 +268,14 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             block = False
             if item is _STOP:
                 return done
+            if self._overflow:
+                self._report_overflow()
             if isinstance(item, _Local):
                 message = item.message
             else:
-                self._inbound_slots.release()
+                with self._inbound_lock:
+                    self._inbound[0] -= 1
+                    self._inbound[1] -= len(item.payload)
                 message = self._receive(item)
             if message is not None:
                 self._dispatch(message)
@@ -400,17 +407,31 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         size = publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self._mqtt5, props)
         if msg.qos:
             self.meter.record_ack(sent=True)
-        # Back-pressure: a full inbox holds paho's thread (so the broker holds the rest) for up to a third
-        # of the keepalive; past that the packet is dropped, so the connection itself survives a flood.
-        if not self._inbound_slots.acquire(timeout=max(1.0, self.args.keepalive_s / 3)):
-            self._drop(_topic_node(msg.topic), msg.topic, "inbox_full",
-                       f"inbox held {self.args.inbox_max_messages} packets for {self.args.keepalive_s / 3:g} s "
-                       "(comm_args.inbox_max_messages)", len(msg.payload))
-            return
+        # A full inbox drops; it never holds paho's thread: that thread also reads the PUBACKs our own sends
+        # (from the receive thread) wait for, so waiting here would stall both. Bounded in packets and bytes.
+        n = len(msg.payload)
+        with self._inbound_lock:
+            full = self._inbound[0] >= self.args.inbox_max_messages or self._inbound[1] + n > self._inbound_max_bytes
+            if not full:
+                self._inbound[0] += 1
+                self._inbound[1] += n
+            if full:  # reported from the receive thread (sinks are not thread-safe)
+                count, nbytes = self._overflow.get(msg.topic, (0, 0))
+                if count or len(self._overflow) < 256:
+                    self._overflow[msg.topic] = (count + 1, nbytes + n)
+                return
         self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), size, time.time()))
 
-    def _drop(self, sender: str, topic: str, reason: str, detail: str, nbytes: int) -> None:
-        self.drops(DroppedMessage(sender, topic, reason, detail, nbytes))
+    def _drop(self, sender: str, topic: str, reason: str, detail: str, nbytes: int, count: int = 1) -> None:
+        self.drops(DroppedMessage(sender, topic, reason, detail, nbytes, count))
+
+    def _report_overflow(self) -> None:
+        with self._inbound_lock:
+            overflow, self._overflow = self._overflow, {}
+        for topic, (count, nbytes) in overflow.items():
+            self._drop(_topic_node(topic), topic, "inbox_full",
+                       f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
+                       f"{self.args.inbox_max_messages} / inbox_max_bytes {self._inbound_max_bytes})", nbytes, count)
 
     def _receive(self, item: _Inbound) -> Any:
         """Decode one inbound packet; every failure is recorded as a drop with its reason, never raised."""
