@@ -562,7 +562,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 raise AuthError(f"presence {order} from {node!r} is not newer than {self._presence_seen[node]}",
                                 "replayed")
             self._presence_seen[node] = order
-        message = Message(M.MSG_TYPE_PRESENCE, node, self.node_id)
+        claimed = body.get("node")
+        sender = claimed if _scalar(claimed) and str(claimed) == node else node  # keeps an int id an int
+        message = Message(M.MSG_TYPE_PRESENCE, sender, self.node_id)
         message.add_params(M.MSG_ARG_KEY_PRESENCE, body["status"])
         message.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body["time"])
         return message
