@@ -41,6 +41,7 @@ class HostileClient:
         self.sent: Counter[str] = Counter()  # broker accepted (PUBACK success), by target topic kind
         self.refused: Counter[str] = Counter()  # broker refused (PUBACK >= 0x80, or no connection)
         self.connect_refused = False
+        self.published = 0  # packets handed to paho so far
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"hostile-{uuid.uuid4().hex[:6]}",
                                   protocol=mqtt.MQTTv5)
@@ -158,6 +159,7 @@ class HostileClient:
             inflight.append((self.client.publish(topic, payload, qos=1, retain=retain), topic))
             n += 1
             pace_n += 1
+            self.published += 1
             if len(inflight) >= window:
                 self._settle(inflight)
         self._settle(inflight)
