@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,24 @@ def test_the_fuzzed_server_still_serves(server: tuple[MqttCommManager, list[Drop
     msg.payload = Signer(KEY).envelope(f"fedpeft/{RUN}/d2s/dev", [frame]) + frame
     mgr._on_message(None, None, msg)
     assert mgr.poll(timeout_s=0.0) == 1
+
+
+def test_a_full_inbox_drops_and_counts_without_blocking_paho() -> None:
+    with start_broker(kind="mosquitto") as broker:
+        drops: list[DroppedMessage] = []
+        mgr = MqttCommManager(CommArgs(broker_port=broker.port, inbox_max_messages=5), RUN, M.SERVER_ID,
+                              on_drop=drops.append)
+        try:
+            mgr.poll(timeout_s=0.5)  # the connection-ready message
+            t0 = time.monotonic()
+            for _ in range(20):
+                msg = mqtt.MQTTMessage(topic=f"fedpeft/{RUN}/d2s/dev".encode())
+                msg.payload = b"junk"
+                mgr._on_message(None, None, msg)
+            assert time.monotonic() - t0 < 1.0  # never waited for the receive thread
+            mgr.poll(timeout_s=0.0)
+            full = [d for d in drops if d.reason == "inbox_full"]
+            assert sum(d.count for d in full) == 15 and full[0].bytes == 15 * 4
+            assert sum(d.count for d in drops if d.reason == "malformed") == 5
+        finally:
+            mgr.close()
