@@ -275,8 +275,8 @@ def test_an_update_with_non_finite_values_is_dropped_as_invalid(tmp_path: Path) 
     good = bytes(encode_tensors(state(1), MANIFEST, "fp32"))
     raw = bytearray(good)
     # Put a NaN into the tensor bytes the codec carries (it refuses to encode one itself).
-    nan_at = raw.find(bytes(memoryview(state(1)["a.bias"].numpy()).cast("B")))
-    raw[nan_at:nan_at + 4] = bytes(memoryview(torch.tensor([float("nan")]).numpy()).cast("B"))
+    nan_at = raw.find(state(1)["a.bias"].numpy().tobytes())
+    raw[nan_at:nan_at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
     assert bytes(raw) != good
     h.send(Update(sender=sel[0], round=1, num_samples=10, blob=bytes(raw)))
     cur = h.engine.rounds.current
