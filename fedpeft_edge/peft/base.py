@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -71,8 +72,8 @@ class Manifest:
         """Bytes of the tensors in their own dtypes (raw, before any wire encoding)."""
         return sum(t.nbytes for t in self.tensors)
 
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # cached: the server checks it on every update (frozen, so it cannot go stale)
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def to_json(self) -> str:
