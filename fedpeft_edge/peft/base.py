@@ -73,7 +73,7 @@ class Manifest:
         return sum(t.nbytes for t in self.tensors)
 
     @functools.cached_property
-    def hash(self) -> str:  # cached: the server checks it on every update (frozen, so it cannot go stale)
+    def hash(self) -> str:  # cached: the codec asks for it on every message (fields are frozen)
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def to_json(self) -> str:
