@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpeft_edge.config import RunConfig, load_config  # noqa: E402
 from fedpeft_edge.errors import CheckpointError, ConfigError  # noqa: E402
+from fedpeft_edge.metering.energy import ENERGY_COLUMNS, energy_rows  # noqa: E402
 from fedpeft_edge.protocol.report import DeviceReport  # noqa: E402
 from fedpeft_edge.rundir import read_metrics  # noqa: E402
 
@@ -505,6 +506,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "rounds": (ROUND_COLUMNS, [r for run in runs for r in round_rows(run)]),
         "devices": (DEVICE_COLUMNS, [r for run in runs for r in device_rows(run)]),
         "device_rounds": (DEVICE_ROUND_COLUMNS, [r for run in runs for r in device_round_rows(run)]),
+        "energy": (ENERGY_COLUMNS, [r for run in runs for r in energy_rows(run.device_rounds, run.name)]),
     }
     csvs = {name: write_csv(out / f"{name}.csv", cols, rows) for name, (cols, rows) in tables.items()}
     plots = _write_plots(runs, out)

@@ -49,7 +49,7 @@ class ModelEvaluator:
 
 
 def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: BandwidthMeter,
-                 timers: TimerScheduler) -> RoundEngine:
+                 timers: TimerScheduler, bytes_kind: str = "wire") -> RoundEngine:
     """The round engine of a run, with the server's backbone, strategy, run log, checkpoints and evaluator."""
     run_dir = Path(run_dir)
     if cfg.device_args.num_threads:
@@ -68,7 +68,8 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
         dump_config(cfg, run_dir / "config.yaml")
     evaluator = ModelEvaluator(method, model, _server_test_loader(cfg, backbone.data_config), device)
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint), method.get_state(model), build_strategy(cfg.train_args),
+        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(model),
+        build_strategy(cfg.train_args),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
         evaluator=evaluator, traffic=MeterTraffic(meter),
@@ -104,12 +105,12 @@ class ServerApp(ServerManager):
     """One federated run over MQTT, from the first join to FINISH; `resume` continues from the last checkpoint."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
-                 backend: BackendFactory | None = None) -> None:
+                 backend: BackendFactory | None = None, bytes_kind: str = "wire") -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         meter = BandwidthMeter()
         timers = ThreadTimers()
-        engine = build_engine(cfg, self.run_dir, resume, meter, timers)
+        engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind)
         super().__init__(engine, timers, cfg.comm_args, cfg.common_args.run_id, meter, backend=backend)
 
 

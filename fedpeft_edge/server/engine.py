@@ -76,13 +76,14 @@ class RunSpec:
     num_classes: int = 10
     checkpoint_every: int = 1
     model_desc: str = ""  # "model X, weights Y" for refusal texts
+    bytes_kind: str = "wire"  # what the traffic figures count: "wire" (MQTT) or "encoded" (in-process simulation)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str) -> RunSpec:
+    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire") -> RunSpec:
         return cls(cfg.train_args, cfg.common_args.random_seed, cfg.common_args.run_id, manifest, fingerprint,
                    cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
                    cfg.tracking_args.checkpoint_every,
-                   f"{cfg.model_args.model}, weights {cfg.model_args.weights}")
+                   f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind)
 
 
 @dataclasses.dataclass
@@ -133,7 +134,7 @@ class RoundEngine:
         self.clock, self.timers, self.runlog = clock, timers, runlog
         self.checkpoints, self.evaluator, self.traffic = checkpoints, evaluator, traffic
         self.rounds = RoundController(self.args, spec.seed)
-        self.records = RoundRecords(runlog, traffic, self.mode)
+        self.records = RoundRecords(runlog, traffic, self.mode, spec.bytes_kind)
         self.divergence = DivergenceWatch(runlog, spec.num_classes, self.args.learning_rate)
         self.admission = UpdateAdmission(spec.manifest, spec.max_update_bytes, self.args.send_delta,
                                          self.args.max_update_norm, self.args.update_norm_action)
@@ -547,6 +548,7 @@ class RoundEngine:
         self.runlog.sync()
         summary = build_summary(self.runlog.records("round"), self.spec.manifest.num_params, self.spec.fingerprint)
         summary["end_reason"] = reason
+        summary["bytes_kind"] = self.spec.bytes_kind
         self.runlog.write_summary(summary)
         log.log(logging.INFO if reason == "completed" else logging.ERROR, "run %s finished after %d rounds: %s",
                 self.spec.run_id, self.version, reason)

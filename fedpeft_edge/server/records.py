@@ -34,10 +34,11 @@ class Accepted:
 class RoundRecords:
     """Writes device_round and round records with the metered traffic of each device and round."""
 
-    def __init__(self, runlog: RunLogWriter, traffic: Traffic, mode: str) -> None:
+    def __init__(self, runlog: RunLogWriter, traffic: Traffic, mode: str, bytes_kind: str = "wire") -> None:
         self.runlog = runlog
         self.traffic = traffic
         self.mode = mode
+        self.bytes_kind = bytes_kind  # "wire": MQTT packets metered at the socket; "encoded": frames in memory
         self.cum_bytes = 0
 
     def device(
@@ -62,7 +63,7 @@ class RoundRecords:
             staleness_weight=acc.weight if acc and acc.staleness is not None else None,
         )
         rec.update(extra)
-        self.runlog.write("device_round", **rec)
+        self.runlog.write("device_round", **rec, bytes_kind=self.bytes_kind)
 
     def round(self, round_idx: int, attempt: int, ok: bool, selected: Iterable[str], accepted: int,
               dropped: dict[str, int], round_s: float, aggregate_s: float, eval_res: dict[str, Any] | None,
@@ -73,7 +74,7 @@ class RoundRecords:
             "round", round=round_idx, attempt=attempt, status="aggregated" if ok else "failed",
             selected=list(selected), accepted=accepted if ok else 0, dropped=dropped, bytes_down=down,
             bytes_up=up, cum_bytes=self.cum_bytes, round_s=round_s, aggregate_s=aggregate_s, eval=eval_res,
-            devices_online=devices_online, mode=self.mode, **extra,
+            devices_online=devices_online, mode=self.mode, bytes_kind=self.bytes_kind, **extra,
         )
 
 

@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -30,15 +31,17 @@ from fedpeft_edge.errors import CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import ConnectionReady, Presence
 from fedpeft_edge.protocol import keys as M
-from fedpeft_edge.transport.fedml import BaseCommunicationManager, Message
+from fedpeft_edge.transport.fedml import BaseCommunicationManager
+from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import Reassembler, is_chunk, parse_chunk, split_payload
-from fedpeft_edge.wire.codec import BLOB_KEY_PARAM, decode_message, message_parts
+from fedpeft_edge.wire.codec import decode_message, message_parts
 from fedpeft_edge.wire.packet import max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
 
 _DEDUP_WINDOW = 4096
+_ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every device)
 _MAX_INFLIGHT = 16  # chunks awaiting PUBACK per client: bounds memory for a 300 MB transfer
 
 
@@ -79,6 +82,8 @@ _STOP = object()
 class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-type]
     """One node (the server, id 0, or a device) of a run, on an MQTT broker."""
 
+    bytes_kind = "wire"  # whole PUBLISH packets as they crossed the network
+
     def __init__(
         self,
         comm_args: CommArgs,
@@ -111,6 +116,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._ack_counter = 0
         self._acks: dict[int, tuple[int, int]] = {}  # mid -> (ack sequence number, reason code)
         self._mqtt5 = comm_args.mqtt_version == "5"
+        self._online_payload = b""  # this session's ONLINE presence, re-sent as is by the presence echo
+        self._echo_due = False
+        self._echo_at = 0.0
         self._client = self._make_client(client_id or f"fedpeft-{run_id}-{node_id}-{uuid.uuid4().hex[:6]}")
         self._connect(connect_timeout_s)
 
@@ -163,11 +171,13 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._connected.set()
             return
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        _set_nodelay(client)
         if self.is_server:
             client.subscribe([(self.topics.all_d2s(), 1), (self.topics.all_presence(), 1)])
         else:
             client.subscribe([(self.topics.s2d(self.node_id), 1), (self.topics.presence(M.SERVER_ID), 1)])
-        client.publish(self.topics.presence(self.node_id), self._presence_payload(M.PRESENCE_ONLINE), 1, True)
+        self._online_payload = self._presence_payload(M.PRESENCE_ONLINE)
+        client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
         reconnect = self.state is State.RECONNECTING
         self.state = State.CONNECTED
         self._connected.set()
@@ -236,6 +246,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 item = self._inbox.get(block=block, timeout=timeout_s if block else None)
             except queue.Empty:
                 self._reassembler.expire()
+                self._echo_presence()
                 return done
             block = False
             if item is _STOP:
@@ -244,6 +255,15 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             if message is not None:
                 self._dispatch(message)
                 done += 1
+
+    def _echo_presence(self) -> None:
+        """Re-publish this session's ONLINE presence if a device came online (comm_args.presence_echo)."""
+        now = time.monotonic()
+        if not self._echo_due or now - self._echo_at < _ECHO_INTERVAL_S or self.state is not State.CONNECTED:
+            return
+        self._echo_due, self._echo_at = False, now
+        self._client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
+        log.debug("node %s re-announced its presence for devices that came online", self.node_id)
 
     def _dispatch(self, message: Any) -> None:
         for observer in list(self._observers):
@@ -259,7 +279,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         """
         params = dict(msg.get_params())
         params.setdefault(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
-        blob = _pop_blob(params)
+        blob = pop_blob(params)
         topic, peer = self._route(params)
         parts = message_parts(params, blob)
         total = sum(memoryview(p).nbytes for p in parts)
@@ -275,7 +295,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             end = time.time()
         rec = TransferRecord(
             direction="down" if self.is_server else "up", sent=True, peer=peer,
-            round=_round_of(params), msg_type=params.get(M.MSG_ARG_KEY_TYPE),
+            round=round_of(params), msg_type=params.get(M.MSG_ARG_KEY_TYPE),
             msg_id=params[M.MSG_ARG_KEY_MSG_ID], chunks=len(sizes), mqtt_bytes=sum(sizes),
             payload_bytes=total, chunk_bytes=tuple(sizes), start=start, end=end,
         )
@@ -427,19 +447,14 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self, node: str, params: dict[str, Any], sizes: list[int], start: float, end: float, payload: int
     ) -> None:
         self.meter.record(TransferRecord(
-            direction="up" if self.is_server else "down", sent=False, peer=node, round=_round_of(params),
+            direction="up" if self.is_server else "down", sent=False, peer=node, round=round_of(params),
             msg_type=params.get(M.MSG_ARG_KEY_TYPE, "dropped"), msg_id=params.get(M.MSG_ARG_KEY_MSG_ID),
             chunks=len(sizes), mqtt_bytes=sum(sizes), payload_bytes=payload, chunk_bytes=tuple(sizes),
             start=start, end=end,
         ))
 
     def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None) -> Any:
-        required = (M.MSG_ARG_KEY_TYPE, M.MSG_ARG_KEY_SENDER, M.MSG_ARG_KEY_RECEIVER)
-        missing = [k for k in required if k not in params]
-        if missing:
-            raise CodecError(f"message from {node} lacks {missing}; every message needs {required}")
-        if str(params[M.MSG_ARG_KEY_SENDER]) != node:
-            raise CodecError(f"message claims sender {params[M.MSG_ARG_KEY_SENDER]!r} on node {node}'s topic")
+        check_frame(node, params)
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         if msg_id is not None:
             if (node, str(msg_id)) in self._seen:
@@ -448,14 +463,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._seen[(node, str(msg_id))] = None
             while len(self._seen) > _DEDUP_WINDOW:
                 self._seen.popitem(last=False)
-        blob_key = params.pop(BLOB_KEY_PARAM, None)
-        if (blob is None) != (blob_key is None) or (blob_key is not None and not isinstance(blob_key, str)):
-            raise CodecError(f"message from {node} has a malformed blob key {blob_key!r}")
-        if blob_key is not None:
-            params[blob_key] = blob
-        message = Message()
-        message.init_from_json_object(params)
-        return message
+        return message_from_frame(node, params, blob)
 
     def _presence(self, node: str, item: _Inbound) -> Any:
         if node == str(self.node_id) or not item.payload:
@@ -468,23 +476,19 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed presence from %s: %r", node, item.payload[:80])
             return None
+        if self.is_server and self.args.presence_echo and status == M.PRESENCE_ONLINE:
+            self._echo_due = True  # sent from poll(), so a burst of devices coming online costs one echo
         since = body.get("time")
         return Presence(node=node, online=status == M.PRESENCE_ONLINE,
                         since=float(since) if isinstance(since, (int, float)) else None,
                         receiver=str(self.node_id)).to_message()
 
 
-def _pop_blob(params: dict[str, Any]) -> memoryview | None:
-    keys = [k for k, v in params.items() if isinstance(v, (bytes, bytearray, memoryview))]
-    if len(keys) > 1:
-        raise CodecError(f"a message carries at most one binary param, got {keys}; merge them into one blob")
-    if not keys:
-        return None
-    blob = memoryview(params.pop(keys[0]))
-    params[BLOB_KEY_PARAM] = keys[0]
-    return blob
-
-
-def _round_of(params: dict[str, Any]) -> int | None:
-    value = params.get(M.MSG_ARG_KEY_ROUND)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _set_nodelay(client: mqtt.Client) -> None:
+    """Disable Nagle: a message's last segment and every PUBACK go out at once, not after a delayed ACK."""
+    sock = client.socket()
+    if isinstance(sock, (socket.socket, ssl.SSLSocket)):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # not TCP (a unix socket or websocket proxy): nothing to tune
+            log.debug("TCP_NODELAY not set: %s", exc)

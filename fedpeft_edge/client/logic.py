@@ -1,0 +1,256 @@
+"""One device's side of the protocol, transport-free: a server message in, the device's replies out.
+
+`DeviceLogic` holds no connection: a single agent, a fleet host and the simulator hand it the messages their
+comm manager received and send what it returns. Training happens in `train()`, which the host may run on a
+worker thread; `classify_sync()` is the quick decision taken on the receive loop's thread.
+
+Liveness (#12.6): the device trains at most once per round (its privacy budget is spent per round). A repeated
+sync for the round it already answered resends the stored reply, at most `train_args.resend_rate_per_round`
+times; a sync for an older round, or for the round it is training right now, is ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from fedpeft_edge.client.device import DeviceState
+from fedpeft_edge.client.runtime import SharedRuntime, TrainingSlot
+from fedpeft_edge.errors import BudgetExhaustedError, FedPeftError, ProtocolError
+from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
+from fedpeft_edge.protocol import (
+    SERVER_ID,
+    ClientStatus,
+    ConnectionReady,
+    DeviceErrorReport,
+    DeviceReport,
+    Finish,
+    Join,
+    JoinAck,
+    Presence,
+    ProtocolMessage,
+    RoundTask,
+    Update,
+)
+from fedpeft_edge.protocol.keys import STATUS_BUDGET_EXHAUSTED, STATUS_ONLINE
+from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
+
+EXIT_FINISHED = 0
+EXIT_REFUSED = 3
+
+Reply = Update | DeviceErrorReport | ClientStatus
+
+
+class SyncAction(enum.Enum):
+    """What a device does with a round task."""
+
+    TRAIN = "train"
+    RESEND = "resend"
+    IGNORE = "ignore"
+
+
+class DeviceLogic:
+    """Join, train each round once, resend on request (rate-limited), stop on FINISH."""
+
+    def __init__(self, runtime: SharedRuntime, state: DeviceState, meter: BandwidthMeter | None = None) -> None:
+        self.runtime = runtime
+        self.state = state
+        self.meter = meter if meter is not None else BandwidthMeter()
+        cfg = runtime.cfg
+        self._train_args, self._comm = cfg.train_args, cfg.comm_args
+        self._max_resends = cfg.train_args.resend_rate_per_round
+        self._slowdown = cfg.device_args.slowdown_factor
+        self.finished = False
+        self.refusal: str | None = None
+        self.exit_code = EXIT_FINISHED
+        self._server_online: bool | None = None
+        self._server_session: Any = None
+        self._lock = threading.Lock()
+        # Tasks are keyed (round, task number) in async mode, where one round index hands out several tasks, and
+        # (round, 0) in sync mode, where a retried attempt of an answered round asks for the same update again.
+        self._training: tuple[int, int] | None = None  # the task being trained now
+        self._last_task = (-1, 0)  # the last task this device trained (or failed) for
+        self._last_reply: Reply | None = None
+        self._resends = 0
+
+    @property
+    def device_id(self) -> str:
+        return self.state.identity.device_id
+
+    # --- dispatch -------------------------------------------------------------------------------------------
+    def handle(self, msg: ProtocolMessage) -> list[ProtocolMessage]:
+        """Every message inline (training included): the replies to send. The simulator's path."""
+        if isinstance(msg, RoundTask):
+            action, reply = self.classify_sync(msg)
+            if action is SyncAction.TRAIN:
+                return self.train(msg)
+            return [reply] if reply is not None else []
+        return self.handle_control(msg)
+
+    def handle_control(self, msg: ProtocolMessage) -> list[ProtocolMessage]:
+        """Connection, presence, join-ack and finish: quick, on the receive loop's thread."""
+        if isinstance(msg, ConnectionReady):
+            # After a reconnect, announce again if the server is known to be up; at start-up wait for its
+            # (retained) presence instead, so a device joins once.
+            return [self.join()] if self._server_online else []
+        if isinstance(msg, Presence):
+            return self._on_presence(msg)
+        if isinstance(msg, JoinAck):
+            self._on_ack(msg)
+        elif isinstance(msg, Finish):
+            log.info("%s: the server finished the run", self.device_id)
+            self.finished = True
+        return []
+
+    # --- join -----------------------------------------------------------------------------------------------
+    def join(self) -> Join:
+        """What the device announces at join (and again after every reconnect or server restart)."""
+        rt, st = self.runtime, self.state
+        return Join(
+            sender=self.device_id, client_idx=st.identity.client_index, backbone_fingerprint=rt.fingerprint,
+            manifest_hash=rt.manifest.hash, manifest=rt.manifest.to_json(), num_samples=st.num_samples,
+            profile=rt.profile, data_stats=st.data.stats(), epsilon=st.epsilon(),
+            client_status=STATUS_BUDGET_EXHAUSTED if st.exhausted else STATUS_ONLINE,
+        )
+
+    def _on_presence(self, msg: Presence) -> list[ProtocolMessage]:
+        """Join whenever a new server session comes online (first sight, server restart, broker restart)."""
+        if msg.node != str(SERVER_ID):
+            return []
+        out: list[ProtocolMessage] = []
+        if msg.online and (self._server_online is not True or msg.since != self._server_session):
+            log.info("server is online: announcing %s", self.device_id)
+            out.append(self.join())
+        self._server_online, self._server_session = msg.online, msg.since
+        return out
+
+    def _on_ack(self, msg: JoinAck) -> None:
+        if msg.accepted:
+            log.info("%s joined the run", self.device_id)
+            return
+        self.refusal = str(msg.reason)
+        log.error("the server refused device %s: %s", self.device_id, self.refusal)
+        self.exit_code = EXIT_REFUSED
+        self.finished = True
+
+    # --- rounds ---------------------------------------------------------------------------------------------
+    def classify_sync(self, task: RoundTask) -> tuple[SyncAction, Reply | None]:
+        """Decide (quickly, thread-safe) whether to train, resend the stored reply, or ignore this task."""
+        key = _task_key(task)
+        with self._lock:
+            if self._training == key or key < self._last_task:
+                log.info("%s: task for round %d ignored (%s)", self.device_id, task.round,
+                         "training it now" if self._training == key else f"trained {self._last_task[0]}")
+                return SyncAction.IGNORE, None
+            if key == self._last_task and self._last_reply is not None:
+                return self._resend(task.round)
+            if self._training is not None:
+                return SyncAction.IGNORE, None
+            if task.deadline is not None and time.time() > task.deadline:
+                log.warning("%s: round %d arrived after its deadline; skipping it", self.device_id, task.round)
+                return SyncAction.IGNORE, None
+            self._training = key
+            return SyncAction.TRAIN, None
+
+    def _resend(self, round_idx: int) -> tuple[SyncAction, Reply | None]:
+        if self._resends >= self._max_resends or self._last_reply is None:
+            log.warning("%s: round %d asked again; already resent %d times (train_args.resend_rate_per_round)"
+                        ", ignoring", self.device_id, round_idx, self._resends)
+            return SyncAction.IGNORE, None
+        # The server asks again (it restarted, or the update was lost with the broker, or it arrived while no
+        # round was open): the same reply as a new message, since the transport drops a repeated msg_id.
+        self._resends += 1
+        log.info("%s: round %d asked again: resending (%d/%d)", self.device_id, round_idx, self._resends,
+                 self._max_resends)
+        if isinstance(self._last_reply, Update):
+            return SyncAction.RESEND, dataclasses.replace(self._last_reply, msg_id=uuid.uuid4().hex,
+                                                          sent_at=time.time())
+        return SyncAction.RESEND, self._last_reply
+
+    def train(self, task: RoundTask) -> list[ProtocolMessage]:
+        """Train the round classify_sync() said to train; the reply (update, error or budget status)."""
+        reply: Reply
+        try:
+            reply = self._train_round(task)
+        except BudgetExhaustedError as exc:
+            log.warning("%s: %s: leaving later rounds", self.device_id, exc)
+            self.state.exhausted = True
+            reply = ClientStatus(sender=self.device_id, status=STATUS_BUDGET_EXHAUSTED, round=task.round,
+                                 epsilon=self.state.epsilon())
+        except Exception as exc:  # a device failure goes back to the server; the device keeps serving
+            if not isinstance(exc, FedPeftError):
+                log.exception("%s: round %d failed", self.device_id, task.round)
+            reply = DeviceErrorReport(sender=self.device_id, round=task.round, error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self._training = None
+            self._last_task, self._last_reply, self._resends = _task_key(task), reply, 0
+        self.meter.forget(up_to_round=task.round - 1)
+        return [reply]
+
+    def _train_round(self, task: RoundTask) -> Update:
+        st, rt = self.state, self.runtime
+        if st.exhausted:
+            raise BudgetExhaustedError(f"device {self.device_id} has spent its privacy budget")
+        if st.privatizer is not None:
+            st.privatizer.check_budget()  # refuse before training, not after spending budget on it
+        if task.manifest_hash != rt.manifest.hash:
+            raise ProtocolError(
+                f"server sent tensors for manifest {task.manifest_hash[:12]}, this device runs "
+                f"{rt.manifest.hash[:12]} ({rt.manifest.method}); run the agent with the server's config")
+        with rt.activate(st) as slot:
+            report, local = self._train_window(task, slot)
+        t_enc = time.perf_counter()
+        blob = encode_tensors(local, rt.manifest, self._comm.encoding)
+        encode_s = time.perf_counter() - t_enc
+        epsilon = float(st.privatizer.end_round(task.round)) if st.privatizer is not None else None
+        download_s = transfer_seconds(self.meter.transfers(round=task.round), task.sent_at)
+        report = dataclasses.replace(report, encode_s=encode_s, epsilon=epsilon, download_s=download_s)
+        log.info("%s: round %d trained, loss %s", self.device_id, task.round, report.train_loss)
+        return Update(
+            sender=self.device_id, round=task.round, num_samples=st.num_samples, blob=blob, report=report,
+            manifest_hash=rt.manifest.hash, encoding=self._comm.encoding, is_delta=self._train_args.send_delta,
+            model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
+        )
+
+    def _train_window(self, task: RoundTask, slot: TrainingSlot) -> tuple[DeviceReport, dict[str, Any]]:
+        """Inside activate(): set the global tensors, train, read the local tensors back."""
+        rt, st = self.runtime, self.state
+        t0 = time.perf_counter()
+        global_state = decode_tensors(task.blob, rt.manifest, rt.manifest.hash, self._comm.max_update_bytes,
+                                      copy=True)
+        rt.load_peft(st, global_state)
+        t_loaded = time.perf_counter()
+        global_eval = rt.evaluate(st) if task.evaluate else None
+        cpu0 = time.thread_time()
+        with rt.monitor.measure() as meas:
+            result = slot.trainer.train(epochs=self._train_args.epochs, max_steps=self._train_args.max_steps)
+        train_cpu_s = time.thread_time() - cpu0
+        if self._slowdown > 1.0:  # tests only: a slow device
+            time.sleep((self._slowdown - 1.0) * (time.perf_counter() - t_loaded))
+        local = rt.current_peft(st)
+        if self._train_args.send_delta:
+            local = {k: v - global_state[k] for k, v in local.items()}
+        resources = dict(meas.summary())
+        # Per device: this device's training window on its worker thread, and its own state's bytes. Shared:
+        # the frozen backbone every device of this process uses (counted once, not per device).
+        resources["device"] = {"train_thread_cpu_s": train_cpu_s, "state_bytes": st.nbytes(),
+                               "shared_backbone_bytes": rt.shared_bytes(), "scope": "per-device window"}
+        report = DeviceReport(
+            train_loss=result.loss, train_acc=result.accuracy, steps=result.steps, samples_seen=result.samples,
+            train_s=result.wall_s, set_state_s=t_loaded - t0,
+            images_per_s=result.samples / result.wall_s if result.wall_s > 0 else None,
+            resources=resources, global_eval=global_eval,
+        )
+        return report, local
+
+
+def _task_key(task: RoundTask) -> tuple[int, int]:
+    """What tells one task from another: the round, and in async mode also the task number (`attempt`)."""
+    return task.round, task.attempt if task.mode == "async" else 0
