@@ -48,9 +48,7 @@ class UpdateAdmission:
         """The update relative to `base` (the global model it trained from); `as_delta` returns a delta."""
         tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.max_update_bytes)
         samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
-        if self.max_norm is None and not as_delta:  # nothing to bound: aggregate the tensors as they came
-            if not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
-                raise CodecError(f"update from {msg.sender} holds non-finite values; the device diverged")
+        if self.max_norm is None and not as_delta:  # nothing to bound (decode_tensors refused NaN/inf already)
             return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,
                             None)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
