@@ -28,7 +28,7 @@ class NormBoundExceeded(Exception):
 class Admitted:
     update: ClientUpdate
     num_samples: int
-    norm: float
+    norm: float | None  # L2 distance from the global model it trained on (None: no bound set, not computed)
     norm_action: str | None  # "clipped" or None
 
 
@@ -47,6 +47,10 @@ class UpdateAdmission:
               as_delta: bool = False) -> Admitted:
         """The update relative to `base` (the global model it trained from); `as_delta` returns a delta."""
         tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.max_update_bytes)
+        samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
+        if self.max_norm is None and not as_delta:  # nothing to bound (decode_tensors refused NaN/inf already)
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,
+                            None)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
                   for k, t in tensors.items()}
         norm = math.sqrt(sum(float(torch.sum(d * d)) for d in deltas.values()))
@@ -59,7 +63,6 @@ class UpdateAdmission:
             factor = self.max_norm / norm
             deltas = {k: d * factor for k, d in deltas.items()}
             action = "clipped"
-        samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
         if as_delta:
             return Admitted(ClientUpdate(msg.sender, samples, deltas, is_delta=True), samples, norm, action)
         if action is None:  # unchanged tensors: FedAvg of them is exactly the sample-weighted mean of locals

@@ -265,3 +265,21 @@ def test_the_run_finishes_after_comm_round_rounds(tmp_path: Path) -> None:
     assert h.engine.finished and h.engine.end_reason == "completed"
     assert {m.receiver for m in h.out if isinstance(m, Finish)} == {"d1", "d2", "d3"}
     assert all(isinstance(m, (JoinAck, RoundTask, Finish)) for m in h.out)
+
+
+def test_an_update_with_non_finite_values_is_dropped_as_invalid(tmp_path: Path) -> None:
+    from fedpeft_edge.protocol import Update
+    from fedpeft_edge.wire.codec import encode_tensors
+
+    h, sel = _open(tmp_path)
+    good = bytes(encode_tensors(state(1), MANIFEST, "fp32"))
+    raw = bytearray(good)
+    # Put a NaN into the tensor bytes the codec carries (it refuses to encode one itself).
+    nan_at = raw.find(state(1)["a.bias"].numpy().tobytes())
+    raw[nan_at:nan_at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    assert bytes(raw) != good
+    h.send(Update(sender=sel[0], round=1, num_samples=10, blob=bytes(raw)))
+    cur = h.engine.rounds.current
+    assert cur is not None and cur.dropped["invalid"] == 1
+    rec = next(r for r in h.records("device_round") if r["device_id"] == sel[0])
+    assert "non-finite" in rec["drop_reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from engine_harness import Harness, state
@@ -11,9 +12,9 @@ from engine_harness import Harness, state
 from fedpeft_edge.protocol import RoundTask
 
 
-def _async(tmp_path: Path, **kw: object) -> Harness:
-    args = dict(round_mode="async", client_num_per_round=3, async_buffer_size=2, max_staleness=1, min_devices=3,
-                min_updates=1, comm_round=5)
+def _async(tmp_path: Path, **kw: Any) -> Harness:
+    args: dict[str, Any] = dict(round_mode="async", client_num_per_round=3, async_buffer_size=2,
+                                max_staleness=1, min_devices=3, min_updates=1, comm_round=5)
     args.update(kw)
     h = Harness(tmp_path, **args)
     h.join("d1", "d2", "d3", samples=10)
