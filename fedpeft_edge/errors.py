@@ -65,3 +65,7 @@ class CheckpointError(FedPeftError):
 
 class ExportError(FedPeftError):
     """An ONNX export failed or its parity check disagreed with PyTorch."""
+
+
+class StudyError(FedPeftError):
+    """A study's run failed to execute or its study directory does not match the study."""
