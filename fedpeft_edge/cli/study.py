@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,15 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedpeft_edge.config import load_study_config
+    from fedpeft_edge.config import load_config, load_study_config
     from fedpeft_edge.study.executor import build_executor
     from fedpeft_edge.study.runner import StudyRunner
 
     overrides = {}
-    if args.base:
-        from pathlib import Path
-
-        overrides["base_config"] = str(Path(args.base).resolve())
+    if args.base:  # another base gets its own study directory, so its runs never overwrite the shipped base's
+        base = Path(args.base).resolve()
+        overrides["base_config"] = str(base)
+        name = load_study_config(args.study_file).name
+        overrides["study_dir"] = str(Path(load_config(base).tracking_args.run_dir) / "studies" / f"{name}-{base.stem}")
     study = load_study_config(args.study_file, overrides)
     executor = build_executor(args.executor or study.executor)
     runner = StudyRunner(study, executor, args.study_dir, progress=lambda line: print(line, flush=True))

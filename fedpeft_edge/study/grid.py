@@ -25,9 +25,9 @@ from fedpeft_edge.errors import ConfigError
 METHOD_KEY = "peft_args.method"
 SEED_KEY = "common_args.random_seed"
 # Settings that do not change what a run computes: left out of its config hash (the MQTT executor picks a
-# free broker port, the study places the run directory).
+# free broker port, the study places the run directory and the devices' state directory).
 VOLATILE_KEYS = ("common_args.run_id", "tracking_args.run_dir", "tracking_args.log_level",
-                 "comm_args.broker_host", "comm_args.broker_port")
+                 "comm_args.broker_host", "comm_args.broker_port", "device_args.state_dir")
 _ALIASES = {"learning_rate": "lr", "random_seed": "seed", "partition_alpha": "alpha",
             "partition_method": "partition", "client_num_per_round": "per_round", "target_epsilon": "eps",
             "encoding": "enc", "client_num_in_total": "devices", "comm_round": "rounds"}

@@ -5,7 +5,8 @@ given), `runs/<run_id>/` (ordinary run directories), `logs/<run_id>.log` (each r
 comparison report. A run counts as finished when its summary.json exists and the config.yaml its server
 saved hashes (study.grid.config_hash) to the planned config's hash; a half-finished run directory is
 removed and the run starts afresh; a finished run made under another config is moved aside as
-`runs/<run_id>.stale-<hash>` before it is redone.
+`runs/<run_id>.stale-<time>` before it is redone. Each run's devices keep their state (privacy ledgers) in
+`state/<run_id>/`, emptied whenever the run starts, so one run's spent budget never carries into another.
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ class StudyRunner:
             aside = run_dir.with_name(f"{run.run_id}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
             self.progress(f"{tag}: finished under another config; moved to {aside.name}, running again")
             run_dir.rename(aside)
-        cfg = replace_in(run.config, **{"tracking_args.run_dir": str(self.runs_dir)})
+        state_dir = self.dir / "state" / run.run_id  # the devices' privacy ledgers: one fresh set per run
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        cfg = replace_in(run.config, **{"tracking_args.run_dir": str(self.runs_dir),
+                                        "device_args.state_dir": str(state_dir)})
         config_path = self.dir / "configs" / f"{run.run_id}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, config_path)
