@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -78,3 +79,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
+
+
+def describe_divergence(rec: dict[str, Any]) -> str:
+    """One line for a `divergence` record: where, what was seen, and the engine's named cause."""
+    where = f"round {rec.get('round')}" + (f" device {rec['device_id']}" if rec.get("device_id") else "")
+    seen = []
+    for key in ("train_loss", "top1", "threshold"):
+        value = rec.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seen.append(f"{key} {value:.4g}" if math.isfinite(value) else f"{key} {value}")
+    cause = rec.get("message") or rec.get("cause") or rec.get("reason") or ""
+    return f"{where}: {', '.join(seen)}{'; ' if seen and cause else ''}{cause}"

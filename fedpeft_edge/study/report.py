@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fedpeft_edge.config import StudyConfig  # noqa: E402
 from fedpeft_edge.metering.report import RunData, html_table, load_run, round_rows, write_csv  # noqa: E402
-from fedpeft_edge.server.runlog import read_metrics  # noqa: E402
+from fedpeft_edge.server.runlog import describe_divergence, read_metrics  # noqa: E402
 from fedpeft_edge.study.grid import SEED_KEY, PlannedRun  # noqa: E402
 
 MB = 1e6
@@ -124,8 +124,6 @@ def _bytes_rows(groups: Mapping[str, Sequence[_Run]]) -> list[dict[str, Any]]:
 
 
 def _divergence_rows(runs: Sequence[_Run]) -> list[dict[str, Any]]:
-    from fedpeft_edge.study.runner import describe_divergence
-
     return [{"run": r.planned.run_id, "round": d.get("round"), "device_id": d.get("device_id"),
              "learning_rate": d.get("learning_rate", r.planned.config.train_args.learning_rate),
              "train_loss": d.get("train_loss"), "top1": d.get("top1"), "message": describe_divergence(d)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 
 from fedpeft_edge.config import StudyConfig, config_to_dict, dump_config, load_config, replace_in
 from fedpeft_edge.errors import ConfigError, FedPeftError, StudyError
+from fedpeft_edge.server.runlog import describe_divergence
 from fedpeft_edge.study.executor import Executor
 from fedpeft_edge.study.grid import PlannedRun, config_hash, expand_study
 
@@ -206,18 +206,6 @@ class _RunProgress:
         acc = f", final top-1 {100 * self.last_top1:.1f}%" if self.last_top1 is not None else ""
         flags = f", {len(self.divergences)} divergence flag(s)" if self.divergences else ""
         return f"{acc}, {self.cum_bytes / 1e6:.2f} MB{flags}"
-
-
-def describe_divergence(rec: dict[str, Any]) -> str:
-    """One line for a `divergence` record: where, what was seen, and the engine's named cause."""
-    where = f"round {rec.get('round')}" + (f" device {rec['device_id']}" if rec.get("device_id") else "")
-    seen = []
-    for key in ("train_loss", "top1", "threshold"):
-        value = rec.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            seen.append(f"{key} {value:.4g}" if math.isfinite(value) else f"{key} {value}")
-    cause = rec.get("message") or rec.get("cause") or rec.get("reason") or ""
-    return f"{where}: {', '.join(seen)}{'; ' if seen and cause else ''}{cause}"
 
 
 def _count(value: Any) -> Any:
