@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fl_processes import write_config
 
 from fedpeft_edge.config import load_study_config
 from fedpeft_edge.server.runlog import read_metrics
 from fedpeft_edge.study.executor import SimulateExecutor
 from fedpeft_edge.study.runner import StudyRunner
-from fl_processes import write_config
 
 pytestmark = [
     pytest.mark.integration,
