@@ -136,8 +136,14 @@ def _axis(name: str, values: Any, study: str) -> Axis:
     return Axis(name, tuple(format_value(lb) for lb in values), tuple(dict(s) for s in values.values()))
 
 
+def axis_label(name: str) -> str:
+    """The short name of a grid axis: its last key component, aliased (`train_args.learning_rate` -> `lr`)."""
+    last = name.rsplit(".", 1)[-1]
+    return _ALIASES.get(last, last)
+
+
 def _short_names(axes: Sequence[Axis]) -> dict[Axis, str]:
-    short = {a: _ALIASES.get(a.name.rsplit(".", 1)[-1], a.name.rsplit(".", 1)[-1]) for a in axes}
+    short = {a: axis_label(a.name) for a in axes}
     counts = {s: list(short.values()).count(s) for s in short.values()}
     return {a: s if counts[s] == 1 else a.name.replace(".", "-") for a, s in short.items()}
 

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedpeft_edge.config import StudyConfig  # noqa: E402
 from fedpeft_edge.metering.report import RunData, html_table, load_run, round_rows, write_csv  # noqa: E402
 from fedpeft_edge.server.runlog import describe_divergence, read_metrics  # noqa: E402
-from fedpeft_edge.study.grid import SEED_KEY, PlannedRun  # noqa: E402
+from fedpeft_edge.study.grid import SEED_KEY, PlannedRun, axis_label  # noqa: E402
 
 MB = 1e6
 FINAL_COLUMNS = ("group", "method", "runs", "seeds", "top1_mean", "top1_std", "top1_min", "top1_max",
@@ -42,7 +42,7 @@ class _Run:
         self.rounds = [r for r in round_rows(data)
                        if next((x for x in data.rounds if x.get("round") == r["round"]), {})
                        .get("status", "aggregated") == "aggregated"]
-        self.group = ", ".join(f"{k}={v}" for k, v in planned.assignment if k != SEED_KEY) or "all runs"
+        self.group = ", ".join(f"{axis_label(k)}={v}" for k, v in planned.assignment if k != SEED_KEY) or "all runs"
         self.divergences = read_metrics(data.path, "divergence")
         eps = [_last_epsilon(data.device_rounds, dev) for dev in {d.get("device_id") for d in data.device_rounds}]
         present = [e for e in eps if e is not None]

@@ -114,7 +114,7 @@ def test_report_tables_spread_and_flagged_runs(tmp_path: Path) -> None:
     import csv
 
     final = {r["group"]: r for r in csv.DictReader((out / "final_accuracy.csv").open())}
-    row = final["peft_args.method=head, train_args.learning_rate=0.01"]
+    row = final["method=head, lr=0.01"]
     assert row["runs"] == "2" and row["seeds"] == "0 1"
     assert float(row["top1_min"]) == pytest.approx(0.21) and float(row["top1_max"]) == pytest.approx(0.22)
     assert float(row["top1_std"]) == pytest.approx(0.00707, rel=1e-2)
