@@ -15,10 +15,17 @@ from fedpeft_edge.errors import FedPeftError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft-agent", description=__doc__)
     p.add_argument("--config", required=True, help="the run's YAML config (same as the server's)")
-    p.add_argument("--device-id", required=True, help="this device's id (letters, digits, '-', '_')")
+    p.add_argument("--device-id", default=None, help="this device's id (letters, digits, '-', '_')")
     p.add_argument("--client-index", type=int, default=None,
                    help="which partition shard of the shared data set to use (experiments); "
                         "omit to train on the device's own data (--data-dir)")
+    p.add_argument("--fleet", type=int, default=None, metavar="K",
+                   help="host K logical devices on one shared backbone (shards --client-index-start..+K-1)")
+    p.add_argument("--client-index-start", type=int, default=0, help="first partition shard of a --fleet")
+    p.add_argument("--device-id-pattern", default="dev{index}",
+                   help="device ids of a --fleet, formatted with the shard index (default dev{index})")
+    p.add_argument("--train-workers", type=int, default=1,
+                   help="training threads of a --fleet (devices share one model, so they train in turn)")
     p.add_argument("--data-dir", default=None, help="data directory (overrides data_args.data_cache_dir)")
     p.add_argument("--dataset", default=None, help="data set kind (overrides data_args.dataset)")
     p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")
@@ -47,38 +54,54 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def identities_from(args: argparse.Namespace) -> list[Any]:
+    """The devices this process hosts: one (--device-id) or a fleet (--fleet K)."""
+    from fedpeft_edge.client.device import AgentIdentity
+    from fedpeft_edge.client.fleet import fleet_identities
+    from fedpeft_edge.errors import ConfigError
+
+    if args.fleet is not None:
+        if args.device_id or args.client_index is not None:
+            raise ConfigError("--fleet K names its devices by --device-id-pattern and --client-index-start; "
+                              "drop --device-id/--client-index")
+        return fleet_identities(args.fleet, args.client_index_start, args.device_id_pattern)
+    if not args.device_id:
+        raise ConfigError("pass --device-id ID (or --fleet K to host several devices)")
+    return [AgentIdentity(args.device_id, args.client_index)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedpeft_edge.client.agent import AgentIdentity, DeviceAgent
-    from fedpeft_edge.client.manager import DeviceManager
+    from fedpeft_edge.client.fleet import FleetHost
     from fedpeft_edge.config import load_config
 
+    name = args.device_id or f"fleet-{args.client_index_start}"
     try:
         cfg = load_config(args.config, overrides_from(args))
         logging.basicConfig(level=args.log_level or cfg.tracking_args.log_level,
-                            format=f"%(asctime)s %(levelname)s [{args.device_id}] %(name)s: %(message)s")
-        agent = DeviceAgent(cfg, AgentIdentity(args.device_id, args.client_index))
-        manager = DeviceManager(agent, cfg.comm_args, cfg.common_args.run_id)
+                            format=f"%(asctime)s %(levelname)s [{name}] %(threadName)s %(name)s: %(message)s")
+        host = FleetHost(cfg, identities_from(args), train_workers=args.train_workers)
     except FedPeftError as exc:
         print(f"fedpeft-agent: error: {exc}", file=sys.stderr)
         return 2
 
     def stop(_signum: int, _frame: Any) -> None:
         logging.getLogger(__name__).info("SIGTERM: leaving the run")
-        manager.finish()
+        host.stop()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        manager.run()
+        code = host.run()
     except KeyboardInterrupt:
-        manager.finish()
+        host.stop()
         return 130
     finally:
-        manager.com_manager.close()
-    if manager.refusal:
-        print(f"fedpeft-agent: refused by the server: {manager.refusal}", file=sys.stderr)
-    return manager.exit_code
+        host.close()
+    for m in host.managers:
+        if m.refusal:
+            print(f"fedpeft-agent: {m.logic.device_id} refused by the server: {m.refusal}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

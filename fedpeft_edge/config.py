@@ -164,6 +164,7 @@ class DeviceArgs:
     measure_latency: bool = True  # measure batch-1 ONNX inference latency at start-up (device profile)
     latency_runs: int = 20
     state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
+    max_resends_per_round: int = 3  # a repeated sync for an answered round resends the update at most this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,6 +461,7 @@ def _check_run(cfg: RunConfig) -> None:
             f"comm_args.max_message_bytes must be in 1024..268435455 (MQTT's maximum), got {c.max_message_bytes}"
         )
     _positive("comm_args.keepalive_s", c.keepalive_s)
+    _positive("device_args.max_resends_per_round", cfg.device_args.max_resends_per_round, allow_zero=True)
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("comm_args.tls_cert_file and comm_args.tls_key_file must be given together")
     if dp.enabled and (dp.noise_multiplier is None) == (dp.target_epsilon is None):

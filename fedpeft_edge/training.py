@@ -28,6 +28,8 @@ class Privatizer(Protocol):
 
     def epsilon(self) -> float: ...
 
+    def detach(self) -> None: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class StepStats:
@@ -94,17 +96,25 @@ class LocalTrainer:
         self.args = train_args
         self.device = resolve_device(device)
         self.seed, self.on_step, self.keep_optimizer_state = seed, on_step, keep_optimizer_state
-        self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, train_args)
-        self.train_loader = train_loader
+        self._model = model.to(self.device)
+        self.base_optimizer = build_optimizer(self._model, train_args)
+        self.privatizer: Privatizer | None = None
+        self.bind(train_loader, privatizer)
+        self._calls = 0
+        self._steps = 0
+
+    def bind(self, train_loader: Iterable[Batch], privatizer: Privatizer | None = None) -> None:
+        """Train on another loader (and DP wrapper) with the same model and optimizer: how a process that
+        hosts many devices swaps one device's data in. The previous privatizer is detached first."""
+        if self.privatizer is not None:
+            self.privatizer.detach()
+        self.model, self.optimizer, self.train_loader = self._model, self.base_optimizer, train_loader
         self.privatizer = privatizer
         if privatizer is not None:
             self.model, self.optimizer, self.train_loader = privatizer.attach(
                 self.model, self.optimizer, self.train_loader)
-        self._amp = _amp_dtype(self.device, train_args.mixed_precision and privatizer is None)
+        self._amp = _amp_dtype(self.device, self.args.mixed_precision and privatizer is None)
         self._scaler = torch.amp.GradScaler("cuda") if self._amp is torch.float16 else None
-        self._calls = 0
-        self._steps = 0
 
     def train(self, epochs: int | None = None, max_steps: int | None = None) -> TrainResult:
         """Train `epochs` passes, or exactly `max_steps` steps (cycling the loader) when a step count is set."""

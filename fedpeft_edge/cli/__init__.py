@@ -1,4 +1,4 @@
-"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker and study subcommands.
+"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate, study and more.
 
 Each subcommand lives in its own module here exposing `add_arguments(parser)` and `run(args) -> int`;
 modules are imported only when their subcommand runs, so `fedpeft-edge profile` never loads MQTT code.
@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "write report.html, PNG plots and CSVs from one or more run directories",
     "export": "export a fine-tuned model from a run to ONNX, with a parity check",
     "broker": "run a local MQTT broker (mosquitto if installed, else embedded amqtt)",
+    "simulate": "run the server and N devices in one process on one shared backbone (no broker)",
     "study": "run a study (a grid of runs over config keys), resumable, and write its comparison report",
 }
 

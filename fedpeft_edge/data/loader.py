@@ -70,6 +70,11 @@ class TensorImages(Dataset[Sample]):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this data set holds in memory (images or their float cache, and labels)."""
+        return int(self._data.numel() * self._data.element_size() + self.labels.numel() * 8)
+
     def _batch(self, idx: torch.Tensor) -> torch.Tensor:
         return self._data[idx] if self.cached else self.transform(self._data[idx])
 
@@ -93,6 +98,11 @@ class FileImages(Dataset[Sample]):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this data set holds in memory (the labels; images stay on disk)."""
+        return int(self.labels.numel() * self.labels.element_size())
 
     def __getitem__(self, i: int) -> Sample:
         return self.__getitems__([i])[0]

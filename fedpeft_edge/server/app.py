@@ -45,7 +45,7 @@ class _Pending:
 class ServerApp(FedPeftCommManager):
     """One federated run, from the first join to FINISH; `--resume` continues from the last checkpoint."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, backend: Any = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_id = cfg.common_args.run_id
@@ -73,7 +73,7 @@ class ServerApp(FedPeftCommManager):
         else:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.meter = BandwidthMeter()
-        super().__init__(cfg.comm_args, self.run_id, M.SERVER_ID, meter=self.meter)
+        super().__init__(cfg.comm_args, self.run_id, M.SERVER_ID, meter=self.meter, backend=backend)
 
     # --- set-up ---------------------------------------------------------------------------------------
     def _server_test_loader(self, input_spec: Any) -> Any:

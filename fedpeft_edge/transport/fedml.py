@@ -77,7 +77,8 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
 
     Subclasses implement `register_message_receive_handlers()` with `register_message_receive_handler(type,
     fn)`; `run()` blocks in the receive loop and dispatches on the calling thread; `finish()` stops it and
-    disconnects (publishing OFFLINE presence).
+    disconnects (publishing OFFLINE presence). `backend` swaps MQTT for another BaseCommunicationManager
+    (transport.memory, for the simulator).
     """
 
     def __init__(
@@ -87,8 +88,10 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         node_id: str | int,
         meter: BandwidthMeter | None = None,
         connect_timeout_s: float = 10.0,
+        backend: Callable[[str | int, BandwidthMeter | None], Any] | None = None,
     ) -> None:
         self._comm_args = comm_args
+        self._backend = backend  # (node_id, meter) -> a BaseCommunicationManager; None = MQTT
         self._run_id = run_id
         self._meter = meter
         self._connect_timeout_s = connect_timeout_s
@@ -97,6 +100,10 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         super().__init__(args=None, comm=None, rank=rank, size=0, backend="MQTT_FEDPEFT")
 
     def _init_manager(self) -> None:
+        if self._backend is not None:  # e.g. transport.memory for an in-process simulation
+            self.com_manager = self._backend(self.node_id, self._meter)
+            self.com_manager.add_observer(self)
+            return
         from fedpeft_edge.transport.mqtt import MqttCommManager
 
         self.com_manager = MqttCommManager(

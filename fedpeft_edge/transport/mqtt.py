@@ -30,9 +30,10 @@ from fedpeft_edge.errors import CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord, publish_packet_bytes
 from fedpeft_edge.transport import messages as M
 from fedpeft_edge.transport.fedml import BaseCommunicationManager, Message
+from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import Reassembler, is_chunk, parse_chunk, split_payload
-from fedpeft_edge.wire.codec import BLOB_KEY_PARAM, decode_message, message_parts
+from fedpeft_edge.wire.codec import decode_message, message_parts
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ _STOP = object()
 
 class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-type]
     """One node (the server, id 0, or a device) of a run, on an MQTT broker."""
+
+    bytes_kind = "wire"  # whole PUBLISH packets as they crossed the network
 
     def __init__(
         self,
@@ -259,7 +262,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         """
         params = dict(msg.get_params())
         params.setdefault(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
-        blob = _pop_blob(params)
+        blob = pop_blob(params)
         topic, peer = self._route(params)
         parts = message_parts(params, blob)
         total = sum(memoryview(p).nbytes for p in parts)
@@ -275,7 +278,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             end = time.time()
         rec = TransferRecord(
             direction="down" if self.is_server else "up", sent=True, peer=peer,
-            round=_round_of(params), msg_type=params.get(M.MSG_ARG_KEY_TYPE),
+            round=round_of(params), msg_type=params.get(M.MSG_ARG_KEY_TYPE),
             msg_id=params[M.MSG_ARG_KEY_MSG_ID], chunks=len(sizes), mqtt_bytes=sum(sizes),
             payload_bytes=total, chunk_bytes=tuple(sizes), start=start, end=end,
         )
@@ -430,19 +433,14 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self, node: str, params: dict[str, Any], sizes: list[int], start: float, end: float, payload: int
     ) -> None:
         self.meter.record(TransferRecord(
-            direction="up" if self.is_server else "down", sent=False, peer=node, round=_round_of(params),
+            direction="up" if self.is_server else "down", sent=False, peer=node, round=round_of(params),
             msg_type=params.get(M.MSG_ARG_KEY_TYPE, "dropped"), msg_id=params.get(M.MSG_ARG_KEY_MSG_ID),
             chunks=len(sizes), mqtt_bytes=sum(sizes), payload_bytes=payload, chunk_bytes=tuple(sizes),
             start=start, end=end,
         ))
 
     def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None) -> Any:
-        required = (M.MSG_ARG_KEY_TYPE, M.MSG_ARG_KEY_SENDER, M.MSG_ARG_KEY_RECEIVER)
-        missing = [k for k in required if k not in params]
-        if missing:
-            raise CodecError(f"message from {node} lacks {missing}; every message needs {required}")
-        if str(params[M.MSG_ARG_KEY_SENDER]) != node:
-            raise CodecError(f"message claims sender {params[M.MSG_ARG_KEY_SENDER]!r} on node {node}'s topic")
+        check_frame(node, params)
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         if msg_id is not None:
             if (node, str(msg_id)) in self._seen:
@@ -451,14 +449,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._seen[(node, str(msg_id))] = None
             while len(self._seen) > _DEDUP_WINDOW:
                 self._seen.popitem(last=False)
-        blob_key = params.pop(BLOB_KEY_PARAM, None)
-        if (blob is None) != (blob_key is None) or (blob_key is not None and not isinstance(blob_key, str)):
-            raise CodecError(f"message from {node} has a malformed blob key {blob_key!r}")
-        if blob_key is not None:
-            params[blob_key] = blob
-        message = Message()
-        message.init_from_json_object(params)
-        return message
+        return message_from_frame(node, params, blob)
 
     def _presence(self, node: str, item: _Inbound) -> Any:
         if node == str(self.node_id) or not item.payload:
@@ -477,18 +468,3 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         message.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body.get("time"))
         return message
 
-
-def _pop_blob(params: dict[str, Any]) -> memoryview | None:
-    keys = [k for k, v in params.items() if isinstance(v, (bytes, bytearray, memoryview))]
-    if len(keys) > 1:
-        raise CodecError(f"a message carries at most one binary param, got {keys}; merge them into one blob")
-    if not keys:
-        return None
-    blob = memoryview(params.pop(keys[0]))
-    params[BLOB_KEY_PARAM] = keys[0]
-    return blob
-
-
-def _round_of(params: dict[str, Any]) -> int | None:
-    value = params.get(M.MSG_ARG_KEY_ROUND)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -166,6 +166,9 @@ class FakePrivatizer:
     def epsilon(self) -> float:
         return 0.0
 
+    def detach(self) -> None:
+        self.attached -= 1
+
 
 def test_privatizer_attaches_once_and_its_loader_is_used() -> None:
     priv = FakePrivatizer()

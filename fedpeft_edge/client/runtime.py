@@ -1,0 +1,155 @@
+"""What a device process builds ONCE, whatever number of devices it hosts: backbone, method, trainer, profile.
+
+`SharedRuntime` holds the frozen backbone with the PEFT method applied, its manifest and fingerprint, THE
+training loop (`LocalTrainer`, optimizer built once), the resource monitor and the hardware profile. A device's
+own state (`client.device.DeviceState`) is swapped into it for a training window by `activate()` and out again
+after, so one agent, a fleet of K devices and the simulator run the same objects on one copy of the backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedpeft_edge.backbone import build_backbone, fingerprint_backbone, named_tensors
+from fedpeft_edge.config import RunConfig
+from fedpeft_edge.errors import FedPeftError
+from fedpeft_edge.metering.device_profile import collect_device_profile
+from fedpeft_edge.metering.resources import ResourceMonitor
+from fedpeft_edge.peft import build_method
+from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
+
+if TYPE_CHECKING:
+    from fedpeft_edge.client.device import DeviceState
+    from fedpeft_edge.data import Source
+
+log = logging.getLogger(__name__)
+
+
+class SharedRuntime:
+    """One frozen backbone + PEFT method + trainer per process; devices take turns on it (`activate`)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        if cfg.device_args.num_threads:
+            torch.set_num_threads(cfg.device_args.num_threads)
+        self.device = resolve_device(cfg.device_args.device)
+        # The run's seed: randomly initialised frozen tensors must be identical on every device and on the
+        # server, or the backbone fingerprints differ.
+        torch.manual_seed(cfg.common_args.random_seed)
+        backbone = build_backbone(cfg.model_args)
+        self.backbone_name = backbone.name
+        self.input_spec = backbone.data_config
+        self.method = build_method(cfg.peft_args)
+        self.model = self.method.apply(backbone.model).to(self.device)
+        self.manifest = self.method.manifest(self.model)
+        self.fingerprint = fingerprint_backbone(self.model, self.manifest)
+        self.initial_state = self.method.get_state(self.model)
+        self.trainer = LocalTrainer(self.model, cfg.train_args, self.device, ())
+        self.blank_optimizer_state = copy.deepcopy(self.trainer.base_optimizer.state_dict())
+        self.monitor = ResourceMonitor(cfg.device_args.metering_interval_s)
+        self.onnx = self._build_onnx_evaluator()
+        self.profile = collect_device_profile()
+        self.profile["inference_latency_ms"] = self._measure_latency()
+        self.profile["eval_backend"] = cfg.device_args.eval_backend
+        self.profile["startup_s"] = round(time.perf_counter() - t0, 3)
+        shared = set(self.manifest.names)
+        self._shared_bytes = sum(t.numel() * t.element_size() for k, t in named_tensors(self.model).items()
+                                 if k not in shared)
+        self._lock = threading.Lock()
+        self._source: Source | None = None
+        self.active: DeviceState | None = None
+        log.info("runtime ready in %.1fs: %s, method %s (%d shared params), shared backbone %.1f MB",
+                 time.perf_counter() - t0, backbone.name, self.manifest.method, self.manifest.num_params,
+                 self.shared_bytes() / 2**20)
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def _build_onnx_evaluator(self) -> Any:
+        if self.cfg.device_args.eval_backend != "onnxruntime":
+            return None
+        from fedpeft_edge.export.inference import OnnxEvaluator
+
+        return OnnxEvaluator(self.model, self.input_spec, num_threads=self.cfg.device_args.num_threads,
+                             method=self.method, image_size=self.cfg.data_args.image_size)
+
+    def _measure_latency(self) -> dict[str, Any] | None:
+        """Batch-1 latency of the exported model on this hardware (median over runs), for the profile."""
+        if not self.cfg.device_args.measure_latency:
+            return None
+        from fedpeft_edge.export.inference import OnnxEvaluator
+
+        try:
+            evaluator = self.onnx or OnnxEvaluator(self.model, self.input_spec,
+                                                   num_threads=self.cfg.device_args.num_threads,
+                                                   method=self.method, image_size=self.cfg.data_args.image_size)
+            return dict(evaluator.latency(runs=self.cfg.device_args.latency_runs))
+        except FedPeftError as exc:
+            log.warning("cannot measure ONNX inference latency on this device: %s", exc)
+            return None
+
+    def source(self) -> Source:
+        """The shared data set, read once for every partition client this process hosts."""
+        if self._source is None:
+            from fedpeft_edge.data import load_source
+
+            self._source = load_source(self.cfg.data_args)
+        return self._source
+
+    def shared_bytes(self) -> int:
+        """Bytes of the frozen backbone (every parameter and buffer not in the manifest): shared by all devices."""
+        return self._shared_bytes
+
+    # --- a device's training window -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def activate(self, state: DeviceState) -> Iterator[None]:
+        """Swap `state` in (PEFT tensors, optimizer state, data loader, DP wrapper, RNG), yield, swap it out.
+
+        Devices take turns: a second activation waits for the first to end.
+        """
+        with self._lock:
+            rng = torch.get_rng_state()
+            self.method.set_state(self.model, state.peft)
+            self.trainer.bind(state.data.train_loader, state.privatizer)
+            self.trainer.base_optimizer.load_state_dict(state.optimizer)
+            torch.set_rng_state(state.rng)
+            self.active = state
+            try:
+                yield
+            finally:
+                self.active = None
+                state.rng = torch.get_rng_state()
+                state.optimizer = copy.deepcopy(self.trainer.base_optimizer.state_dict())
+                state.peft = self.method.get_state(self.model)
+                self.trainer.bind((), None)
+                torch.set_rng_state(rng)
+
+    def load_peft(self, state: DeviceState, tensors: dict[str, torch.Tensor]) -> None:
+        """Set a device's PEFT tensors (checked against the manifest) while it is active."""
+        if self.active is not state:
+            raise FedPeftError(f"device {state.identity.device_id} is not active; wrap the call in activate()")
+        self.method.set_state(self.model, tensors)
+
+    def current_peft(self) -> dict[str, torch.Tensor]:
+        return self.method.get_state(self.model)
+
+    def evaluate(self, state: DeviceState) -> dict[str, Any] | None:
+        """Top-1 and loss of the active model on `state`'s local test split (torch or onnxruntime)."""
+        if not len(state.data.test_labels):
+            return None
+        t0 = time.perf_counter()
+        if self.onnx is not None:
+            self.onnx.refresh(self.model)
+            res = self.onnx.evaluate(state.data.test_loader)
+        else:
+            res = evaluate(self.model, state.data.test_loader, self.device)
+        return {"loss": res.loss, "top1": res.top1, "samples": res.samples,
+                "backend": "onnxruntime" if self.onnx is not None else "torch",
+                "eval_s": time.perf_counter() - t0}
