@@ -48,7 +48,7 @@ DEVICE_COLUMNS = ("run", "device_id", "accepted", "reason", "hostname", "device_
                   "ram_total_mb", "accelerator", "l4t_version", "num_train", "num_test", "rounds_accepted",
                   "bytes_up_total", "bytes_down_total", "rss_peak_mb", "gpu_mem_peak_reserved_mb",
                   "energy_j_total", "energy_rounds", "epsilon_last")
-DIVERGENCE_COLUMNS = ("run", "round", "device_id", "learning_rate", "train_loss", "top1", "flag")
+DIVERGENCE_COLUMNS = ("run", "round", "device_id", "learning_rate", "metric", "value", "threshold", "flag")
 _PROFILE_KEYS = ("hostname", "device_model", "cpu_model", "ram_total_mb", "accelerator", "l4t_version")
 _RESOURCE_KEYS = ("wall_s", "cpu_s", "cpu_util_pct", "rss_mean_mb", "rss_peak_mb",
                   "gpu_mem_peak_allocated_mb", "gpu_mem_peak_reserved_mb", "energy_j", "energy_source",
@@ -198,8 +198,9 @@ def divergence_rows(run: RunData) -> list[dict[str, Any]]:
     """The run's `divergence` records (a device training above chance loss, a global model at chance)."""
     lr = run.config.train_args.learning_rate if run.config else None
     return [{"run": run.name, "round": d.get("round"), "device_id": d.get("device_id"),
-             "learning_rate": d.get("learning_rate", lr), "train_loss": d.get("train_loss"), "top1": d.get("top1"),
-             "flag": describe_divergence(d)} for d in read_metrics(run.path, "divergence")]
+             "learning_rate": d.get("learning_rate", lr), "metric": d.get("metric"), "value": d.get("value"),
+             "threshold": d.get("threshold"), "flag": describe_divergence(d)}
+            for d in read_metrics(run.path, "divergence")]
 
 
 def device_rows(run: RunData) -> list[dict[str, Any]]:

@@ -82,12 +82,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def describe_divergence(rec: dict[str, Any]) -> str:
-    """One line for a `divergence` record: where, what was seen, and the engine's named cause."""
-    where = f"round {rec.get('round')}" + (f" device {rec['device_id']}" if rec.get("device_id") else "")
-    seen = []
-    for key in ("train_loss", "top1", "threshold"):
-        value = rec.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            seen.append(f"{key} {value:.4g}" if math.isfinite(value) else f"{key} {value}")
-    cause = rec.get("message") or rec.get("cause") or rec.get("reason") or ""
-    return f"{where}: {', '.join(seen)}{'; ' if seen and cause else ''}{cause}"
+    """One line for a `divergence` record (engine: round, device_id, metric, value, threshold, hint)."""
+    device = rec.get("device_id")
+    where = f"round {rec.get('round')} " + (f"device {device}" if device else "global model")
+    metric, value, threshold = rec.get("metric"), rec.get("value"), rec.get("threshold")
+    seen = f"{metric} {_fmt(value)}" if metric else ""
+    if seen and isinstance(threshold, (int, float)):
+        seen += f" (chance level {threshold:.4g})"
+    hint = rec.get("hint") or rec.get("message") or ""
+    return f"{where}: {seen}{'; ' if seen and hint else ''}{hint}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)

@@ -30,7 +30,7 @@ from fedpeft_edge.study.grid import SEED_KEY, PlannedRun, axis_label  # noqa: E4
 MB = 1e6
 FINAL_COLUMNS = ("group", "method", "runs", "seeds", "top1_mean", "top1_std", "top1_min", "top1_max",
                  "best_top1_mean", "mb_total_mean", "mb_per_round_mean", "epsilon_mean", "divergent_runs")
-DIVERGENCE_COLUMNS = ("run", "round", "device_id", "learning_rate", "train_loss", "top1", "message")
+DIVERGENCE_COLUMNS = ("run", "round", "device_id", "learning_rate", "metric", "value", "threshold", "message")
 BYTES_COLUMNS = ("group", "round", "mb_up_mean", "mb_down_mean", "mb_total_mean")
 
 
@@ -58,7 +58,13 @@ class _Run:
                 "learning_rate": cfg.train_args.learning_rate, "rounds": s.get("rounds"),
                 "final_top1": s.get("final_top1"), "best_top1": s.get("best_top1"),
                 "mb_total": _scaled(s.get("bytes_total")), "mb_per_round": _scaled(s.get("bytes_per_round")),
-                "epsilon": self.epsilon, "divergences": len(self.divergences)}
+                "epsilon": self.epsilon, "divergences": len(self.divergences),
+                "rounds_flagged": " ".join(str(x) for x in self.rounds_flagged)}
+
+    @property
+    def rounds_flagged(self) -> list[Any]:
+        """The rounds with a divergence flag: one round-1 flag is often a cold start, every round is not."""
+        return sorted({d.get("round") for d in self.divergences}, key=lambda x: _num(x) or 0.0)
 
 
 def write_study_report(study: StudyConfig, planned: Sequence[PlannedRun], runs_dir: Path, out: Path) -> Path:
@@ -69,7 +75,7 @@ def write_study_report(study: StudyConfig, planned: Sequence[PlannedRun], runs_d
         groups[r.group].append(r)
     axes = [k for k, _v in planned[0].assignment] if planned else []
     run_cols = ["run", *axes, "method", "learning_rate", "rounds", "final_top1", "best_top1", "mb_total",
-                "mb_per_round", "epsilon", "divergences"]
+                "mb_per_round", "epsilon", "divergences", "rounds_flagged"]
     tables: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = {
         "final_accuracy": (FINAL_COLUMNS, [_final_row(g, rs) for g, rs in groups.items()]),
         "runs": (run_cols, [r.row() for r in runs]),
@@ -126,7 +132,8 @@ def _bytes_rows(groups: Mapping[str, Sequence[_Run]]) -> list[dict[str, Any]]:
 def _divergence_rows(runs: Sequence[_Run]) -> list[dict[str, Any]]:
     return [{"run": r.planned.run_id, "round": d.get("round"), "device_id": d.get("device_id"),
              "learning_rate": d.get("learning_rate", r.planned.config.train_args.learning_rate),
-             "train_loss": d.get("train_loss"), "top1": d.get("top1"), "message": describe_divergence(d)}
+             "metric": d.get("metric"), "value": d.get("value"), "threshold": d.get("threshold"),
+             "message": describe_divergence(d)}
             for r in runs for d in r.divergences]
 
 

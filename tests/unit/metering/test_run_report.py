@@ -179,10 +179,12 @@ def test_cli_run_and_missing_run_dir(tmp_path: Path) -> None:
 def test_divergence_records_are_listed_with_the_rate(tmp_path: Path) -> None:
     run = make_run_dir(tmp_path, "bias", 40_000)
     with (run / "metrics.jsonl").open("a") as fh:  # after the fixture's torn last line
-        fh.write("\n" + json.dumps({"kind": "divergence", "round": 1, "device_id": "dev-2", "train_loss": 2.92,
-                             "learning_rate": 0.03, "message": "train_args.learning_rate=0.03 is the likely "
-                             "cause; lower it"}) + "\n")
+        fh.write("\n" + json.dumps({"kind": "divergence", "round": 1, "device_id": "dev-2", "metric": "train_loss",
+                                    "value": 2.92, "threshold": 2.3026, "hint": "learning rate "
+                                    "train_args.learning_rate=0.03 is the likely cause; lower it"}) + "\n")
+    dump_config(replace_in(RunConfig(), **{"train_args.learning_rate": 0.03}), run / "config.yaml")
     files = write_report([run], tmp_path / "out")
     rows = list(csv.DictReader(files.csvs["divergence"].open()))
     assert [(r["round"], r["device_id"], r["learning_rate"]) for r in rows] == [("1", "dev-2", "0.03")]
-    assert "train_loss 2.92" in rows[0]["flag"] and "learning_rate=0.03" in files.html.read_text()
+    assert "train_loss 2.92 (chance level 2.303)" in rows[0]["flag"]
+    assert "learning_rate=0.03" in files.html.read_text()

@@ -47,8 +47,9 @@ class FakeExecutor:
                 fh.write(json.dumps(rec) + "\n")
                 on_record(rec)
                 if rnd == 1 and lr >= 0.1:
-                    div = {"kind": "divergence", "round": 1, "device_id": "device-0", "train_loss": 3.1,
-                           "learning_rate": lr, "message": f"train_args.learning_rate={lr} is the likely cause"}
+                    div = {"kind": "divergence", "round": 1, "device_id": "device-0", "metric": "train_loss",
+                           "value": 3.1, "threshold": 2.3026,
+                           "hint": f"learning rate train_args.learning_rate={lr:g} is the likely cause; lower it"}
                     fh.write(json.dumps(div) + "\n")
                     on_record(div)
         if run.run_id in self.fail:
