@@ -50,6 +50,6 @@ def test_diverging_rate_is_flagged_and_resume_skips(tmp_path: Path) -> None:
     assert any("DIVERGENCE" in line and f"lr-{DIVERGING_LR:g}" in line for line in lines)
     assert out.report is not None
     table = list(csv.DictReader((out.report.parent / "divergence.csv").open()))
-    assert {r["learning_rate"] for r in table if r["run"] == f"lr-{DIVERGING_LR:g}"} == {f"{DIVERGING_LR:g}"}
+    assert {float(r["learning_rate"]) for r in table if r["run"] == f"lr-{DIVERGING_LR:g}"} == {DIVERGING_LR}
     again = StudyRunner(study, SimulateExecutor(), progress=lines.append).run(write_report=False)
     assert again.executed == () and len(again.skipped) == 2
