@@ -20,6 +20,8 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(importlib.util.find_spec("fedpeft_edge.cli.simulate") is None,
                        reason="needs `fedpeft-edge simulate` (branch device)"),
+    pytest.mark.skipif(importlib.util.find_spec("fedpeft_edge.server.engine") is None,
+                       reason="needs the round engine's divergence records (branch engine)"),
 ]
 
 # Bias-tuning the tiny ViT at this SGD rate (gradients clipped at norm 1, so the loss stays finite) drives the
