@@ -142,3 +142,16 @@ def test_metrics_tail_waits_for_a_torn_line(tmp_path: Path) -> None:
     assert tail.read_new() == [{"kind": "b"}]
 
 
+
+
+def test_cli_lists_the_plan_and_names_a_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft_edge.cli import main
+
+    path = _study(tmp_path)
+    assert main(["study", str(path), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "8 runs" in out and "method-bias_lr-0.1_seed-1" in out and "new" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("train_args.learning_rate", "train_args.learnig_rate"))
+    assert main(["study", str(bad), "--list"]) == 2
+    assert "'learnig_rate'" in capsys.readouterr().err
