@@ -59,7 +59,8 @@ class _Run:
                 "final_top1": s.get("final_top1"), "best_top1": s.get("best_top1"),
                 "mb_total": _scaled(s.get("bytes_total")), "mb_per_round": _scaled(s.get("bytes_per_round")),
                 "epsilon": self.epsilon, "divergences": len(self.divergences),
-                "rounds_flagged": " ".join(str(x) for x in self.rounds_flagged)}
+                "rounds_flagged": " ".join(str(x) for x in self.rounds_flagged),
+                "end_reason": s.get("end_reason")}
 
     @property
     def rounds_flagged(self) -> list[Any]:
@@ -75,7 +76,7 @@ def write_study_report(study: StudyConfig, planned: Sequence[PlannedRun], runs_d
         groups[r.group].append(r)
     axes = [k for k, _v in planned[0].assignment] if planned else []
     run_cols = ["run", *axes, "method", "learning_rate", "rounds", "final_top1", "best_top1", "mb_total",
-                "mb_per_round", "epsilon", "divergences", "rounds_flagged"]
+                "mb_per_round", "epsilon", "divergences", "rounds_flagged", "end_reason"]
     tables: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = {
         "final_accuracy": (FINAL_COLUMNS, [_final_row(g, rs) for g, rs in groups.items()]),
         "runs": (run_cols, [r.row() for r in runs]),
