@@ -99,9 +99,9 @@ def _run(study: StudyConfig, executor: str) -> StudyRunner:
 
 def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
     study = load_study_config(STUDIES / "heterogeneity.yaml")
-    at05 = _finals(_run(_slice(study, scale, {"peft_args.method": METHODS, "partition": ["alpha0.5"]}, root,
-                               args.base), args.executor))
-    by = {dict(k)["peft_args.method"]: v for k, v in at05.items()}
+    finals = _finals(_run(_slice(study, scale, {"peft_args.method": METHODS, "partition": ["alpha0.5", "alpha0.1"]},
+                                 root, args.base), args.executor))
+    by = {dict(k)["peft_args.method"]: v for k, v in finals.items() if dict(k)["partition"] == "alpha0.5"}
     head, full = _mean(by.get("head")), _mean(by.get("full"))
     print("\nheterogeneity, Dirichlet alpha 0.5 (final top-1 %, mean +- std over seeds):")
     for m in METHODS:
@@ -116,9 +116,7 @@ def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: P
              mine - head >= 3.0)
         _row(rows, f"alpha 0.5: {m} within 2 points of full", "|diff| <= 2.0",
              f"{mine - full:+.1f} ({mine:.1f} vs {full:.1f})", abs(mine - full) <= 2.0)
-    at01 = _finals(_run(_slice(study, scale, {"peft_args.method": METHODS, "partition": ["alpha0.1"]}, root,
-                               args.base), args.executor))
-    by01 = {dict(k)["peft_args.method"]: v for k, v in at01.items()}
+    by01 = {dict(k)["peft_args.method"]: v for k, v in finals.items() if dict(k)["partition"] == "alpha0.1"}
     order = sorted(by01, key=lambda m: -(_mean(by01[m]) or 0.0))
     print("\nheterogeneity, Dirichlet alpha 0.1 (the paper: 20 rounds, 3 seeds):")
     print("    ordering: " + " > ".join(f"{m} {_stat(by01[m])}" for m in order))
