@@ -87,8 +87,9 @@ def _mean(values: Sequence[float] | None) -> float | None:
 Rows = list[tuple[str, str, str, str]]
 
 
-def _row(rows: Rows, claim: str, target: str, measured: str, ok: bool | None) -> None:
-    rows.append((claim, target, measured, "not measured" if ok is None else ("met" if ok else "MISSED")))
+def _row(rows: Rows, claim: str, target: str, measured: str, ok: bool | str | None) -> None:
+    verdict = ok if isinstance(ok, str) else "not measured" if ok is None else "met" if ok else "MISSED"
+    rows.append((claim, target, measured, verdict))
 
 
 def _run(study: StudyConfig, executor: str) -> StudyRunner:
@@ -121,7 +122,7 @@ def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: P
     print("\nheterogeneity, Dirichlet alpha 0.1 (the paper: 20 rounds, 3 seeds):")
     print("    ordering: " + " > ".join(f"{m} {_stat(by01[m])}" for m in order))
     _row(rows, "alpha 0.1: ordering (mean over seeds)", "reported with spread",
-         " > ".join(order) or "not measured", None if not order else True)
+         " > ".join(order) or "not measured", "reported" if order else None)
 
 
 def claim_privacy(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
@@ -136,7 +137,7 @@ def claim_privacy(args: argparse.Namespace, scale: dict[str, Any], root: Path, r
     if all(a is not None and b is not None for a, b in loss.values()):
         lf, lb = (loss[m][0] - loss[m][1] for m in ("full", "bias"))  # type: ignore[operator]
         _row(rows, "eps 5: full loses more than bias vs no DP", "loss(full) > loss(bias)",
-             f"full -{lf:.1f}, bias -{lb:.1f} points", lf > lb)
+             f"full {-lf:+.1f}, bias {-lb:+.1f} points vs no DP", lf > lb)
     else:
         planned = {r.method for r in runner.plan if r.config.dp_args.enabled}
         why = "" if {"full", "bias"} <= planned else " (DP-SGD refuses BatchNorm training: needs a ViT --base)"
