@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id-pattern", default="dev{index}",
                    help="device ids of a --fleet, formatted with the shard index (default dev{index})")
     p.add_argument("--train-workers", type=int, default=1,
-                   help="training threads of a --fleet (devices share one model, so they train in turn)")
+                   help="devices of a --fleet that train at once (each on a model replica sharing the frozen "
+                        "backbone; default 1)")
     p.add_argument("--data-dir", default=None, help="data directory (overrides data_args.data_cache_dir)")
     p.add_argument("--dataset", default=None, help="data set kind (overrides data_args.dataset)")
     p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")

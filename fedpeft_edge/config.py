@@ -125,6 +125,15 @@ class TrainArgs:
     eval_every: int = 1
     evaluate_on_devices: bool = False  # devices also evaluate each global model on their local test split
     mixed_precision: bool = True  # used only on CUDA
+    # Round engine (server/engine.py): liveness, robust aggregation, asynchronous rounds.
+    round_mode: Literal["sync", "async"] = "sync"
+    max_round_retries: int = 5  # failed attempts of one round before the run ends (end_reason says so)
+    max_update_norm: float | None = None  # L2 bound on (update - global) over all tensors; None = unbounded
+    update_norm_action: Literal["clip", "drop"] = "clip"  # what the bound does to an update above it
+    join_rate_per_min: int = 6  # joins per device per minute the server handles; more are dropped
+    resend_rate_per_round: int = 3  # round tasks re-sent to one device per round (reconnects)
+    async_buffer_size: int = 2  # async: aggregate every this many accepted updates (FedBuff's K)
+    max_staleness: int = 4  # async: updates trained on a global model older than this many versions: dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +173,7 @@ class DeviceArgs:
     measure_latency: bool = True  # measure batch-1 ONNX inference latency at start-up (device profile)
     latency_runs: int = 20
     state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
-    max_resends_per_round: int = 3  # a repeated sync for an answered round resends the update at most this often
+    slowdown_factor: float = 1.0  # tests only: local training takes this many times as long (a slow device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,6 +437,18 @@ def _check_run(cfg: RunConfig) -> None:
     for name in ("round_timeout_s", "join_timeout_s", "learning_rate"):
         _positive(f"train_args.{name}", getattr(t, name))
     _positive("train_args.max_steps", t.max_steps)
+    _positive("train_args.max_update_norm", t.max_update_norm)
+    for name in ("join_rate_per_min", "resend_rate_per_round", "async_buffer_size"):
+        _positive(f"train_args.{name}", getattr(t, name))
+    _positive("train_args.max_round_retries", t.max_round_retries, allow_zero=True)
+    _positive("train_args.max_staleness", t.max_staleness, allow_zero=True)
+    if t.round_mode == "async" and t.async_buffer_size > t.client_num_per_round:
+        raise ConfigError(
+            f"train_args.async_buffer_size ({t.async_buffer_size}) exceeds client_num_per_round "
+            f"({t.client_num_per_round}): the buffer could never fill; lower it"
+        )
+    if cfg.device_args.slowdown_factor < 1.0:
+        raise ConfigError(f"device_args.slowdown_factor must be >= 1, got {cfg.device_args.slowdown_factor!r}")
     _positive("train_args.grad_clip_norm", t.grad_clip_norm)
     _positive("train_args.weight_decay", t.weight_decay, allow_zero=True)
     if t.client_num_per_round > t.client_num_in_total:
@@ -461,7 +482,6 @@ def _check_run(cfg: RunConfig) -> None:
             f"comm_args.max_message_bytes must be in 1024..268435455 (MQTT's maximum), got {c.max_message_bytes}"
         )
     _positive("comm_args.keepalive_s", c.keepalive_s)
-    _positive("device_args.max_resends_per_round", cfg.device_args.max_resends_per_round, allow_zero=True)
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("comm_args.tls_cert_file and comm_args.tls_key_file must be given together")
     if dp.enabled and (dp.noise_multiplier is None) == (dp.target_epsilon is None):

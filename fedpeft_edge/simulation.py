@@ -21,7 +21,7 @@ from fedpeft_edge.client.manager import DeviceManager
 from fedpeft_edge.client.runtime import SharedRuntime
 from fedpeft_edge.config import RunConfig, replace_in
 from fedpeft_edge.errors import ConfigError
-from fedpeft_edge.transport.memory import MemoryBus, MemoryCommManager
+from fedpeft_edge.transport.memory import MemoryBus, memory_backend
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,7 @@ class Simulation:
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.tracking_args.run_dir) / cfg.common_args.run_id
         self.bus = MemoryBus(cfg.comm_args.max_update_bytes + 1024 * 1024)
 
-        def backend(node_id: str | int, meter: Any) -> MemoryCommManager:
-            return MemoryCommManager(self.bus, node_id, meter)
-
+        backend = memory_backend(self.bus)
         self.server = ServerApp(cfg, self.run_dir, resume=resume, backend=backend)
         # until the server writes its transport's bytes_kind itself (engine wiring)
         self.server.runlog = _LabelledRunLog(self.server.runlog, BYTES_KIND)  # type: ignore[assignment]

@@ -3,8 +3,9 @@
 Every device has its own id, comm manager (MQTT connection, presence, last will, credentials through its own
 CommArgs), PEFT tensors, optimizer state, data shard and privacy ledger: on the wire it cannot be told from a
 separate agent. Each device's receive loop runs on its own thread (paho's network thread only moves bytes);
-training goes to a bounded pool of `train_workers` threads and, since the devices share one model, one device
-trains at a time (`SharedRuntime.activate`). A single agent is a fleet of one.
+training goes to a bounded pool of `train_workers` threads, each window on one of as many model slots (the
+shared model, or replicas that share its frozen tensors: `SharedRuntime.activate`). One at a time by default.
+A single agent is a fleet of one.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class FleetHost:
                  comm_args_for: Callable[[str], CommArgs] | None = None) -> None:
         if train_workers < 1:
             raise ConfigError(f"--train-workers {train_workers} must be >= 1")
-        self.runtime = SharedRuntime(cfg)
+        self.runtime = SharedRuntime(cfg, slots=train_workers)
         self.pool = ThreadPoolExecutor(max_workers=train_workers, thread_name_prefix="train")
         self.managers: list[DeviceManager] = []
         try:
@@ -79,6 +80,7 @@ class FleetHost:
             m.finish()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Drop queued training, wait for the one in flight (it sends nothing once finished), disconnect."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for m in self.managers:
             m.com_manager.close()

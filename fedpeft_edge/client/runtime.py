@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import itertools
 import logging
-import threading
+import queue
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone, named_tensors
 from fedpeft_edge.config import RunConfig
-from fedpeft_edge.errors import FedPeftError
+from fedpeft_edge.errors import ConfigError, FedPeftError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.protocol import EvalReport
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
 
 if TYPE_CHECKING:
@@ -33,11 +37,37 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class SharedRuntime:
-    """One frozen backbone + PEFT method + trainer per process; devices take turns on it (`activate`)."""
+@dataclasses.dataclass(frozen=True)
+class TrainingSlot:
+    """A model a device trains on: the shared one, or a replica whose frozen tensors ARE the shared ones."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    index: int
+    model: nn.Module
+    trainer: LocalTrainer
+
+
+def replicate(model: nn.Module) -> nn.Module:
+    """A copy of `model` that shares every frozen parameter and buffer (same storage) and owns its trainable
+    tensors: a second device can train on it at the same time for the bytes of the trainable part only."""
+    frozen = (t for t in itertools.chain(model.parameters(), model.buffers()) if not t.requires_grad)
+    memo: dict[int, Any] = {id(t): t for t in frozen}
+    return copy.deepcopy(model, memo)
+
+
+class SharedRuntime:
+    """One frozen backbone + PEFT method + trainer per process; devices take turns on it (`activate`).
+
+    `slots` > 1 adds replicas sharing the frozen tensors, so that many devices train at once (a fleet's
+    --train-workers); the global torch RNG is then shared by concurrent windows, so runs are not reproducible.
+    """
+
+    def __init__(self, cfg: RunConfig, slots: int = 1) -> None:
         t0 = time.perf_counter()
+        if slots < 1:
+            raise ConfigError(f"training slots must be >= 1, got {slots}")
+        if slots > 1 and cfg.device_args.eval_backend == "onnxruntime":
+            raise ConfigError("device_args.eval_backend 'onnxruntime' evaluates one model: use --train-workers 1 "
+                              "or eval_backend 'torch'")
         self.cfg = cfg
         if cfg.device_args.num_threads:
             torch.set_num_threads(cfg.device_args.num_threads)
@@ -64,9 +94,13 @@ class SharedRuntime:
         shared = set(self.manifest.names)
         self._shared_bytes = sum(t.numel() * t.element_size() for k, t in named_tensors(self.model).items()
                                  if k not in shared)
-        self._lock = threading.Lock()
+        self._free: queue.Queue[TrainingSlot] = queue.Queue()
+        self._free.put(TrainingSlot(0, self.model, self.trainer))
+        for i in range(1, slots):
+            replica = replicate(self.model)
+            self._free.put(TrainingSlot(i, replica, LocalTrainer(replica, cfg.train_args, self.device, ())))
+        self._active: dict[int, tuple[DeviceState, TrainingSlot]] = {}
         self._source: Source | None = None
-        self.active: DeviceState | None = None
         log.info("runtime ready in %.1fs: %s, method %s (%d shared params), shared backbone %.1f MB",
                  time.perf_counter() - t0, backbone.name, self.manifest.method, self.manifest.num_params,
                  self.shared_bytes() / 2**20)
@@ -109,47 +143,56 @@ class SharedRuntime:
 
     # --- a device's training window -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def activate(self, state: DeviceState) -> Iterator[None]:
-        """Swap `state` in (PEFT tensors, optimizer state, data loader, DP wrapper, RNG), yield, swap it out.
-
-        Devices take turns: a second activation waits for the first to end.
-        """
-        with self._lock:
+    def activate(self, state: DeviceState) -> Iterator[TrainingSlot]:
+        """Swap `state` into a free slot (PEFT tensors, optimizer state, data loader, DP wrapper, RNG), yield
+        the slot, swap the state out. With every slot busy, the call waits for one."""
+        slot = self._free.get()
+        trainer = slot.trainer
+        try:
             rng = torch.get_rng_state()
-            self.method.set_state(self.model, state.peft)
-            self.trainer.bind(state.data.train_loader, state.privatizer)
-            self.trainer.base_optimizer.load_state_dict(state.optimizer)
+            self.method.set_state(slot.model, state.peft)
+            trainer.bind(state.data.train_loader, state.privatizer)
+            trainer.base_optimizer.load_state_dict(state.optimizer)
             torch.set_rng_state(state.rng)
-            self.active = state
+            self._active[id(state)] = (state, slot)
             try:
-                yield
+                yield slot
             finally:
-                self.active = None
+                del self._active[id(state)]
                 state.rng = torch.get_rng_state()
-                state.optimizer = copy.deepcopy(self.trainer.base_optimizer.state_dict())
-                state.peft = self.method.get_state(self.model)
-                self.trainer.bind((), None)
+                state.optimizer = copy.deepcopy(trainer.base_optimizer.state_dict())
+                state.peft = self.method.get_state(slot.model)
+                trainer.bind((), None)
                 torch.set_rng_state(rng)
+        finally:
+            self._free.put(slot)
+
+    def _slot_of(self, state: DeviceState) -> TrainingSlot:
+        try:
+            return self._active[id(state)][1]
+        except KeyError:
+            raise FedPeftError(f"device {state.identity.device_id} is not active; wrap the call in activate()") \
+                from None
 
     def load_peft(self, state: DeviceState, tensors: dict[str, torch.Tensor]) -> None:
-        """Set a device's PEFT tensors (checked against the manifest) while it is active."""
-        if self.active is not state:
-            raise FedPeftError(f"device {state.identity.device_id} is not active; wrap the call in activate()")
-        self.method.set_state(self.model, tensors)
+        """Set an active device's PEFT tensors (checked against the manifest)."""
+        self.method.set_state(self._slot_of(state).model, tensors)
 
-    def current_peft(self) -> dict[str, torch.Tensor]:
-        return self.method.get_state(self.model)
+    def current_peft(self, state: DeviceState) -> dict[str, torch.Tensor]:
+        """An active device's PEFT tensors as they are now."""
+        return self.method.get_state(self._slot_of(state).model)
 
-    def evaluate(self, state: DeviceState) -> dict[str, Any] | None:
-        """Top-1 and loss of the active model on `state`'s local test split (torch or onnxruntime)."""
+    def evaluate(self, state: DeviceState) -> EvalReport | None:
+        """Top-1 and loss of an active device's model on its local test split (torch or onnxruntime)."""
         if not len(state.data.test_labels):
             return None
+        model = self._slot_of(state).model
         t0 = time.perf_counter()
         if self.onnx is not None:
-            self.onnx.refresh(self.model)
+            self.onnx.refresh(model)
             res = self.onnx.evaluate(state.data.test_loader)
         else:
-            res = evaluate(self.model, state.data.test_loader, self.device)
-        return {"loss": res.loss, "top1": res.top1, "samples": res.samples,
-                "backend": "onnxruntime" if self.onnx is not None else "torch",
-                "eval_s": time.perf_counter() - t0}
+            res = evaluate(model, state.data.test_loader, self.device)
+        return EvalReport(loss=res.loss, top1=res.top1, samples=res.samples,
+                          backend="onnxruntime" if self.onnx is not None else "torch",
+                          eval_s=time.perf_counter() - t0)

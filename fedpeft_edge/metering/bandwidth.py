@@ -7,32 +7,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from fedpeft_edge.wire.packet import PUBACK_BYTES
+
 Direction = Literal["up", "down"]  # up: device -> server; down: server -> device
-
-
-def varint_len(n: int) -> int:
-    """Bytes MQTT's variable-length integer takes for n (1..4)."""
-    size = 1
-    while n >= 128:
-        n //= 128
-        size += 1
-    return size
-
-
-def publish_packet_bytes(
-    topic: str, payload_len: int, qos: int, mqtt5: bool, properties_bytes: int | None = None
-) -> int:
-    """Exact size of a PUBLISH packet: fixed header, topic, packet id, properties, payload.
-
-    `properties_bytes` is the MQTT 5 properties field with its length prefix (1 when there are none).
-    """
-    remaining = 2 + len(topic.encode("utf-8")) + payload_len + (2 if qos > 0 else 0)
-    if mqtt5:
-        remaining += 1 if properties_bytes is None else properties_bytes
-    return 1 + varint_len(remaining) + remaining
-
-
-PUBACK_BYTES = 4  # fixed header + packet id (MQTT 5 omits reason code 0 with no properties)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +41,22 @@ class TransferRecord:
 
 
 class BandwidthMeter:
-    """Thread-safe record of every message's MQTT bytes; `totals` sums them per round and peer."""
+    """Thread-safe record of every message's MQTT bytes; `totals` sums them per round and peer.
+
+    Records are indexed by round and by (round, peer), so the server's per-message lookups cost O(records of
+    that device in that round), not O(all records): at 1000 devices per round that is the difference.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._records: list[TransferRecord] = []
+        self._by_round: dict[int | None, list[TransferRecord]] = {}
+        self._by_round_peer: dict[tuple[int | None, str], list[TransferRecord]] = {}
         self._acks = {"sent": 0, "received": 0}
 
     def record(self, rec: TransferRecord) -> None:
         with self._lock:
-            self._records.append(rec)
+            self._by_round.setdefault(rec.round, []).append(rec)
+            self._by_round_peer.setdefault((rec.round, rec.peer), []).append(rec)
 
     def record_ack(self, sent: bool, count: int = 1) -> None:
         """Count PUBACK packets (control traffic, kept apart from message bytes)."""
@@ -81,11 +64,14 @@ class BandwidthMeter:
             self._acks["sent" if sent else "received"] += count
 
     def transfers(self, round: int | None = None, peer: str | int | None = None) -> list[TransferRecord]:
-        """Records matching the round and peer (None = any)."""
+        """Records matching the round and peer (None = any); indexed when the round is given."""
         with self._lock:
-            recs = list(self._records)
-        return [r for r in recs
-                if (round is None or r.round == round) and (peer is None or r.peer == str(peer))]
+            if round is not None and peer is not None:
+                return list(self._by_round_peer.get((round, str(peer)), ()))
+            if round is not None:
+                return list(self._by_round.get(round, ()))
+            recs = [r for rs in self._by_round.values() for r in rs]
+        return [r for r in recs if peer is None or r.peer == str(peer)]
 
     def totals(self, round: int | None = None, peer: str | int | None = None) -> dict[str, int]:
         """bytes_up, bytes_down, messages_up, messages_down, packets for the round and peer (None = all)."""
@@ -101,7 +87,10 @@ class BandwidthMeter:
     def forget(self, up_to_round: int) -> None:
         """Drop the records of rounds <= up_to_round (already written to the run log), so memory stays flat."""
         with self._lock:
-            self._records = [r for r in self._records if r.round is None or r.round > up_to_round]
+            for rnd in [r for r in self._by_round if r is not None and r <= up_to_round]:
+                del self._by_round[rnd]
+            for key in [k for k in self._by_round_peer if k[0] is not None and k[0] <= up_to_round]:
+                del self._by_round_peer[key]
 
     def control_bytes(self) -> dict[str, int]:
         """PUBACK bytes sent and received."""

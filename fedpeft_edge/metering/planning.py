@@ -10,13 +10,11 @@ import dataclasses
 from collections.abc import Sequence
 
 from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
-from fedpeft_edge.metering.bandwidth import publish_packet_bytes
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, chunk_count
 from fedpeft_edge.wire.codec import encode_tensors, message_parts
-
-_MQTT_MAX_PACKET = 268_435_455 + 5
+from fedpeft_edge.wire.packet import max_chunk_bytes, packet_limit, publish_packet_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +114,10 @@ def round_seconds(size: UpdateSize, down_bps: float, up_bps: float) -> float:
 def packet_sizes(topic: str, frame_bytes: int, comm_args: CommArgs) -> list[int]:
     """PUBLISH packet sizes for a frame, chunked above comm_args.max_message_bytes as the transport does."""
     mqtt5 = comm_args.mqtt_version == "5"
-    limit = min(comm_args.max_message_bytes + 5, _MQTT_MAX_PACKET)
+    limit = packet_limit(comm_args.max_message_bytes)
     if publish_packet_bytes(topic, frame_bytes, comm_args.qos, mqtt5) <= limit:
         return [publish_packet_bytes(topic, frame_bytes, comm_args.qos, mqtt5)]
-    max_chunk = limit - publish_packet_bytes(topic, 0, comm_args.qos, mqtt5) - 3
+    max_chunk = max_chunk_bytes(topic, limit, comm_args.qos, mqtt5)
     max_data = max_chunk - CHUNK_HEADER_BYTES
     n = chunk_count(frame_bytes, max_data)
     sizes = [publish_packet_bytes(topic, CHUNK_HEADER_BYTES + max_data, comm_args.qos, mqtt5)] * (n - 1)

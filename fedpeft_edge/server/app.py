@@ -17,16 +17,31 @@ import torch
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
 from fedpeft_edge.config import RunConfig, dump_config, load_config
-from fedpeft_edge.errors import CheckpointError, CodecError, FedPeftError
+from fedpeft_edge.errors import CheckpointError, FedPeftError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.protocol import (
+    SERVER_ID,
+    ClientStatus,
+    ConnectionReady,
+    DeviceErrorReport,
+    Finish,
+    Join,
+    JoinAck,
+    Presence,
+    ProtocolMessage,
+    RoundTask,
+    Timer,
+    Update,
+    parse,
+)
+from fedpeft_edge.protocol.report import DeviceReport
 from fedpeft_edge.server.checkpoint import load_checkpoint, save_checkpoint
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
 from fedpeft_edge.server.runlog import RunLog, read_metrics
 from fedpeft_edge.server.strategy import ClientUpdate, build_strategy
 from fedpeft_edge.training import evaluate, resolve_device
-from fedpeft_edge.transport import messages as M
-from fedpeft_edge.transport.fedml import FedPeftCommManager, Message, guarded
+from fedpeft_edge.transport.manager import FedPeftCommManager, guarded
 from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
 
 log = logging.getLogger(__name__)
@@ -37,7 +52,7 @@ class _Pending:
     """An accepted update waiting for the round to close, with what the device reported."""
 
     update: ClientUpdate
-    metrics: dict[str, Any]
+    report: DeviceReport
     received_at: float
     upload_s: float | None
 
@@ -73,7 +88,7 @@ class ServerApp(FedPeftCommManager):
         else:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.meter = BandwidthMeter()
-        super().__init__(cfg.comm_args, self.run_id, M.SERVER_ID, meter=self.meter, backend=backend)
+        super().__init__(cfg.comm_args, self.run_id, SERVER_ID, meter=self.meter, backend=backend)
 
     # --- set-up ---------------------------------------------------------------------------------------
     def _server_test_loader(self, input_spec: Any) -> Any:
@@ -103,51 +118,51 @@ class ServerApp(FedPeftCommManager):
         log.info("resuming %s after round %d", self.run_dir, ck.round)
 
     def register_message_receive_handlers(self) -> None:
-        handlers = {
-            M.MSG_TYPE_CONNECTION_IS_READY: self._on_connected,
-            M.MSG_TYPE_C2S_JOIN: self._on_join,
-            M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER: self._on_update,
-            M.MSG_TYPE_C2S_CLIENT_STATUS: self._on_status,
-            M.MSG_TYPE_C2S_ERROR: self._on_device_error,
-            M.MSG_TYPE_PRESENCE: self._on_presence,
-            M.MSG_TYPE_LOCAL_TIMER: self._on_timer,
+        self._typed: dict[type[ProtocolMessage], Any] = {
+            ConnectionReady: self._on_connected,
+            Join: self._on_join,
+            Update: self._on_update,
+            ClientStatus: self._on_status,
+            DeviceErrorReport: self._on_device_error,
+            Presence: self._on_presence,
+            Timer: self._on_timer,
         }
-        for msg_type, fn in handlers.items():
-            self.register_message_receive_handler(msg_type, guarded(fn))
+        for cls in self._typed:
+            self.register_message_receive_handler(cls.msg_type, guarded(self._dispatch))
+
+    def _dispatch(self, msg: Any) -> None:
+        typed = parse(msg)
+        handler = self._typed.get(type(typed))
+        if handler is not None:
+            handler(typed)
 
     # --- devices --------------------------------------------------------------------------------------
     def _on_connected(self, _msg: Any) -> None:
         log.info("server %s connected; waiting for %d devices", self.run_id, self.cfg.train_args.min_devices)
 
-    def _refusal(self, msg: Any) -> str | None:
-        if msg.get(M.MSG_ARG_KEY_BACKBONE_FINGERPRINT) != self.fingerprint:
-            return (f"backbone fingerprint {str(msg.get(M.MSG_ARG_KEY_BACKBONE_FINGERPRINT))[:12]} differs from "
+    def _refusal(self, msg: Join) -> str | None:
+        if msg.backbone_fingerprint != self.fingerprint:
+            return (f"backbone fingerprint {msg.backbone_fingerprint[:12]} differs from "
                     f"the server's {self.fingerprint[:12]} ({self.cfg.model_args.model}, weights "
                     f"{self.cfg.model_args.weights}): run the agent with the server's model_args")
-        if msg.get(M.MSG_ARG_KEY_MANIFEST_HASH) != self.manifest.hash:
-            return (f"manifest {str(msg.get(M.MSG_ARG_KEY_MANIFEST_HASH))[:12]} differs from the server's "
+        if msg.manifest_hash != self.manifest.hash:
+            return (f"manifest {msg.manifest_hash[:12]} differs from the server's "
                     f"{self.manifest.hash[:12]} (method {self.manifest.method}): run the agent with the server's "
                     "peft_args and model_args")
-        samples = msg.get(M.MSG_ARG_KEY_NUM_SAMPLES)
-        if not isinstance(samples, int) or samples <= 0:
-            return f"num_samples {samples!r} must be a positive integer: the device has no training data"
         return None
 
-    def _on_join(self, msg: Any) -> None:
-        device_id = str(msg.get_sender_id())
+    def _on_join(self, msg: Join) -> None:
+        device_id = msg.sender
         reason = self._refusal(msg)
         dev = self.rounds.device(device_id)
         dev.accepted, dev.online = reason is None, True
-        dev.exhausted = msg.get(M.MSG_ARG_KEY_CLIENT_STATUS) == "BUDGET_EXHAUSTED"
-        dev.profile = msg.get(M.MSG_ARG_KEY_PROFILE) or {}
-        dev.data_stats = msg.get(M.MSG_ARG_KEY_DATA_STATS) or {}
+        dev.exhausted = msg.exhausted
+        dev.profile = msg.profile or {}
+        dev.data_stats = msg.data_stats or {}
         self.runlog.write("join", device_id=device_id, accepted=reason is None, reason=reason,
-                          client_idx=msg.get(M.MSG_ARG_KEY_CLIENT_INDEX), profile=dev.profile,
-                          data_stats=dev.data_stats, num_samples=msg.get(M.MSG_ARG_KEY_NUM_SAMPLES))
-        ack = Message(M.MSG_TYPE_S2C_JOIN_ACK, M.SERVER_ID, device_id)
-        ack.add_params(M.MSG_ARG_KEY_ACCEPTED, reason is None)
-        ack.add_params(M.MSG_ARG_KEY_REASON, reason)
-        self.send_message(ack)
+                          client_idx=msg.client_idx, profile=dev.profile,
+                          data_stats=dev.data_stats, num_samples=msg.num_samples)
+        self.send_message(JoinAck(receiver=device_id, accepted=reason is None, reason=reason).to_message())
         if reason is not None:
             log.warning("refused device %s: %s", device_id, reason)
             return
@@ -157,31 +172,28 @@ class ServerApp(FedPeftCommManager):
             self._send_sync(device_id, cur)  # it reconnected mid-round: give it the round again
         self._maybe_open()
 
-    def _on_presence(self, msg: Any) -> None:
-        node = str(msg.get_sender_id())
-        online = msg.get(M.MSG_ARG_KEY_PRESENCE) == M.PRESENCE_ONLINE
-        if node == str(M.SERVER_ID) or node not in self.rounds.devices:
+    def _on_presence(self, msg: Presence) -> None:
+        node, online = msg.node, msg.online
+        if node == str(SERVER_ID) or node not in self.rounds.devices:
             return
         self.rounds.devices[node].online = online
         if not online:
             log.info("device %s went offline", node)
             self._maybe_close_early()
 
-    def _on_status(self, msg: Any) -> None:
-        device_id = str(msg.get_sender_id())
-        status = msg.get(M.MSG_ARG_KEY_CLIENT_STATUS)
-        if device_id in self.rounds.devices and status == "BUDGET_EXHAUSTED":
+    def _on_status(self, msg: ClientStatus) -> None:
+        device_id = msg.sender
+        if device_id in self.rounds.devices and msg.exhausted:
             self.rounds.devices[device_id].exhausted = True
-            self.runlog.write("device_status", device_id=device_id, status=status,
-                              epsilon=msg.get("epsilon"), round=self._round_index())
+            self.runlog.write("device_status", device_id=device_id, status=msg.status,
+                              epsilon=msg.epsilon, round=self._round_index())
             self._fail_device(device_id, DropReason.DEVICE_ERROR)
 
-    def _on_device_error(self, msg: Any) -> None:
-        device_id = str(msg.get_sender_id())
-        error = msg.get(M.MSG_ARG_KEY_ERROR)
-        log.warning("device %s failed round %s: %s", device_id, msg.get(M.MSG_ARG_KEY_ROUND), error)
-        self.runlog.write("device_error", device_id=device_id, round=msg.get(M.MSG_ARG_KEY_ROUND), error=error)
-        if msg.get(M.MSG_ARG_KEY_ROUND) == self._round_index():
+    def _on_device_error(self, msg: DeviceErrorReport) -> None:
+        device_id = msg.sender
+        log.warning("device %s failed round %s: %s", device_id, msg.round, msg.error)
+        self.runlog.write("device_error", device_id=device_id, round=msg.round, error=msg.error)
+        if msg.round == self._round_index():
             self._fail_device(device_id, DropReason.DEVICE_ERROR)
 
     def _fail_device(self, device_id: str, reason: DropReason) -> None:
@@ -189,7 +201,7 @@ class ServerApp(FedPeftCommManager):
         if cur is not None and device_id in cur.selected and device_id not in cur.received:
             cur.failed.add(device_id)
             self.rounds.record_drop(reason)
-            self._device_record(cur, device_id, "dropped", reason.value, {})
+            self._device_record(cur, device_id, "dropped", reason.value, None)
             self._maybe_close_early()
 
     def _round_index(self) -> int | None:
@@ -218,15 +230,10 @@ class ServerApp(FedPeftCommManager):
         self._start_timer(self.cfg.train_args.round_timeout_s, "deadline", cur)
 
     def _send_sync(self, device_id: str, cur: OpenRound) -> None:
-        msg = Message(M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, M.SERVER_ID, device_id)
-        msg.add_params(M.MSG_ARG_KEY_ROUND, cur.index)
-        msg.add_params(M.MSG_ARG_KEY_MANIFEST_HASH, self.manifest.hash)
-        msg.add_params(M.MSG_ARG_KEY_ENCODING, self.cfg.comm_args.encoding)
-        msg.add_params(M.MSG_ARG_KEY_DEADLINE, cur.deadline)
-        msg.add_params(M.MSG_ARG_KEY_CONFIG, {"evaluate": self._device_eval(cur.index)})
-        msg.add_params(M.MSG_ARG_KEY_MODEL_PARAMS, self._round_blob)
-        msg.add_params(M.MSG_ARG_KEY_SENT_AT, time.time())
-        self.send_message(msg)
+        self.send_message(RoundTask(
+            receiver=device_id, round=cur.index, attempt=cur.attempt, blob=self._round_blob,
+            manifest_hash=self.manifest.hash, encoding=self.cfg.comm_args.encoding, deadline=cur.deadline,
+            evaluate=self._device_eval(cur.index), sent_at=time.time()).to_message())
 
     def _device_eval(self, round_idx: int) -> bool:
         """Devices evaluate the global model they receive when asked to, or when the server has no test set."""
@@ -234,31 +241,28 @@ class ServerApp(FedPeftCommManager):
         return wanted and (round_idx - 1) % self.cfg.train_args.eval_every == 0
 
     def _start_timer(self, delay: float, name: str, cur: OpenRound) -> None:
-        msg = Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID)
-        msg.add_params(M.MSG_ARG_KEY_TIMER, name)
-        msg.add_params(M.MSG_ARG_KEY_ROUND, cur.index)
-        msg.add_params("attempt", cur.attempt)
+        msg = Timer(name=name, round=cur.index, attempt=cur.attempt).to_message()
         timer = threading.Timer(delay, self.post_local, args=(msg,))
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
 
-    def _on_timer(self, msg: Any) -> None:
+    def _on_timer(self, msg: Timer) -> None:
         cur = self.rounds.current
-        if cur is None or msg.get(M.MSG_ARG_KEY_ROUND) != cur.index or msg.get("attempt") != cur.attempt:
+        if cur is None or msg.round != cur.index or msg.attempt != cur.attempt:
             return  # the timer of a round that already closed
         self._close_round()
 
-    def _on_update(self, msg: Any) -> None:
-        device_id = str(msg.get_sender_id())
+    def _on_update(self, msg: Update) -> None:
+        device_id = msg.sender
         now = time.time()
-        round_idx = msg.get(M.MSG_ARG_KEY_ROUND)
-        reason = self.rounds.judge_update(device_id, round_idx if isinstance(round_idx, int) else -1, now)
+        round_idx = msg.round
+        reason = self.rounds.judge_update(device_id, round_idx, now)
         cur = self.rounds.current
         if reason is not None:
             log.info("dropped update from %s for round %s: %s", device_id, round_idx, reason.value)
             if cur is not None and reason is not DropReason.DUPLICATE and device_id in cur.selected:
-                self._device_record(cur, device_id, "dropped", reason.value, msg.get(M.MSG_ARG_KEY_METRICS))
+                self._device_record(cur, device_id, "dropped", reason.value, msg.report)
             return
         if cur is None:  # judge_update accepts only for an open round
             return
@@ -269,26 +273,17 @@ class ServerApp(FedPeftCommManager):
             cur.failed.add(device_id)
             self.rounds.record_drop(DropReason.INVALID)
             log.warning("invalid update from %s: %s", device_id, exc)
-            self._device_record(cur, device_id, "dropped", f"invalid: {exc}", msg.get(M.MSG_ARG_KEY_METRICS))
+            self._device_record(cur, device_id, "dropped", f"invalid: {exc}", msg.report)
             self._maybe_close_early()
             return
-        mine = [t for t in self.meter.transfers(round=cur.index, peer=device_id)
-                if t.msg_id == msg.get(M.MSG_ARG_KEY_MSG_ID)]
-        upload_s = transfer_seconds(mine, msg.get(M.MSG_ARG_KEY_SENT_AT))
-        metrics = msg.get(M.MSG_ARG_KEY_METRICS)
-        self._pending[device_id] = _Pending(update, metrics if isinstance(metrics, dict) else {}, now, upload_s)
+        mine = [t for t in self.meter.transfers(round=cur.index, peer=device_id) if t.msg_id == msg.msg_id]
+        upload_s = transfer_seconds(mine, msg.sent_at)
+        self._pending[device_id] = _Pending(update, msg.report, now, upload_s)
         self._maybe_close_early()
 
-    def _decode_update(self, device_id: str, msg: Any) -> ClientUpdate:
-        blob = msg.get(M.MSG_ARG_KEY_MODEL_PARAMS)
-        if blob is None:
-            raise CodecError(f"update from {device_id} carries no tensors ({M.MSG_ARG_KEY_MODEL_PARAMS} missing)")
-        tensors = decode_tensors(blob, self.manifest, self.manifest.hash, self.cfg.comm_args.max_update_bytes)
-        samples = msg.get(M.MSG_ARG_KEY_NUM_SAMPLES)
-        if not isinstance(samples, int) or samples <= 0:
-            raise CodecError(f"num_samples {samples!r} from {device_id} must be a positive integer")
-        is_delta = bool(msg.get("is_delta"))
-        return ClientUpdate(device_id, samples, tensors, is_delta)
+    def _decode_update(self, device_id: str, msg: Update) -> ClientUpdate:
+        tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.cfg.comm_args.max_update_bytes)
+        return ClientUpdate(device_id, msg.num_samples, tensors, self.cfg.train_args.send_delta)
 
     def _maybe_close_early(self) -> None:
         if self.rounds.all_in():
@@ -309,9 +304,9 @@ class ServerApp(FedPeftCommManager):
         for d in cur.selected:
             if d in self._pending:
                 p = self._pending[d]
-                self._device_record(cur, d, "accepted", None, p.metrics, p.upload_s, p.received_at)
+                self._device_record(cur, d, "accepted", None, p.report, p.upload_s, p.received_at)
             elif d not in cur.failed:
-                self._device_record(cur, d, "dropped", "no_update_by_deadline", {})
+                self._device_record(cur, d, "dropped", "no_update_by_deadline", None)
         t_eval = time.time()
         eval_res = (self._evaluate(cur.index) or self._device_eval_mean()) if ok else None
         if eval_res is not None:
@@ -335,28 +330,25 @@ class ServerApp(FedPeftCommManager):
 
     def _device_eval_mean(self) -> dict[str, Any] | None:
         """Sample-weighted mean of the devices' evaluations of this round's global model (no server test set)."""
-        evals: list[dict[str, Any]] = []
-        for p in self._pending.values():
-            e = p.metrics.get("global_eval")
-            if isinstance(e, dict) and isinstance(e.get("samples"), int) and e["samples"] > 0:
-                evals.append(e)
+        evals = [p.report.global_eval for p in self._pending.values()
+                 if p.report.global_eval is not None and p.report.global_eval.samples > 0]
         if not evals:
             return None
-        n = sum(e["samples"] for e in evals)
-        return {"loss": sum(e["loss"] * e["samples"] for e in evals) / n,
-                "top1": sum(e["top1"] * e["samples"] for e in evals) / n, "samples": n, "where": "devices"}
+        n = sum(e.samples for e in evals)
+        return {"loss": sum(e.loss * e.samples for e in evals) / n,
+                "top1": sum(e.top1 * e.samples for e in evals) / n, "samples": n, "where": "devices"}
 
     # --- records --------------------------------------------------------------------------------------
     def _device_record(
-        self, cur: OpenRound, device_id: str, status: str, reason: str | None, metrics: Any,
+        self, cur: OpenRound, device_id: str, status: str, reason: str | None, report: DeviceReport | None,
         upload_s: float | None = None, received_at: float | None = None,
     ) -> None:
-        metrics = metrics if isinstance(metrics, dict) else {}
+        fields = (report or DeviceReport()).record_fields()
         down = self.meter.transfers(round=cur.index, peer=device_id)
         sent = [t for t in down if t.sent]
         got = [t for t in down if not t.sent]
-        download_s = metrics.get("download_s")
-        if not isinstance(download_s, (int, float)):
+        download_s = fields.pop("download_s")
+        if download_s is None:
             download_s = max((t.duration_s for t in sent), default=None)
         self.runlog.write(
             "device_round", round=cur.index, attempt=cur.attempt, device_id=device_id, status=status,
@@ -364,11 +356,7 @@ class ServerApp(FedPeftCommManager):
             if device_id in self._pending else None,
             bytes_down=sum(t.mqtt_bytes for t in sent), bytes_up=sum(t.mqtt_bytes for t in got),
             msgs_down=len(sent), msgs_up=len(got),
-            download_s=download_s, upload_s=upload_s,
-            train_s=metrics.get("train_s"), train_loss=metrics.get("train_loss"),
-            train_acc=metrics.get("train_acc"), epsilon=metrics.get("epsilon"),
-            images_per_s=metrics.get("images_per_s"), resources=metrics.get("resources"),
-            global_eval=metrics.get("global_eval"),
+            download_s=download_s, upload_s=upload_s, **fields,
             response_s=(received_at - cur.opened_at) if received_at else None,
         )
 
@@ -400,7 +388,7 @@ class ServerApp(FedPeftCommManager):
         self._finished = True
         for device_id, dev in self.rounds.devices.items():
             if dev.accepted:
-                self.send_message(Message(M.MSG_TYPE_S2C_FINISH, M.SERVER_ID, device_id))
+                self.send_message(Finish(receiver=device_id, reason=reason).to_message())
         summary = build_summary(self.run_dir, self.manifest.num_params, self.fingerprint)
         summary["end_reason"] = reason
         self.runlog.write_summary(summary)

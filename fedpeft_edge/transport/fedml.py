@@ -3,7 +3,8 @@
 `import fedml.x` would run fedml/__init__.py (hundreds of modules; FedML's init function calls its cloud).
 Instead the `fedml`, `fedml.core`, `fedml.core.mlops` and `fedml.cross_silo*` packages are pre-registered as empty
 packages pointing into the installed wheel, so only the ~12 messaging modules load. Pinned to fedml==0.9.6.
-This is the only module that imports fedml.
+This is the only module that imports fedml; it imports nothing of ours but errors (the comm manager that
+binds FedML to a backend is transport/manager.py, so fedml.py and mqtt.py no longer import each other).
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ import importlib.machinery
 import importlib.util
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fedpeft_edge.errors import FedPeftError, ProtocolError, TransportError
-
-if TYPE_CHECKING:
-    from fedpeft_edge.config import CommArgs
-    from fedpeft_edge.metering.bandwidth import BandwidthMeter
+from fedpeft_edge.errors import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -70,80 +66,3 @@ def _load() -> tuple[Any, Any, Any, Any, Any]:
 
 
 Message, Observer, BaseCommunicationManager, FedMLCommManager, FedMLMyMessage = _load()
-
-
-class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
-    """FedML's comm manager on our MQTT backend; server and device managers subclass it.
-
-    Subclasses implement `register_message_receive_handlers()` with `register_message_receive_handler(type,
-    fn)`; `run()` blocks in the receive loop and dispatches on the calling thread; `finish()` stops it and
-    disconnects (publishing OFFLINE presence). `backend` swaps MQTT for another BaseCommunicationManager
-    (transport.memory, for the simulator).
-    """
-
-    def __init__(
-        self,
-        comm_args: CommArgs,
-        run_id: str,
-        node_id: str | int,
-        meter: BandwidthMeter | None = None,
-        connect_timeout_s: float = 10.0,
-        backend: Callable[[str | int, BandwidthMeter | None], Any] | None = None,
-    ) -> None:
-        self._comm_args = comm_args
-        self._backend = backend  # (node_id, meter) -> a BaseCommunicationManager; None = MQTT
-        self._run_id = run_id
-        self._meter = meter
-        self._connect_timeout_s = connect_timeout_s
-        self.node_id = node_id  # before FedML's __init__, which calls _init_manager()
-        rank = node_id if isinstance(node_id, int) else 0
-        super().__init__(args=None, comm=None, rank=rank, size=0, backend="MQTT_FEDPEFT")
-
-    def _init_manager(self) -> None:
-        if self._backend is not None:  # e.g. transport.memory for an in-process simulation
-            self.com_manager = self._backend(self.node_id, self._meter)
-            self.com_manager.add_observer(self)
-            return
-        from fedpeft_edge.transport.mqtt import MqttCommManager
-
-        self.com_manager = MqttCommManager(
-            self._comm_args, self._run_id, self.node_id, meter=self._meter,
-            connect_timeout_s=self._connect_timeout_s,
-        )
-        self.com_manager.add_observer(self)
-
-    def get_sender_id(self) -> str | int:
-        return self.node_id
-
-    def receive_message(self, msg_type: Any, msg_params: Any) -> None:
-        """Dispatch to the registered handler; an unregistered type is a protocol error, logged, dropped."""
-        handler = self.message_handler_dict.get(msg_type)
-        if handler is None:
-            log.warning("%s", ProtocolError(
-                f"no handler for message type {msg_type!r} from {msg_params.get_sender_id()!r}; dropped "
-                "(register it in register_message_receive_handlers)"))
-            return
-        handler(msg_params)
-
-    def post_local(self, message: Any) -> None:
-        """Enqueue a message to ourselves (timers, deadlines), dispatched on the receive loop's thread."""
-        self.com_manager.post_local(message)
-
-    def finish(self) -> None:
-        """Stop the receive loop and disconnect (publishing OFFLINE presence)."""
-        self.com_manager.stop_receive_message()
-        self.com_manager.close()
-
-
-def guarded(handler: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Wrap a message handler so a bad message is logged and dropped instead of ending the receive loop."""
-
-    def handle(msg: Any) -> None:
-        try:
-            handler(msg)
-        except FedPeftError as exc:
-            log.warning("dropped message %s from %s: %s", msg.get_type(), msg.get_sender_id(), exc)
-        except Exception:
-            log.exception("handler for message %s from %s failed", msg.get_type(), msg.get_sender_id())
-
-    return handle

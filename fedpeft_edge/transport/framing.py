@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft_edge.errors import CodecError
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.wire.codec import BLOB_KEY_PARAM
 

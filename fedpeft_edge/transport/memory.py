@@ -20,8 +20,9 @@ from typing import Any
 
 from fedpeft_edge.errors import CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
-from fedpeft_edge.transport import messages as M
-from fedpeft_edge.transport.fedml import BaseCommunicationManager, Message
+from fedpeft_edge.protocol import ConnectionReady, Presence
+from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
 from fedpeft_edge.wire.codec import decode_message, message_parts
 
@@ -59,7 +60,7 @@ class MemoryBus:
             for other, payload in sorted(self._presence.items()):
                 if _wants_presence(node, other):
                     self._queue.append(self._presence_delivery(key, other, payload))
-            self._queue.append(_Delivery(key, key, None, Message(M.MSG_TYPE_CONNECTION_IS_READY, key, key)))
+            self._queue.append(_Delivery(key, key, None, ConnectionReady(key).to_message()))
             self._cond.notify_all()
         self.publish_presence(key, M.PRESENCE_ONLINE)
 
@@ -75,9 +76,8 @@ class MemoryBus:
 
     def _presence_delivery(self, receiver: str, sender: str, payload: bytes) -> _Delivery:
         body = json.loads(payload)
-        msg = Message(M.MSG_TYPE_PRESENCE, body["node"], receiver)
-        msg.add_params(M.MSG_ARG_KEY_PRESENCE, body["status"])
-        msg.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body["time"])
+        msg = Presence(node=sender, online=body["status"] == M.PRESENCE_ONLINE, since=float(body["time"]),
+                       receiver=receiver).to_message()
         return _Delivery(receiver, sender, None, msg, len(payload), time.time())
 
     def detach(self, node: MemoryCommManager) -> None:
@@ -113,6 +113,16 @@ class MemoryBus:
                 continue
             self.delivered += 1
             node.deliver(item)
+
+
+def memory_backend(bus: MemoryBus) -> Any:
+    """A transport.manager backend factory that puts every node on `bus` (for FedPeftCommManager)."""
+
+    def build(_comm_args: Any, _run_id: str, node_id: str | int, meter: BandwidthMeter | None,
+              _connect_timeout_s: float) -> MemoryCommManager:
+        return MemoryCommManager(bus, node_id, meter)
+
+    return build
 
 
 def _wants_presence(node: MemoryCommManager, other: str) -> bool:

@@ -27,17 +27,18 @@ from paho.mqtt.properties import Properties
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import CodecError, TransportError
-from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord, publish_packet_bytes
-from fedpeft_edge.transport import messages as M
-from fedpeft_edge.transport.fedml import BaseCommunicationManager, Message
+from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
+from fedpeft_edge.protocol import ConnectionReady, Presence
+from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.chunk import Reassembler, is_chunk, parse_chunk, split_payload
 from fedpeft_edge.wire.codec import decode_message, message_parts
+from fedpeft_edge.wire.packet import max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
 
-MQTT_MAX_PACKET = 268_435_455 + 5  # remaining length limit + fixed header
 _DEDUP_WINDOW = 4096
 _MAX_INFLIGHT = 16  # chunks awaiting PUBACK per client: bounds memory for a 300 MB transfer
 
@@ -175,8 +176,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._connected.set()
         log.info("node %s %sconnected to %s:%s", self.node_id, "re" if reconnect else "",
                  self.args.broker_host, self.args.broker_port)
-        ready = Message(M.MSG_TYPE_CONNECTION_IS_READY, self.node_id, self.node_id)
-        self._inbox.put(_Local(ready))
+        self._inbox.put(_Local(ConnectionReady(str(self.node_id)).to_message()))
         if self.on_connection_change is not None:
             self.on_connection_change(True)
 
@@ -273,7 +273,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             if publish_packet_bytes(topic, total, qos, self._mqtt5) <= limit:
                 sizes = self._publish_all(topic, iter([b"".join(parts)]))
             else:
-                max_chunk = limit - publish_packet_bytes(topic, 0, qos, self._mqtt5) - 3  # varint growth
+                max_chunk = max_chunk_bytes(topic, limit, qos, self._mqtt5)
                 sizes = self._publish_all(topic, split_payload(parts, max_chunk))
             end = time.time()
         rec = TransferRecord(
@@ -287,10 +287,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
 
     def packet_limit(self) -> int:
         """Largest PUBLISH packet we send: comm_args.max_message_bytes, or less if the broker said so."""
-        limit = min(self.args.max_message_bytes + 5, MQTT_MAX_PACKET)
-        if self._broker_max_packet:
-            limit = min(limit, int(self._broker_max_packet))
-        return limit
+        return packet_limit(self.args.max_message_bytes, self._broker_max_packet)
 
     def _route(self, params: dict[str, Any]) -> tuple[str, str]:
         receiver = params.get(M.MSG_ARG_KEY_RECEIVER)
@@ -462,9 +459,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed presence from %s: %r", node, item.payload[:80])
             return None
-        sender = body.get("node") if str(body.get("node")) == node else node
-        message = Message(M.MSG_TYPE_PRESENCE, sender, self.node_id)
-        message.add_params(M.MSG_ARG_KEY_PRESENCE, status)
-        message.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, body.get("time"))
-        return message
+        since = body.get("time")
+        return Presence(node=node, online=status == M.PRESENCE_ONLINE,
+                        since=float(since) if isinstance(since, (int, float)) else None,
+                        receiver=str(self.node_id)).to_message()
 

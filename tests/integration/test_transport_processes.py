@@ -16,7 +16,7 @@ import torch
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.peft.base import Manifest, TensorSpec
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import start_broker
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.transport.mqtt import MqttCommManager

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fedpeft_edge.config import TrainArgs
-from fedpeft_edge.server.strategy.base import ClientUpdate, Strategy
+from fedpeft_edge.server.strategy.base import Aggregation, ClientUpdate, Strategy, effective_local
 from fedpeft_edge.server.strategy.fedavg import FedAvg
 from fedpeft_edge.server.strategy.fedopt import FedAdam, FedYogi
 
-__all__ = ["ClientUpdate", "Strategy", "FedAvg", "FedAdam", "FedYogi", "build_strategy"]
+__all__ = ["Aggregation", "ClientUpdate", "Strategy", "effective_local", "FedAvg", "FedAdam", "FedYogi",
+           "build_strategy"]
 
 
 def build_strategy(train_args: TrainArgs) -> Strategy:

@@ -13,24 +13,115 @@ from fedpeft_edge.errors import ProtocolError
 
 @dataclasses.dataclass(frozen=True)
 class ClientUpdate:
-    """One accepted update: the device's tensors (or deltas from the global ones) and its sample count."""
+    """One accepted update: the device's tensors (or deltas from the global ones) and its sample count.
+
+    `scale` multiplies the update's delta from the global model (async staleness weighting; a norm clip is
+    applied to the tensors before): local' = global + scale * (local - global). 1.0 leaves it unchanged.
+    """
 
     device_id: str
     num_samples: int
     tensors: Mapping[str, torch.Tensor]
     is_delta: bool = False
+    scale: float = 1.0
+
+
+def effective_local(name: str, g64: torch.Tensor, u: ClientUpdate) -> torch.Tensor:
+    """The update's tensor `name` as a float64 local model (deltas added to the global, scale applied)."""
+    t = u.tensors[name].to(torch.float64)
+    if u.is_delta:
+        return g64 + (t * u.scale if u.scale != 1.0 else t)
+    if u.scale != 1.0:
+        return g64 + (t - g64) * u.scale
+    return t
+
+
+class Aggregation:
+    """An aggregation in progress: `add` each accepted update as it arrives, `result` at the round's close."""
+
+    def __init__(self, strategy: Strategy, global_state: Mapping[str, torch.Tensor]) -> None:
+        self.strategy = strategy
+        self.global_state = global_state
+        self.count = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class CollectingAggregation(Aggregation):
+    """Holds every update and calls `strategy.aggregate` at the close: for strategies that need all of them
+    at once (coordinate-wise median, trimmed mean)."""
+
+    def __init__(self, strategy: Strategy, global_state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(strategy, global_state)
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        self.updates.append(update)
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return self.strategy.aggregate(self.global_state, sorted(self.updates, key=lambda u: u.device_id))
+
+
+class RunningMean(Aggregation):
+    """The sample-weighted mean accumulated as updates arrive: float64 running sums, no update held."""
+
+    def __init__(self, strategy: Strategy, global_state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(strategy, global_state)
+        self._g64 = {name: g.to(torch.float64) for name, g in global_state.items()}
+        self._acc = {name: torch.zeros(g.shape, dtype=torch.float64) for name, g in global_state.items()}
+        self.total = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        if update.num_samples <= 0:
+            raise ProtocolError(f"update from {update.device_id} reports {update.num_samples} samples; "
+                                "every update needs num_samples > 0")
+        for name, g64 in self._g64.items():
+            self._acc[name].add_(effective_local(name, g64, update), alpha=update.num_samples)
+        self.total += update.num_samples
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if not self.count:
+            raise ProtocolError("cannot aggregate a round with no accepted updates")
+        return {name: acc / self.total for name, acc in self._acc.items()}
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return self.strategy.apply_mean(self.global_state, self.mean())
 
 
 class Strategy(abc.ABC):
-    """Turns a round's accepted updates into the next global tensors; never mutates its inputs."""
+    """Turns a round's accepted updates into the next global tensors; never mutates its inputs.
+
+    The engine calls `begin(global_state)` at a round's open, `add`s each accepted update to the returned
+    Aggregation as it arrives and takes `result()` at the close. Mean-based strategies override `apply_mean`
+    (and get O(model) memory however many devices report); the others implement only `aggregate`, which the
+    default `begin` calls with every update at the close.
+    """
 
     name: str = "strategy"
+    streaming: bool = False  # True: begin() returns a RunningMean and apply_mean() turns its mean into a model
+
+    def begin(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+        if self.streaming:
+            return RunningMean(self, global_state)
+        return CollectingAggregation(self, global_state)
 
     @abc.abstractmethod
     def aggregate(
         self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
         """The next global tensors, in global_state's order and dtypes."""
+
+    def apply_mean(
+        self, global_state: Mapping[str, torch.Tensor], mean: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The next global tensors from the float64 sample-weighted mean (streaming strategies)."""
+        raise NotImplementedError(f"{self.name} is not a streaming strategy")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Server-optimiser tensors to checkpoint (empty for stateless strategies)."""
@@ -48,16 +139,14 @@ def weighted_mean(
     """Sample-weighted mean of the clients' tensors (deltas applied to the global), accumulated in float64."""
     if not updates:
         raise ProtocolError("cannot aggregate a round with no accepted updates")
-    total = sum(u.num_samples for u in updates)
-    if total <= 0:
-        raise ProtocolError(f"accepted updates report {total} samples in all; every update needs num_samples > 0")
-    out: dict[str, torch.Tensor] = {}
-    for name, g in global_state.items():
-        acc = torch.zeros(g.shape, dtype=torch.float64)
-        for u in updates:
-            t = u.tensors[name].to(torch.float64)
-            if u.is_delta:
-                t = t + g.to(torch.float64)
-            acc.add_(t, alpha=u.num_samples / total)
-        out[name] = acc
-    return out
+    running = RunningMean(_NoStrategy(), global_state)
+    for u in updates:
+        running.add(u)
+    return running.mean()
+
+
+class _NoStrategy(Strategy):
+    def aggregate(
+        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

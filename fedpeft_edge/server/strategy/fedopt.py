@@ -14,6 +14,7 @@ class FedAdam(Strategy):
     """Pseudo-gradient = weighted mean - global; Adam-style moments on the server, kept in float64."""
 
     name = "FedAdam"
+    streaming = True
 
     def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
         self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
@@ -26,7 +27,12 @@ class FedAdam(Strategy):
     def aggregate(
         self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        mean = weighted_mean(global_state, updates)
+        return self.apply_mean(global_state, weighted_mean(global_state, updates))
+
+    def apply_mean(
+        self, global_state: Mapping[str, torch.Tensor], mean: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """One server-optimiser step on the pseudo-gradient (mean - global)."""
         out: dict[str, torch.Tensor] = {}
         for name, g in global_state.items():
             g64 = g.to(torch.float64)

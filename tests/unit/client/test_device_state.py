@@ -36,8 +36,8 @@ def runtime() -> SharedRuntime:
 
 
 def _train(rt: SharedRuntime, state: DeviceState) -> dict[str, torch.Tensor]:
-    with rt.activate(state):
-        rt.trainer.train(max_steps=3)
+    with rt.activate(state) as slot:
+        slot.trainer.train(max_steps=3)
     return {k: v.clone() for k, v in state.peft.items()}
 
 
@@ -74,6 +74,7 @@ def test_swap_out_keeps_each_devices_optimizer_state(runtime: SharedRuntime) -> 
     optimizer = runtime.trainer.base_optimizer
     _train(runtime, a)
     assert runtime.trainer.base_optimizer is optimizer, "the optimizer is built once, never per device"
+    assert runtime.trainer.train_loader == (), "no device's loader stays bound after its window"
     sizes = a.nbytes()
     assert sizes["peft"] == runtime.manifest.num_params * 4 and sizes["optimizer"] == sizes["peft"]
     assert sizes["data"] > 0 and sizes["total"] == sizes["peft"] + sizes["optimizer"] + sizes["data"]
@@ -88,3 +89,17 @@ def test_tensors_load_only_into_the_active_device(runtime: SharedRuntime) -> Non
     with runtime.activate(a):
         runtime.load_peft(a, zero)
     assert all(torch.equal(v, zero[k]) for k, v in a.peft.items())
+
+
+def test_replica_slots_share_the_frozen_backbone_and_train_apart() -> None:
+    rt = SharedRuntime(tiny_config(), slots=2)
+    a, b = (build_device_state(rt, AgentIdentity(f"p{i}", i)) for i in (0, 1))
+    with rt.activate(a) as sa, rt.activate(b) as sb:  # two devices at once, one slot each
+        assert sa.model is not sb.model
+        shared = dict(sa.model.named_parameters())
+        for name, p in sb.model.named_parameters():
+            same = p.data_ptr() == shared[name].data_ptr()
+            assert same != p.requires_grad, name  # frozen: one storage; trainable: each slot its own
+        sa.trainer.train(max_steps=2)
+        assert all(torch.equal(v, b.peft[k]) for k, v in rt.current_peft(b).items()), "a's step moved b"
+    assert any(not torch.equal(v, b.peft[k]) for k, v in a.peft.items())

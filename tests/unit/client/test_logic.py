@@ -11,8 +11,16 @@ from test_device_state import tiny_config
 from fedpeft_edge.client.device import AgentIdentity, build_device_state
 from fedpeft_edge.client.logic import DeviceLogic, SyncAction
 from fedpeft_edge.client.runtime import SharedRuntime
-from fedpeft_edge.transport import messages as M
-from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.protocol import (
+    ClientStatus,
+    ConnectionReady,
+    DeviceErrorReport,
+    Join,
+    JoinAck,
+    Presence,
+    RoundTask,
+    Update,
+)
 from fedpeft_edge.wire.codec import encode_tensors
 
 
@@ -21,14 +29,11 @@ def runtime() -> SharedRuntime:
     return SharedRuntime(tiny_config())
 
 
-def _sync(rt: SharedRuntime, device_id: str, round_idx: int, deadline: float | None = None) -> Any:
-    msg = Message(M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, M.SERVER_ID, device_id)
-    msg.add_params(M.MSG_ARG_KEY_ROUND, round_idx)
-    msg.add_params(M.MSG_ARG_KEY_MANIFEST_HASH, rt.manifest.hash)
-    msg.add_params(M.MSG_ARG_KEY_DEADLINE, deadline if deadline is not None else time.time() + 60)
-    msg.add_params(M.MSG_ARG_KEY_CONFIG, {"evaluate": False})
-    msg.add_params(M.MSG_ARG_KEY_MODEL_PARAMS, encode_tensors(rt.initial_state, rt.manifest, "fp32"))
-    return msg
+def _sync(rt: SharedRuntime, device_id: str, round_idx: int, deadline: float | None = None,
+          manifest_hash: str | None = None) -> RoundTask:
+    return RoundTask(receiver=device_id, round=round_idx, manifest_hash=manifest_hash or rt.manifest.hash,
+                     encoding="fp32", blob=encode_tensors(rt.initial_state, rt.manifest, "fp32"),
+                     deadline=deadline if deadline is not None else time.time() + 60)
 
 
 class CountingTrainer:
@@ -53,14 +58,14 @@ def test_a_round_trains_once_and_resends_at_most_n_times(runtime: SharedRuntime)
     logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("r0", 0)))
     counter = CountingTrainer(runtime)
     try:
-        first = logic.handle(_sync(runtime, "r0", 1))
-        assert [m.get_type() for m in first] == [M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER]
-        ids = {first[0].get(M.MSG_ARG_KEY_MSG_ID)}
+        (first,) = logic.handle(_sync(runtime, "r0", 1))
+        assert isinstance(first, Update) and first.round == 1
+        ids = {first.msg_id}
         resent = [logic.handle(_sync(runtime, "r0", 1)) for _ in range(5)]
-        assert [len(r) for r in resent] == [1, 1, 1, 0, 0]  # device_args.max_resends_per_round = 3
+        assert [len(r) for r in resent] == [1, 1, 1, 0, 0]  # train_args.resend_rate_per_round = 3
         for (msg,) in resent[:3]:
-            assert msg.get(M.MSG_ARG_KEY_MODEL_PARAMS) is first[0].get(M.MSG_ARG_KEY_MODEL_PARAMS)
-            ids.add(msg.get(M.MSG_ARG_KEY_MSG_ID))
+            assert isinstance(msg, Update) and msg.blob is first.blob  # the stored update, not retrained
+            ids.add(msg.msg_id)
         assert len(ids) == 4, "every resend is a new message (the transport drops a repeated id)"
         assert counter.calls == 1
         assert logic.handle(_sync(runtime, "r0", 2))  # the next round trains, and its resend budget is fresh
@@ -79,39 +84,33 @@ def test_sync_during_training_after_deadline_or_malformed_is_ignored(runtime: Sh
     assert logic.classify_sync(_sync(runtime, "r1", 4))[0] is SyncAction.IGNORE  # one round at a time
     logic.train(_sync(runtime, "r1", 3))
     assert logic.classify_sync(_sync(runtime, "r1", 5, deadline=time.time() - 1))[0] is SyncAction.IGNORE
-    bad = _sync(runtime, "r1", 6)
-    bad.add_params(M.MSG_ARG_KEY_ROUND, "6")
-    assert logic.classify_sync(bad)[0] is SyncAction.IGNORE
+    assert logic.classify_sync(_sync(runtime, "r1", 2))[0] is SyncAction.IGNORE  # older than the last
 
 
 def test_a_failed_round_reports_an_error_and_is_not_retrained(runtime: SharedRuntime) -> None:
     logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("r2", 2)))
-    wrong = _sync(runtime, "r2", 1)
-    wrong.add_params(M.MSG_ARG_KEY_MANIFEST_HASH, "0" * 64)
-    (err,) = logic.handle(wrong)
-    assert err.get_type() == M.MSG_TYPE_C2S_ERROR and "manifest" in err.get(M.MSG_ARG_KEY_ERROR)
+    (err,) = logic.handle(_sync(runtime, "r2", 1, manifest_hash="0" * 64))
+    assert isinstance(err, DeviceErrorReport) and "manifest" in err.error
     (again,) = logic.handle(_sync(runtime, "r2", 1))
-    assert again.get_type() == M.MSG_TYPE_C2S_ERROR  # the stored reply, not a second training
+    assert again is err  # the stored reply, not a second training
+    logic.state.exhausted = True
+    (status,) = logic.handle(_sync(runtime, "r2", 2))
+    assert isinstance(status, ClientStatus) and status.exhausted
 
 
 def test_join_on_server_presence_once_per_session(runtime: SharedRuntime) -> None:
     logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("r3", 0)))
-    ready = Message(M.MSG_TYPE_CONNECTION_IS_READY, "r3", "r3")
+    ready = ConnectionReady("r3")
     assert logic.handle(ready) == []  # waits for the server's presence
 
-    def presence(since: float) -> Any:
-        msg = Message(M.MSG_TYPE_PRESENCE, M.SERVER_ID, "r3")
-        msg.add_params(M.MSG_ARG_KEY_PRESENCE, M.PRESENCE_ONLINE)
-        msg.add_params(M.MSG_ARG_KEY_PRESENCE_SINCE, since)
-        return msg
+    def presence(since: float) -> Presence:
+        return Presence(node="0", online=True, since=since, receiver="r3")
 
     (join,) = logic.handle(presence(1.0))
-    assert join.get_type() == M.MSG_TYPE_C2S_JOIN and join.get(M.MSG_ARG_KEY_NUM_SAMPLES) > 0
+    assert isinstance(join, Join) and join.num_samples > 0 and join.sender == "r3"
     assert logic.handle(presence(1.0)) == []
+    assert logic.handle(Presence(node="dev7", online=True, since=1.0, receiver="r3")) == []  # not the server
     assert len(logic.handle(presence(2.0))) == 1  # a restarted server: join again
     assert len(logic.handle(ready)) == 1  # a reconnect while the server is up
-    refuse = Message(M.MSG_TYPE_S2C_JOIN_ACK, M.SERVER_ID, "r3")
-    refuse.add_params(M.MSG_ARG_KEY_ACCEPTED, False)
-    refuse.add_params(M.MSG_ARG_KEY_REASON, "wrong backbone")
-    logic.handle(refuse)
+    logic.handle(JoinAck(receiver="r3", accepted=False, reason="wrong backbone"))
     assert logic.finished and logic.exit_code == 3 and logic.refusal == "wrong backbone"

@@ -6,9 +6,9 @@ import pytest
 
 from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
 from fedpeft_edge.errors import ConfigError
-from fedpeft_edge.metering.bandwidth import publish_packet_bytes
 from fedpeft_edge.metering.planning import measure_updates, packet_sizes, parse_link, round_seconds
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES
+from fedpeft_edge.wire.packet import publish_packet_bytes
 
 TINY = ModelArgs(model="vit_tiny_patch16_224", num_classes=10, weights="none",
                  model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})

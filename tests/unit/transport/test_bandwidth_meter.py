@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord, publish_packet_bytes, varint_len
+from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
+from fedpeft_edge.wire.packet import publish_packet_bytes, varint_len
 
 
 def test_publish_packet_bytes_matches_the_mqtt_layout() -> None:

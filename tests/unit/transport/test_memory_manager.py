@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from fedpeft_edge.errors import TransportError
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.transport.memory import MemoryBus, MemoryCommManager
 from fedpeft_edge.transport.mqtt import MqttCommManager

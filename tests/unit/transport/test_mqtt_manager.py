@@ -15,8 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import TransportError
 from fedpeft_edge.peft.base import Manifest, TensorSpec
-from fedpeft_edge.transport import messages as M
-from fedpeft_edge.transport.fedml import FedPeftCommManager, Message
+from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.transport.manager import FedPeftCommManager
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
 

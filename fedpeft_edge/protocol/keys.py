@@ -1,4 +1,7 @@
-"""Message types and parameter keys of the round protocol: FedML's where they exist, ours beside them."""
+"""Message types and parameter keys of the round protocol: FedML's where they exist, ours beside them.
+
+Only `fedpeft_edge/protocol/` (and the transport, for routing and metering) reads these keys.
+"""
 
 from __future__ import annotations
 
@@ -62,3 +65,14 @@ PRESENCE_ONLINE = "ONLINE"
 PRESENCE_OFFLINE = "OFFLINE"  # FedML's CommunicationConstants.MSG_CLIENT_STATUS_OFFLINE
 
 SERVER_ID = 0  # FedML's convention: the server is rank 0; devices are 1..N (ints) or strings
+MSG_ARG_KEY_ATTEMPT = "attempt"  # the attempt of a round (a failed round is retried as attempt + 1)
+MSG_ARG_KEY_IS_DELTA = "is_delta"  # informational only: the server takes it from train_args.send_delta
+MSG_ARG_KEY_EPSILON = "epsilon"  # a device's privacy spend so far
+MSG_ARG_KEY_DEVICE_ID = "device_id"
+MSG_ARG_KEY_MODEL_VERSION = "model_version"  # the global model's version a task carries (async staleness)
+MSG_ARG_KEY_MODE = "round_mode"  # "sync" | "async"
+
+STATUS_ONLINE = "ONLINE"
+STATUS_BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"  # a device spent its privacy budget and leaves later rounds
+
+CONFIG_KEY_EVALUATE = "evaluate"  # round config: evaluate the received global model on the local test split

@@ -1,0 +1,435 @@
+"""One frozen dataclass per protocol message, with its FedML `Message` form; `parse` checks every field.
+
+`to_message()` builds the FedML Message the transport sends; `from_message(msg)` (or `parse(msg)`, which
+dispatches on msg_type) turns a received one back into the typed object, raising ProtocolError naming the
+field, the value and the fix. No code outside this package reads or writes a message key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, ClassVar, TypeVar
+
+from fedpeft_edge.errors import ProtocolError
+from fedpeft_edge.protocol import keys as K
+from fedpeft_edge.protocol.fields import (
+    MAX_SAMPLES,
+    check_blob,
+    check_bool,
+    check_choice,
+    check_device_id,
+    check_int,
+    check_node_id,
+    check_number,
+    check_opt_int,
+    check_opt_mapping,
+    check_opt_number,
+    check_opt_text,
+    check_round,
+    check_server_id,
+    check_text,
+    fail,
+    is_int,
+)
+from fedpeft_edge.protocol.report import DeviceReport
+from fedpeft_edge.transport.fedml import Message
+
+MAX_PROFILE_CHARS = 64 * 1024  # a join's device profile (join spam must not fill the run log)
+MAX_DATA_STATS_CHARS = 256 * 1024
+MAX_MANIFEST_CHARS = 4 * 1024 * 1024
+ROUND_MODES = ("sync", "async")
+_HASH_CHARS = 128
+
+T = TypeVar("T", bound="ProtocolMessage")
+
+
+class ProtocolMessage:
+    """Base of the typed messages: `msg_type` is FedML's id; subclasses define the fields."""
+
+    msg_type: ClassVar[int]
+
+    def to_message(self) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_message(cls: type[T], msg: Any) -> T:
+        raise NotImplementedError
+
+
+def _new(msg_type: int, sender: str | int, receiver: str | int, **params: Any) -> Any:
+    msg = Message(msg_type, sender, receiver)
+    for key, value in params.items():
+        msg.add_params(key, value)
+    return msg
+
+
+def _params(msg: Any) -> dict[str, Any]:
+    params = msg.get_params() if hasattr(msg, "get_params") else None
+    if not isinstance(params, dict):
+        raise fail("message", type(msg).__name__, "is not a FedML Message", "pass a fedml Message")
+    return params
+
+
+def _server_out(receiver: str | int) -> int:
+    """Server -> device messages go from SERVER_ID to a device (int ids stay ints, as FedML ranks)."""
+    check_device_id(receiver, "receiver")
+    return K.SERVER_ID
+
+
+# --- device -> server ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Join(ProtocolMessage):
+    """A device announces itself (at start, after every reconnect and server restart)."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_C2S_JOIN
+    sender: str
+    backbone_fingerprint: str
+    manifest_hash: str
+    num_samples: int
+    client_idx: int | None = None
+    manifest: str | None = None
+    profile: dict[str, Any] | None = None
+    data_stats: dict[str, Any] | None = None
+    epsilon: float | None = None
+    client_status: str = K.STATUS_ONLINE
+
+    @property
+    def exhausted(self) -> bool:
+        return self.client_status == K.STATUS_BUDGET_EXHAUSTED
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **{
+            K.MSG_ARG_KEY_DEVICE_ID: self.sender, K.MSG_ARG_KEY_CLIENT_INDEX: self.client_idx,
+            K.MSG_ARG_KEY_BACKBONE_FINGERPRINT: self.backbone_fingerprint,
+            K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_MANIFEST: self.manifest,
+            K.MSG_ARG_KEY_NUM_SAMPLES: self.num_samples, K.MSG_ARG_KEY_PROFILE: self.profile,
+            K.MSG_ARG_KEY_DATA_STATS: self.data_stats, K.MSG_ARG_KEY_EPSILON: self.epsilon,
+            K.MSG_ARG_KEY_CLIENT_STATUS: self.client_status,
+        })
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Join:
+        p = _params(msg)
+        return cls(
+            sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
+            backbone_fingerprint=check_text(p.get(K.MSG_ARG_KEY_BACKBONE_FINGERPRINT),
+                                            K.MSG_ARG_KEY_BACKBONE_FINGERPRINT, _HASH_CHARS),
+            manifest_hash=check_text(p.get(K.MSG_ARG_KEY_MANIFEST_HASH), K.MSG_ARG_KEY_MANIFEST_HASH, _HASH_CHARS),
+            num_samples=check_int(p.get(K.MSG_ARG_KEY_NUM_SAMPLES), K.MSG_ARG_KEY_NUM_SAMPLES, 1, MAX_SAMPLES),
+            client_idx=check_opt_int(p.get(K.MSG_ARG_KEY_CLIENT_INDEX), K.MSG_ARG_KEY_CLIENT_INDEX, 0, 10**9),
+            manifest=check_opt_text(p.get(K.MSG_ARG_KEY_MANIFEST), K.MSG_ARG_KEY_MANIFEST, MAX_MANIFEST_CHARS),
+            profile=check_opt_mapping(p.get(K.MSG_ARG_KEY_PROFILE), K.MSG_ARG_KEY_PROFILE, MAX_PROFILE_CHARS),
+            data_stats=check_opt_mapping(p.get(K.MSG_ARG_KEY_DATA_STATS), K.MSG_ARG_KEY_DATA_STATS,
+                                         MAX_DATA_STATS_CHARS),
+            epsilon=check_opt_number(p.get(K.MSG_ARG_KEY_EPSILON), K.MSG_ARG_KEY_EPSILON, 0.0),
+            client_status=check_choice(p.get(K.MSG_ARG_KEY_CLIENT_STATUS, K.STATUS_ONLINE),
+                                       K.MSG_ARG_KEY_CLIENT_STATUS, (K.STATUS_ONLINE, K.STATUS_BUDGET_EXHAUSTED)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Update(ProtocolMessage):
+    """A device's trained tensors for one round, with what it measured (DeviceReport)."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER
+    sender: str
+    round: int
+    num_samples: int
+    blob: bytes | memoryview
+    report: DeviceReport = dataclasses.field(default_factory=DeviceReport)
+    manifest_hash: str | None = None
+    encoding: str | None = None
+    is_delta: bool = False  # informational: the server takes is_delta from train_args.send_delta
+    model_version: int | None = None  # the global model version the device trained from (async staleness)
+    msg_id: str | None = None
+    sent_at: float | None = None
+
+    def to_message(self) -> Any:
+        params: dict[str, Any] = {
+            K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_NUM_SAMPLES: self.num_samples,
+            K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_ENCODING: self.encoding,
+            K.MSG_ARG_KEY_IS_DELTA: self.is_delta, K.MSG_ARG_KEY_METRICS: self.report.to_dict(),
+            K.MSG_ARG_KEY_MODEL_PARAMS: self.blob,
+            K.MSG_ARG_KEY_SENT_AT: self.sent_at if self.sent_at is not None else time.time(),
+        }
+        if self.model_version is not None:
+            params[K.MSG_ARG_KEY_MODEL_VERSION] = self.model_version
+        if self.msg_id is not None:
+            params[K.MSG_ARG_KEY_MSG_ID] = self.msg_id
+        return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **params)
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Update:
+        p = _params(msg)
+        blob = p.get(K.MSG_ARG_KEY_MODEL_PARAMS)
+        if blob is None:
+            raise fail(K.MSG_ARG_KEY_MODEL_PARAMS, None, "is missing: the update carries no tensors",
+                       "send the encoded tensors as the message's blob")
+        return cls(
+            sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
+            round=check_round(p.get(K.MSG_ARG_KEY_ROUND)),
+            num_samples=check_int(p.get(K.MSG_ARG_KEY_NUM_SAMPLES), K.MSG_ARG_KEY_NUM_SAMPLES, 1, MAX_SAMPLES),
+            blob=check_blob(blob, K.MSG_ARG_KEY_MODEL_PARAMS),
+            report=DeviceReport.from_dict(p.get(K.MSG_ARG_KEY_METRICS)),
+            manifest_hash=check_opt_text(p.get(K.MSG_ARG_KEY_MANIFEST_HASH), K.MSG_ARG_KEY_MANIFEST_HASH,
+                                         _HASH_CHARS),
+            encoding=check_opt_text(p.get(K.MSG_ARG_KEY_ENCODING), K.MSG_ARG_KEY_ENCODING, 32),
+            is_delta=check_bool(p.get(K.MSG_ARG_KEY_IS_DELTA, False), K.MSG_ARG_KEY_IS_DELTA),
+            model_version=check_opt_int(p.get(K.MSG_ARG_KEY_MODEL_VERSION), K.MSG_ARG_KEY_MODEL_VERSION, 0,
+                                        10**9),
+            msg_id=check_opt_text(p.get(K.MSG_ARG_KEY_MSG_ID), K.MSG_ARG_KEY_MSG_ID, 128),
+            sent_at=check_opt_number(p.get(K.MSG_ARG_KEY_SENT_AT), K.MSG_ARG_KEY_SENT_AT, 0.0),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceErrorReport(ProtocolMessage):
+    """A device failed a round; the round goes on without it."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_C2S_ERROR
+    sender: str
+    round: int | None
+    error: str
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **{
+            K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ERROR: self.error[:4000]})
+
+    @classmethod
+    def from_message(cls, msg: Any) -> DeviceErrorReport:
+        p = _params(msg)
+        r = p.get(K.MSG_ARG_KEY_ROUND)
+        return cls(sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
+                   round=None if r is None else check_round(r),
+                   error=check_text(p.get(K.MSG_ARG_KEY_ERROR), K.MSG_ARG_KEY_ERROR))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientStatus(ProtocolMessage):
+    """A device's status change (FedML's C2S_CLIENT_STATUS): today only BUDGET_EXHAUSTED."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_C2S_CLIENT_STATUS
+    sender: str
+    status: str
+    round: int | None = None
+    epsilon: float | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.status == K.STATUS_BUDGET_EXHAUSTED
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **{
+            K.MSG_ARG_KEY_CLIENT_STATUS: self.status, K.MSG_ARG_KEY_ROUND: self.round,
+            K.MSG_ARG_KEY_EPSILON: self.epsilon})
+
+    @classmethod
+    def from_message(cls, msg: Any) -> ClientStatus:
+        p = _params(msg)
+        r = p.get(K.MSG_ARG_KEY_ROUND)
+        return cls(sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
+                   status=check_choice(p.get(K.MSG_ARG_KEY_CLIENT_STATUS), K.MSG_ARG_KEY_CLIENT_STATUS,
+                                       (K.STATUS_ONLINE, K.STATUS_BUDGET_EXHAUSTED)),
+                   round=None if r is None else check_round(r),
+                   epsilon=check_opt_number(p.get(K.MSG_ARG_KEY_EPSILON), K.MSG_ARG_KEY_EPSILON, 0.0))
+
+
+# --- server -> device ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class JoinAck(ProtocolMessage):
+    """The server accepts or refuses a join (with the reason and the fix)."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_S2C_JOIN_ACK
+    receiver: str
+    accepted: bool
+    reason: str | None = None
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, _server_out(self.receiver), self.receiver, **{
+            K.MSG_ARG_KEY_ACCEPTED: self.accepted, K.MSG_ARG_KEY_REASON: self.reason})
+
+    @classmethod
+    def from_message(cls, msg: Any) -> JoinAck:
+        p = _params(msg)
+        check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
+        return cls(receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
+                   accepted=check_bool(p.get(K.MSG_ARG_KEY_ACCEPTED), K.MSG_ARG_KEY_ACCEPTED),
+                   reason=check_opt_text(p.get(K.MSG_ARG_KEY_REASON), K.MSG_ARG_KEY_REASON))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTask(ProtocolMessage):
+    """The server hands a device the global tensors for a round (FedML's S2C_SYNC_MODEL_TO_CLIENT)."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT
+    receiver: str
+    round: int
+    blob: bytes | memoryview
+    manifest_hash: str
+    encoding: str
+    deadline: float | None = None  # wall clock (time.time()) by which the update must arrive
+    attempt: int = 0
+    evaluate: bool = False  # evaluate the received global model on the local test split first
+    model_version: int | None = None  # async: the version of the global model in the blob
+    mode: str = "sync"
+    sent_at: float | None = None
+
+    def to_message(self) -> Any:
+        params: dict[str, Any] = {
+            K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self.attempt,
+            K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_ENCODING: self.encoding,
+            K.MSG_ARG_KEY_DEADLINE: self.deadline, K.MSG_ARG_KEY_CONFIG: {K.CONFIG_KEY_EVALUATE: self.evaluate},
+            K.MSG_ARG_KEY_MODE: self.mode, K.MSG_ARG_KEY_MODEL_PARAMS: self.blob,
+            K.MSG_ARG_KEY_SENT_AT: self.sent_at if self.sent_at is not None else time.time(),
+        }
+        if self.model_version is not None:
+            params[K.MSG_ARG_KEY_MODEL_VERSION] = self.model_version
+        return _new(self.msg_type, _server_out(self.receiver), self.receiver, **params)
+
+    @classmethod
+    def from_message(cls, msg: Any) -> RoundTask:
+        p = _params(msg)
+        check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
+        config = check_opt_mapping(p.get(K.MSG_ARG_KEY_CONFIG), K.MSG_ARG_KEY_CONFIG, 4096) or {}
+        evaluate = config.get(K.CONFIG_KEY_EVALUATE, False)
+        blob = p.get(K.MSG_ARG_KEY_MODEL_PARAMS)
+        if blob is None:
+            raise fail(K.MSG_ARG_KEY_MODEL_PARAMS, None, "is missing: the round task carries no tensors",
+                       "send the global tensors as the message's blob")
+        return cls(
+            receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
+            round=check_round(p.get(K.MSG_ARG_KEY_ROUND)),
+            blob=check_blob(blob, K.MSG_ARG_KEY_MODEL_PARAMS),
+            manifest_hash=check_text(p.get(K.MSG_ARG_KEY_MANIFEST_HASH), K.MSG_ARG_KEY_MANIFEST_HASH, _HASH_CHARS),
+            encoding=check_text(p.get(K.MSG_ARG_KEY_ENCODING), K.MSG_ARG_KEY_ENCODING, 32),
+            deadline=check_opt_number(p.get(K.MSG_ARG_KEY_DEADLINE), K.MSG_ARG_KEY_DEADLINE, 0.0),
+            attempt=check_int(p.get(K.MSG_ARG_KEY_ATTEMPT, 0), K.MSG_ARG_KEY_ATTEMPT, 0, 10**6),
+            evaluate=check_bool(evaluate, f"{K.MSG_ARG_KEY_CONFIG}.{K.CONFIG_KEY_EVALUATE}"),
+            model_version=check_opt_int(p.get(K.MSG_ARG_KEY_MODEL_VERSION), K.MSG_ARG_KEY_MODEL_VERSION, 0,
+                                        10**9),
+            mode=check_choice(p.get(K.MSG_ARG_KEY_MODE, "sync"), K.MSG_ARG_KEY_MODE, ROUND_MODES),
+            sent_at=check_opt_number(p.get(K.MSG_ARG_KEY_SENT_AT), K.MSG_ARG_KEY_SENT_AT, 0.0),
+        )
+
+
+RoundSync = RoundTask  # FedML's name for the same message
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish(ProtocolMessage):
+    """The run is over: the device stops."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_S2C_FINISH
+    receiver: str
+    reason: str | None = None
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, _server_out(self.receiver), self.receiver, **{K.MSG_ARG_KEY_REASON: self.reason})
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Finish:
+        p = _params(msg)
+        check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
+        return cls(receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
+                   reason=check_opt_text(p.get(K.MSG_ARG_KEY_REASON), K.MSG_ARG_KEY_REASON))
+
+
+# --- local (posted by the transport or by the node itself) ----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Presence(ProtocolMessage):
+    """A peer's retained presence changed (posted locally by the transport)."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_PRESENCE
+    node: str
+    online: bool
+    since: float | None = None  # the peer's clock when it published that presence (a session id)
+    receiver: str = str(K.SERVER_ID)
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, self.node, self.receiver, **{
+            K.MSG_ARG_KEY_PRESENCE: K.PRESENCE_ONLINE if self.online else K.PRESENCE_OFFLINE,
+            K.MSG_ARG_KEY_PRESENCE_SINCE: self.since})
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Presence:
+        p = _params(msg)
+        status = check_choice(p.get(K.MSG_ARG_KEY_PRESENCE), K.MSG_ARG_KEY_PRESENCE,
+                              (K.PRESENCE_ONLINE, K.PRESENCE_OFFLINE))
+        since = p.get(K.MSG_ARG_KEY_PRESENCE_SINCE)
+        return cls(node=check_node_id(p.get(K.MSG_ARG_KEY_SENDER)), online=status == K.PRESENCE_ONLINE,
+                   since=check_number(since, K.MSG_ARG_KEY_PRESENCE_SINCE) if since is not None else None,
+                   receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Timer(ProtocolMessage):
+    """A local timer fired (a round's deadline, the join timeout ...), posted to the node itself."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_LOCAL_TIMER
+    name: str
+    round: int | None = None
+    attempt: int | None = None
+    node: str = str(K.SERVER_ID)
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, self.node, self.node, **{
+            K.MSG_ARG_KEY_TIMER: self.name, K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self.attempt})
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Timer:
+        p = _params(msg)
+        r, a = p.get(K.MSG_ARG_KEY_ROUND), p.get(K.MSG_ARG_KEY_ATTEMPT)
+        return cls(name=check_text(p.get(K.MSG_ARG_KEY_TIMER), K.MSG_ARG_KEY_TIMER, 64),
+                   round=None if r is None else check_round(r),
+                   attempt=None if a is None else check_int(a, K.MSG_ARG_KEY_ATTEMPT, 0, 10**6),
+                   node=check_node_id(p.get(K.MSG_ARG_KEY_SENDER)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionReady(ProtocolMessage):
+    """The transport (re)connected to the broker (posted locally on every connect)."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_CONNECTION_IS_READY
+    node: str
+
+    def to_message(self) -> Any:
+        return _new(self.msg_type, self.node, self.node)
+
+    @classmethod
+    def from_message(cls, msg: Any) -> ConnectionReady:
+        return cls(node=check_node_id(_params(msg).get(K.MSG_ARG_KEY_SENDER)))
+
+
+MESSAGE_CLASSES: dict[int, type[ProtocolMessage]] = {
+    c.msg_type: c for c in (Join, Update, DeviceErrorReport, ClientStatus, JoinAck, RoundTask, Finish, Presence,
+                            Timer, ConnectionReady)
+}
+DEVICE_MESSAGES = (Join, Update, DeviceErrorReport, ClientStatus)  # what a device may send the server
+SERVER_MESSAGES = (JoinAck, RoundTask, Finish)  # what the server may send a device
+
+
+def parse(msg: Any) -> ProtocolMessage:
+    """The typed form of a received FedML Message; ProtocolError (naming field, value, fix) if it is malformed."""
+    p = _params(msg)
+    msg_type = p.get(K.MSG_ARG_KEY_TYPE)
+    if isinstance(msg_type, str) and msg_type.isdigit():
+        msg_type = int(msg_type)  # FedML's Message keeps str(type) in .type; the params keep the int
+    if not is_int(msg_type) or msg_type not in MESSAGE_CLASSES:
+        raise fail(K.MSG_ARG_KEY_TYPE, msg_type, "is not a known message type",
+                   f"send one of {sorted(MESSAGE_CLASSES)}")
+    try:
+        return MESSAGE_CLASSES[msg_type].from_message(msg)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:  # a shape no check anticipated: still a bad message
+        raise ProtocolError(f"message type {msg_type} is malformed ({type(exc).__name__}: {exc}); "
+                            "send the fields docs/design.md lists for it") from exc
+
+
+def sender_of(msg: Any) -> str | None:
+    """The claimed sender of a raw message if it is a plausible node id (for drop records), else None."""
+    try:
+        return check_node_id(_params(msg).get(K.MSG_ARG_KEY_SENDER))
+    except ProtocolError:
+        return None
