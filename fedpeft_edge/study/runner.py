@@ -4,7 +4,8 @@ Study directory: `study.json` (the plan and each run's state), `configs/<run_id>
 given), `runs/<run_id>/` (ordinary run directories), `logs/<run_id>.log` (each run's program output) and the
 comparison report. A run counts as finished when its summary.json exists and the config.yaml its server
 saved hashes (study.grid.config_hash) to the planned config's hash; a half-finished run directory is
-removed and the run starts afresh; a finished run made under another config is moved aside as
+removed and the run starts afresh; a finished run made under another config (or one whose config.yaml
+this version no longer loads) is moved aside as
 `runs/<run_id>.stale-<time>` before it is redone. Each run's devices keep their state (privacy ledgers) in
 `state/<run_id>/`, emptied whenever the run starts, so one run's spent budget never carries into another.
 """
@@ -57,10 +58,14 @@ def run_state(run_dir: Path, expected_hash: str) -> str:
         return "partial"
     try:
         json.loads(summary.read_text(encoding="utf-8"))
-        saved_hash = config_hash(load_config(saved))
-    except (json.JSONDecodeError, OSError, FedPeftError) as exc:
-        log.warning("%s: unreadable summary or config (%s); the run will be redone", run_dir, exc)
+    except (json.JSONDecodeError, OSError) as exc:
+        log.warning("%s: unreadable summary.json (%s); the run will be redone", run_dir, exc)
         return "partial"
+    try:
+        saved_hash = config_hash(load_config(saved))
+    except (OSError, FedPeftError) as exc:  # e.g. written by an older version: keep it aside, redo the run
+        log.warning("%s: its config.yaml no longer loads (%s); the run counts as stale", run_dir, exc)
+        return "stale"
     return "finished" if saved_hash == expected_hash else "stale"
 
 

@@ -129,6 +129,9 @@ def test_run_state_needs_summary_and_matching_config(tmp_path: Path) -> None:
     assert run_state(tmp_path / "none", "x") == "new"
     (tmp_path / "r").mkdir()
     assert run_state(tmp_path / "r", "x") == "partial"
+    (tmp_path / "r" / "summary.json").write_text("{}")
+    (tmp_path / "r" / "config.yaml").write_text("device_args: {renamed_knob: 3}\n")
+    assert run_state(tmp_path / "r", "x") == "stale"  # kept aside, not deleted
 
 
 def test_metrics_tail_waits_for_a_torn_line(tmp_path: Path) -> None:
