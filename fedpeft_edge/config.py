@@ -242,6 +242,27 @@ class LinkProfile:
     jitter_ms: float = 0.0  # uniform in [-jitter, +jitter] per chunk, order kept
     loss: float = 0.0
     rto_ms: float = 200.0  # the stall one lost segment costs (Linux's minimum RTO)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A study: a base run config and a grid over dotted config keys, expanded into runs (fedpeft_edge/study/).
+
+    `grid` maps a dotted key to a list of values, or a name without a dot to a mapping {label: {dotted key:
+    value, ...}} (a bundle of settings that vary together, e.g. DP off / epsilon 5). `per_method` maps a PEFT
+    method to dotted overrides applied to its runs; `exclude` lists partial assignments (dotted key -> value,
+    matched against each run's resolved config, strings as shell patterns) whose runs are left out.
+    """
+
+    name: str
+    base_config: str  # path, relative to the study file
+    grid: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # dotted key -> value, every run
+    per_method: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    exclude: tuple[Mapping[str, Any], ...] = ()
+    executor: Literal["simulate", "mqtt"] = "simulate"
+    study_dir: str | None = None  # default: <base's tracking_args.run_dir>/studies/<name>
+    run_timeout_s: float = 3600.0  # a run taking longer is stopped and recorded as failed
     description: str = ""
 
 
@@ -291,7 +312,10 @@ class RunConfig:
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a YAML file into a RunConfig; `overrides` maps dotted keys ("train_args.comm_round") to values."""
-    p = Path(path)
+    return config_from_dict(_read_yaml_mapping(Path(path)), overrides, source=str(path))
+
+
+def _read_yaml_mapping(p: Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
@@ -304,7 +328,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, overrides, source=str(p))
+    return raw
 
 
 def config_from_dict(
@@ -315,6 +339,24 @@ def config_from_dict(
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value, source)
     return _build(RunConfig, data, source)
+
+
+def load_study_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
+    """Read a study file; `base_config` is resolved against the study file's directory."""
+    p = Path(path)
+    raw = _read_yaml_mapping(p)
+    raw.update(overrides or {})
+    study = _build(StudyConfig, raw, str(p))
+    base = Path(study.base_config)
+    if not base.is_absolute():
+        base = p.parent / base
+    if not base.is_file():
+        raise ConfigError(f"{p}: base_config {study.base_config!r} is not a file (looked at {base}); "
+                          "name a run config YAML, relative to the study file")
+    if not study.name or not all(c.isalnum() or c in "._-" for c in study.name):
+        raise ConfigError(f"{p}: name {study.name!r} must be non-empty letters, digits, '.', '_' or '-'")
+    _positive(f"{p}: run_timeout_s", study.run_timeout_s)
+    return dataclasses.replace(study, base_config=str(base))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -85,3 +85,7 @@ class TrackingError(FedPeftError):
 
 class LabError(FedPeftError):
     """The network lab cannot build or run its namespaces, links or programs."""
+
+
+class StudyError(FedPeftError):
+    """A study's run failed to execute or its study directory does not match the study."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,21 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
         if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
             out.append(rec)
     return out
+
+
+def describe_divergence(rec: dict[str, Any]) -> str:
+    """One line for a `divergence` record (engine: round, device_id, metric, value, threshold, hint)."""
+    device = rec.get("device_id")
+    where = f"round {rec.get('round')} " + (f"device {device}" if device else "global model")
+    metric, value, threshold = rec.get("metric"), rec.get("value"), rec.get("threshold")
+    seen = f"{metric} {_fmt(value)}" if metric else ""
+    if seen and isinstance(threshold, (int, float)):
+        seen += f" (chance level {threshold:.4g})"
+    hint = rec.get("hint") or rec.get("message") or ""
+    return f"{where}: {seen}{'; ' if seen and hint else ''}{hint}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,4 +1,4 @@
-"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate, dashboard and more.
+"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate, dashboard, study and more.
 
 Each subcommand lives in its own module here exposing `add_arguments(parser)` and `run(args) -> int`;
 modules are imported only when their subcommand runs, so `fedpeft-edge profile` never loads MQTT code.
@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "dashboard": "serve the federation dashboard for finished runs, side by side",
     "lab": "a run over emulated links: device namespaces, tc rates, latency, loss and outages; network report",
     "provision": "create per-device credentials, broker password file and ACL, signing keys, optional TLS",
+    "study": "run a study (a grid of runs over config keys), resumable, and write its comparison report",
 }
 
 

@@ -232,6 +232,10 @@ def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
         print(f"  round {rec['round']}/{rounds}: acc {acc}, {rec.get('accepted')} updates, "
               f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / "
               f"{_mb(rec.get('bytes_up'))} up, {rec.get('round_s', 0):.1f}s, total {_mb(cum)}")
+    elif kind == "divergence":
+        from fedpeft_edge.rundir import describe_divergence
+
+        print(f"  DIVERGENCE {describe_divergence(rec)}")
     return cum
 
 

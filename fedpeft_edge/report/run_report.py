@@ -30,7 +30,7 @@ from fedpeft_edge.config import RunConfig, load_config  # noqa: E402
 from fedpeft_edge.errors import CheckpointError, ConfigError  # noqa: E402
 from fedpeft_edge.metering.energy import ENERGY_COLUMNS, energy_rows  # noqa: E402
 from fedpeft_edge.protocol.report import DeviceReport  # noqa: E402
-from fedpeft_edge.rundir import read_metrics  # noqa: E402
+from fedpeft_edge.rundir import describe_divergence, read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ DEVICE_COLUMNS = ("run", "device_id", "accepted", "reason", "hostname", "device_
                   "ram_total_mb", "accelerator", "l4t_version", "num_train", "num_test", "rounds_accepted",
                   "bytes_up_total", "bytes_down_total", "rss_peak_mb", "gpu_mem_peak_reserved_mb",
                   "energy_j_total", "energy_rounds", "epsilon_last")
+DIVERGENCE_COLUMNS = ("run", "round", "device_id", "learning_rate", "metric", "value", "threshold", "flag")
 _PROFILE_KEYS = ("hostname", "device_model", "cpu_model", "ram_total_mb", "accelerator", "l4t_version")
 _RESOURCE_KEYS = ("wall_s", "cpu_s", "cpu_util_pct", "rss_mean_mb", "rss_peak_mb",
                   "gpu_mem_peak_allocated_mb", "gpu_mem_peak_reserved_mb", "energy_j", "energy_source",
@@ -196,6 +197,15 @@ def _wait_s(rec: Mapping[str, Any], round_s: float | None) -> float | None:
     if round_s is None or rec.get("status") != "accepted" or any(p is None for p in parts):
         return None
     return max(round_s - sum(p for p in parts if p is not None), 0.0)
+
+
+def divergence_rows(run: RunData) -> list[dict[str, Any]]:
+    """The run's `divergence` records (a device training above chance loss, a global model at chance)."""
+    lr = run.config.train_args.learning_rate if run.config else None
+    return [{"run": run.name, "round": d.get("round"), "device_id": d.get("device_id"),
+             "learning_rate": d.get("learning_rate", lr), "metric": d.get("metric"), "value": d.get("value"),
+             "threshold": d.get("threshold"), "flag": describe_divergence(d)}
+            for d in read_metrics(run.path, "divergence")]
 
 
 def device_rows(run: RunData) -> list[dict[str, Any]]:
@@ -507,6 +517,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "devices": (DEVICE_COLUMNS, [r for run in runs for r in device_rows(run)]),
         "device_rounds": (DEVICE_ROUND_COLUMNS, [r for run in runs for r in device_round_rows(run)]),
         "energy": (ENERGY_COLUMNS, [r for run in runs for r in energy_rows(run.device_rounds, run.name)]),
+        "divergence": (DIVERGENCE_COLUMNS, [r for run in runs for r in divergence_rows(run)]),
     }
     csvs = {name: write_csv(out / f"{name}.csv", cols, rows) for name, (cols, rows) in tables.items()}
     plots = _write_plots(runs, out)

@@ -174,3 +174,17 @@ def test_cli_run_and_missing_run_dir(tmp_path: Path) -> None:
     report_cli.add_arguments(parser)
     with pytest.raises(CheckpointError, match="no metrics.jsonl"):
         report_cli.run(parser.parse_args([str(tmp_path / "nope")]))
+
+
+def test_divergence_records_are_listed_with_the_rate(tmp_path: Path) -> None:
+    run = make_run_dir(tmp_path, "bias", 40_000)
+    with (run / "metrics.jsonl").open("a") as fh:  # after the fixture's torn last line
+        fh.write("\n" + json.dumps({"kind": "divergence", "round": 1, "device_id": "dev-2", "metric": "train_loss",
+                                    "value": 2.92, "threshold": 2.3026, "hint": "learning rate "
+                                    "train_args.learning_rate=0.03 is the likely cause; lower it"}) + "\n")
+    dump_config(replace_in(RunConfig(), **{"train_args.learning_rate": 0.03}), run / "config.yaml")
+    files = write_report([run], tmp_path / "out")
+    rows = list(csv.DictReader(files.csvs["divergence"].open()))
+    assert [(r["round"], r["device_id"], r["learning_rate"]) for r in rows] == [("1", "dev-2", "0.03")]
+    assert "train_loss 2.92 (chance level 2.303)" in rows[0]["flag"]
+    assert "learning_rate=0.03" in files.html.read_text()

@@ -1,0 +1,188 @@
+"""The paper's claims beside what the shipped studies measure (issue #17), on reduced or full settings.
+
+Runs (resumably, through `fedpeft-edge study` machinery) slices of the shipped studies and prints each claim,
+its target and the measured figure. Scales: `smoke` (2 rounds, 1 seed, 3 devices, a small pool: proves the
+pipeline, proves no claim), `reduced` (5 rounds, 2 seeds), `paper` (the shipped studies as written: 20
+rounds, 3 seeds; hours of CPU). The studies run on the base configs the study files name (EfficientNet-Lite0,
+Fashion-MNIST); `--base` swaps in another (ViT-B/16 + CIFAR-100). Every figure is the server's top-1 on its
+held-out test set at the last round, mean over seeds (+- sample std).
+
+    nice -n 10 python benchmarks/bench_studies.py --scale smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedpeft_edge.config import StudyConfig, load_study_config
+from fedpeft_edge.study.executor import build_executor
+from fedpeft_edge.study.runner import StudyRunner, run_state
+
+STUDIES = Path(__file__).resolve().parents[1] / "configs" / "studies"
+METHODS = ["head", "bias", "lora", "full"]
+SCALES: dict[str, dict[str, Any]] = {
+    "smoke": {"rounds": 2, "seeds": [0], "overrides": {
+        "train_args.client_num_in_total": 3, "train_args.client_num_per_round": 3, "train_args.min_devices": 3,
+        "train_args.min_updates": 2, "data_args.max_train_samples": 600, "data_args.max_test_samples": 300}},
+    "reduced": {"rounds": 5, "seeds": [0, 1], "overrides": {}},
+    "paper": {"rounds": None, "seeds": None, "overrides": {}},
+}
+
+
+def _slice(study: StudyConfig, scale: dict[str, Any], keep: dict[str, list[str]], root: Path,
+           base: str | None) -> StudyConfig:
+    """The study restricted to some labels per axis, at the scale's rounds and seeds."""
+    grid: dict[str, Any] = {}
+    for axis, values in study.grid.items():
+        wanted = keep.get(axis)
+        if isinstance(values, dict):
+            grid[axis] = {k: v for k, v in values.items() if not wanted or k in wanted}
+        else:
+            grid[axis] = [v for v in values if not wanted or str(v) in wanted]
+    if scale["seeds"] is not None:
+        grid["common_args.random_seed"] = scale["seeds"]
+    overrides = {**study.overrides, **scale["overrides"]}
+    if scale["rounds"] is not None:
+        overrides["train_args.comm_round"] = scale["rounds"]
+    changes: dict[str, Any] = {"grid": grid, "overrides": overrides, "study_dir": str(root / study.name)}
+    if base:
+        changes["base_config"] = str(Path(base).resolve())
+    return dataclasses.replace(study, **changes)
+
+
+def _finals(runner: StudyRunner) -> dict[tuple[tuple[str, str], ...], list[float]]:
+    """Final top-1 (%) per grid point without the seed, over the finished runs."""
+    import json
+
+    out: dict[tuple[tuple[str, str], ...], list[float]] = {}
+    for run in runner.plan:
+        run_dir = runner.run_dir(run)
+        if run_state(run_dir, run.config_hash) != "finished":
+            continue
+        top1 = json.loads((run_dir / "summary.json").read_text()).get("final_top1")
+        key = tuple((k, v) for k, v in run.assignment if k != "common_args.random_seed")
+        if isinstance(top1, (int, float)):
+            out.setdefault(key, []).append(100.0 * top1)
+    return out
+
+
+def _stat(values: Sequence[float] | None) -> str:
+    if not values:
+        return "not measured"
+    sd = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.1f}{sd} (n={len(values)})"
+
+
+def _mean(values: Sequence[float] | None) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+Rows = list[tuple[str, str, str, str]]
+
+
+def _row(rows: Rows, claim: str, target: str, measured: str, ok: bool | str | None) -> None:
+    verdict = ok if isinstance(ok, str) else "not measured" if ok is None else "met" if ok else "MISSED"
+    rows.append((claim, target, measured, verdict))
+
+
+def _run(study: StudyConfig, executor: str) -> StudyRunner:
+    runner = StudyRunner(study, build_executor(executor), progress=lambda line: print("   ", line, flush=True))
+    runner.run()
+    return runner
+
+
+def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
+    study = load_study_config(STUDIES / "heterogeneity.yaml")
+    finals = _finals(_run(_slice(study, scale, {"peft_args.method": METHODS, "partition": ["alpha0.5", "alpha0.1"]},
+                                 root, args.base), args.executor))
+    by = {dict(k)["peft_args.method"]: v for k, v in finals.items() if dict(k)["partition"] == "alpha0.5"}
+    head, full = _mean(by.get("head")), _mean(by.get("full"))
+    print("\nheterogeneity, Dirichlet alpha 0.5 (final top-1 %, mean +- std over seeds):")
+    for m in METHODS:
+        print(f"    {m:<6} {_stat(by.get(m))}")
+    for m in ("bias", "lora"):
+        mine = _mean(by.get(m))
+        if mine is None or head is None or full is None:
+            _row(rows, f"alpha 0.5: {m} >= head + 3 points", ">= +3.0", "not measured", None)
+            _row(rows, f"alpha 0.5: {m} within 2 points of full", "|diff| <= 2.0", "not measured", None)
+            continue
+        _row(rows, f"alpha 0.5: {m} >= head + 3 points", ">= +3.0", f"{mine - head:+.1f} ({mine:.1f} vs {head:.1f})",
+             mine - head >= 3.0)
+        _row(rows, f"alpha 0.5: {m} within 2 points of full", "|diff| <= 2.0",
+             f"{mine - full:+.1f} ({mine:.1f} vs {full:.1f})", abs(mine - full) <= 2.0)
+    by01 = {dict(k)["peft_args.method"]: v for k, v in finals.items() if dict(k)["partition"] == "alpha0.1"}
+    order = sorted(by01, key=lambda m: -(_mean(by01[m]) or 0.0))
+    print("\nheterogeneity, Dirichlet alpha 0.1 (the paper: 20 rounds, 3 seeds):")
+    print("    ordering: " + " > ".join(f"{m} {_stat(by01[m])}" for m in order))
+    _row(rows, "alpha 0.1: ordering (mean over seeds)", "reported with spread",
+         " > ".join(order) or "not measured", "reported" if order else None)
+
+
+def claim_privacy(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
+    study = load_study_config(STUDIES / "privacy.yaml")
+    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "privacy": ["no_dp", "eps5"]}, root,
+                         args.base), args.executor)
+    by = {(dict(k)["peft_args.method"], dict(k)["privacy"]): v for k, v in _finals(runner).items()}
+    print("\nprivacy, epsilon 5 vs no DP (final top-1 %):")
+    for m in METHODS:
+        print(f"    {m:<6} no DP {_stat(by.get((m, 'no_dp'))):<22} eps 5 {_stat(by.get((m, 'eps5')))}")
+    loss = {m: (_mean(by.get((m, "no_dp"))), _mean(by.get((m, "eps5")))) for m in ("full", "bias")}
+    if all(a is not None and b is not None for a, b in loss.values()):
+        lf, lb = (loss[m][0] - loss[m][1] for m in ("full", "bias"))  # type: ignore[operator]
+        _row(rows, "eps 5: full loses more than bias vs no DP", "loss(full) > loss(bias)",
+             f"full {-lf:+.1f}, bias {-lb:+.1f} points vs no DP", lf > lb)
+    else:
+        planned = {r.method for r in runner.plan if r.config.dp_args.enabled}
+        why = "" if {"full", "bias"} <= planned else " (DP-SGD refuses BatchNorm training: needs a ViT --base)"
+        _row(rows, "eps 5: full loses more than bias vs no DP", "loss(full) > loss(bias)", "not measured" + why, None)
+
+
+def claim_compression(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
+    study = load_study_config(STUDIES / "compression.yaml")
+    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "comm_args.encoding": ["fp32", "int8"]},
+                         root, args.base), args.executor)
+    by = {(dict(k)["peft_args.method"], dict(k)["comm_args.encoding"]): v for k, v in _finals(runner).items()}
+    print("\ncompression, int8 vs fp32 updates (final top-1 %, same seeds):")
+    for m in METHODS:
+        fp32, int8 = _mean(by.get((m, "fp32"))), _mean(by.get((m, "int8")))
+        if fp32 is None or int8 is None:
+            _row(rows, f"{m}: int8 costs <= 0.5 points vs fp32", "fp32 - int8 <= 0.5", "not measured", None)
+            continue
+        _row(rows, f"{m}: int8 costs <= 0.5 points vs fp32", "fp32 - int8 <= 0.5",
+             f"{fp32 - int8:+.2f} ({int8:.1f} vs {fp32:.1f})", fp32 - int8 <= 0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--scale", choices=list(SCALES), default="reduced")
+    p.add_argument("--executor", choices=["simulate", "mqtt"], default="simulate")
+    p.add_argument("--base", help="another base run config for every study (e.g. ViT-B/16 + CIFAR-100)")
+    p.add_argument("--study-dir", default=None, help="where the studies go (default runs/bench_studies-<scale>)")
+    p.add_argument("--claims", default="heterogeneity,privacy,compression")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    scale = SCALES[args.scale]
+    root = Path(args.study_dir or f"runs/bench_studies-{args.scale}")
+    print(f"bench_studies: scale {args.scale} ({scale['rounds'] or 'the studies'} rounds, seeds "
+          f"{scale['seeds'] or 'the studies'}), executor {args.executor}, directory {root}")
+    if args.scale != "paper":
+        print("  (a reduced setting: figures below check the pipeline and the trend, not the paper's claims)")
+    claims = {"heterogeneity": claim_heterogeneity, "privacy": claim_privacy, "compression": claim_compression}
+    rows: Rows = []
+    for name in args.claims.split(","):
+        claims[name](args, scale, root, rows)
+    print(f"\n  {'claim':<46} {'target':<24} {'measured':<44} verdict")
+    for claim, target, measured, verdict in rows:
+        print(f"  {claim:<46} {target:<24} {measured:<44} {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
