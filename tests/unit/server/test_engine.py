@@ -252,7 +252,14 @@ def test_divergence_is_flagged_with_the_learning_rate(tmp_path: Path) -> None:
     h.update(sel[1], 1, state(2), report=DeviceReport(train_loss=float("nan")))
     h.update(sel[2], 1, state(3), report=DeviceReport(train_loss=0.5))
     flagged = {r["device_id"]: r for r in h.records("divergence")}
-    assert set(flagged) == {sel[0], sel[1]}
+    assert set(flagged) == {sel[1]}  # non-finite at once; one round above chance (ln 10) is not yet divergence
+    again = h.selected()
+    assert sel[0] in again
+    for i, d in enumerate(again):
+        h.update(d, 2, state(i + 4), report=DeviceReport(train_loss=9.0 if d == sel[0] else 0.4))
+    flagged = {r["device_id"]: r for r in h.records("divergence")}
+    assert set(flagged) == {sel[0], sel[1]}  # sel[0]: above chance in two consecutive rounds
+    assert flagged[sel[0]]["round"] == 2
     assert "train_args.learning_rate=5" in flagged[sel[0]]["hint"]
 
 
