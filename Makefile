@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit integration bench clean
+.PHONY: setup demo test test-slow lint typecheck unit integration bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,8 +19,13 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy fedpeft_edge device_agents server_app
 
+# `make test` runs every test not marked slow (about 10-20 min on 2 cores); `make test-slow` runs the slow ones
+# (fresh-venv installs, broker clusters, long network-lab runs). CI runs both.
 test: lint typecheck
-	bash scripts/run_tests.sh $(PYTEST_ARGS)
+	bash scripts/run_tests.sh -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	bash scripts/run_tests.sh -m slow $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,4 +1,6 @@
-"""`fedpeft-agent`: the program on an edge device. Loads the backbone once, joins the run, serves rounds."""
+"""`fedpeft-agent`: the program on an edge device. Loads the backbone once, joins the run, serves rounds.
+
+`fedpeft-agent doctor --config X.yaml` checks the device first (device_agents/doctor.py)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,11 @@ def identities_from(args: argparse.Namespace) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:  # `fedpeft-agent doctor ...`: check the device instead of joining
+        from device_agents.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
     from fedpeft_edge.client.fleet import FleetHost
     from fedpeft_edge.config import load_config

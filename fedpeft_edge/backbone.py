@@ -94,6 +94,24 @@ def create_timm_model(
     return model
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The innermost model under wrappers such as opacus' GradSampleModule (they keep it in `_module`)."""
+    while isinstance(getattr(model, "_module", None), nn.Module):
+        model = model._module  # type: ignore[assignment]
+    return model
+
+
+def classifier(model: nn.Module) -> nn.Module | None:
+    """The model's classifier head (timm's get_classifier(), under any wrapper), or None if it has none.
+
+    The one place the head is looked up: the backbone zeroes it and keeps it out of the frozen fingerprint,
+    the PEFT methods train it.
+    """
+    get = getattr(unwrap(model), "get_classifier", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
 def _zero_head(model: nn.Module) -> None:
     """Start a new head on pretrained features at zero (uniform predictions), as fine-tuning recipes do.
 
@@ -102,9 +120,8 @@ def _zero_head(model: nn.Module) -> None:
     tf_efficientnet_lite0, 1 epoch: bias at lr 0.01 reaches 76% with a zero head vs 12% with timm's init.
     A checkpoint head of the same class count still overwrites this.
     """
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    if isinstance(head, nn.Module):
+    head = classifier(model)
+    if head is not None:
         with torch.no_grad():
             for p in head.parameters():
                 p.zero_()
@@ -230,9 +247,8 @@ def _package_state() -> dict[str, torch.Tensor]:
 
 def _head_param_names(model: nn.Module) -> list[str]:
     """State-dict names of the classifier (timm's get_classifier()), empty if the model has none."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, nn.Module):
+    head = classifier(model)
+    if head is None:
         return []
     for prefix, module in model.named_modules():
         if module is head:

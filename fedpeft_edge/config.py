@@ -87,11 +87,16 @@ class LoraArgs:
     target_modules: tuple[str, ...] | None = None  # None = the method's default for the backbone
 
 
+# The PEFT method names, defined once: peft/registry.py registers exactly these, the CLI offers them.
+PeftMethodName = Literal["full", "head", "bias", "adapter", "prompt", "lora"]
+PEFT_METHODS: tuple[str, ...] = get_args(PeftMethodName)
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftArgs:
     """Which PEFT method trains and shares which tensors."""
 
-    method: Literal["full", "head", "bias", "adapter", "prompt", "lora"] = "bias"
+    method: PeftMethodName = "bias"
     adapter: AdapterArgs = dataclasses.field(default_factory=AdapterArgs)
     prompt: PromptArgs = dataclasses.field(default_factory=PromptArgs)
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
@@ -160,13 +165,17 @@ class CommArgs:
     max_update_bytes: int = 2_000_000_000  # refuse any update claiming more than this
     mqtt_version: Literal["5", "3.1.1"] = "5"  # 3.1.1 for brokers without MQTT 5 (amqtt)
     publish_timeout_s: float = 60.0  # wait this long for a PUBACK before a send fails
+    # The server re-announces its (retained) presence when a device comes online, at most once a second: for
+    # brokers whose retained store is node-local (a RabbitMQ cluster), where a device on another node would
+    # never see the server's retained ONLINE and so never join.
+    presence_echo: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceArgs:
     """Where a device computes and what it measures."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # mps: Apple silicon (explicit; auto = CUDA or cpu)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     eval_backend: Literal["torch", "onnxruntime"] = "torch"
     metering_interval_s: float = 0.1
@@ -183,6 +192,12 @@ class TrackingArgs:
     run_dir: str = "runs"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     checkpoint_every: int = 1
+    # experiment tracking, as run-log sinks (fedpeft_edge/tracking/); the `tracking` extra installs both
+    enable_tensorboard: bool = False
+    tensorboard_dir: str | None = None  # default: <run dir>/tensorboard
+    enable_mlflow: bool = False
+    mlflow_tracking_uri: str | None = None  # default: sqlite:///<run dir>/mlflow/mlflow.db (a local store)
+    mlflow_experiment_name: str = "fedpeft-edge"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +215,51 @@ class DpArgs:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinkProfile:
+    """One network link as the lab emulates it: rates shaped by tc, the rest by the lab's relay.
+
+    Rates are per direction (down: server -> device); None leaves that direction unshaped. `latency_ms` is
+    one-way and added in each direction (so the round trip grows by twice it); `loss` is the probability that
+    a TCP segment is lost, which the relay turns into a retransmission stall (see fedpeft_edge/lab/relay.py).
+    """
+
+    name: str = "unshaped"
+    down_mbit: float | None = None
+    up_mbit: float | None = None
+    burst_kb: float | None = None  # tbf bucket; None = 4 ms of the rate, at least 4 full frames
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0  # uniform in [-jitter, +jitter] per chunk, order kept
+    loss: float = 0.0
+    rto_ms: float = 200.0  # the stall one lost segment costs (Linux's minimum RTO)
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class OutageArgs:
+    """Device `device` (its id, e.g. "d1") loses its link for `duration_s`, `after_s` into round `at_round`
+    (or, without `at_round`, `after_s` after the lab started)."""
+
+    device: str = ""
+    duration_s: float = 10.0
+    at_round: int | None = None
+    after_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LabArgs:
+    """The network lab: one namespace per device, each device's link shaped and cut as configured."""
+
+    devices: int = 2  # agent namespaces d0 .. d{n-1}, client indexes 0 .. n-1
+    links: tuple[str, ...] = ("lte",)  # profile names (configs/links/<name>.yaml) or paths to profile files
+    fractions: tuple[float, ...] | None = None  # share of devices per entry of `links`; None = round robin
+    assignment: Mapping[str, str] = dataclasses.field(default_factory=dict)  # device id -> link, wins
+    seed: int = 0  # which devices get which link under `fractions`
+    links_dir: str | None = None  # where link names are looked up; None = the repository's configs/links
+    outages: tuple[OutageArgs, ...] = ()
+    timeout_s: float = 900.0  # the whole lab run gives up after this
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run's configuration; components take their own section, never this object."""
 
@@ -212,6 +272,7 @@ class RunConfig:
     device_args: DeviceArgs = dataclasses.field(default_factory=DeviceArgs)
     tracking_args: TrackingArgs = dataclasses.field(default_factory=TrackingArgs)
     dp_args: DpArgs = dataclasses.field(default_factory=DpArgs)
+    lab_args: LabArgs = dataclasses.field(default_factory=LabArgs)
 
     def __post_init__(self) -> None:
         _check_run(self)
@@ -253,12 +314,29 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out[f.name] = config_to_dict(value)
         elif isinstance(value, tuple):
-            out[f.name] = list(value)
+            out[f.name] = [config_to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         elif isinstance(value, Mapping):
             out[f.name] = dict(value)
         else:
             out[f.name] = value
     return out
+
+
+def load_link_profile(path: str | Path) -> LinkProfile:
+    """Read one link profile YAML (configs/links/*.yaml); its name defaults to the file's stem."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read link profile {p}: {exc}; pass an existing YAML file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"link profile {p} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"link profile {p} must be a mapping of LinkProfile fields, got {raw!r}")
+    raw.setdefault("name", p.stem)
+    prof = _build(LinkProfile, raw, str(p))
+    _check_link(prof, str(p))
+    return prof
 
 
 def broker_overrides(spec: str) -> dict[str, Any]:
@@ -386,7 +464,46 @@ def _positive(where: str, value: float | int | None, allow_zero: bool = False) -
         raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _check_link(p: LinkProfile, where: str) -> None:
+    for name in ("down_mbit", "up_mbit", "burst_kb", "rto_ms"):
+        _positive(f"{where}.{name}", getattr(p, name))
+    for name in ("latency_ms", "jitter_ms"):
+        _positive(f"{where}.{name}", getattr(p, name), allow_zero=True)
+    if p.jitter_ms > p.latency_ms:
+        raise ConfigError(f"{where}.jitter_ms ({p.jitter_ms}) exceeds latency_ms ({p.latency_ms}); "
+                          "jitter is +/- around the latency, so lower it or raise latency_ms")
+    if not 0.0 <= p.loss < 1.0:
+        raise ConfigError(f"{where}.loss must be a probability in [0, 1), got {p.loss!r}")
+
+
+def _check_lab(lab: LabArgs) -> None:
+    _positive("lab_args.devices", lab.devices)
+    _positive("lab_args.timeout_s", lab.timeout_s)
+    if not lab.links:
+        raise ConfigError("lab_args.links is empty; name at least one link profile, e.g. [lte]")
+    if lab.fractions is not None:
+        if len(lab.fractions) != len(lab.links) or any(f < 0 for f in lab.fractions):
+            raise ConfigError(f"lab_args.fractions {list(lab.fractions)} must give one share >= 0 per link "
+                              f"of lab_args.links {list(lab.links)}")
+        if abs(sum(lab.fractions) - 1.0) > 1e-6:
+            raise ConfigError(f"lab_args.fractions {list(lab.fractions)} sum to {sum(lab.fractions):g}; "
+                              "make them sum to 1")
+    ids = {f"d{i}" for i in range(lab.devices)}
+    for dev in lab.assignment:
+        if dev not in ids:
+            raise ConfigError(f"lab_args.assignment names device {dev!r}; the lab's devices are d0..d"
+                              f"{lab.devices - 1}")
+    for i, o in enumerate(lab.outages):
+        where = f"lab_args.outages[{i}]"
+        if o.device not in ids:
+            raise ConfigError(f"{where}.device {o.device!r} is not one of the lab's devices d0..d{lab.devices - 1}")
+        _positive(f"{where}.duration_s", o.duration_s)
+        _positive(f"{where}.after_s", o.after_s, allow_zero=True)
+        _positive(f"{where}.at_round", o.at_round)
+
+
 def _check_run(cfg: RunConfig) -> None:
+    _check_lab(cfg.lab_args)
     t, d, c, m, dp = cfg.train_args, cfg.data_args, cfg.comm_args, cfg.model_args, cfg.dp_args
     for name in ("client_num_in_total", "client_num_per_round", "comm_round", "min_devices", "min_updates",
                  "epochs", "eval_every"):

@@ -65,3 +65,15 @@ class CheckpointError(FedPeftError):
 
 class ExportError(FedPeftError):
     """An ONNX export failed or its parity check disagreed with PyTorch."""
+
+
+class DashboardError(FedPeftError):
+    """The dashboard cannot be served as asked (bad address, port taken, missing run directory)."""
+
+
+class TrackingError(FedPeftError):
+    """An experiment tracker (TensorBoard, MLflow) cannot be set up as configured."""
+
+
+class LabError(FedPeftError):
+    """The network lab cannot build or run its namespaces, links or programs."""

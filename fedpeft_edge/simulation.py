@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from fedpeft_edge.client.device import AgentIdentity, build_device_state
 from fedpeft_edge.client.logic import DeviceLogic
@@ -26,7 +25,6 @@ from fedpeft_edge.transport.memory import MemoryBus, memory_backend
 log = logging.getLogger(__name__)
 
 BYTES_KIND = "encoded"
-_LABELLED = ("round", "device_round")
 
 
 def simulation_config(cfg: RunConfig, devices: int | None) -> RunConfig:
@@ -44,26 +42,6 @@ def simulation_config(cfg: RunConfig, devices: int | None) -> RunConfig:
     })
 
 
-class _LabelledRunLog:
-    """The server's run log, with `bytes_kind` added to round records and the summary."""
-
-    def __init__(self, inner: Any, bytes_kind: str) -> None:
-        self._inner = inner
-        self._kind = bytes_kind
-
-    def write(self, kind: str, **fields: Any) -> dict[str, Any]:
-        if kind in _LABELLED:
-            fields.setdefault("bytes_kind", self._kind)
-        return dict(self._inner.write(kind, **fields))
-
-    def write_summary(self, summary: dict[str, Any]) -> Path:
-        summary.setdefault("bytes_kind", self._kind)
-        return Path(self._inner.write_summary(summary))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 class Simulation:
     """The server and `client_num_in_total` devices (shards 0..N-1, ids dev0..) on one bus."""
 
@@ -76,9 +54,7 @@ class Simulation:
         self.bus = MemoryBus(cfg.comm_args.max_update_bytes + 1024 * 1024)
 
         backend = memory_backend(self.bus)
-        self.server = ServerApp(cfg, self.run_dir, resume=resume, backend=backend)
-        # until the server writes its transport's bytes_kind itself (engine wiring)
-        self.server.runlog = _LabelledRunLog(self.server.runlog, BYTES_KIND)  # type: ignore[assignment]
+        self.server = ServerApp(cfg, self.run_dir, resume=resume, backend=backend, bytes_kind=BYTES_KIND)
         self.runtime = SharedRuntime(cfg)
         self.devices: list[DeviceManager] = []
         for i in range(cfg.train_args.client_num_in_total):

@@ -70,13 +70,16 @@ class EvalResult:
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when present, else CPU; "cuda" without CUDA is an error."""
+    """"auto" -> CUDA when present, else CPU; "cuda" without CUDA (or "mps" without MPS) is an error."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} requested but CUDA is not available; use device_args.device='auto'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("device 'mps' requested but torch has no MPS backend here (Apple silicon, macOS 12.3+); "
+                            "use device_args.device='auto'")
     return torch.device(name)
 
 

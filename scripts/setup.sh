@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything fedpeft-edge needs on a fresh machine: a virtual environment with the whole stack,
-# FedML's messaging layer (installed --no-deps), the mosquitto broker and the Fashion-MNIST data package.
+# FedML's messaging layer (installed --no-deps), the mosquitto and RabbitMQ brokers and the Fashion-MNIST data
+# package.
 # Idempotent: a second run only checks. Used by `make demo`, `make test` and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +24,14 @@ apt_install() {
 }
 
 if [ "${SKIP_APT:-0}" != "1" ]; then
-    apt_install mosquitto dataset-fashion-mnist
-    # The Debian package enables a system-wide mosquitto on port 1883; we start our own per run.
-    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
+    # rabbitmq-server: the clustered-broker tests; chromium: the dashboard's browser test; iproute2: ip netns,
+    # veth and tc for `fedpeft-edge lab`
+    apt_install mosquitto dataset-fashion-mnist rabbitmq-server chromium chromium-driver iproute2
+    # The Debian packages enable a system-wide mosquitto (1883) and RabbitMQ node; we start our own per run.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now mosquitto >/dev/null 2>&1 || true
+        systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
+    fi
 fi
 
 stamp="$VENV/.fedpeft-setup-stamp"
@@ -35,7 +41,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -e ".[all,dev]"
 # FedML's pins (numpy<2, protobuf<4, paho-mqtt<2, wandb==0.13.2 ...) cannot resolve beside a modern stack:
 # we install it without dependencies and import only its messaging layer (fedpeft_edge/transport/fedml.py).
 "$VENV/bin/python" -m pip install -q --no-deps "fedml==0.9.6"

@@ -18,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
     p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--dashboard", metavar="[HOST:]PORT", help="serve the live dashboard (host default 127.0.0.1; "
+                   "any other host requires a token)")
+    p.add_argument("--dashboard-token", metavar="TOKEN", help="token the dashboard requires (default: none on "
+                   "127.0.0.1, a random one printed with the URL otherwise)")
     return p
 
 
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level or cfg.tracking_args.log_level,
                             format="%(asctime)s %(levelname)s [server] %(name)s: %(message)s")
         app = ServerApp(cfg, run_dir, resume=bool(args.resume))
+        dashboard = _observe(app, cfg, run_dir, args)
     except FedPeftError as exc:
         print(f"fedpeft-server: error: {exc}", file=sys.stderr)
         return 2
@@ -48,8 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         app.finish()
         return 130
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
     print(f"fedpeft-server: run finished; results in {run_dir}")
     return 0
+
+
+def _observe(app: Any, cfg: Any, run_dir: Any, args: argparse.Namespace) -> Any:
+    """Attach the trackers the config enables and, with --dashboard, start the live dashboard."""
+    from fedpeft_edge.tracking import attach_trackers
+
+    attach_trackers(app.engine.runlog, cfg, run_dir)
+    if not args.dashboard:
+        return None
+    from fedpeft_edge.dashboard.server import run_info, serve_live
+
+    dashboard = serve_live(app.engine.runlog, cfg.common_args.run_id, run_info(cfg), args.dashboard,
+                           args.dashboard_token)
+    print(f"fedpeft-server: dashboard at {dashboard.url}", flush=True)
+    return dashboard
 
 
 if __name__ == "__main__":

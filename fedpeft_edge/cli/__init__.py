@@ -1,4 +1,4 @@
-"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate and more.
+"""The `fedpeft-edge` umbrella command: demo, profile, report, export, broker, simulate, dashboard and more.
 
 Each subcommand lives in its own module here exposing `add_arguments(parser)` and `run(args) -> int`;
 modules are imported only when their subcommand runs, so `fedpeft-edge profile` never loads MQTT code.
@@ -19,7 +19,10 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "write report.html, PNG plots and CSVs from one or more run directories",
     "export": "export a fine-tuned model from a run to ONNX, with a parity check",
     "broker": "run a local MQTT broker (mosquitto if installed, else embedded amqtt)",
+    "install-service": "write a systemd unit that runs this device's agent as a non-root service",
     "simulate": "run the server and N devices in one process on one shared backbone (no broker)",
+    "dashboard": "serve the federation dashboard for finished runs, side by side",
+    "lab": "a run over emulated links: device namespaces, tc rates, latency, loss and outages; network report",
 }
 
 
@@ -38,7 +41,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def _load(name: str):  # type: ignore[no-untyped-def]
-    return importlib.import_module(f"fedpeft_edge.cli.{name}")
+    return importlib.import_module(f"fedpeft_edge.cli.{name.replace('-', '_')}")
 
 
 def main(argv: list[str] | None = None) -> int:

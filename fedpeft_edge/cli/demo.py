@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedpeft_edge.config import PEFT_METHODS
+
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(REPO_CONFIGS / "quickstart.yaml"),
                         help="run config (default: configs/quickstart.yaml)")
-    parser.add_argument("--method", choices=["full", "head", "bias", "adapter", "prompt", "lora"],
+    parser.add_argument("--method", choices=PEFT_METHODS,
                         help="PEFT method (default: the config's, bias)")
     parser.add_argument("--devices", type=int, help="number of agent processes (all take part every round)")
     parser.add_argument("--rounds", type=int, help="federated rounds")
@@ -36,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="client learning rate")
     parser.add_argument("--no-report", action="store_true", help="skip report.html and plots")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument("--dashboard", default="127.0.0.1:0", metavar="[HOST:]PORT",
+                        help="where the server serves the live dashboard (default: a free port on 127.0.0.1; "
+                        "another host gets a token)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
 
 
 # Client learning rates that train the demo's pretrained CNN on digits (measured centrally, 1 epoch, 64 px,
@@ -102,8 +108,12 @@ def run(args: argparse.Namespace) -> int:
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     try:
-        procs.append(_spawn([sys.executable, "-m", "server_app.main", "--config", str(cfg_path)],
-                            logs / "server.log"))
+        server_cmd = [sys.executable, "-m", "server_app.main", "--config", str(cfg_path)]
+        if not args.no_dashboard:
+            dash_args, url = _dashboard_args(args.dashboard)
+            server_cmd += dash_args
+            print(f"dashboard: {url}  (while the run lasts; afterwards: fedpeft-edge dashboard {run_dir})")
+        procs.append(_spawn(server_cmd, logs / "server.log"))
         for i in range(n):
             procs.append(_spawn([sys.executable, "-m", "device_agents.main", "--config", str(cfg_path),
                                  "--device-id", f"device-{i}", "--client-index", str(i)],
@@ -119,11 +129,29 @@ def run(args: argparse.Namespace) -> int:
         return rc
     _print_tables(run_dir, cfg, wall)
     if not args.no_report:
-        from fedpeft_edge.metering.report import write_report
+        from fedpeft_edge.report import write_report
 
         files = write_report([run_dir])
         print(f"report: {files.html}")
     return 0
+
+
+def _dashboard_args(bind: str) -> tuple[list[str], str]:
+    """The server's --dashboard flags and the URL to print: a free port when none is given, a token off-host."""
+    import secrets
+
+    from fedpeft_edge.dashboard.server import is_loopback, parse_bind
+
+    host, port = parse_bind(bind)
+    port = port or _free_port()
+    flags = ["--dashboard", f"{host}:{port}"]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}/"
+    if not is_loopback(host):
+        token = secrets.token_urlsafe(18)
+        flags += ["--dashboard-token", token]
+        url += f"?token={token}"
+    return flags, url
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedpeft_edge.metering.report import write_report
+    from fedpeft_edge.report import write_report
 
     files = write_report(args.run_dirs, args.out)
     print(f"report: {files.html}")

@@ -5,7 +5,7 @@ comm manager received and send what it returns. Training happens in `train()`, w
 worker thread; `classify_sync()` is the quick decision taken on the receive loop's thread.
 
 Liveness (#12.6): the device trains at most once per round (its privacy budget is spent per round). A repeated
-sync for the round it already answered resends the stored reply, at most `device_args.max_resends_per_round`
+sync for the round it already answered resends the stored reply, at most `train_args.resend_rate_per_round`
 times; a sync for an older round, or for the round it is training right now, is ignored.
 """
 
@@ -73,8 +73,10 @@ class DeviceLogic:
         self._server_online: bool | None = None
         self._server_session: Any = None
         self._lock = threading.Lock()
-        self._training: int | None = None  # the round being trained now
-        self._last_round = -1  # the last round this device trained (or failed) for
+        # Tasks are keyed (round, task number) in async mode, where one round index hands out several tasks, and
+        # (round, 0) in sync mode, where a retried attempt of an answered round asks for the same update again.
+        self._training: tuple[int, int] | None = None  # the task being trained now
+        self._last_task = (-1, 0)  # the last task this device trained (or failed) for
         self._last_reply: Reply | None = None
         self._resends = 0
 
@@ -141,19 +143,20 @@ class DeviceLogic:
     # --- rounds ---------------------------------------------------------------------------------------------
     def classify_sync(self, task: RoundTask) -> tuple[SyncAction, Reply | None]:
         """Decide (quickly, thread-safe) whether to train, resend the stored reply, or ignore this task."""
+        key = _task_key(task)
         with self._lock:
-            if self._training == task.round or task.round < self._last_round:
+            if self._training == key or key < self._last_task:
                 log.info("%s: task for round %d ignored (%s)", self.device_id, task.round,
-                         "training it now" if self._training == task.round else f"trained {self._last_round}")
+                         "training it now" if self._training == key else f"trained {self._last_task[0]}")
                 return SyncAction.IGNORE, None
-            if task.round == self._last_round and self._last_reply is not None:
+            if key == self._last_task and self._last_reply is not None:
                 return self._resend(task.round)
             if self._training is not None:
                 return SyncAction.IGNORE, None
             if task.deadline is not None and time.time() > task.deadline:
                 log.warning("%s: round %d arrived after its deadline; skipping it", self.device_id, task.round)
                 return SyncAction.IGNORE, None
-            self._training = task.round
+            self._training = key
             return SyncAction.TRAIN, None
 
     def _resend(self, round_idx: int) -> tuple[SyncAction, Reply | None]:
@@ -187,7 +190,7 @@ class DeviceLogic:
             reply = DeviceErrorReport(sender=self.device_id, round=task.round, error=f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._training = None
-            self._last_round, self._last_reply, self._resends = task.round, reply, 0
+            self._last_task, self._last_reply, self._resends = _task_key(task), reply, 0
         self.meter.forget(up_to_round=task.round - 1)
         return [reply]
 
@@ -246,3 +249,8 @@ class DeviceLogic:
             resources=resources, global_eval=global_eval,
         )
         return report, local
+
+
+def _task_key(task: RoundTask) -> tuple[int, int]:
+    """What tells one task from another: the round, and in async mode also the task number (`attempt`)."""
+    return task.round, task.attempt if task.mode == "async" else 0

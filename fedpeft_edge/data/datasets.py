@@ -98,7 +98,13 @@ def _data_dir(data_args: DataArgs, default: str | None) -> Path:
 
 
 def _load_digits(data_args: DataArgs) -> _Loaded:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits  # the only data source that needs scikit-learn
+    except ImportError as exc:
+        raise DataError(
+            "data_args.dataset='digits' is scikit-learn's digits set, which an agent-only install lacks; "
+            "pip install 'fedpeft-edge[server]' or train on the device's own data (--dataset imagefolder)"
+        ) from exc
 
     bunch = load_digits()
     images = np.rint(np.asarray(bunch.images) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)

@@ -3,8 +3,9 @@
 `ResourceMonitor(interval_s, sources)` wraps a round: `with monitor.measure() as m: train(); m.summary()`.
 A source reports only what its hardware gave; a sensor that is absent leaves its keys `None` ("not
 available"), never 0. Sources: psutil process and system counters (always), CUDA memory, psutil
-temperatures and battery, Jetson `tegrastats` lines, Jetson INA3221 sysfs rails, and Intel RAPL powercap
-counters. Each takes explicit times so tests can drive it with recorded lines and fake sysfs trees.
+temperatures and battery, Jetson `tegrastats` lines, Jetson INA3221 sysfs rails, Intel RAPL powercap
+counters and NVIDIA NVML (discrete GPUs, optional `nvidia-ml-py`). Each takes explicit times so tests
+can drive it with recorded lines and fake sysfs trees.
 """
 
 from __future__ import annotations
@@ -37,9 +38,22 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "temperatures_max_c", "battery_pct_start", "battery_pct_end", "battery_plugged",
     "energy_j", "energy_source", "energy_basis", "energy_rails_j", "power_mean_w", "power_peak_w",
     "net_bytes_sent", "net_bytes_recv", "net_loopback_bytes",
+    "gpu_energy_j", "gpu_power_mean_w", "gpu_energy_basis",
 )
 
-#: Rails that measure a Jetson module's whole input; without one, the total is the sum of measured rails.
+#: Which rails make a Jetson board's total, by family (the first rule whose rails are all present wins).
+#: - Nano (L4T R32): POM_5V_IN, the module's 5 V input.
+#: - TX1/TX2/TX2 NX, Xavier NX, Orin Nano/NX: VDD_IN, the module's input.
+#: - AGX Orin: no input rail; the INA3221 at 0x40 measures the module's three supplies VDD_GPU_SOC,
+#:   VDD_CPU_CV and VIN_SYS_5V0; VDDQ_VDD2_1V8AO (0x41) is fed from VIN_SYS_5V0 and is left out (no double count).
+#: - Anything else (AGX Xavier's GPU/CPU/SOC/CV/VDDRQ/SYS5V, unknown boards): the sum of every measured rail.
+#: None of these include the carrier board, fans or USB peripherals.
+TOTAL_RAIL_RULES: tuple[tuple[str, ...], ...] = (
+    ("VDD_IN",),
+    ("POM_5V_IN",),
+    ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"),
+)
+#: Kept for callers of the single-rail rule.
 TOTAL_INPUT_RAILS: tuple[str, ...] = ("VDD_IN", "POM_5V_IN")
 
 
@@ -66,6 +80,7 @@ class PowerIntegrator:
         self._last: dict[str, tuple[float, float]] = {}
         self.joules: dict[str, float] = {}
         self.peak_w: dict[str, float] = {}
+        self.total_peak_w: dict[tuple[str, ...], float] = {}  # peak of the summed total, per rail set
         self.first_t: float | None = None
         self.last_t: float | None = None
 
@@ -77,6 +92,10 @@ class PowerIntegrator:
             self.joules.setdefault(rail, 0.0)
             self.peak_w[rail] = max(self.peak_w.get(rail, w), w)
             self._last[rail] = (t, w)
+        chosen, _basis = total_rails(list(watts))
+        if all(r in watts for r in chosen):
+            total = sum(watts[r] for r in chosen)
+            self.total_peak_w[chosen] = max(self.total_peak_w.get(chosen, total), total)
         self.first_t = t if self.first_t is None else self.first_t
         self.last_t = t
 
@@ -85,24 +104,35 @@ class PowerIntegrator:
         return 0.0 if self.first_t is None or self.last_t is None else self.last_t - self.first_t
 
 
+def total_rails(rails: Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """The rails whose sum is the board's total (TOTAL_RAIL_RULES, else all of them) and a human basis."""
+    present = set(rails)
+    for rule in TOTAL_RAIL_RULES:
+        if present.issuperset(rule):
+            if len(rule) == 1:
+                return rule, f"input rail {rule[0]}"
+            return rule, "module supplies " + "+".join(rule)
+    return tuple(sorted(present)), "sum of measured rails " + "+".join(sorted(present))
+
+
 def total_rail(rails: Sequence[str]) -> tuple[str | None, str]:
-    """The rail that measures the whole input, or None to sum all rails; and a human basis string."""
-    for name in TOTAL_INPUT_RAILS:
-        if name in rails:
-            return name, f"input rail {name}"
-    return None, "sum of measured rails " + "+".join(sorted(rails))
+    """The single rail that measures the whole input, or None when the total is a sum; and the basis."""
+    chosen, basis = total_rails(rails)
+    return (chosen[0] if len(chosen) == 1 and basis.startswith("input rail") else None), basis
 
 
 def energy_summary(integ: PowerIntegrator, source: str) -> dict[str, Any]:
-    """energy_* and power_* keys from an integrator; all None when it holds fewer than two samples."""
+    """energy_* and power_* keys from an integrator; all None when it holds fewer than two samples.
+
+    The peak is the largest per-rail peak sum, an upper bound of the total's peak when it sums rails."""
     if integ.span_s <= 0 or not integ.joules:
         return {}
-    rail, basis = total_rail(list(integ.joules))
-    joules = integ.joules[rail] if rail else sum(integ.joules.values())
-    peak = integ.peak_w[rail] if rail else sum(integ.peak_w.values())
+    chosen, basis = total_rails(list(integ.joules))
+    joules = sum(integ.joules[r] for r in chosen)
     return {
         "energy_j": joules, "energy_source": source, "energy_basis": basis,
-        "energy_rails_j": dict(integ.joules), "power_mean_w": joules / integ.span_s, "power_peak_w": peak,
+        "energy_rails_j": dict(integ.joules), "power_mean_w": joules / integ.span_s,
+        "power_peak_w": integ.total_peak_w.get(chosen, sum(integ.peak_w[r] for r in chosen)),
     }
 
 
@@ -235,7 +265,7 @@ class ThermalSource:
     def begin(self, t: float) -> None:
         self._temps = {}
         self._next = 0.0
-        self._battery0 = _battery()
+        self._battery0 = read_battery()
         self.sample(t)
 
     def sample(self, t: float) -> None:
@@ -248,7 +278,7 @@ class ThermalSource:
     def end(self, t: float) -> dict[str, Any]:
         self._next = 0.0
         self.sample(t)
-        battery1 = _battery()
+        battery1 = read_battery()
         return {
             "temperatures_max_c": dict(self._temps) or None,
             "battery_pct_start": None if self._battery0 is None else float(self._battery0.percent),
@@ -273,7 +303,8 @@ def _temperatures() -> dict[str, float]:
     return out
 
 
-def _battery() -> Any:
+def read_battery() -> Any:
+    """psutil's battery reading (.percent, .power_plugged), or None on a machine without a battery."""
     reader = getattr(psutil, "sensors_battery", None)
     try:
         return reader() if reader else None
@@ -302,8 +333,10 @@ _CPU = re.compile(r"\bCPU \[([^\]]*)\]")
 _GPU = re.compile(r"\bGR3D_FREQ (\d+)%")
 _EMC = re.compile(r"\bEMC_FREQ (\d+)%")
 _TEMP = re.compile(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
-# Rails: "VDD_IN 4888/4888" (L4T R32) or "VDD_IN 2763mW/2846mW" (R35+); names are upper case.
-_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)")
+# Rails, upper-case names, instantaneous value first: "VDD_IN 4888/4888" (L4T R32: instant/average, mW
+# implied), "VDD_IN 2763mW/2846mW" (R35+), "VDD_GPU_SOC 5139mW/5139mW/5139mW" (R36 on AGX Orin:
+# instant/average/max).
+_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?:/(\d+)(?:mW)?)?(?=\s|$)")
 _NOT_RAILS = frozenset({"RAM", "SWAP", "IRAM", "NC"})
 
 
@@ -571,6 +604,82 @@ class RaplSource:
         }
 
 
+# --- NVIDIA NVML (discrete GPUs) ----------------------------------------------------------------------------
+
+
+def load_nvml() -> Any:
+    """The `pynvml` module of nvidia-ml-py, initialised; MeteringError when it or the driver is absent."""
+    try:
+        import pynvml  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        raise MeteringError("nvidia-ml-py is not installed; pip install 'fedpeft-edge[nvidia]' for GPU power") from exc
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # pynvml.NVMLError_LibraryNotFound, _DriverNotLoaded ...
+        raise MeteringError(f"NVML did not initialise ({exc}); no NVIDIA driver on this machine") from exc
+    return pynvml
+
+
+class NvmlSource:
+    """GPU board power of one discrete NVIDIA GPU through NVML: the driver's total energy counter (mJ,
+    Volta and newer) when it has one, else the trapezoidal integral of power readings (mW). GPU only:
+    the host's CPU and memory are not in it (RAPL measures those)."""
+
+    name = "nvml"
+
+    def __init__(self, index: int = 0, nvml: Any = None) -> None:
+        self._nvml = nvml if nvml is not None else load_nvml()
+        try:
+            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as exc:
+            raise MeteringError(f"NVML has no GPU {index} ({exc}); pick an index below nvmlDeviceGetCount()") from exc
+        self.index = index
+        self.has_counter = self._energy_mj() is not None
+        self._e0: float | None = None
+        self.integrator = PowerIntegrator()
+
+    def _energy_mj(self) -> float | None:
+        try:
+            return float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+        except Exception:  # NVMLError_NotSupported on pre-Volta boards
+            return None
+
+    def _power_w(self) -> float | None:
+        try:
+            return float(self._nvml.nvmlDeviceGetPowerUsage(self._handle)) / 1000.0
+        except Exception:
+            return None
+
+    def begin(self, t: float) -> None:
+        self.integrator = PowerIntegrator()
+        self._e0 = self._energy_mj() if self.has_counter else None
+        self.sample(t)
+
+    def sample(self, t: float) -> None:
+        watts = self._power_w()
+        if watts is not None:
+            self.integrator.add(t, {f"GPU{self.index}": watts})
+
+    def end(self, t: float) -> dict[str, Any]:
+        self.sample(t)
+        out = energy_summary(self.integrator, self.name)
+        e1 = self._energy_mj() if self._e0 is not None else None
+        if self._e0 is not None and e1 is not None:
+            span = self.integrator.span_s
+            joules = (e1 - self._e0) / 1000.0
+            out.update({"energy_j": joules, "energy_source": self.name,
+                        "energy_basis": f"NVML energy counter of GPU {self.index}",
+                        "energy_rails_j": {f"GPU{self.index}": joules},
+                        "power_mean_w": joules / span if span > 0 else None})
+        elif out:
+            out["energy_basis"] = f"NVML power readings of GPU {self.index}, integrated"
+        # The GPU's own figures, kept even when another source (RAPL) owns energy_j.
+        out["gpu_energy_j"] = out.get("energy_j")
+        out["gpu_power_mean_w"] = out.get("power_mean_w")
+        out["gpu_energy_basis"] = out.get("energy_basis")
+        return out
+
+
 def _read_text(path: Path) -> str:
     return path.read_text(encoding="ascii", errors="replace").strip().strip("\x00")
 
@@ -583,7 +692,7 @@ def _read_number(path: Path) -> float:
 
 
 def default_sources(tegrastats_interval_s: float = 0.1) -> list[Source]:
-    """Every source this machine offers: psutil always; CUDA, tegrastats, INA3221 and RAPL when present."""
+    """Every source this machine offers: psutil always; CUDA, tegrastats, INA3221, RAPL, NVML when present."""
     sources: list[Source] = [ProcessSource(), ThermalSource()]
     with suppress(MeteringError, ImportError):
         sources.append(CudaMemorySource())
@@ -592,6 +701,8 @@ def default_sources(tegrastats_interval_s: float = 0.1) -> list[Source]:
     for cls in (Ina3221Source, RaplSource):
         with suppress(MeteringError, OSError):
             sources.append(cls())
+    with suppress(MeteringError):
+        sources.append(NvmlSource())
     log.debug("metering sources: %s", [s.name for s in sources])
     return sources
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft_edge.backbone import named_tensors
+from fedpeft_edge.backbone import classifier, named_tensors
 from fedpeft_edge.errors import PeftMethodError
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -71,8 +72,8 @@ class Manifest:
         """Bytes of the tensors in their own dtypes (raw, before any wire encoding)."""
         return sum(t.nbytes for t in self.tensors)
 
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # cached: the codec asks for it on every message (fields are frozen)
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def to_json(self) -> str:
@@ -193,17 +194,9 @@ def parameter_names(model: nn.Module) -> list[str]:
 
 def head_names(model: nn.Module) -> list[str]:
     """Canonical names of the classifier's parameters (timm's get_classifier())."""
-    get = getattr(unwrap(model), "get_classifier", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+    head = classifier(model)
+    if head is None or not any(True for _ in head.parameters()):
         raise PeftMethodError(f"{type(model).__name__} has no classifier with parameters; build it with "
                               "model_args.num_classes > 0")
     ids = {id(p) for p in head.parameters()}
     return [k for k, t in named_tensors(model).items() if id(t) in ids]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The innermost model under wrappers such as opacus' GradSampleModule (they keep it in `_module`)."""
-    while isinstance(getattr(model, "_module", None), nn.Module):
-        model = model._module  # type: ignore[assignment]
-    return model

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fedpeft_edge.backbone import create_timm_model
-from fedpeft_edge.config import AdapterArgs, PeftArgs, PromptArgs
+from fedpeft_edge.config import PEFT_METHODS, AdapterArgs, PeftArgs, PromptArgs
 from fedpeft_edge.errors import PeftMethodError
 from fedpeft_edge.peft.adapter import AdapterMethod
 from fedpeft_edge.peft.base import Manifest, PeftMethod
@@ -18,13 +18,16 @@ from fedpeft_edge.peft.lora import LoraMethod
 from fedpeft_edge.peft.prompt import PromptMethod
 
 METHODS: dict[str, Callable[[PeftArgs], PeftMethod]] = {
-    "full": lambda a: FullMethod(),
-    "head": lambda a: HeadMethod(),
-    "bias": lambda a: BiasMethod(),
-    "adapter": lambda a: AdapterMethod(a.adapter),
-    "prompt": lambda a: PromptMethod(a.prompt),
-    "lora": lambda a: LoraMethod(a.lora),
+    FullMethod.name: lambda a: FullMethod(),
+    HeadMethod.name: lambda a: HeadMethod(),
+    BiasMethod.name: lambda a: BiasMethod(),
+    AdapterMethod.name: lambda a: AdapterMethod(a.adapter),
+    PromptMethod.name: lambda a: PromptMethod(a.prompt),
+    LoraMethod.name: lambda a: LoraMethod(a.lora),
 }
+if set(METHODS) != set(PEFT_METHODS):  # a method registered here must be a config choice, and the reverse
+    raise PeftMethodError(f"registered PEFT methods {sorted(METHODS)} differ from config.PEFT_METHODS "
+                          f"{sorted(PEFT_METHODS)}; add the new method's name to config.PeftMethodName")
 
 
 def build_method(peft_args: PeftArgs) -> PeftMethod:

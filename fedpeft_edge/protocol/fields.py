@@ -48,6 +48,10 @@ def check_round(value: Any, field: str = "round_idx") -> int:
     return check_int(value, field, 0, MAX_ROUND)
 
 
+def check_opt_round(value: Any, field: str = "round_idx") -> int | None:
+    return None if value is None else check_round(value, field)
+
+
 def check_number(value: Any, field: str, lo: float = -math.inf, hi: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail(field, value, "is not a number", "send a finite number")

@@ -25,6 +25,7 @@ from fedpeft_edge.protocol.fields import (
     check_opt_int,
     check_opt_mapping,
     check_opt_number,
+    check_opt_round,
     check_opt_text,
     check_round,
     check_server_id,
@@ -199,9 +200,8 @@ class DeviceErrorReport(ProtocolMessage):
     @classmethod
     def from_message(cls, msg: Any) -> DeviceErrorReport:
         p = _params(msg)
-        r = p.get(K.MSG_ARG_KEY_ROUND)
         return cls(sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
-                   round=None if r is None else check_round(r),
+                   round=check_opt_round(p.get(K.MSG_ARG_KEY_ROUND)),
                    error=check_text(p.get(K.MSG_ARG_KEY_ERROR), K.MSG_ARG_KEY_ERROR))
 
 
@@ -227,11 +227,10 @@ class ClientStatus(ProtocolMessage):
     @classmethod
     def from_message(cls, msg: Any) -> ClientStatus:
         p = _params(msg)
-        r = p.get(K.MSG_ARG_KEY_ROUND)
         return cls(sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
                    status=check_choice(p.get(K.MSG_ARG_KEY_CLIENT_STATUS), K.MSG_ARG_KEY_CLIENT_STATUS,
                                        (K.STATUS_ONLINE, K.STATUS_BUDGET_EXHAUSTED)),
-                   round=None if r is None else check_round(r),
+                   round=check_opt_round(p.get(K.MSG_ARG_KEY_ROUND)),
                    epsilon=check_opt_number(p.get(K.MSG_ARG_KEY_EPSILON), K.MSG_ARG_KEY_EPSILON, 0.0))
 
 
@@ -379,10 +378,9 @@ class Timer(ProtocolMessage):
     @classmethod
     def from_message(cls, msg: Any) -> Timer:
         p = _params(msg)
-        r, a = p.get(K.MSG_ARG_KEY_ROUND), p.get(K.MSG_ARG_KEY_ATTEMPT)
         return cls(name=check_text(p.get(K.MSG_ARG_KEY_TIMER), K.MSG_ARG_KEY_TIMER, 64),
-                   round=None if r is None else check_round(r),
-                   attempt=None if a is None else check_int(a, K.MSG_ARG_KEY_ATTEMPT, 0, 10**6),
+                   round=check_opt_round(p.get(K.MSG_ARG_KEY_ROUND)),
+                   attempt=check_opt_int(p.get(K.MSG_ARG_KEY_ATTEMPT), K.MSG_ARG_KEY_ATTEMPT, 0, 10**6),
                    node=check_node_id(p.get(K.MSG_ARG_KEY_SENDER)))
 
 

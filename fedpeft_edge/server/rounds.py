@@ -6,6 +6,7 @@ Pure logic with no I/O, so the server app, tests and simulations share it. Sampl
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 from collections import Counter
@@ -26,6 +27,9 @@ class DropReason(str, enum.Enum):
     INVALID = "invalid"
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_ERROR = "device_error"
+    NORM_BOUND = "norm_bound"  # the update's distance from the global model exceeds train_args.max_update_norm
+    TOO_STALE = "too_stale"  # async: trained on a global model more than train_args.max_staleness versions old
+    NO_UPDATE = "no_update_by_deadline"
 
 
 @dataclasses.dataclass
@@ -38,6 +42,9 @@ class DeviceState:
     exhausted: bool = False  # privacy budget spent: never sampled again
     profile: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    declared_samples: int = 0  # num_samples at join: updates may not claim more (robust aggregation)
+    joins: collections.deque[float] = dataclasses.field(default_factory=collections.deque)  # recent join times
+    resends: int = 0  # round tasks re-sent to it in the current round
 
 
 @dataclasses.dataclass
@@ -52,6 +59,11 @@ class OpenRound:
     received: set[str] = dataclasses.field(default_factory=set)
     failed: set[str] = dataclasses.field(default_factory=set)  # reported an error or sent an invalid update
     dropped: Counter[str] = dataclasses.field(default_factory=Counter)
+    waiting: set[str] = dataclasses.field(default_factory=set)  # selected, online, not yet in or failed
+
+    def __post_init__(self) -> None:
+        if not self.waiting:
+            self.waiting = set(self.selected)
 
 
 class RoundController:
@@ -65,6 +77,7 @@ class RoundController:
         self.current: OpenRound | None = None
         self._attempt = 0
         self._started = False
+        self.join_timed_out = False  # train_args.join_timeout_s passed: start with the devices that joined
 
     # --- devices ---------------------------------------------------------------------------------------
     def device(self, device_id: str) -> DeviceState:
@@ -76,13 +89,22 @@ class RoundController:
     def can_open(self) -> bool:
         """min_devices must be online for this server's first round (also after a resume); later rounds need
         only min_updates of them, so a device that drops out does not stall the run."""
-        need = self._args.min_updates if self._started else self._args.min_devices
+        need = self._args.min_updates if self._started or self.join_timed_out else self._args.min_devices
         return self.current is None and len(self.eligible()) >= need
 
     def all_spent(self) -> bool:
         """Every admitted device has spent its privacy budget: no round can ever run again."""
         admitted = [d for d in self.devices.values() if d.accepted]
         return bool(admitted) and all(d.exhausted for d in admitted)
+
+    @property
+    def attempt(self) -> int:
+        """The attempt the next (or current) round runs as: 0, then 1, 2 ... after failed attempts."""
+        return self._attempt
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     @property
     def finished(self) -> bool:
@@ -96,6 +118,8 @@ class RoundController:
         rng = np.random.default_rng([self._seed, self.next_round, self._attempt])
         chosen = sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
         self._started = True
+        for d in chosen:
+            self.devices[d].resends = 0
         self.current = OpenRound(
             index=self.next_round,
             attempt=self._attempt,
@@ -112,6 +136,7 @@ class RoundController:
         if cur is not None:
             if reason is None:
                 cur.received.add(device_id)
+                cur.waiting.discard(device_id)
             else:
                 cur.dropped[reason.value] += 1
         return reason
@@ -140,12 +165,26 @@ class RoundController:
         if self.current is not None:
             self.current.received.discard(device_id)
 
-    def all_in(self) -> bool:
-        """Every selected device has replied, failed or gone offline: no reason to wait for the deadline."""
+    def fail(self, device_id: str) -> None:
+        """A selected device failed (error, invalid update): the round no longer waits for it."""
+        if self.current is not None:
+            self.current.failed.add(device_id)
+            self.current.waiting.discard(device_id)
+
+    def set_online(self, device_id: str, online: bool) -> None:
+        """Presence changed: an offline device is not waited for; one back online is again, if still due."""
+        self.device(device_id).online = online
         cur = self.current
-        if cur is None:
-            return False
-        return all(d in cur.received or d in cur.failed or not self.devices[d].online for d in cur.selected)
+        if cur is None or device_id not in cur.selected:
+            return
+        if online and device_id not in cur.received and device_id not in cur.failed:
+            cur.waiting.add(device_id)
+        elif not online:
+            cur.waiting.discard(device_id)
+
+    def all_in(self) -> bool:
+        """Every selected device has replied, failed or gone offline: no reason to wait for the deadline (O(1))."""
+        return self.current is not None and not self.current.waiting
 
     def quorum(self) -> bool:
         return self.current is not None and len(self.current.received) >= self._args.min_updates

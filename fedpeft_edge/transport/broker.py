@@ -1,4 +1,8 @@
-"""A local MQTT broker for demos and tests: mosquitto when installed, else an embedded amqtt broker."""
+"""A local MQTT broker for demos and tests: mosquitto when installed, else embedded amqtt; or RabbitMQ nodes.
+
+Broker processes get the file-descriptor limit (RLIMIT_NOFILE raised to the hard limit) and connection caps
+(mosquitto `max_connections -1`) that 1000 devices need.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedpeft_edge.errors import BrokerError
+from fedpeft_edge.transport.rabbitmq import start_rabbitmq, with_nofile
 
 log = logging.getLogger(__name__)
 
-BrokerKind = Literal["auto", "mosquitto", "amqtt"]
+BrokerKind = Literal["auto", "mosquitto", "amqtt", "rabbitmq"]
 _MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -82,6 +87,8 @@ def start_broker(
 
     `message_size_limit` (mosquitto only) caps a PUBLISH payload, like a cloud broker does, to prove chunking.
     """
+    if kind == "rabbitmq":
+        return _start_rabbitmq(port, host, message_size_limit, max(timeout_s, 120.0))
     port = port or free_port(host)
     exe = find_mosquitto()
     if kind == "mosquitto" and exe is None:
@@ -94,8 +101,8 @@ def start_broker(
 
 
 def _mosquitto_config(host: str, port: int, message_size_limit: int | None) -> str:
-    lines = [f"listener {port} {host}", "allow_anonymous true", "persistence false", "log_dest stderr",
-             "max_inflight_messages 0", "max_queued_messages 10000"]
+    lines = [f"listener {port} {host}", "max_connections -1", "allow_anonymous true", "persistence false",
+             "log_dest stderr", "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 10000"]
     if message_size_limit is not None:
         lines.append(f"message_size_limit {message_size_limit}")
     return "\n".join(lines) + "\n"
@@ -106,7 +113,7 @@ def _start_mosquitto(exe: str, host: str, port: int, limit: int | None, timeout_
     conf = workdir / "mosquitto.conf"
     conf.write_text(_mosquitto_config(host, port, limit))
     logfile = (workdir / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=logfile, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(with_nofile([exe, "-c", str(conf)]), stdout=logfile, stderr=subprocess.STDOUT)
     logfile.close()
 
     def stop() -> None:
@@ -126,6 +133,14 @@ def _start_mosquitto(exe: str, host: str, port: int, limit: int | None, timeout_
                           f"(port taken?); its log:\n{text}")
     log.info("mosquitto (pid %d) listening on %s:%d", proc.pid, host, port)
     return BrokerHandle(host, port, "mosquitto", limit, stop)
+
+
+def _start_rabbitmq(port: int | None, host: str, limit: int | None, timeout_s: float) -> BrokerHandle:
+    if limit is not None:
+        log.warning("message_size_limit=%s is a mosquitto option; RabbitMQ keeps its own limits", limit)
+    cluster = start_rabbitmq(port, host, timeout_s)
+    node = cluster.nodes[0]
+    return BrokerHandle(node.host, node.port, "rabbitmq", None, cluster.stop)
 
 
 def _start_amqtt(host: str, port: int, timeout_s: float) -> BrokerHandle:

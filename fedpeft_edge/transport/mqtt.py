@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -40,6 +41,7 @@ from fedpeft_edge.wire.packet import max_chunk_bytes, packet_limit, publish_pack
 log = logging.getLogger(__name__)
 
 _DEDUP_WINDOW = 4096
+_ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every device)
 _MAX_INFLIGHT = 16  # chunks awaiting PUBACK per client: bounds memory for a 300 MB transfer
 
 
@@ -114,6 +116,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._ack_counter = 0
         self._acks: dict[int, tuple[int, int]] = {}  # mid -> (ack sequence number, reason code)
         self._mqtt5 = comm_args.mqtt_version == "5"
+        self._online_payload = b""  # this session's ONLINE presence, re-sent as is by the presence echo
+        self._echo_due = False
+        self._echo_at = 0.0
         self._client = self._make_client(client_id or f"fedpeft-{run_id}-{node_id}-{uuid.uuid4().hex[:6]}")
         self._connect(connect_timeout_s)
 
@@ -166,11 +171,13 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._connected.set()
             return
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        _set_nodelay(client)
         if self.is_server:
             client.subscribe([(self.topics.all_d2s(), 1), (self.topics.all_presence(), 1)])
         else:
             client.subscribe([(self.topics.s2d(self.node_id), 1), (self.topics.presence(M.SERVER_ID), 1)])
-        client.publish(self.topics.presence(self.node_id), self._presence_payload(M.PRESENCE_ONLINE), 1, True)
+        self._online_payload = self._presence_payload(M.PRESENCE_ONLINE)
+        client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
         reconnect = self.state is State.RECONNECTING
         self.state = State.CONNECTED
         self._connected.set()
@@ -239,6 +246,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 item = self._inbox.get(block=block, timeout=timeout_s if block else None)
             except queue.Empty:
                 self._reassembler.expire()
+                self._echo_presence()
                 return done
             block = False
             if item is _STOP:
@@ -247,6 +255,15 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             if message is not None:
                 self._dispatch(message)
                 done += 1
+
+    def _echo_presence(self) -> None:
+        """Re-publish this session's ONLINE presence if a device came online (comm_args.presence_echo)."""
+        now = time.monotonic()
+        if not self._echo_due or now - self._echo_at < _ECHO_INTERVAL_S or self.state is not State.CONNECTED:
+            return
+        self._echo_due, self._echo_at = False, now
+        self._client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
+        log.debug("node %s re-announced its presence for devices that came online", self.node_id)
 
     def _dispatch(self, message: Any) -> None:
         for observer in list(self._observers):
@@ -459,8 +476,19 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed presence from %s: %r", node, item.payload[:80])
             return None
+        if self.is_server and self.args.presence_echo and status == M.PRESENCE_ONLINE:
+            self._echo_due = True  # sent from poll(), so a burst of devices coming online costs one echo
         since = body.get("time")
         return Presence(node=node, online=status == M.PRESENCE_ONLINE,
                         since=float(since) if isinstance(since, (int, float)) else None,
                         receiver=str(self.node_id)).to_message()
 
+
+def _set_nodelay(client: mqtt.Client) -> None:
+    """Disable Nagle: a message's last segment and every PUBACK go out at once, not after a delayed ACK."""
+    sock = client.socket()
+    if isinstance(sock, (socket.socket, ssl.SSLSocket)):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # not TCP (a unix socket or websocket proxy): nothing to tune
+            log.debug("TCP_NODELAY not set: %s", exc)

@@ -38,7 +38,6 @@ FRAME_HEADER_BYTES = _FRAME.size
 TENSORS_HEADER_BYTES = _TENSORS.size
 
 ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int8_row")
-_BLOCK_BYTES = 1 << 20  # copy-and-check block: stays in cache
 _FLAG_BLOB = 1
 
 
@@ -195,8 +194,49 @@ def _rows(shape: tuple[int, ...], encoding: str) -> int:
     return 1
 
 
-def _layout(manifest: ManifestLike, encoding: str) -> tuple[list[_Slot], int]:
+def _layout(
+    manifest: ManifestLike, encoding: str, digest: str | None = None
+) -> tuple[tuple[_Slot, ...], int]:
     """Where every tensor (and scale) sits in the body, and the body's length, from the manifest alone."""
+    plan = _layout_plan(manifest, encoding, digest)
+    return plan.slots, plan.body_len
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    slots: tuple[_Slot, ...]
+    body_len: int
+    uniform: str | None  # the one float dtype every slot has on the wire and in the manifest, else None
+    counts: tuple[int, ...]  # elements per slot
+
+
+def _layout_plan(manifest: ManifestLike, encoding: str, digest: str | None = None) -> _Plan:
+    """_layout plus what the one-call paths need; memoised per (manifest hash, encoding).
+
+    A round encodes and decodes the same manifest over and over, and planning 200 slots costs more than
+    copying a small update. A hit also compares the tensor specs, so a stale or forged hash cannot alias.
+    """
+    key = (digest or manifest.hash, encoding)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and (hit[0] is manifest.tensors or hit[0] == manifest.tensors):
+        return hit[1]
+    slots, body_len = _plan(manifest, encoding)
+    dtypes = {(s.dtype, s.wire) for s in slots}
+    only = next(iter(dtypes)) if len(dtypes) == 1 else None
+    uniform = only[0] if only and only[0] == only[1] and only[0] in _DIRECT else None
+    plan = _Plan(slots, body_len, uniform, tuple(s.nbytes // _DTYPES[s.wire].itemsize for s in slots))
+    _LAYOUTS[key] = (manifest.tensors, plan)
+    while len(_LAYOUTS) > _LAYOUT_CACHE:
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    return plan
+
+
+_DIRECT = ("float32", "float64", "float16")  # float dtypes numpy reads as they are (bfloat16 is not one)
+_LAYOUT_CACHE = 64
+_LAYOUTS: dict[tuple[str, str], tuple[tuple[Any, ...], _Plan]] = {}  # a memo, not run state
+
+
+def _plan(manifest: ManifestLike, encoding: str) -> tuple[tuple[_Slot, ...], int]:
     plan: list[tuple[str, tuple[int, ...], str, str, int, int]] = []
     for spec in manifest.tensors:
         shape = tuple(int(d) for d in spec.shape)
@@ -213,7 +253,7 @@ def _layout(manifest: ManifestLike, encoding: str) -> tuple[list[_Slot], int]:
         slots.append(_Slot(name, shape, dtype, wire, offset, nbytes, rows, scale_offset))
         offset += nbytes
         scale_offset += 4 * rows
-    return slots, scale_offset
+    return tuple(slots), scale_offset
 
 
 def _wire_dtype(dtype: str, encoding: str) -> str:
@@ -238,98 +278,117 @@ def encode_tensors(
 ) -> memoryview:
     """The tensors of `state`, in manifest order, as one blob (refuses NaN/inf).
 
-    One pass for fp32: each tensor is copied into the blob block by block and checked for finiteness while
-    the block is in cache. Returns a writable bytes-like memoryview (len, slicing, bytes(), ==, buffer
-    protocol) over a fresh buffer; `bytes(blob)` if you need an immutable copy.
+    One preallocated buffer; each tensor is checked for finiteness in one read-only pass, then copied once
+    into its slot (scales straight to theirs). Returns a writable bytes-like memoryview (len, slicing,
+    bytes(), ==, buffer protocol) over a fresh buffer; `bytes(blob)` if you need an immutable copy.
     """
-    parts, checks = _encode_parts(state, manifest, encoding, defer_check=True)
-    out = np.empty(sum(memoryview(p).nbytes for p in parts), dtype=np.uint8)  # no zero-fill, unlike bytearray
-    pos = 0
-    for part, check in zip(parts, checks, strict=True):
-        n = memoryview(part).nbytes
-        if check is None:
-            out[pos:pos + n] = np.frombuffer(part, dtype=np.uint8)
-        else:
-            _copy_checked_into(out, pos, part, *check)
-        pos += n
+    code = _encoding_code(encoding)
+    _check_keys(state, manifest)
+    digest = manifest.hash
+    plan = _layout_plan(manifest, encoding, digest)
+    slots, body_len = plan.slots, plan.body_len
+    out = np.empty(_TENSORS.size + body_len, dtype=np.uint8)  # no zero-fill, unlike bytearray
+    _TENSORS.pack_into(out.data, 0, TENSORS_MAGIC, VERSION, code, 0, len(slots), bytes.fromhex(digest), body_len)
+    body = out[_TENSORS.size:]
+    if plan.uniform is not None:
+        _encode_uniform(plan, state, body)
+        return out.data
+    for slot in slots:
+        data, scale = _encode_one(slot, state[slot.name], encoding)
+        _put(body, slot.offset, data)
+        if scale is not None:
+            _put(body, slot.scale_offset, scale)
     return out.data
+
+
+def _encode_uniform(plan: _Plan, state: Mapping[str, torch.Tensor], body: np.ndarray) -> None:
+    """All slots one float dtype, sent as is: one np.concatenate into the body, one finiteness pass over it.
+
+    numpy, not torch.cat: torch's intra-op threads made a 200-tensor cat 100x slower on a loaded machine.
+    """
+    want = _DTYPES[plan.uniform or ""].torch
+    flat: list[np.ndarray] = []
+    for slot in plan.slots:  # per tensor: only what is needed (each torch call costs microseconds)
+        t = state[slot.name]
+        if t.dtype is not want or t.shape != slot.shape:
+            raise CodecError(f"tensor {slot.name!r} is {tuple(t.shape)} {t.dtype}, the manifest says "
+                             f"{slot.shape} {slot.dtype}")
+        if t.requires_grad:
+            t = t.detach()
+        if not t.is_cpu:
+            t = t.cpu()
+        a = t.numpy()
+        flat.append(a if a.ndim == 1 else a.reshape(-1))
+    values = body.view(_DTYPES[plan.uniform or ""].numpy)
+    if values.size:
+        np.concatenate(flat, out=values)
+    if values.size and not _array_is_finite(values):
+        for slot, a in zip(plan.slots, flat, strict=True):  # name the culprit (the sum may just overflow)
+            _require_finite(slot.name, torch.from_numpy(a))
 
 
 def tensor_parts(
     state: Mapping[str, torch.Tensor], manifest: ManifestLike, encoding: str = "fp32"
 ) -> list[bytes | memoryview]:
     """encode_tensors without the copy: header, then views of each tensor's wire bytes, then scales."""
-    return _encode_parts(state, manifest, encoding, defer_check=False)[0]
-
-
-_Check = tuple[str, Any]  # tensor name, numpy dtype: finiteness checked while copying
-
-
-def _encode_parts(
-    state: Mapping[str, torch.Tensor], manifest: ManifestLike, encoding: str, defer_check: bool
-) -> tuple[list[bytes | memoryview], list[_Check | None]]:
     code = _encoding_code(encoding)
     _check_keys(state, manifest)
-    slots, body_len = _layout(manifest, encoding)
+    digest = manifest.hash
+    slots, body_len = _layout(manifest, encoding, digest)
     parts: list[bytes | memoryview] = [
-        _TENSORS.pack(TENSORS_MAGIC, VERSION, code, 0, len(slots), bytes.fromhex(manifest.hash), body_len)
+        _TENSORS.pack(TENSORS_MAGIC, VERSION, code, 0, len(slots), bytes.fromhex(digest), body_len)
     ]
-    checks: list[_Check | None] = [None]
     scales: list[bytes | memoryview] = []
     for slot in slots:
-        deferred = defer_check and slot.wire == slot.dtype and slot.dtype in ("float32", "float64", "float16")
-        data, scale = _encode_one(slot, state[slot.name], encoding, check=not deferred)
-        parts.append(data)
-        checks.append((slot.name, _DTYPES[slot.dtype].numpy) if deferred else None)
+        data, scale = _encode_one(slot, state[slot.name], encoding)
+        parts.append(_bytes_view(data))
         if scale is not None:
-            scales.append(scale)
-    return parts + scales, checks + [None] * len(scales)
+            scales.append(_bytes_view(scale))
+    return parts + scales
 
 
-def _copy_checked_into(out: np.ndarray, pos: int, part: bytes | memoryview, name: str, dtype: Any) -> None:
-    src = np.frombuffer(part, dtype=dtype)
-    dst = np.frombuffer(out, dtype=dtype, count=src.size, offset=pos)
-    acc = np.float64 if src.dtype == np.float64 else np.float32
-    step = max(1, _BLOCK_BYTES // src.itemsize)
-    total = acc(0)
-    for i in range(0, src.size, step):
-        np.copyto(dst[i:i + step], src[i:i + step])
-        total += np.add.reduce(dst[i:i + step], dtype=acc)
-    if not np.isfinite(total):
-        _require_finite(name, torch.from_numpy(src.copy()))
+def _put(body: np.ndarray, offset: int, t: torch.Tensor) -> None:
+    """Copy a flat CPU tensor's bytes into body[offset:] (one memcpy)."""
+    n = t.numel() * t.element_size()
+    if n:
+        np.copyto(body[offset:offset + n], t.view(torch.uint8).numpy())
 
 
 def _check_keys(state: Mapping[str, torch.Tensor], manifest: ManifestLike) -> None:
+    if len(state) == len(manifest.tensors) and all(spec.name in state for spec in manifest.tensors):
+        return
     names = [spec.name for spec in manifest.tensors]
     missing = [n for n in names if n not in state]
     extra = sorted(set(state) - set(names))
-    if missing or extra:
-        raise CodecError(
-            f"state does not match manifest {manifest.method!r}: missing {missing[:5]}, "
-            f"unexpected {extra[:5]}; "
-            "encode the state returned by the method's get_state()"
-        )
+    raise CodecError(
+        f"state does not match manifest {manifest.method!r}: missing {missing[:5]}, "
+        f"unexpected {extra[:5]}; "
+        "encode the state returned by the method's get_state()"
+    )
 
 
-def _encode_one(
-    slot: _Slot, tensor: torch.Tensor, encoding: str, check: bool = True
-) -> tuple[memoryview, memoryview | None]:
+def _encode_one(slot: _Slot, tensor: torch.Tensor, encoding: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slot's wire bytes as a flat CPU tensor (a view of `tensor` when no conversion is needed)."""
     t = tensor.detach()
-    if tuple(t.shape) != slot.shape or dtype_name(t.dtype) != slot.dtype:
+    if t.dtype is not _DTYPES[slot.dtype].torch or tuple(t.shape) != slot.shape:
         raise CodecError(
             f"tensor {slot.name!r} is {tuple(t.shape)} {t.dtype}, the manifest says {slot.shape} {slot.dtype}"
         )
-    t = t.to("cpu").contiguous().reshape(-1)
-    if check and slot.dtype in _FLOATS:
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    t = t.reshape(-1)
+    if slot.dtype in _FLOATS:
         _require_finite(slot.name, t)
     if slot.wire == slot.dtype:
-        return _bytes_view(t), None
+        return t, None
     if slot.wire == "float16":
         _require_fp16_range(slot.name, t)
     if slot.wire in ("float16", "bfloat16"):
-        return _bytes_view(t.to(_DTYPES[slot.wire].torch)), None
+        return t.to(_DTYPES[slot.wire].torch), None
     q, scale = quantize_int8(t.reshape(slot.rows, -1) if t.numel() else t, per_row=slot.rows > 1)
-    return _bytes_view(q.reshape(-1)), _bytes_view(scale.reshape(-1))
+    return q.reshape(-1), scale.reshape(-1)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -350,9 +409,13 @@ def _sum_is_finite(t: torch.Tensor) -> bool:
     """One read-only pass: NaN/inf anywhere make the sum non-finite (numpy: no thread-pool wake-ups)."""
     if t.dtype == torch.bfloat16:
         return bool(torch.isfinite(t.sum(dtype=torch.float32)))
-    arr = t.numpy()
+    return _array_is_finite(t.numpy())
+
+
+def _array_is_finite(arr: np.ndarray) -> bool:
     acc = np.float64 if arr.dtype == np.float64 else np.float32
-    return bool(np.isfinite(np.add.reduce(arr, axis=None, dtype=acc)))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends us to the exact check
+        return bool(np.isfinite(np.add.reduce(arr, axis=None, dtype=acc)))
 
 
 def _require_fp16_range(name: str, t: torch.Tensor) -> None:
@@ -382,7 +445,7 @@ def quantize_int8(t: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor,
 @dataclasses.dataclass(frozen=True)
 class _BlobHeader:
     encoding: str
-    slots: list[_Slot]
+    slots: tuple[_Slot, ...]
     body: memoryview
 
 
@@ -400,11 +463,27 @@ def decode_tensors(
     """
     head = _read_header(blob, manifest, expected_hash, max_bytes)
     share = not head.body.readonly if copy is None else not copy
+    plan = _layout_plan(manifest, head.encoding)
+    if plan.uniform is not None and (plan.slots is head.slots or plan.slots == head.slots):
+        return _decode_uniform(plan, head.body, share)
     into = None if share else np.empty(head.body.nbytes, dtype=np.uint8)  # one allocation for all tensors
     out: dict[str, torch.Tensor] = {}
     for slot in head.slots:
         out[slot.name] = _decode_one(slot, head.body, share, into)
     return out
+
+
+def _decode_uniform(plan: _Plan, body: memoryview, share: bool) -> dict[str, torch.Tensor]:
+    """All slots one float dtype, sent as is: one finiteness pass, at most one copy, views split off it."""
+    src = np.frombuffer(body, dtype=_DTYPES[plan.uniform or ""].numpy)
+    if src.size and not _array_is_finite(src):
+        for slot, count in zip(plan.slots, plan.counts, strict=True):  # exact, per tensor, naming it
+            part = src[slot.offset // src.itemsize:][:count]
+            _require_finite(slot.name, torch.from_numpy(part.copy()))
+    dst = src if share else src.copy()
+    parts = torch.from_numpy(dst).split(list(plan.counts)) if plan.counts else ()
+    return {slot.name: t if len(slot.shape) == 1 else t.view(slot.shape)  # a view costs ~2 us: skip for 1-D
+            for slot, t in zip(plan.slots, parts, strict=True)}
 
 
 def _read_header(
@@ -469,22 +548,16 @@ def _decode_one(slot: _Slot, body: memoryview, share: bool, into: np.ndarray | N
 
 
 def _read_checked(slot: _Slot, body: memoryview, count: int, into: np.ndarray | None) -> torch.Tensor:
-    """Copy into `into` (None: share the body) and check finiteness block by block, reading from cache."""
+    """Check finiteness in one read-only pass over the wire bytes, then copy once into `into` (None: share)."""
     dtype = _DTYPES[slot.dtype].numpy
     src = np.frombuffer(body, dtype=dtype, count=count, offset=slot.offset)
-    copy = into is not None
-    dst = src if into is None else np.frombuffer(into, dtype=dtype, count=count, offset=slot.offset)
-    acc = np.float64 if src.dtype == np.float64 else np.float32
-    step = max(1, _BLOCK_BYTES // src.itemsize)
-    total = acc(0)
-    for i in range(0, count, step):
-        if copy:
-            np.copyto(dst[i:i + step], src[i:i + step])
-        total += np.add.reduce(dst[i:i + step], dtype=acc)
-    t = torch.from_numpy(dst)
-    if not np.isfinite(total):
-        _require_finite(slot.name, t)  # exact check (the sum may just have overflowed)
-    return t
+    if count and not _array_is_finite(src):
+        _require_finite(slot.name, torch.from_numpy(src.copy()))  # exact check (the sum may just overflow)
+    if into is None:
+        return torch.from_numpy(src)
+    dst = into[slot.offset:slot.offset + slot.nbytes].view(dtype)
+    np.copyto(dst, src)
+    return torch.from_numpy(dst)
 
 
 def _read_array(body: memoryview, dt: _Dtype, count: int, offset: int, share: bool) -> torch.Tensor:

@@ -31,13 +31,6 @@ from fedpeft_edge.wire.codec import decode_message, decode_tensors
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-@pytest.fixture
-def procs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    p = Procs(tmp_path / "logs")
-    yield p
-    p.stop_all()
-
-
 class UpdateTap:
     """A passive MQTT subscriber that keeps every device->server message of a run (raw payloads)."""
 

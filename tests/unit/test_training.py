@@ -209,3 +209,6 @@ def test_train_needs_positive_work_and_known_devices() -> None:
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(TrainingError, match="CUDA is not available"):
             resolve_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(TrainingError, match="no MPS backend"):
+            resolve_device("mps")

@@ -6,11 +6,11 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from fedpeft_edge.backbone import named_tensors
+from fedpeft_edge.backbone import named_tensors, unwrap
 from fedpeft_edge.config import AdapterArgs
 from fedpeft_edge.errors import PeftMethodError
 from fedpeft_edge.peft.adapter.layer import BottleneckAdapter
-from fedpeft_edge.peft.base import PeftMethod, head_names, unwrap
+from fedpeft_edge.peft.base import PeftMethod, head_names
 
 
 class AdapterMethod(PeftMethod):

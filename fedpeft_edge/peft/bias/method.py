@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from fedpeft_edge.backbone import named_tensors
-from fedpeft_edge.peft.base import PeftMethod, head_names, unwrap
+from fedpeft_edge.backbone import named_tensors, unwrap
+from fedpeft_edge.peft.base import PeftMethod, head_names
 
 
 class BiasMethod(PeftMethod):

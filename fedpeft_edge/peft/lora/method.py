@@ -9,10 +9,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from fedpeft_edge.backbone import named_tensors
+from fedpeft_edge.backbone import classifier, named_tensors, unwrap
 from fedpeft_edge.config import LoraArgs
 from fedpeft_edge.errors import PeftMethodError
-from fedpeft_edge.peft.base import PeftMethod, head_names, unwrap
+from fedpeft_edge.peft.base import PeftMethod, head_names
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,5 @@ def _default_target(name: str, module: nn.Module) -> bool:
 
 
 def _head_modules(model: nn.Module) -> list[nn.Module]:
-    get = getattr(unwrap(model), "get_classifier", None)
-    head = get() if callable(get) else None
-    return list(head.modules()) if isinstance(head, nn.Module) else []
+    head = classifier(model)
+    return list(head.modules()) if head is not None else []

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from fedpeft_edge.backbone import named_tensors
+from fedpeft_edge.backbone import named_tensors, unwrap
 from fedpeft_edge.config import PromptArgs
 from fedpeft_edge.errors import PeftMethodError
-from fedpeft_edge.peft.base import PeftMethod, head_names, unwrap
+from fedpeft_edge.peft.base import PeftMethod, head_names
 from fedpeft_edge.peft.prompt.layer import PromptHook, PromptTokens
 
 _MODULE = "prompt"

@@ -81,7 +81,10 @@ class RunningMean(Aggregation):
             raise ProtocolError(f"update from {update.device_id} reports {update.num_samples} samples; "
                                 "every update needs num_samples > 0")
         for name, g64 in self._g64.items():
-            self._acc[name].add_(effective_local(name, g64, update), alpha=update.num_samples)
+            if update.scale == 1.0 and not update.is_delta:  # the common case: no float64 copy of the update
+                self._acc[name].add_(update.tensors[name], alpha=update.num_samples)
+            else:
+                self._acc[name].add_(effective_local(name, g64, update), alpha=update.num_samples)
         self.total += update.num_samples
         self.count += 1
 

@@ -15,7 +15,7 @@ import pytest
 from fedpeft_edge.cli import report as report_cli
 from fedpeft_edge.config import RunConfig, dump_config, replace_in
 from fedpeft_edge.errors import CheckpointError
-from fedpeft_edge.metering.report import NOT_AVAILABLE, write_report
+from fedpeft_edge.report import NOT_AVAILABLE, write_report
 
 DEVICES = ("dev-0", "dev-1", "dev-2")
 

@@ -1,4 +1,5 @@
-"""tegrastats parsing and energy integration, from lines recorded on three Jetson generations."""
+"""tegrastats parsing and energy integration for every Jetson family: Nano, TX2, Xavier NX, Orin Nano/NX
+(JetPack 5 and 6), AGX Orin (JetPack 5 two-value rails and JetPack 6 instant/average/max rails)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ CASES = [
                             "VDDQ_VDD2_1V8AO": 504}, (4722, 30536), 12, 87.0, ("tj", 45.406)),
     ("orin_nano_jp6.log", {"VDD_IN": 4873, "VDD_CPU_GPU_CV": 502, "VDD_SOC": 1455}, (2035, 7620), 6, 96.0,
      ("soc0", 47.531)),
+    ("tx2_jp462.log", {"VDD_SYS_GPU": 152, "VDD_SYS_SOC": 533, "VDD_4V0_WIFI": 0, "VDD_IN": 2047,
+                       "VDD_SYS_CPU": 152, "VDD_SYS_DDR": 230}, (1587, 7851), 6, 0.0, ("Tdiode", 29.75)),
+    ("orin_agx_jp6.log", {"VDD_GPU_SOC": 5139, "VDD_CPU_CV": 3268, "VIN_SYS_5V0": 5500,
+                          "VDDQ_VDD2_1V8AO": 1509}, (5811, 62841), 12, 88.0, ("tj", 44.875)),
 ]
 
 
@@ -67,7 +72,9 @@ def _trapezoid(ts: list[float], ws: list[float]) -> float:
 
 
 @pytest.mark.parametrize(("name", "total_rail"), [("nano_jp461.log", "POM_5V_IN"),
+                                                 ("tx2_jp462.log", "VDD_IN"),
                                                  ("xavier_nx_jp411.log", "VDD_IN"),
+                                                 ("xavier_nx_jp512.log", "VDD_IN"),
                                                  ("orin_nano_jp6.log", "VDD_IN")])
 def test_energy_equals_integral_of_samples(name: str, total_rail: str) -> None:
     src = TegrastatsSource(command=["unused"])
@@ -83,16 +90,47 @@ def test_energy_equals_integral_of_samples(name: str, total_rail: str) -> None:
     assert out["power_mean_w"] == pytest.approx(expected / ts[-1], rel=0.01)
 
 
-def test_orin_agx_without_input_rail_sums_measured_rails() -> None:
+AGX_SUPPLIES = ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0")
+
+
+@pytest.mark.parametrize("name", ["orin_agx_jp511.log", "orin_agx_jp6.log"])
+def test_orin_agx_total_is_its_three_module_supplies(name: str) -> None:
     src = TegrastatsSource(command=["unused"])
-    lines = _lines("orin_agx_jp511.log")
+    lines = _lines(name)
     for i, line in enumerate(lines):
         src.feed(line, float(i))
     out = src.end(float(len(lines) - 1))
-    totals = [sum(parse_tegrastats_line(x).rails_mw.values()) / 1000.0 for x in lines]
-    assert out["energy_j"] == pytest.approx(_trapezoid([0.0, 1.0, 2.0], totals), rel=0.01)
+    totals = [sum(parse_tegrastats_line(x).rails_mw[r] for r in AGX_SUPPLIES) / 1000.0 for x in lines]
+    assert out["energy_j"] == pytest.approx(_trapezoid([0.0, 1.0, 2.0], totals), rel=1e-9)
+    assert out["energy_basis"] == "module supplies VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0"  # 1V8AO left out
+    assert out["power_peak_w"] == pytest.approx(max(totals))
+    assert set(out["energy_rails_j"]) == {*AGX_SUPPLIES, "VDDQ_VDD2_1V8AO"}
+
+
+def test_agx_orin_jp6_by_hand() -> None:
+    """Three AGX Orin JetPack 6 lines 1 s apart; module supplies 13907, 26523 and 27370 mW (instant values).
+    Trapezoids: (13.907 + 26.523) / 2 + (26.523 + 27.370) / 2 = 20.215 + 26.9465 = 47.1615 J."""
+    src = TegrastatsSource(command=["unused"])
+    for i, line in enumerate(_lines("orin_agx_jp6.log")):
+        src.feed(line, float(i))
+    out = src.end(2.0)
+    assert out["energy_j"] == pytest.approx(47.1615, abs=1e-9)
+    assert out["power_mean_w"] == pytest.approx(47.1615 / 2.0)
+
+
+def test_agx_xavier_rails_without_a_rule_are_summed() -> None:
+    line = ("RAM 2631/15823MB (lfb 2920x4MB) SWAP 0/7911MB (cached 0MB) CPU [4%@1190,3%@1190,2%@1190,1%@1190,"
+            "off,off,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 0%@1377 APE 150 MTS fg 0% bg 0% AO@29C GPU@30C "
+            "Tdiode@32.75C PMIC@100C AUX@29C CPU@31C thermal@30.25C Tboard@30C GPU 155/155 CPU 311/311 "
+            "SOC 1088/1088 CV 0/0 VDDRQ 155/155 SYS5V 1962/1962")
+    s = parse_tegrastats_line(line)
+    assert s.rails_mw == {"GPU": 155, "CPU": 311, "SOC": 1088, "CV": 0, "VDDRQ": 155, "SYS5V": 1962}
+    src = TegrastatsSource(command=["unused"])
+    src.feed(line, 0.0)
+    src.feed(line, 2.0)
+    out = src.end(2.0)
+    assert out["energy_j"] == pytest.approx(2 * 3.671)
     assert out["energy_basis"].startswith("sum of measured rails")
-    assert out["gpu_load_mean_pct"] == pytest.approx((0 + 87 + 91) / 3)
 
 
 def test_constant_power_integrates_to_power_times_time() -> None:

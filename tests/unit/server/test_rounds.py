@@ -48,12 +48,12 @@ def test_offline_devices_let_a_round_close_early_and_failed_rounds_retry() -> No
     rc.judge_update(rnd.selected[0], 1, 1.0)
     assert not rc.all_in()
     for d in rnd.selected[1:]:
-        rc.devices[d].online = False
+        rc.set_online(d, False)
     assert rc.all_in()
     rc.close_round(aggregated=False)
     assert rc.next_round == 1
-    for d in rc.devices.values():
-        d.online = True
+    for dev in rc.devices.values():
+        dev.online = True
     retry = rc.open_round(20.0)
     assert retry.index == 1 and retry.attempt == 1
 

@@ -160,6 +160,29 @@ def test_presence_online_then_offline_on_close(mosquitto_broker: Any) -> None:
         server.close()
 
 
+@pytest.mark.parametrize("echo", [True, False])
+def test_presence_echo_reannounces_the_same_server_session(mosquitto_broker: Any, echo: bool) -> None:
+    """A RabbitMQ cluster keeps retained presence node-local: the echo is how a late device sees the server."""
+    server = MqttCommManager(_args(mosquitto_broker, presence_echo=echo), f"echo{echo}", M.SERVER_ID)
+    loop = threading.Thread(target=server.handle_receive_message, daemon=True)
+    loop.start()
+    device = MqttCommManager(_args(mosquitto_broker), f"echo{echo}", "late-1")
+    try:
+        obs = Collector(device, 2, (M.MSG_TYPE_PRESENCE,))
+        device.add_observer(obs)
+        _serve(device, timeout_s=4.0)
+        seen = [(m.get_sender_id(), m.get(M.MSG_ARG_KEY_PRESENCE), m.get(M.MSG_ARG_KEY_PRESENCE_SINCE))
+                for _t, m, _th in obs.got]
+        assert len(seen) == (2 if echo else 1), seen  # the retained copy, then (echo only) the re-announcement
+        assert all((str(s[0]), s[1]) == (str(M.SERVER_ID), M.PRESENCE_ONLINE) for s in seen), seen
+        assert len({s[2] for s in seen}) == 1, "an echo must keep the session, or joined devices re-join"
+    finally:
+        device.close()
+        server.stop_receive_message()
+        loop.join(5)
+        server.close()
+
+
 def test_connect_failure_names_the_broker() -> None:
     from fedpeft_edge.transport.broker import free_port
 

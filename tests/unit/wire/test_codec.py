@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+
+import pytest
 import safetensors.torch
 import torch
 
+from fedpeft_edge.errors import CodecError
 from fedpeft_edge.peft.base import Manifest, TensorSpec
 from fedpeft_edge.wire.codec import (
     FRAME_HEADER_BYTES,
@@ -136,3 +140,42 @@ def test_encode_refuses_state_that_does_not_match_the_manifest() -> None:
         encode_tensors({"w": torch.full((3,), 1e6)}, _manifest({"w": torch.zeros(3)}), "fp16")
     with pytest.raises(CodecError, match="encoding"):
         encode_tensors(state, m, "fp8")
+
+
+def _uniform_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    state = {f"blocks.{i}.bias": torch.randn(1 + 7 * i, generator=g) for i in range(60)}
+    state["scalar"] = torch.tensor(2.5)
+    state["none"] = torch.zeros(0, 3)
+    state["wide"] = torch.randn(8, 6, generator=g).t()  # not contiguous
+    state["grad"] = torch.randn(4, 4, generator=g).requires_grad_()
+    return state
+
+
+def test_one_dtype_updates_round_trip_bit_exactly_through_the_one_call_path() -> None:
+    state = _uniform_state()
+    man = _manifest(state, "bias")
+    blob = encode_tensors(state, man)
+    for source in (bytes(blob), bytearray(blob)):  # copied from bytes, shared with a writable buffer
+        out = decode_tensors(source, man, man.hash)
+        assert list(out) == list(state)
+        for name, t in state.items():
+            assert out[name].shape == t.shape and out[name].dtype == t.dtype
+            assert torch.equal(out[name], t.detach()), name
+    assert decode_tensors(bytes(blob), man)["wide"].is_contiguous()
+
+
+def test_one_dtype_path_names_the_non_finite_tensor_on_both_sides() -> None:
+    state = _uniform_state()
+    man = _manifest(state, "bias")
+    bad = dict(state, **{"blocks.40.bias": state["blocks.40.bias"].clone()})
+    bad["blocks.40.bias"][2] = float("inf")
+    with pytest.raises(CodecError, match=r"'blocks\.40\.bias' has 1 non-finite"):
+        encode_tensors(bad, man)
+    huge = dict(state, **{"blocks.3.bias": torch.full((22,), 3e38)})  # the sum overflows, values are finite
+    assert torch.equal(decode_tensors(encode_tensors(huge, man), man)["blocks.3.bias"], huge["blocks.3.bias"])
+    blob = bytearray(encode_tensors(state, man))
+    offset = TENSORS_HEADER_BYTES + 4 * sum(1 + 7 * i for i in range(7))  # element 0 of blocks.7.bias
+    blob[offset:offset + 4] = struct.pack("<f", float("nan"))
+    with pytest.raises(CodecError, match=r"'blocks\.7\.bias' has 1 non-finite"):
+        decode_tensors(bytes(blob), man, man.hash)

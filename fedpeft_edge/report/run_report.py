@@ -28,7 +28,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpeft_edge.config import RunConfig, load_config  # noqa: E402
 from fedpeft_edge.errors import CheckpointError, ConfigError  # noqa: E402
-from fedpeft_edge.server.runlog import read_metrics
+from fedpeft_edge.metering.energy import ENERGY_COLUMNS, energy_rows  # noqa: E402
+from fedpeft_edge.protocol.report import DeviceReport  # noqa: E402
+from fedpeft_edge.rundir import read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +174,11 @@ def device_round_rows(run: RunData) -> list[dict[str, Any]]:
     round_s = {r.get("round"): _num(r.get("round_s")) for r in run.rounds}
     rows = []
     for d in run.device_rounds:
-        res = d.get("resources") or {}
+        rep = DeviceReport.from_record(d)  # what the device measured, as the typed report the agent sent
+        res = dict(rep.resources or {})
         row = {k: d.get(k) for k in DEVICE_ROUND_COLUMNS if k in d}
+        row.update(train_s=rep.train_s, train_loss=rep.train_loss, train_acc=rep.train_acc, epsilon=rep.epsilon,
+                   download_s=rep.download_s)
         row.update(run=run.name, mb_up=_scaled(d.get("bytes_up")), mb_down=_scaled(d.get("bytes_down")),
                    wait_s=_wait_s(d, round_s.get(d.get("round"))))
         row.update({k: res.get(k) for k in _RESOURCE_KEYS})
@@ -501,6 +506,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "rounds": (ROUND_COLUMNS, [r for run in runs for r in round_rows(run)]),
         "devices": (DEVICE_COLUMNS, [r for run in runs for r in device_rows(run)]),
         "device_rounds": (DEVICE_ROUND_COLUMNS, [r for run in runs for r in device_round_rows(run)]),
+        "energy": (ENERGY_COLUMNS, [r for run in runs for r in energy_rows(run.device_rounds, run.name)]),
     }
     csvs = {name: write_csv(out / f"{name}.csv", cols, rows) for name, (cols, rows) in tables.items()}
     plots = _write_plots(runs, out)

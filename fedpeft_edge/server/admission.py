@@ -1,0 +1,72 @@
+"""Turning a received update into an aggregatable one: decode against the manifest, cap num_samples at what the
+device declared at join, bound its norm against the global model, take is_delta from the run's config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import torch
+
+from fedpeft_edge.errors import CodecError
+from fedpeft_edge.peft.base import Manifest
+from fedpeft_edge.protocol import Update
+from fedpeft_edge.server.strategy import ClientUpdate
+from fedpeft_edge.wire.codec import decode_tensors
+
+
+class NormBoundExceeded(Exception):
+    """The update is farther from the global model than train_args.max_update_norm (action "drop")."""
+
+    def __init__(self, norm: float, bound: float) -> None:
+        super().__init__(f"update norm {norm:.4g} exceeds train_args.max_update_norm={bound:g}")
+        self.norm = norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    update: ClientUpdate
+    num_samples: int
+    norm: float | None  # L2 distance from the global model it trained on (None: no bound set, not computed)
+    norm_action: str | None  # "clipped" or None
+
+
+class UpdateAdmission:
+    """Checks and normalises updates for one run (its manifest, encoding limits and robustness settings)."""
+
+    def __init__(self, manifest: Manifest, max_update_bytes: int, send_delta: bool, max_norm: float | None,
+                 norm_action: str) -> None:
+        self.manifest = manifest
+        self.max_update_bytes = max_update_bytes
+        self.send_delta = send_delta  # from train_args, never from the message
+        self.max_norm = max_norm
+        self.norm_action = norm_action
+
+    def admit(self, msg: Update, base: Mapping[str, torch.Tensor], declared_samples: int,
+              as_delta: bool = False) -> Admitted:
+        """The update relative to `base` (the global model it trained from); `as_delta` returns a delta."""
+        tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.max_update_bytes)
+        samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
+        if self.max_norm is None and not as_delta:  # nothing to bound (decode_tensors refused NaN/inf already)
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,
+                            None)
+        deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
+                  for k, t in tensors.items()}
+        norm = math.sqrt(sum(float(torch.sum(d * d)) for d in deltas.values()))
+        if not math.isfinite(norm):
+            raise CodecError(f"update from {msg.sender} holds non-finite values; the device diverged")
+        action = None
+        if self.max_norm is not None and norm > self.max_norm:
+            if self.norm_action == "drop":
+                raise NormBoundExceeded(norm, self.max_norm)
+            factor = self.max_norm / norm
+            deltas = {k: d * factor for k, d in deltas.items()}
+            action = "clipped"
+        if as_delta:
+            return Admitted(ClientUpdate(msg.sender, samples, deltas, is_delta=True), samples, norm, action)
+        if action is None:  # unchanged tensors: FedAvg of them is exactly the sample-weighted mean of locals
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, norm,
+                            None)
+        clipped = {k: (base[k].to(torch.float64) + d).to(base[k].dtype) for k, d in deltas.items()}
+        return Admitted(ClientUpdate(msg.sender, samples, clipped, is_delta=False), samples, norm, action)

@@ -1,0 +1,647 @@
+"""The server as a transport-free round engine: typed events in, typed messages out.
+
+`handle(event)` takes a device's message (Join, Update, DeviceErrorReport, ClientStatus), a Presence change or
+a Timer and returns what to send (JoinAck, RoundTask, Finish). Time comes from an injected clock, deadlines
+from an injected timer scheduler; the run log, checkpoints, evaluation and metered traffic are injected too
+(server/ports.py), so tests drive the engine with no broker and server/manager.py binds it to the transport.
+
+Liveness: a round's deadline is armed before its first task is produced; whatever fails after a round closed
+(records, evaluation, checkpoint) is logged and the next round still opens; `train_args.join_timeout_s` is
+enforced (the run starts with the devices that joined if they reach min_updates, else it ends with an error
+naming both settings); a round is retried at most `train_args.max_round_retries` times; joins and task
+re-sends are rate-limited per device. Per-message work is O(1) in the number of devices: updates go into a
+running aggregation as they arrive and the round knows in O(1) whether it still waits for anyone.
+
+Asynchronous mode (`train_args.round_mode: async`, FedBuff-style): up to client_num_per_round devices are kept
+busy; each reporting device is handed the current global model at once; every `async_buffer_size` accepted
+updates are aggregated into a new global version (one "round"). An update trained on version tau and
+aggregated at version v has staleness s = v - tau; updates with s > max_staleness are dropped (too_stale),
+the others enter as deltas from the model they trained on, weighted by 1/sqrt(1+s) (polynomial staleness
+weighting, FedBuff / FedAsync): new = global + sum_k n_k/N * w(s_k) * delta_k.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedpeft_edge.config import RunConfig, TrainArgs
+from fedpeft_edge.errors import FedPeftError
+from fedpeft_edge.peft.base import Manifest
+from fedpeft_edge.protocol import (
+    SERVER_ID,
+    ClientStatus,
+    DeviceErrorReport,
+    DeviceReport,
+    Finish,
+    Join,
+    JoinAck,
+    Presence,
+    ProtocolMessage,
+    RoundTask,
+    Timer,
+    Update,
+)
+from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
+from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
+from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
+from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
+from fedpeft_edge.server.strategy import Aggregation, Strategy
+from fedpeft_edge.wire.codec import encode_tensors
+
+log = logging.getLogger(__name__)
+
+DEADLINE, JOIN_TIMEOUT = "deadline", "join_timeout"
+_DROP_RECORDS_PER_MIN = 10  # dropped_message records per sender per minute; the rest are only counted
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What the engine needs to know about the run (no backbone, no transport)."""
+
+    train_args: TrainArgs
+    seed: int
+    run_id: str
+    manifest: Manifest
+    fingerprint: str
+    encoding: str = "fp32"
+    max_update_bytes: int = 2_000_000_000
+    num_classes: int = 10
+    checkpoint_every: int = 1
+    model_desc: str = ""  # "model X, weights Y" for refusal texts
+    bytes_kind: str = "wire"  # what the traffic figures count: "wire" (MQTT) or "encoded" (in-process simulation)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire") -> RunSpec:
+        return cls(cfg.train_args, cfg.common_args.random_seed, cfg.common_args.run_id, manifest, fingerprint,
+                   cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
+                   cfg.tracking_args.checkpoint_every,
+                   f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind)
+
+
+@dataclasses.dataclass
+class _Busy:
+    """Async: a device working on a task."""
+
+    round: int
+    version: int
+    given_at: float
+
+
+class _DropLog:
+    """dropped_message records, at most _DROP_RECORDS_PER_MIN per sender per minute (spam cannot fill the disk)."""
+
+    def __init__(self, runlog: RunLogWriter) -> None:
+        self.runlog = runlog
+        self._window: dict[str, collections.deque[float]] = {}
+        self.suppressed = 0
+        self.total = 0
+
+    def drop(self, now: float, sender: str | None, reason: str, detail: str, topic: str | None = None,
+             nbytes: int | None = None) -> None:
+        self.total += 1
+        win = self._window.setdefault(sender or "?", collections.deque())
+        while win and win[0] < now - 60.0:
+            win.popleft()
+        if len(win) >= _DROP_RECORDS_PER_MIN:
+            self.suppressed += 1
+            return
+        win.append(now)
+        self.runlog.write("dropped_message", sender=sender, topic=topic, reason=reason, detail=detail[:500],
+                          bytes=nbytes)
+
+
+class RoundEngine:
+    """One federated run's round flow, from the first join to Finish, as a state machine."""
+
+    def __init__(
+        self, spec: RunSpec, global_state: Mapping[str, torch.Tensor], strategy: Strategy, *, clock: Clock,
+        timers: TimerScheduler, runlog: RunLogWriter, checkpoints: CheckpointStore, evaluator: Evaluator,
+        traffic: Traffic,
+    ) -> None:
+        self.spec = spec
+        self.args = spec.train_args
+        self.mode = self.args.round_mode
+        self.global_state: dict[str, torch.Tensor] = dict(global_state)
+        self.strategy = strategy
+        self.clock, self.timers, self.runlog = clock, timers, runlog
+        self.checkpoints, self.evaluator, self.traffic = checkpoints, evaluator, traffic
+        self.rounds = RoundController(self.args, spec.seed)
+        self.records = RoundRecords(runlog, traffic, self.mode, spec.bytes_kind)
+        self.divergence = DivergenceWatch(runlog, spec.num_classes, self.args.learning_rate)
+        self.admission = UpdateAdmission(spec.manifest, spec.max_update_bytes, self.args.send_delta,
+                                         self.args.max_update_norm, self.args.update_norm_action)
+        self.drops = _DropLog(runlog)
+        self.finished = False
+        self.end_reason: str | None = None
+        self._out: list[ProtocolMessage] = []
+        self._agg: Aggregation | None = None
+        self._accepted: list[Accepted] = []
+        self._blob: bytes | memoryview = b""
+        # async state
+        self._busy: dict[str, _Busy] = {}
+        self._history: dict[int, dict[str, torch.Tensor]] = {}
+        self._task_seq = 0
+
+    # --- entry points ---------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The global model's version: the number of aggregations so far."""
+        return self.rounds.next_round - 1
+
+    def resume(self) -> int | None:
+        """Continue from the latest checkpoint (None: there is none, a fresh run)."""
+        ck = self.checkpoints.load()
+        if ck is None:
+            return None
+        self.global_state = dict(ck.state)
+        self.strategy.load_state_dict(ck.strategy_state)
+        self.rounds.next_round = ck.round + 1
+        self.runlog.truncate_after(ck.round)
+        self.records.cum_bytes = int(ck.extra.get("cum_bytes", 0))
+        self.runlog.write("resume", round=ck.round, next_round=ck.round + 1)
+        log.info("resuming after round %d", ck.round)
+        return ck.round
+
+    def start(self) -> list[ProtocolMessage]:
+        """Arm the join timeout; call once before the first event."""
+        self.timers.schedule(self.args.join_timeout_s, Timer(name=JOIN_TIMEOUT))
+        return self._flush()
+
+    def handle(self, event: ProtocolMessage) -> list[ProtocolMessage]:
+        """Apply one event; returns the messages to send, in order."""
+        if self.finished:
+            return []
+        handler = {Join: self._on_join, Update: self._on_update, ClientStatus: self._on_status,
+                   DeviceErrorReport: self._on_device_error, Presence: self._on_presence,
+                   Timer: self._on_timer}.get(type(event))
+        if handler is not None:
+            handler(event)  # type: ignore[operator]
+        return self._flush()
+
+    def dropped(self, sender: str | None, reason: str, detail: str, topic: str | None = None,
+                nbytes: int | None = None) -> list[ProtocolMessage]:
+        """A message refused before it became an event (malformed, unverifiable ...): record why."""
+        log.info("dropped a message from %s: %s: %s", sender, reason, detail)
+        self.drops.drop(self.clock.now(), sender, reason, detail, topic, nbytes)
+        return []
+
+    def refuse_join(self, sender: str, error: str) -> list[ProtocolMessage]:
+        """A join that failed to parse: tell the device why (it cannot have been admitted with it)."""
+        self.dropped(sender, "invalid", error)
+        return [JoinAck(receiver=sender, accepted=False, reason=f"join refused: {error}")]
+
+    def _flush(self) -> list[ProtocolMessage]:
+        out, self._out = self._out, []
+        return out
+
+    # --- devices --------------------------------------------------------------------------------------------
+    def _refusal(self, msg: Join) -> str | None:
+        fp, mh = self.spec.fingerprint, self.spec.manifest.hash
+        if msg.backbone_fingerprint != fp:
+            return (f"backbone fingerprint {msg.backbone_fingerprint[:12]} differs from the server's {fp[:12]} "
+                    f"({self.spec.model_desc}): run the agent with the server's model_args")
+        if msg.manifest_hash != mh:
+            return (f"manifest {msg.manifest_hash[:12]} differs from the server's {mh[:12]} (method "
+                    f"{self.spec.manifest.method}): run the agent with the server's peft_args and model_args")
+        return None
+
+    def _join_allowed(self, device_id: str, now: float) -> bool:
+        dev = self.rounds.devices.get(device_id)
+        if dev is None:
+            return True
+        while dev.joins and dev.joins[0] < now - 60.0:
+            dev.joins.popleft()
+        return len(dev.joins) < self.args.join_rate_per_min
+
+    def _on_join(self, msg: Join) -> None:
+        now = self.clock.now()
+        if not self._join_allowed(msg.sender, now):
+            self.drops.drop(now, msg.sender, "rate_limited",
+                            f"more than train_args.join_rate_per_min={self.args.join_rate_per_min} joins a minute")
+            return
+        reason = self._refusal(msg)
+        dev = self.rounds.device(msg.sender)
+        dev.joins.append(now)
+        dev.accepted, dev.exhausted = reason is None, msg.exhausted
+        dev.profile, dev.data_stats = msg.profile or {}, msg.data_stats or {}
+        dev.declared_samples = msg.num_samples
+        self.rounds.set_online(msg.sender, True)
+        self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
+                          client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
+                          num_samples=msg.num_samples)
+        self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason))
+        if reason is not None:
+            log.warning("refused device %s: %s", msg.sender, reason)
+            return
+        log.info("device %s joined", msg.sender)
+        self._resend_if_due(msg.sender, now)
+        if self.mode == "async":
+            self._fill(now)
+        self._maybe_open()
+
+    def _resend_if_due(self, device_id: str, now: float) -> None:
+        """A device that rejoins mid-round (reconnect, restart) gets its task again, a bounded number of times."""
+        dev = self.rounds.devices[device_id]
+        cur = self.rounds.current
+        due = (device_id in self._busy if self.mode == "async"
+               else cur is not None and device_id in cur.selected and device_id not in cur.received)
+        if not due or cur is None:
+            return
+        if dev.resends >= self.args.resend_rate_per_round:
+            self.drops.drop(now, device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
+                            f"{self.args.resend_rate_per_round} task re-sends this round")
+            return
+        dev.resends += 1
+        if self.mode == "async":
+            self._give_task(device_id, now)
+        else:
+            self._out.append(self._task(device_id, cur, now))
+
+    def _on_presence(self, msg: Presence) -> None:
+        dev = self.rounds.devices.get(msg.node)
+        if msg.node == str(SERVER_ID) or dev is None or dev.online == msg.online:
+            return
+        self.rounds.set_online(msg.node, msg.online)
+        self.runlog.write("presence", device_id=msg.node, online=msg.online)
+        if msg.online:
+            return
+        log.info("device %s went offline", msg.node)
+        if self.mode == "async":
+            self._busy.pop(msg.node, None)
+            self._fill(self.clock.now())
+        else:
+            self._maybe_close_early()
+
+    def _on_status(self, msg: ClientStatus) -> None:
+        dev = self.rounds.devices.get(msg.sender)
+        if dev is None or not msg.exhausted:
+            return
+        dev.exhausted = True
+        self.runlog.write("device_status", device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
+                          round=self._round_index())
+        self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
+
+    def _on_device_error(self, msg: DeviceErrorReport) -> None:
+        if msg.sender not in self.rounds.devices:
+            self.drops.drop(self.clock.now(), msg.sender, DropReason.UNKNOWN_DEVICE.value, "device error report")
+            return
+        log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
+        self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
+        if msg.round == self._round_index() or (self.mode == "async" and msg.sender in self._busy):
+            self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
+
+    def _fail_device(self, device_id: str, reason: DropReason) -> None:
+        cur = self.rounds.current
+        if self.mode == "async":
+            if self._busy.pop(device_id, None) is not None and cur is not None:
+                cur.dropped[reason.value] += 1
+                self._device_dropped(cur, device_id, reason.value)
+                self._fill(self.clock.now())
+            return
+        if cur is not None and device_id in cur.selected and device_id not in cur.received:
+            self.rounds.fail(device_id)
+            self.rounds.record_drop(reason)
+            self._device_dropped(cur, device_id, reason.value)
+            self._maybe_close_early()
+
+    def _round_index(self) -> int | None:
+        return self.rounds.current.index if self.rounds.current else None
+
+    def _device_dropped(self, cur: OpenRound, device_id: str, reason: str, report: DeviceReport | None = None,
+                        **extra: Any) -> None:
+        self.records.device(cur.index, cur.attempt, cur.opened_at, device_id, "dropped", reason, report=report,
+                            **extra)
+
+    # --- timers ---------------------------------------------------------------------------------------------
+    def _on_timer(self, msg: Timer) -> None:
+        if msg.name == JOIN_TIMEOUT:
+            self._on_join_timeout()
+            return
+        cur = self.rounds.current
+        if msg.name != DEADLINE or cur is None or msg.round != cur.index or msg.attempt != cur.attempt:
+            return  # the timer of a round that already closed
+        if self.mode == "async":
+            self._async_deadline(cur)
+        else:
+            self._close_round()
+
+    def _on_join_timeout(self) -> None:
+        if self.rounds.started or self.finished:
+            return
+        n = len(self.rounds.eligible())
+        if n >= max(1, self.args.min_updates):
+            log.warning("join timeout (train_args.join_timeout_s=%gs): starting with the %d device(s) that joined "
+                        "(train_args.min_devices=%d)", self.args.join_timeout_s, n, self.args.min_devices)
+            self.rounds.join_timed_out = True
+            self._maybe_open()
+            return
+        self._finish(f"join timeout: {n} of train_args.min_devices={self.args.min_devices} devices joined within "
+                     f"train_args.join_timeout_s={self.args.join_timeout_s:g}s (at least train_args.min_updates="
+                     f"{self.args.min_updates} needed to start); start more agents, check they reach the broker, "
+                     "or raise join_timeout_s")
+
+    # --- opening rounds -------------------------------------------------------------------------------------
+    def _can_start(self) -> bool:
+        if self.finished or self.rounds.current is not None:
+            return False
+        if self.rounds.all_spent():
+            log.warning("every device has spent its privacy budget: ending the run after round %d", self.version)
+            self._finish("all devices spent their privacy budget")
+            return False
+        if not self.rounds.can_open():
+            return False
+        if self.rounds.finished:
+            self._finish()
+            return False
+        return True
+
+    def _maybe_open(self) -> None:
+        if not self._can_start():
+            return
+        now = self.clock.now()
+        cur = self.rounds.open_round(now)
+        if self._agg is None:  # an async round retried after a failed attempt keeps its buffer
+            self._agg = self.strategy.begin(self.global_state)
+            self._accepted = []
+        # The deadline first: whatever happens while handing out tasks, this round closes.
+        self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.attempt))
+        self._blob = encode_tensors(self.global_state, self.spec.manifest, self.spec.encoding)
+        if self.mode == "async":
+            self._history.setdefault(self.version, self.global_state)
+            self._fill(now)
+            selected = sorted(self._busy)
+        else:
+            selected = list(cur.selected)
+            log.info("round %d (attempt %d): %s", cur.index, cur.attempt, ", ".join(selected))
+            self._out.extend(self._task(d, cur, now) for d in selected)
+        self.runlog.write("round_open", round=cur.index, attempt=cur.attempt, selected=selected,
+                          deadline=cur.deadline, opened_at=cur.opened_at, mode=self.mode)
+
+    def _task(self, device_id: str, cur: OpenRound, now: float, attempt: int | None = None) -> RoundTask:
+        return RoundTask(
+            receiver=device_id, round=cur.index, attempt=cur.attempt if attempt is None else attempt,
+            blob=self._blob, manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
+            deadline=cur.deadline if self.mode == "sync" else now + self.args.round_timeout_s,
+            evaluate=self._device_eval(cur.index), model_version=self.version, mode=self.mode, sent_at=now,
+        )
+
+    def _device_eval(self, round_idx: int) -> bool:
+        """Devices evaluate the global model they receive when asked to, or when the server has no test set."""
+        wanted = self.args.evaluate_on_devices or not self.evaluator.available
+        return wanted and (round_idx - 1) % self.args.eval_every == 0
+
+    # --- updates --------------------------------------------------------------------------------------------
+    def _on_update(self, msg: Update) -> None:
+        if self.mode == "async":
+            self._on_async_update(msg)
+            return
+        now = self.clock.now()
+        reason = self.rounds.judge_update(msg.sender, msg.round, now)
+        cur = self.rounds.current
+        if reason is not None:
+            log.info("dropped update from %s for round %s: %s", msg.sender, msg.round, reason.value)
+            if cur is not None and reason is not DropReason.DUPLICATE and msg.sender in cur.selected:
+                self._device_dropped(cur, msg.sender, reason.value, msg.report)
+            return
+        if cur is None or self._agg is None:  # judge_update accepts only for an open round
+            return
+        if self._admit(cur, msg, self.global_state, now, staleness=None) is None:
+            self.rounds.unaccept(msg.sender)
+            self.rounds.fail(msg.sender)
+        self._maybe_close_early()
+
+    def _admit(self, cur: OpenRound, msg: Update, base: Mapping[str, torch.Tensor], now: float,
+               staleness: int | None, task_round: int | None = None) -> Accepted | None:
+        """Decode, cap and bound an update and add it to the running aggregation; None if it was dropped."""
+        dev = self.rounds.devices[msg.sender]
+        try:
+            adm = self.admission.admit(msg, base, dev.declared_samples, as_delta=staleness is not None)
+        except NormBoundExceeded as exc:
+            cur.dropped[DropReason.NORM_BOUND.value] += 1
+            log.warning("dropped update from %s: %s", msg.sender, exc)
+            self._device_dropped(cur, msg.sender, DropReason.NORM_BOUND.value, msg.report,
+                                 update_norm=exc.norm, norm_action="dropped")
+            return None
+        except (FedPeftError, ValueError) as exc:
+            cur.dropped[DropReason.INVALID.value] += 1
+            log.warning("invalid update from %s: %s", msg.sender, exc)
+            self._device_dropped(cur, msg.sender, f"invalid: {exc}", msg.report)
+            return None
+        weight = 1.0 / math.sqrt(1.0 + staleness) if staleness is not None else 1.0
+        update = dataclasses.replace(adm.update, scale=weight) if weight != 1.0 else adm.update
+        if self._agg is None:  # an open round always has an aggregation
+            return None
+        self._agg.add(update)
+        rnd = task_round if task_round is not None else cur.index
+        acc = Accepted(msg.sender, rnd, msg.report, adm.num_samples, dev.declared_samples, now,
+                       self.traffic.upload_seconds(rnd, msg.sender, msg.msg_id, msg.sent_at), adm.norm,
+                       adm.norm_action, staleness, weight)
+        self._accepted.append(acc)
+        return acc
+
+    def _maybe_close_early(self) -> None:
+        if self.rounds.all_in():
+            self._close_round()
+
+    # --- closing rounds -------------------------------------------------------------------------------------
+    def _close_round(self) -> None:
+        cur = self.rounds.current
+        if cur is None:
+            return
+        t0 = time.perf_counter()
+        ok = self.rounds.quorum() and bool(self._accepted) and self._aggregate()
+        aggregate_s = time.perf_counter() - t0
+        self.rounds.close_round(aggregated=ok)
+        accepted, self._accepted, self._agg = self._accepted, [], None
+        try:
+            self._after_close(cur, ok, aggregate_s, accepted)
+        except Exception:  # the round is closed whatever went wrong in its records: the run goes on
+            log.exception("recording round %d failed; the run goes on", cur.index)
+        self._next(cur, ok)
+
+    def _aggregate(self) -> bool:
+        if self._agg is None:
+            return False
+        try:
+            self.global_state = self._agg.result()
+        except FedPeftError as exc:
+            log.error("aggregation failed: %s; the round counts as failed", exc)
+            return False
+        return True
+
+    def _after_close(self, cur: OpenRound, ok: bool, aggregate_s: float, accepted: list[Accepted]) -> None:
+        for acc in accepted:
+            self.records.device(cur.index, cur.attempt, cur.opened_at, acc.device_id, "accepted", None, acc=acc,
+                                traffic_round=acc.round)
+            self.divergence.device(cur.index, acc.device_id, acc.report)
+        if self.mode == "sync":
+            got = {a.device_id for a in accepted}
+            for d in cur.selected:
+                if d not in got and d not in cur.failed:
+                    self._device_dropped(cur, d, DropReason.NO_UPDATE.value)
+        eval_res = self._evaluate(cur.index, accepted) if ok else None
+        self.divergence.global_eval(cur.index, eval_res)
+        self.records.round(
+            cur.index, cur.attempt, ok, [a.device_id for a in accepted] if self.mode == "async" else cur.selected,
+            len(accepted), dict(cur.dropped), self.clock.now() - cur.opened_at, aggregate_s, eval_res,
+            sum(1 for d in self.rounds.devices.values() if d.online and d.accepted),
+            dropped_messages=self.drops.total, dropped_messages_unrecorded=self.drops.suppressed,
+        )
+        keep = self.args.max_staleness + 1 if self.mode == "async" else 0
+        self.traffic.forget(up_to_round=cur.index - keep)
+        if ok:
+            self._checkpoint(cur.index)
+        else:
+            log.warning("round %d attempt %d closed with %d of %d required updates; retrying it", cur.index,
+                        cur.attempt, len(accepted), self.args.min_updates)
+        self.runlog.sync()
+
+    def _next(self, cur: OpenRound, ok: bool) -> None:
+        if not ok and self.rounds.attempt > self.args.max_round_retries:
+            self._finish(f"round {cur.index} failed {self.rounds.attempt} attempts (train_args.max_round_retries="
+                         f"{self.args.max_round_retries}): fewer than train_args.min_updates="
+                         f"{self.args.min_updates} updates arrived by the deadline each time; check the devices' "
+                         "logs, raise round_timeout_s or lower min_updates")
+            return
+        self._maybe_open()
+        if not self.finished and self.rounds.current is None and self.rounds.finished:
+            self._finish()
+
+    def _evaluate(self, round_idx: int, accepted: list[Accepted]) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        res = None
+        if self.evaluator.available and round_idx % self.args.eval_every == 0:
+            res = self.evaluator.evaluate(self.global_state)
+        if res is None:
+            evals = [a.report.global_eval for a in accepted
+                     if a.report.global_eval is not None and a.report.global_eval.samples > 0]
+            if evals:
+                n = sum(e.samples for e in evals)
+                res = {"loss": sum(e.loss * e.samples for e in evals) / n,
+                       "top1": sum(e.top1 * e.samples for e in evals) / n, "samples": n, "where": "devices"}
+        if res is not None:
+            res["eval_s"] = time.perf_counter() - t0
+        return res
+
+    def _checkpoint(self, round_idx: int) -> None:
+        if round_idx % self.spec.checkpoint_every and round_idx != self.args.comm_round:
+            return
+        self.checkpoints.save(round_idx, self.global_state, self.strategy.state_dict(),
+                              {"cum_bytes": self.records.cum_bytes, "seed": self.spec.seed})
+
+    def _finish(self, reason: str = "completed") -> None:
+        if self.finished:
+            return
+        self.finished, self.end_reason = True, reason
+        self.timers.cancel_all()
+        for device_id, dev in self.rounds.devices.items():
+            if dev.accepted:
+                self._out.append(Finish(receiver=device_id, reason=reason))
+        self.runlog.sync()
+        summary = build_summary(self.runlog.records("round"), self.spec.manifest.num_params, self.spec.fingerprint)
+        summary["end_reason"] = reason
+        summary["bytes_kind"] = self.spec.bytes_kind
+        self.runlog.write_summary(summary)
+        log.log(logging.INFO if reason == "completed" else logging.ERROR, "run %s finished after %d rounds: %s",
+                self.spec.run_id, self.version, reason)
+
+    # --- asynchronous rounds --------------------------------------------------------------------------------
+    def _fill(self, now: float) -> None:
+        """Keep up to client_num_per_round devices busy (seeded choice among the idle eligible ones)."""
+        cur = self.rounds.current
+        if cur is None or self.finished:
+            return
+        free = self.args.client_num_per_round - len(self._busy)
+        if free <= 0:
+            return
+        idle = [d for d in self.rounds.eligible() if d not in self._busy]
+        rng = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self._task_seq)
+        order = torch.randperm(len(idle), generator=rng).tolist()
+        for i in order[:free]:
+            self._give_task(idle[i], now)
+
+    def _give_task(self, device_id: str, now: float) -> None:
+        cur = self.rounds.current
+        if cur is None:
+            return
+        self._task_seq += 1
+        self._busy[device_id] = _Busy(cur.index, self.version, now)
+        self._out.append(self._task(device_id, cur, now, attempt=self._task_seq))
+
+    def _on_async_update(self, msg: Update) -> None:
+        now = self.clock.now()
+        cur = self.rounds.current
+        dev = self.rounds.devices.get(msg.sender)
+        busy = self._busy.get(msg.sender)
+        reason: DropReason | None = None
+        if dev is None or not dev.accepted:
+            reason = DropReason.UNKNOWN_DEVICE
+        elif cur is None or busy is None:
+            reason = DropReason.NOT_SELECTED
+        elif msg.round != busy.round or (msg.model_version is not None and msg.model_version != busy.version):
+            reason = DropReason.STALE_ROUND  # an answer to an earlier task (re-sent after a reconnect)
+        if reason is not None or cur is None or busy is None:
+            log.info("dropped async update from %s for round %s: %s", msg.sender, msg.round, reason)
+            if cur is not None and reason is not None:
+                cur.dropped[reason.value] += 1
+            return
+        del self._busy[msg.sender]
+        staleness = self.version - busy.version
+        if staleness > self.args.max_staleness or busy.version not in self._history:
+            cur.dropped[DropReason.TOO_STALE.value] += 1
+            self._device_dropped(cur, msg.sender, DropReason.TOO_STALE.value, msg.report, staleness=staleness)
+        else:
+            self._admit(cur, msg, self._history[busy.version], now, staleness, task_round=busy.round)
+            if self._agg is not None and self._agg.count >= self.args.async_buffer_size:
+                self._close_async(cur)
+        if not self.finished and self.rounds.current is not None and dev is not None and dev.online \
+                and not dev.exhausted and msg.sender not in self._busy \
+                and len(self._busy) < self.args.client_num_per_round:
+            self._give_task(msg.sender, now)  # handed the newest global model as soon as it reported
+
+    def _close_async(self, cur: OpenRound) -> None:
+        """Aggregate the buffer into the next global version (one async round) and open the next one."""
+        t0 = time.perf_counter()
+        ok = self._aggregate()
+        aggregate_s = time.perf_counter() - t0
+        self.rounds.close_round(aggregated=ok)
+        accepted, self._accepted, self._agg = self._accepted, [], None
+        if ok:
+            self._history[self.version] = self.global_state
+            for v in [v for v in self._history if v < self.version - self.args.max_staleness]:
+                del self._history[v]
+        try:
+            self._after_close(cur, ok, aggregate_s, accepted)
+        except Exception:
+            log.exception("recording async round %d failed; the run goes on", cur.index)
+        self._next(cur, ok)
+
+    def _async_deadline(self, cur: OpenRound) -> None:
+        """Aggregate what the buffer holds if it reaches min_updates; free devices that never answered."""
+        now = self.clock.now()
+        for d, b in list(self._busy.items()):
+            if b.given_at + self.args.round_timeout_s <= now:
+                del self._busy[d]
+                cur.dropped[DropReason.NO_UPDATE.value] += 1
+                self._device_dropped(cur, d, DropReason.NO_UPDATE.value)
+        if self._agg is not None and self._agg.count >= max(1, self.args.min_updates):
+            self._close_async(cur)
+            return
+        # A failed attempt: the buffer is kept, the round re-armed (bounded by max_round_retries).
+        self.rounds.close_round(aggregated=False)
+        try:
+            self.records.round(cur.index, cur.attempt, False, sorted(self._busy), 0, dict(cur.dropped),
+                               now - cur.opened_at, 0.0, None,
+                               sum(1 for d in self.rounds.devices.values() if d.online and d.accepted))
+            self.runlog.sync()
+        except Exception:
+            log.exception("recording async round %d failed; the run goes on", cur.index)
+        self._next(cur, ok=False)

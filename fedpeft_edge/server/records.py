@@ -1,0 +1,138 @@
+"""What the round engine writes about devices and rounds: device_round, round, divergence and summary records."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from fedpeft_edge.protocol import DeviceReport
+from fedpeft_edge.server.ports import RunLogWriter, Traffic
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Accepted:
+    """An update taken into the running aggregation, with what the records need about it."""
+
+    device_id: str
+    round: int  # the round of the task it answers (async: may be older than the aggregation's)
+    report: DeviceReport
+    num_samples: int  # as aggregated (capped at the join's declared count)
+    declared_samples: int
+    received_at: float
+    upload_s: float | None
+    update_norm: float | None = None
+    norm_action: str | None = None  # "clipped" when train_args.max_update_norm scaled it down
+    staleness: int | None = None  # async: global versions between the task and this aggregation
+    weight: float = 1.0  # async: the staleness weight applied to its delta
+
+
+class RoundRecords:
+    """Writes device_round and round records with the metered traffic of each device and round."""
+
+    def __init__(self, runlog: RunLogWriter, traffic: Traffic, mode: str, bytes_kind: str = "wire") -> None:
+        self.runlog = runlog
+        self.traffic = traffic
+        self.mode = mode
+        self.bytes_kind = bytes_kind  # "wire": MQTT packets metered at the socket; "encoded": frames in memory
+        self.cum_bytes = 0
+
+    def device(
+        self, round_idx: int, attempt: int, opened_at: float, device_id: str, status: str, reason: str | None,
+        *, report: DeviceReport | None = None, acc: Accepted | None = None, traffic_round: int | None = None,
+        **extra: Any,
+    ) -> None:
+        rep = acc.report if acc is not None else (report or DeviceReport())
+        fields = rep.record_fields()
+        t = self.traffic.device(traffic_round if traffic_round is not None else round_idx, device_id)
+        download_s = fields.pop("download_s")
+        rec: dict[str, Any] = dict(
+            round=round_idx, attempt=attempt, device_id=device_id, status=status,
+            drop_reason=reason, num_samples=acc.num_samples if acc else None,
+            declared_samples=acc.declared_samples if acc else None,
+            bytes_down=t.bytes_down, bytes_up=t.bytes_up, msgs_down=t.msgs_down, msgs_up=t.msgs_up,
+            download_s=download_s if download_s is not None else t.download_s,
+            upload_s=acc.upload_s if acc else None, **fields,
+            response_s=(acc.received_at - opened_at) if acc else None,
+            update_norm=acc.update_norm if acc else None, norm_action=acc.norm_action if acc else None,
+            staleness=acc.staleness if acc else None,
+            staleness_weight=acc.weight if acc and acc.staleness is not None else None,
+        )
+        rec.update(extra)
+        self.runlog.write("device_round", **rec, bytes_kind=self.bytes_kind)
+
+    def round(self, round_idx: int, attempt: int, ok: bool, selected: Iterable[str], accepted: int,
+              dropped: dict[str, int], round_s: float, aggregate_s: float, eval_res: dict[str, Any] | None,
+              devices_online: int, **extra: Any) -> None:
+        down, up = self.traffic.round_bytes(round_idx)
+        self.cum_bytes += down + up
+        self.runlog.write(
+            "round", round=round_idx, attempt=attempt, status="aggregated" if ok else "failed",
+            selected=list(selected), accepted=accepted if ok else 0, dropped=dropped, bytes_down=down,
+            bytes_up=up, cum_bytes=self.cum_bytes, round_s=round_s, aggregate_s=aggregate_s, eval=eval_res,
+            devices_online=devices_online, mode=self.mode, bytes_kind=self.bytes_kind, **extra,
+        )
+
+
+class DivergenceWatch:
+    """Flags a learning rate that is too high: a device's train loss above chance (ln C) or non-finite, or the
+    global top-1 falling back to chance after having been above it."""
+
+    def __init__(self, runlog: RunLogWriter, num_classes: int, learning_rate: float) -> None:
+        self.runlog = runlog
+        self.chance_loss = math.log(num_classes) if num_classes > 1 else math.inf
+        self.chance_top1 = 1.0 / num_classes + 0.02
+        self.lr = learning_rate
+        self._was_above = False
+
+    def _flag(self, round_idx: int, device_id: str | None, what: str, value: Any) -> None:
+        hint = f"learning rate train_args.learning_rate={self.lr:g} is the likely cause; lower it"
+        who = f"device {device_id}" if device_id else "the global model"
+        log.warning("round %d: %s diverges (%s = %s): %s", round_idx, who, what, value, hint)
+        self.runlog.write("divergence", round=round_idx, device_id=device_id, metric=what, value=value,
+                          threshold=self.chance_loss if what == "train_loss" else self.chance_top1, hint=hint)
+
+    def device(self, round_idx: int, device_id: str, report: DeviceReport) -> None:
+        loss = report.train_loss
+        if "train_loss" in report.nonfinite or (loss is not None and not math.isfinite(loss)):
+            self._flag(round_idx, device_id, "train_loss", "non-finite")
+        elif report.train_loss is not None and report.train_loss > self.chance_loss:
+            self._flag(round_idx, device_id, "train_loss", report.train_loss)
+
+    def global_eval(self, round_idx: int, eval_res: dict[str, Any] | None) -> None:
+        top1 = (eval_res or {}).get("top1")
+        if not isinstance(top1, (int, float)):
+            return
+        if top1 > self.chance_top1:
+            self._was_above = True
+        elif self._was_above:
+            self._flag(round_idx, None, "top1", top1)
+            self._was_above = False
+
+
+def build_summary(rounds: list[dict[str, Any]], shared_params: int, fingerprint: str) -> dict[str, Any]:
+    """summary.json: final accuracy, bytes per direction and per round, from the round records themselves."""
+    ok = [r for r in rounds if r.get("status") == "aggregated"]  # failed attempts' bytes crossed the wire too
+    evals = [r["eval"]["top1"] for r in ok if r.get("eval")]
+    down = sum(r["bytes_down"] for r in rounds)
+    up = sum(r["bytes_up"] for r in rounds)
+    drops: dict[str, int] = {}
+    for r in rounds:
+        for reason, n in (r.get("dropped") or {}).items():
+            drops[reason] = drops.get(reason, 0) + int(n)
+    return {
+        "rounds": len(ok),
+        "final_top1": evals[-1] if evals else None,
+        "best_top1": max(evals) if evals else None,
+        "bytes_down": down,
+        "bytes_up": up,
+        "bytes_total": down + up,
+        "bytes_per_round": (down + up) / len(ok) if ok else None,
+        "shared_params": shared_params,
+        "backbone_fingerprint": fingerprint,
+        "dropped": drops,
+    }
