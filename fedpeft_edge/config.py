@@ -106,7 +106,7 @@ class PeftArgs:
 class TrainArgs:
     """Local training on the device and the round schedule on the server (FedML's names where it has them)."""
 
-    federated_optimizer: Literal["FedAvg", "FedAdam", "FedYogi"] = "FedAvg"
+    federated_optimizer: Literal["FedAvg", "FedAdam", "FedYogi", "FedMedian", "FedTrimmedAvg"] = "FedAvg"
     client_num_in_total: int = 4  # devices the data set is partitioned for
     client_num_per_round: int = 4  # devices sampled per round
     comm_round: int = 5
@@ -126,6 +126,7 @@ class TrainArgs:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    trim_ratio: float = 0.2  # FedTrimmedAvg: fraction of updates cut from EACH end per coordinate
     send_delta: bool = False  # devices send (local - global) instead of local tensors
     eval_every: int = 1
     evaluate_on_devices: bool = False  # devices also evaluate each global model on their local test split
@@ -169,6 +170,16 @@ class CommArgs:
     # brokers whose retained store is node-local (a RabbitMQ cluster), where a device on another node would
     # never see the server's retained ONLINE and so never join.
     presence_echo: bool = False
+    # End-to-end message authentication (wire/auth.py; keys from `fedpeft-edge provision`).
+    signing_key_file: str | None = None  # this node's Ed25519 private key (PEM)
+    peer_keys_dir: str | None = None  # server: a directory of <device_id>.pub (PEM) public keys
+    server_public_key_file: str | None = None  # device: the server's public key (PEM)
+    require_signatures: bool = False  # drop every unsigned, forged or replayed message
+    replay_window_s: float = 300.0  # signed messages older or newer than this (clock skew) are dropped
+    # Receive path bounds (transport/mqtt.py, wire/chunk.py).
+    inbox_max_messages: int = 65_536  # queued inbound packets; more are dropped (`inbox_full`), never waited for
+    inbox_max_bytes: int = 64 * 1024 * 1024  # queued inbound payload bytes (at least one largest packet fits)
+    max_pending_transfers: int = 4  # chunked transfers in flight per sender
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +567,21 @@ def _check_run(cfg: RunConfig) -> None:
             f"comm_args.max_message_bytes must be in 1024..268435455 (MQTT's maximum), got {c.max_message_bytes}"
         )
     _positive("comm_args.keepalive_s", c.keepalive_s)
+    for name in ("replay_window_s", "inbox_max_messages", "inbox_max_bytes", "max_pending_transfers",
+                 "max_update_bytes", "chunk_timeout_s"):
+        _positive(f"comm_args.{name}", getattr(c, name))
+    if c.require_signatures and not c.signing_key_file:
+        raise ConfigError(
+            "comm_args.require_signatures is true but comm_args.signing_key_file is empty; "
+            "run `fedpeft-edge provision` and use the device's or server's config snippet"
+        )
+    if c.require_signatures and not (c.peer_keys_dir or c.server_public_key_file):
+        raise ConfigError(
+            "comm_args.require_signatures is true but neither comm_args.peer_keys_dir (server) nor "
+            "comm_args.server_public_key_file (device) is set: nobody's signature could be checked"
+        )
+    if not 0.0 <= t.trim_ratio < 0.5:
+        raise ConfigError(f"train_args.trim_ratio must be in [0, 0.5), got {t.trim_ratio!r}")
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("comm_args.tls_cert_file and comm_args.tls_key_file must be given together")
     if dp.enabled and (dp.noise_multiplier is None) == (dp.target_epsilon is None):

@@ -27,6 +27,14 @@ class CodecError(FedPeftError):
     """A message or update cannot be encoded or decoded safely."""
 
 
+class AuthError(CodecError):
+    """A message is unsigned, forged, replayed or from an unknown sender; `reason` names which."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class TransportError(FedPeftError):
     """The MQTT transport failed; carries the broker's reason code when there is one."""
 

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "run the server and N devices in one process on one shared backbone (no broker)",
     "dashboard": "serve the federation dashboard for finished runs, side by side",
     "lab": "a run over emulated links: device namespaces, tc rates, latency, loss and outages; network report",
+    "provision": "create per-device credentials, broker password file and ACL, signing keys, optional TLS",
 }
 
 

@@ -1,4 +1,5 @@
-"""`fedpeft-edge broker [--port N] [--host H] [--kind auto|mosquitto|amqtt|rabbitmq]`: a broker until Ctrl-C."""
+"""`fedpeft-edge broker [--port N] [--host H] [--kind auto|mosquitto|amqtt|rabbitmq] [--secure DIR]`: a broker
+until Ctrl-C; `--secure` runs mosquitto with a provisioned directory's password file, ACL and TLS."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--message-size-limit", type=int, default=None, metavar="BYTES",
                         help="mosquitto only: refuse PUBLISH payloads above this "
                         "(e.g. 131072, AWS IoT Core's limit)")
+    parser.add_argument("--secure", metavar="DIR", default=None,
+                        help="a `fedpeft-edge provision` directory: no anonymous access, its passwords and ACL, "
+                        "TLS if provisioned with --tls (mosquitto only)")
 
 
 def run(args: argparse.Namespace) -> int:
     from fedpeft_edge.transport.broker import start_broker
 
-    handle = start_broker(args.port or None, args.message_size_limit, host=args.host, kind=args.kind)
-    print(f"{handle.kind} broker listening on {handle.host}:{handle.port} (Ctrl-C to stop)", flush=True)
+    handle = start_broker(args.port or None, args.message_size_limit, host=args.host, kind=args.kind,
+                          secure_dir=args.secure)
+    mode = f", secured by {args.secure}" if args.secure else ""
+    print(f"{handle.kind} broker listening on {handle.host}:{handle.port}{mode} (Ctrl-C to stop)", flush=True)
     if handle.kind == "rabbitmq":
         print('RabbitMQ speaks MQTT 3.1.1 only: set comm_args.mqtt_version: "3.1.1"', flush=True)
     try:

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the server serves the live dashboard (default: a free port on 127.0.0.1; "
                         "another host gets a token)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
+    parser.add_argument("--insecure", action="store_true",
+                        help="skip provisioning: anonymous broker, unsigned messages (default: provision the run)")
 
 
 # Client learning rates that train the demo's pretrained CNN on digits (measured centrally, 1 epoch, 64 px,
@@ -83,7 +85,7 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedpeft_edge.config import dump_config, load_config
+    from fedpeft_edge.config import load_config
     from fedpeft_edge.transport.broker import start_broker
 
     overrides = _overrides(args)
@@ -96,14 +98,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     run_dir = Path(cfg.tracking_args.run_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "demo-config.yaml"
-    dump_config(cfg, cfg_path)
     n = cfg.train_args.client_num_in_total
+    devices = [f"device-{i}" for i in range(n)]
+    prov = None if args.insecure else _provision(run_dir, devices, run_id, cfg.comm_args.topic_prefix)
+    configs = {node: _node_config(args.config, overrides, run_dir, node, prov) for node in ["0", *devices]}
+    cfg_path = configs["0"]
     print(f"fedpeft-edge demo: {cfg.model_args.model} ({cfg.model_args.weights}), method {method}, "
           f"{n} devices, {cfg.train_args.comm_round} rounds, {cfg.data_args.dataset}; run dir {run_dir}")
     t0 = time.monotonic()
-    broker = start_broker(port=port)
-    print(f"broker: {broker.kind} on 127.0.0.1:{broker.port}")
+    broker = start_broker(port=port, secure_dir=None if prov is None else prov.root)
+    security = "anonymous, unsigned" if prov is None else f"ACL + passwords + Ed25519 signatures ({prov.root})"
+    print(f"broker: {broker.kind} on 127.0.0.1:{broker.port}, {security}")
     procs: list[subprocess.Popen[bytes]] = []
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -114,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
             server_cmd += dash_args
             print(f"dashboard: {url}  (while the run lasts; afterwards: fedpeft-edge dashboard {run_dir})")
         procs.append(_spawn(server_cmd, logs / "server.log"))
-        for i in range(n):
-            procs.append(_spawn([sys.executable, "-m", "device_agents.main", "--config", str(cfg_path),
-                                 "--device-id", f"device-{i}", "--client-index", str(i)],
-                                logs / f"device-{i}.log"))
+        for i, dev in enumerate(devices):
+            procs.append(_spawn([sys.executable, "-m", "device_agents.main", "--config", str(configs[dev]),
+                                 "--device-id", dev, "--client-index", str(i)],
+                                logs / f"{dev}.log"))
         rc = _follow(run_dir, procs[0], cfg.train_args.comm_round, args.timeout)
     finally:
         for p in procs:
@@ -152,6 +157,27 @@ def _dashboard_args(bind: str) -> tuple[list[str], str]:
         flags += ["--dashboard-token", token]
         url += f"?token={token}"
     return flags, url
+
+
+def _provision(run_dir: Path, devices: list[str], run_id: str, prefix: str) -> Any:
+    """Fresh credentials, keys and ACL for this run only (under the run directory)."""
+    from fedpeft_edge.transport.provision import provision
+
+    return provision(run_dir / "security", devices, topic_prefix=prefix, run_id=run_id)
+
+
+def _node_config(config: str, overrides: dict[str, Any], run_dir: Path, node: str, prov: Any) -> Path:
+    """The run's config for one node (server "0" or a device): its own credentials and keys when provisioned."""
+    from fedpeft_edge.config import dump_config, load_config
+
+    mine = dict(overrides)
+    if prov is not None:
+        mine.update(prov.comm_overrides(node))
+    path = run_dir / ("demo-config.yaml" if node == "0" else f"demo-config-{node}.yaml")
+    dump_config(load_config(config, mine), path)
+    if prov is not None:
+        path.chmod(0o600)  # holds the node's broker password
+    return path
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:

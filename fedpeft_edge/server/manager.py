@@ -25,6 +25,7 @@ from fedpeft_edge.protocol import (
     sender_of,
 )
 from fedpeft_edge.protocol.keys import MSG_ARG_KEY_TYPE, MSG_TYPE_C2S_JOIN
+from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.engine import RoundEngine
 from fedpeft_edge.server.ports import ThreadTimers
 from fedpeft_edge.transport.manager import BackendFactory, FedPeftCommManager
@@ -41,7 +42,15 @@ class ServerManager(FedPeftCommManager):
         self.timers = timers
         self.meter = meter
         timers.bind(self._post_timer)
-        super().__init__(comm_args, run_id, SERVER_ID, meter=meter, backend=backend)
+        self.drops = DropRecorder(engine.runlog)  # receive-path drops -> coalesced `dropped_message` records
+        super().__init__(comm_args, run_id, SERVER_ID, meter=meter, backend=backend, on_drop=self.drops)
+        admit = getattr(self.com_manager, "set_admission", None)
+        if admit is not None:  # chunked transfers only from admitted devices (bounded reassembly)
+            admit(self._admitted)
+
+    def _admitted(self, device_id: str) -> bool:
+        dev = self.engine.rounds.devices.get(device_id)
+        return dev is not None and dev.accepted
 
     def register_message_receive_handlers(self) -> None:
         for msg_type in MESSAGE_CLASSES:
@@ -95,6 +104,7 @@ class ServerManager(FedPeftCommManager):
             self.run()
         finally:
             self.timers.cancel_all()
+            self.drops.flush()
             close = getattr(self.engine.runlog, "close", None)
             if close is not None:
                 close()

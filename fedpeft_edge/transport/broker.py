@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import getpass
 import logging
 import shutil
 import socket
@@ -82,36 +83,68 @@ def start_broker(
     host: str = "127.0.0.1",
     kind: BrokerKind = "auto",
     timeout_s: float = 10.0,
+    secure_dir: str | Path | None = None,
 ) -> BrokerHandle:
     """Start a broker on host:port (port None = a free one); mosquitto if installed, else embedded amqtt.
 
     `message_size_limit` (mosquitto only) caps a PUBLISH payload, like a cloud broker does, to prove chunking.
+    `secure_dir` (mosquitto only): a `fedpeft-edge provision` directory; anonymous access off, its password
+    file and ACL on, and a TLS listener when it was provisioned with TLS.
     """
     if kind == "rabbitmq":
+        if secure_dir is not None:
+            raise BrokerError("--secure configures mosquitto; for RabbitMQ set up its users and topic permissions "
+                              "as the README's RabbitMQ ACL section says")
         return _start_rabbitmq(port, host, message_size_limit, max(timeout_s, 120.0))
     port = port or free_port(host)
     exe = find_mosquitto()
     if kind == "mosquitto" and exe is None:
         raise BrokerError("mosquitto is not installed (apt-get install mosquitto); or use kind='amqtt'")
+    if secure_dir is not None and (exe is None or kind == "amqtt"):
+        raise BrokerError("a secure broker (password file, ACL, TLS) needs mosquitto: apt-get install mosquitto")
     if exe is not None and kind != "amqtt":
-        return _start_mosquitto(exe, host, port, message_size_limit, timeout_s)
+        return _start_mosquitto(exe, host, port, message_size_limit, timeout_s, secure_dir)
     if message_size_limit is not None:
         log.warning("amqtt has no message size limit; message_size_limit=%s is ignored", message_size_limit)
     return _start_amqtt(host, port, timeout_s)
 
 
-def _mosquitto_config(host: str, port: int, message_size_limit: int | None) -> str:
-    lines = [f"listener {port} {host}", "max_connections -1", "allow_anonymous true", "persistence false",
-             "log_dest stderr", "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 10000"]
+def _mosquitto_config(
+    host: str, port: int, message_size_limit: int | None, secure_dir: str | Path | None = None
+) -> str:
+    lines = [f"listener {port} {host}", "max_connections -1", "persistence false", "log_dest stderr",
+             "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 10000"]
+    if secure_dir is None:
+        lines.append("allow_anonymous true")
+    else:
+        lines += _secure_lines(Path(secure_dir))
     if message_size_limit is not None:
         lines.append(f"message_size_limit {message_size_limit}")
     return "\n".join(lines) + "\n"
 
 
-def _start_mosquitto(exe: str, host: str, port: int, limit: int | None, timeout_s: float) -> BrokerHandle:
+def _secure_lines(secure_dir: Path) -> list[str]:
+    from fedpeft_edge.transport.provision import load_provisioned
+
+    prov = load_provisioned(secure_dir)
+    broker = prov.root / "broker"
+    # Started as root, mosquitto drops to user `mosquitto`, which cannot read the 0600 secrets provisioning
+    # wrote as us: it stays the user that owns them (a no-op for a non-root user).
+    lines = [f"user {getpass.getuser()}", "allow_anonymous false", f"password_file {broker / 'passwd'}",
+             f"acl_file {broker / 'acl'}"]
+    if prov.tls:
+        tls = broker / "tls"
+        lines += [f"cafile {tls / 'ca.crt'}", f"certfile {tls / 'broker.crt'}", f"keyfile {tls / 'broker.key'}",
+                  "require_certificate true", "tls_version tlsv1.2"]
+    return lines
+
+
+def _start_mosquitto(
+    exe: str, host: str, port: int, limit: int | None, timeout_s: float, secure_dir: str | Path | None = None
+) -> BrokerHandle:
     workdir = Path(tempfile.mkdtemp(prefix="fedpeft-mosquitto-"))
     conf = workdir / "mosquitto.conf"
-    conf.write_text(_mosquitto_config(host, port, limit))
+    conf.write_text(_mosquitto_config(host, port, limit, secure_dir))
     logfile = (workdir / "mosquitto.log").open("wb")
     proc = subprocess.Popen(with_nofile([exe, "-c", str(conf)]), stdout=logfile, stderr=subprocess.STDOUT)
     logfile.close()

@@ -13,6 +13,15 @@ from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.wire.codec import BLOB_KEY_PARAM
 
 REQUIRED_KEYS = (M.MSG_ARG_KEY_TYPE, M.MSG_ARG_KEY_SENDER, M.MSG_ARG_KEY_RECEIVER)
+# Keys the blob may not be put back under (it would overwrite the frame's own fields).
+_RESERVED = (M.MSG_ARG_KEY_TYPE, M.MSG_ARG_KEY_SENDER, M.MSG_ARG_KEY_RECEIVER, M.MSG_ARG_KEY_MSG_ID,
+             M.MSG_ARG_KEY_ROUND, BLOB_KEY_PARAM)
+_MAX_ROUND = 2**31
+
+
+def is_scalar(value: Any) -> bool:
+    """An int (not a bool) or a string: what ids, types and msg ids may be."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def pop_blob(params: dict[str, Any]) -> memoryview | None:
@@ -27,20 +36,36 @@ def pop_blob(params: dict[str, Any]) -> memoryview | None:
     return blob
 
 
-def check_frame(node: str, params: dict[str, Any]) -> None:
-    """A decoded frame must name its type, sender and receiver, and its sender must be the node it came from."""
+def check_frame(node: str, params: dict[str, Any], me: str | None = None) -> None:
+    """The transport's own fields, typed and ranged, before anything is dispatched on them: a decoded frame
+    names its type, sender and receiver (ints or short strings), its sender is the node it came from, its
+    receiver is `me` (when given), and its round (if any) is an int in [0, 2^31)."""
     missing = [k for k in REQUIRED_KEYS if k not in params]
     if missing:
         raise CodecError(f"message from {node} lacks {missing}; every message needs {REQUIRED_KEYS}")
+    for key in (*REQUIRED_KEYS, M.MSG_ARG_KEY_MSG_ID):
+        value = params.get(key)
+        if key in params and not (is_scalar(value) and len(str(value)) <= 128):
+            raise CodecError(f"message from {node}: {key} must be an int or a short string, got "
+                             f"{type(value).__name__} {str(value)[:40]!r}")
     if str(params[M.MSG_ARG_KEY_SENDER]) != node:
-        raise CodecError(f"message claims sender {params[M.MSG_ARG_KEY_SENDER]!r} on node {node}'s channel")
+        raise CodecError(f"message claims sender {str(params[M.MSG_ARG_KEY_SENDER])[:40]!r} on node {node}'s "
+                         "channel")
+    if me is not None and str(params[M.MSG_ARG_KEY_RECEIVER]) != me:
+        raise CodecError(f"message from {node} is addressed to {str(params[M.MSG_ARG_KEY_RECEIVER])[:40]!r}, "
+                         f"not {me}")
+    rnd = params.get(M.MSG_ARG_KEY_ROUND)
+    if rnd is not None and not (isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd < _MAX_ROUND):
+        raise CodecError(f"message from {node}: {M.MSG_ARG_KEY_ROUND} must be an int in [0, 2^31), got "
+                         f"{str(rnd)[:40]!r}")
 
 
 def message_from_frame(node: str, params: dict[str, Any], blob: memoryview | None) -> Any:
     """The FedML Message of a decoded frame, with the blob put back under its own key."""
     blob_key = params.pop(BLOB_KEY_PARAM, None)
-    if (blob is None) != (blob_key is None) or (blob_key is not None and not isinstance(blob_key, str)):
-        raise CodecError(f"message from {node} has a malformed blob key {blob_key!r}")
+    if (blob is None) != (blob_key is None) or (blob_key is not None and (
+            not isinstance(blob_key, str) or len(blob_key) > 128 or blob_key in _RESERVED)):
+        raise CodecError(f"message from {node} has a malformed blob key {str(blob_key)[:80]!r}")
     if blob_key is not None:
         params[blob_key] = blob
     message = Message()

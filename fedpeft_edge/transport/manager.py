@@ -12,19 +12,21 @@ from fedpeft_edge.transport.fedml import FedMLCommManager
 if TYPE_CHECKING:
     from fedpeft_edge.config import CommArgs
     from fedpeft_edge.metering.bandwidth import BandwidthMeter
+    from fedpeft_edge.transport.drops import DroppedMessage
 
 log = logging.getLogger(__name__)
 
 # Builds the BaseCommunicationManager a node talks through: (comm_args, run_id, node_id, meter,
-# connect_timeout_s) -> backend. The default is the MQTT backend; simulation passes an in-memory one.
+# connect_timeout_s, on_drop) -> backend. The default is the MQTT backend; simulation passes an in-memory one.
 BackendFactory = Callable[..., Any]
 
 
 def mqtt_backend(comm_args: CommArgs, run_id: str, node_id: str | int, meter: BandwidthMeter | None,
-                 connect_timeout_s: float) -> Any:
+                 connect_timeout_s: float, on_drop: Callable[[DroppedMessage], None] | None = None) -> Any:
     from fedpeft_edge.transport.mqtt import MqttCommManager
 
-    return MqttCommManager(comm_args, run_id, node_id, meter=meter, connect_timeout_s=connect_timeout_s)
+    return MqttCommManager(comm_args, run_id, node_id, meter=meter, connect_timeout_s=connect_timeout_s,
+                           on_drop=on_drop)
 
 
 class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
@@ -43,8 +45,10 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         meter: BandwidthMeter | None = None,
         connect_timeout_s: float = 10.0,
         backend: BackendFactory | None = None,
+        on_drop: Callable[[DroppedMessage], None] | None = None,
     ) -> None:
         self._backend = backend or mqtt_backend
+        self._on_drop = on_drop  # receive-path drops (malformed, forged, over a bound): recorded, never raised
         self._comm_args = comm_args
         self._run_id = run_id
         self._meter = meter
@@ -55,7 +59,7 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
 
     def _init_manager(self) -> None:
         self.com_manager = self._backend(self._comm_args, self._run_id, self.node_id, self._meter,
-                                         self._connect_timeout_s)
+                                         self._connect_timeout_s, self._on_drop)
         self.com_manager.add_observer(self)
 
     def get_sender_id(self) -> str | int:

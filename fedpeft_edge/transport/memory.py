@@ -119,7 +119,7 @@ def memory_backend(bus: MemoryBus) -> Any:
     """A transport.manager backend factory that puts every node on `bus` (for FedPeftCommManager)."""
 
     def build(_comm_args: Any, _run_id: str, node_id: str | int, meter: BandwidthMeter | None,
-              _connect_timeout_s: float) -> MemoryCommManager:
+              _connect_timeout_s: float, _on_drop: Any = None) -> MemoryCommManager:
         return MemoryCommManager(bus, node_id, meter)
 
     return build

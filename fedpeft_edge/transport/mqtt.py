@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import queue
 import socket
 import ssl
@@ -27,16 +28,26 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedpeft_edge.config import CommArgs
-from fedpeft_edge.errors import CodecError, TransportError
+from fedpeft_edge.errors import AuthError, CodecError, ConfigError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import ConnectionReady, Presence
 from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.transport.drops import DropLog, DroppedMessage
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
-from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
+from fedpeft_edge.transport.framing import check_frame, is_scalar, message_from_frame, pop_blob, round_of
 from fedpeft_edge.transport.topics import Topics
-from fedpeft_edge.wire.chunk import Reassembler, is_chunk, parse_chunk, split_payload
-from fedpeft_edge.wire.codec import decode_message, message_parts
-from fedpeft_edge.wire.packet import max_chunk_bytes, packet_limit, publish_packet_bytes
+from fedpeft_edge.wire.auth import (
+    ENVELOPE_BYTES,
+    Signer,
+    Verifier,
+    is_sealed,
+    load_peer_keys,
+    load_private_key,
+    load_public_key,
+)
+from fedpeft_edge.wire.chunk import Expired, Reassembler, is_chunk, split_payload
+from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
+from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +79,6 @@ class _Local:
     message: Any
 
 
-@dataclasses.dataclass
-class _Partial:
-    """Metering of a chunked transfer still arriving."""
-
-    chunks: list[int]
-    start: float
-
-
 _STOP = object()
 
 
@@ -93,6 +96,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         on_connection_change: Callable[[bool], None] | None = None,
         connect_timeout_s: float = 10.0,
         client_id: str | None = None,
+        on_drop: Callable[[DroppedMessage], None] | None = None,
     ) -> None:
         self.args = comm_args
         self.node_id = node_id
@@ -103,13 +107,25 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self.on_connection_change = on_connection_change  # called on paho's thread: keep it quick
         self.state = State.NEW
         self._observers: list[Any] = []
-        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._inbox: queue.Queue[Any] = queue.Queue()  # local items never wait; inbound ones take a slot
+        self._inbound_lock = threading.Lock()
+        self._inbound = [0, 0]  # packets, payload bytes queued
+        self._overflow: dict[str, tuple[int, int]] = {}  # topic -> (packets, bytes) dropped by a full inbox
+        self._inbound_max_bytes = max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET))
+        self.drops = DropLog(on_drop)
+        self._signer, self._verifier = _build_auth(comm_args, self.is_server)
+        self._presence_seen: dict[str, tuple[float, int]] = {}
+        self._session = time.time()
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._connect_error: TransportError | None = None
         self._broker_max_packet: int | None = None
-        self._reassembler = Reassembler(comm_args.max_update_bytes + 4096, comm_args.chunk_timeout_s)
-        self._partials: dict[tuple[str, bytes], _Partial] = {}
+        most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
+        self._reassembler = Reassembler(
+            most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
+            max_pending_transfers=comm_args.max_pending_transfers,
+            unadmitted_max_bytes=MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096,
+        )
         self._seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._send_lock = threading.Lock()
         self._ack_cond = threading.Condition()
@@ -187,16 +203,28 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if self.on_connection_change is not None:
             self.on_connection_change(True)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self.state is State.CLOSED:
             return
         self.state = State.RECONNECTING
+        self._session = time.time()  # the next connection is a new presence session with its own will
+        client.will_set(self.topics.presence(self.node_id), self._presence_payload(M.PRESENCE_OFFLINE),
+                        qos=1, retain=True)
         log.warning("node %s lost the broker (%s); paho reconnects with back-off", self.node_id, reason)
         if self.on_connection_change is not None:
             self.on_connection_change(False)
 
     def _presence_payload(self, status: str) -> bytes:
-        return json.dumps({"status": status, "node": self.node_id, "time": time.time()}).encode()
+        """Presence of this connection: `time` names the session, `seq` orders ONLINE (1) before OFFLINE (2)."""
+        body = json.dumps({"status": status, "node": self.node_id, "time": self._session,
+                           "seq": 1 if status == M.PRESENCE_ONLINE else 2}).encode()
+        if self._signer is None:
+            return body
+        return self._signer.envelope(self.topics.presence(self.node_id), [body]) + body
+
+    def set_admission(self, admitted: Callable[[str], bool]) -> None:
+        """Accept chunked transfers beyond a join's size only from senders `admitted(sender)` says yes to."""
+        self._reassembler.admit = admitted
 
     @property
     def connected(self) -> bool:
@@ -245,13 +273,21 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             try:
                 item = self._inbox.get(block=block, timeout=timeout_s if block else None)
             except queue.Empty:
-                self._reassembler.expire()
+                self._expire(self._reassembler.expire())
                 self._echo_presence()
                 return done
             block = False
             if item is _STOP:
                 return done
-            message = item.message if isinstance(item, _Local) else self._receive(item)
+            if self._overflow:
+                self._report_overflow()
+            if isinstance(item, _Local):
+                message = item.message
+            else:
+                with self._inbound_lock:
+                    self._inbound[0] -= 1
+                    self._inbound[1] -= len(item.payload)
+                message = self._receive(item)
             if message is not None:
                 self._dispatch(message)
                 done += 1
@@ -266,8 +302,13 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         log.debug("node %s re-announced its presence for devices that came online", self.node_id)
 
     def _dispatch(self, message: Any) -> None:
+        """Hand a message to every observer; whatever a handler raises is a drop, never the loop's end."""
         for observer in list(self._observers):
-            observer.receive_message(message.get_type(), message)
+            try:
+                observer.receive_message(message.get_type(), message)
+            except Exception as exc:  # the edge: nothing a message causes may end the receive loop
+                log.debug("handler failed", exc_info=True)
+                self._drop(str(message.get_sender_id()), "", "handler_error", f"{type(exc).__name__}: {exc}", 0)
 
     # --- sending -------------------------------------------------------------------------------------------
 
@@ -282,6 +323,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         blob = pop_blob(params)
         topic, peer = self._route(params)
         parts = message_parts(params, blob)
+        if self._signer is not None:
+            parts = [self._signer.envelope(topic, parts), *parts]
         total = sum(memoryview(p).nbytes for p in parts)
         limit = self.packet_limit()
         qos = self.args.qos
@@ -381,9 +424,48 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         size = publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self._mqtt5, props)
         if msg.qos:
             self.meter.record_ack(sent=True)
+        # A full inbox drops; it never holds paho's thread: that thread also reads the PUBACKs our own sends
+        # (from the receive thread) wait for, so waiting here would stall both. Bounded in packets and bytes.
+        n = len(msg.payload)
+        with self._inbound_lock:
+            full = self._inbound[0] >= self.args.inbox_max_messages or self._inbound[1] + n > self._inbound_max_bytes
+            if not full:
+                self._inbound[0] += 1
+                self._inbound[1] += n
+            if full:  # reported from the receive thread (sinks are not thread-safe)
+                count, nbytes = self._overflow.get(msg.topic, (0, 0))
+                if count or len(self._overflow) < 256:
+                    self._overflow[msg.topic] = (count + 1, nbytes + n)
+                return
         self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), size, time.time()))
 
+    def _drop(self, sender: str, topic: str, reason: str, detail: str, nbytes: int, count: int = 1) -> None:
+        self.drops(DroppedMessage(sender, topic, reason, detail, nbytes, count))
+
+    def _report_overflow(self) -> None:
+        with self._inbound_lock:
+            overflow, self._overflow = self._overflow, {}
+        for topic, (count, nbytes) in overflow.items():
+            self._drop(_topic_node(topic), topic, "inbox_full",
+                       f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
+                       f"{self.args.inbox_max_messages} / inbox_max_bytes {self._inbound_max_bytes})", nbytes, count)
+
     def _receive(self, item: _Inbound) -> Any:
+        """Decode one inbound packet; every failure is recorded as a drop with its reason, never raised."""
+        node = _topic_node(item.topic)
+        try:
+            return self._receive_checked(item)
+        except AuthError as exc:
+            self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
+            self._drop(node, item.topic, exc.reason, str(exc), len(item.payload))
+        except CodecError as exc:
+            self._drop(node, item.topic, "malformed", str(exc), len(item.payload))
+        except Exception as exc:  # a decoder bug must not end the receive loop either
+            log.debug("receive failed", exc_info=True)
+            self._drop(node, item.topic, "internal_error", f"{type(exc).__name__}: {exc}", len(item.payload))
+        return None
+
+    def _receive_checked(self, item: _Inbound) -> Any:
         parsed = self.topics.parse(item.topic)
         if parsed is None:
             log.debug("ignoring a message on foreign topic %s", item.topic)
@@ -397,69 +479,80 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             return None
         if not self.is_server:
             node = str(M.SERVER_ID)  # a device's s2d topic names the device; the peer is the server
-        try:
-            return self._decode(node, item)
-        except CodecError as exc:
-            log.warning("dropped a message from %s on %s: %s", node, item.topic, exc)
-            return None
+        return self._decode(node, item)
 
     def _decode(self, node: str, item: _Inbound) -> Any:
         payload, sizes, start = self._assemble(node, item)
         if payload is None:
             return None
         try:
-            params, blob = decode_message(payload, self.args.max_update_bytes + 1024 * 1024)
+            frame = self._open(node, item.topic, payload)
+            params, blob = decode_message(frame, self.args.max_update_bytes + 1024 * 1024)
         except CodecError:
             self._record_in(node, {}, sizes, start, item.arrived, len(payload))
             raise
         self._record_in(node, params, sizes, start, item.arrived, len(payload))
         return self._to_message(node, params, blob)
 
+    def _open(self, node: str, topic: str, payload: bytes | bytearray, replay: bool = True) -> memoryview:
+        """The frame of a payload: a signed one verified (and checked against replay), an unsigned one only
+        when comm_args.require_signatures is off."""
+        if is_sealed(payload):
+            if self._verifier is None:
+                raise AuthError(f"signed message from {node!r} but this node has no peer keys "
+                                "(comm_args.peer_keys_dir / server_public_key_file)", "unknown_sender")
+            return self._verifier.open(node, topic, payload, replay=replay)
+        if self.args.require_signatures:
+            raise AuthError(f"unsigned message from {node!r} on {topic} (comm_args.require_signatures)", "unsigned")
+        return memoryview(payload)
+
     def _assemble(self, node: str, item: _Inbound) -> tuple[bytes | bytearray | None, list[int], float]:
         if not is_chunk(item.payload):
             return item.payload, [item.packet_bytes], item.arrived
+        if self.args.require_signatures and (self._verifier is None or not self._verifier.knows(node)):
+            raise AuthError(f"chunk from {node!r}, a sender without a public key; refused before reassembly",
+                            "unknown_sender")
         try:
-            header, _data = parse_chunk(item.payload, self._reassembler.max_total_bytes)
-        except CodecError:
+            done = self._reassembler.add_metered(item.payload, node, item.packet_bytes, item.arrived)
+        except CodecError as exc:
             self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
-            raise
-        key = (node, header.transfer_id)
-        partial = self._partials.setdefault(key, _Partial([], item.arrived))
-        partial.chunks.append(item.packet_bytes)
-        try:
-            whole = self._reassembler.add(item.payload, source=node)
-        except CodecError:
-            self._drop_partial(key, item.arrived)
-            raise
-        for tid in self._reassembler.expire():
-            self._drop_partial((node, tid), item.arrived)
-        if whole is None:
+            self._drop(node, item.topic, "chunk_refused", str(exc), len(item.payload))
             return None, [], 0.0
-        done = self._partials.pop(key)
-        return whole, done.chunks, done.start
+        finally:
+            self._expire(self._reassembler.expired)
+            self._reassembler.expired = []
+        if done is None:
+            return None, [], 0.0
+        return done.payload, done.packets, done.started
 
-    def _drop_partial(self, key: tuple[str, bytes], now: float) -> None:
-        partial = self._partials.pop(key, None)
-        if partial is not None:
-            self._record_in(key[0], {}, partial.chunks, partial.start, now, 0)
+    def _expire(self, expired: list[Expired]) -> None:
+        """Meter and report transfers the reassembler freed before they completed."""
+        now = time.time()
+        for e in expired:
+            self._record_in(e.source, {}, e.packets, e.started, now, 0)
+            self._drop(e.source, "", "transfer_expired",
+                       f"transfer {e.transfer_id.hex()} expired with {e.got_chunks}/{e.count} chunks; "
+                       f"freed {e.freed_bytes} bytes", sum(e.packets))
 
     def _record_in(
         self, node: str, params: dict[str, Any], sizes: list[int], start: float, end: float, payload: int
     ) -> None:
+        msg_type = params.get(M.MSG_ARG_KEY_TYPE, "dropped")
+        msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         self.meter.record(TransferRecord(
             direction="up" if self.is_server else "down", sent=False, peer=node, round=round_of(params),
-            msg_type=params.get(M.MSG_ARG_KEY_TYPE, "dropped"), msg_id=params.get(M.MSG_ARG_KEY_MSG_ID),
+            msg_type=msg_type if is_scalar(msg_type) else "dropped", msg_id=msg_id if is_scalar(msg_id) else None,
             chunks=len(sizes), mqtt_bytes=sum(sizes), payload_bytes=payload, chunk_bytes=tuple(sizes),
             start=start, end=end,
         ))
 
     def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None) -> Any:
-        check_frame(node, params)
+        check_frame(node, params, str(self.node_id))
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         if msg_id is not None:
             if (node, str(msg_id)) in self._seen:
-                log.debug("dropping duplicate message %s from %s", msg_id, node)
-                return None
+                raise AuthError(f"message {msg_id} from {node} arrived before (QoS 1 redelivery or replay)",
+                                "duplicate")
             self._seen[(node, str(msg_id))] = None
             while len(self._seen) > _DEDUP_WINDOW:
                 self._seen.popitem(last=False)
@@ -470,18 +563,62 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             return None
         self._record_in(node, {M.MSG_ARG_KEY_TYPE: M.MSG_TYPE_PRESENCE}, [item.packet_bytes], item.arrived,
                         item.arrived, len(item.payload))
-        try:
-            body = json.loads(item.payload)
-            status = str(body["status"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring malformed presence from %s: %r", node, item.payload[:80])
-            return None
-        if self.is_server and self.args.presence_echo and status == M.PRESENCE_ONLINE:
+        signed = is_sealed(item.payload)
+        body = _presence_body(node, self._open(node, item.topic, item.payload, replay=False))
+        order = (float(body["time"]), int(body.get("seq", 1)))
+        if signed:  # retained presence is old by design: its signed (session, seq) must only move forward
+            if node in self._presence_seen and order <= self._presence_seen[node]:
+                raise AuthError(f"presence {order} from {node!r} is not newer than {self._presence_seen[node]}",
+                                "replayed")
+            self._presence_seen[node] = order
+        online = body["status"] == M.PRESENCE_ONLINE
+        if self.is_server and self.args.presence_echo and online:
             self._echo_due = True  # sent from poll(), so a burst of devices coming online costs one echo
-        since = body.get("time")
-        return Presence(node=node, online=status == M.PRESENCE_ONLINE,
-                        since=float(since) if isinstance(since, (int, float)) else None,
+        return Presence(node=node, online=online, since=float(body["time"]),
                         receiver=str(self.node_id)).to_message()
+
+
+
+
+def _presence_body(node: str, frame: memoryview) -> dict[str, Any]:
+    if frame.nbytes > 4096:
+        raise CodecError(f"presence from {node} is {frame.nbytes} bytes; a presence payload is under 4 KiB")
+    try:
+        body = json.loads(bytes(frame), parse_constant=_refuse)
+    except (ValueError, RecursionError) as exc:
+        raise CodecError(f"presence from {node} is not JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("status") not in (M.PRESENCE_ONLINE, M.PRESENCE_OFFLINE):
+        raise CodecError(f"presence from {node} must be an object with status ONLINE or OFFLINE")
+    since, seq = body.get("time"), body.get("seq", 1)
+    if not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since) \
+            or not isinstance(seq, int) or isinstance(seq, bool):
+        raise CodecError(f"presence from {node} needs a finite number `time` and an int `seq`")
+    return body
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _topic_node(topic: str) -> str:
+    return topic.rsplit("/", 1)[-1][:64] if isinstance(topic, str) else "?"
+
+
+def _build_auth(comm_args: CommArgs, is_server: bool) -> tuple[Signer | None, Verifier | None]:
+    """This node's signer and its peers' verifier from comm_args (None where not configured)."""
+    a = comm_args
+    signer = Signer(load_private_key(a.signing_key_file)) if a.signing_key_file else None
+    keys = {}
+    if is_server and a.peer_keys_dir:
+        keys = load_peer_keys(a.peer_keys_dir)
+    elif not is_server and a.server_public_key_file:
+        keys = {str(M.SERVER_ID): load_public_key(a.server_public_key_file)}
+    if a.require_signatures and not keys:
+        raise ConfigError(
+            "comm_args.require_signatures is on but no peer public key was loaded; set "
+            + ("peer_keys_dir to provisioning's keys/ directory" if is_server else "server_public_key_file")
+        )
+    return signer, (Verifier(keys, a.replay_window_s) if keys else None)
 
 
 def _set_nodelay(client: mqtt.Client) -> None:

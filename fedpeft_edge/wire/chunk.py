@@ -113,7 +113,12 @@ class _Cursor:
 def parse_chunk(
     chunk: Buffer, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
 ) -> tuple[ChunkHeader, memoryview]:
-    """Header and data of one chunk; every field is checked against the others and the size limit."""
+    """Header and data of one chunk; every field is checked against the others and the size limit.
+
+    Chunks of one transfer are cut at `index * size` (split_payload), so a chunk alone implies `size`: its
+    own length if it is not the last, `offset / (count - 1)` if it is; `count` must then be `ceil(total /
+    size)`. A frame claiming a count its length cannot produce is refused here, before any state exists.
+    """
     view = memoryview(chunk).cast("B")
     if view.nbytes < _CHUNK.size:
         raise CodecError(f"chunk of {view.nbytes} bytes is shorter than its {_CHUNK.size}-byte header")
@@ -128,7 +133,7 @@ def parse_chunk(
             "(comm_args.max_update_bytes); refusing it"
         )
     data = view[_CHUNK.size:]
-    if not (0 < count <= max(1, total) and index < count and offset + data.nbytes <= total):
+    if _chunk_size(index, count, total, offset, data.nbytes) is None:
         raise CodecError(
             f"chunk {index}/{count} of transfer {tid.hex()} does not fit: offset {offset} + "
             f"{data.nbytes} bytes in a {total}-byte transfer"
@@ -136,22 +141,71 @@ def parse_chunk(
     return ChunkHeader(bytes(tid), index, count, total, offset, bytes(digest)), data
 
 
+def _chunk_size(index: int, count: int, total: int, offset: int, n: int) -> int | None:
+    """The transfer's chunk data size this chunk implies, or None if its fields contradict each other."""
+    if not 0 <= index < count or offset + n > total:
+        return None
+    if count == 1:
+        return n if offset == 0 and n == total else None
+    if index < count - 1:
+        size = n
+        ok = size > 0 and offset == index * size
+    else:
+        size, rem = divmod(offset, count - 1)
+        ok = rem == 0 and 0 < n <= size and offset + n == total
+    return size if ok and -(-total // size) == count else None
+
+
 @dataclasses.dataclass
 class _Transfer:
     header: ChunkHeader
-    buf: bytearray
-    seen: bytearray  # one flag per chunk index
-    got_chunks: int
+    size: int  # data bytes per chunk (the last may be shorter)
+    pieces: dict[int, bytes]  # chunks held until the buffer is allocated
+    buf: bytearray | None  # allocated once half the claimed bytes arrived: memory follows data received
+    seen: set[int]
     got_bytes: int
-    started: float
+    held: int  # bytes of memory this transfer holds
+    packets: list[int]  # MQTT packet bytes of each chunk (metering)
+    started: float  # the caller's arrival time of the first chunk
     last_seen: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembled:
+    """A completed transfer: the payload and what its chunks cost on the wire."""
+
+    payload: bytearray
+    packets: list[int]
+    started: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Expired:
+    """A transfer freed before it completed."""
+
+    source: str
+    transfer_id: bytes
+    packets: list[int]
+    started: float
+    freed_bytes: int
+    got_chunks: int
+    count: int
+
+
+@dataclasses.dataclass
+class _Quota:
+    transfers: int = 0
+    bytes: int = 0
 
 
 class Reassembler:
     """Puts chunks back together in any order; frees transfers idle for longer than `timeout_s`.
 
-    Memory is bounded: one transfer at most `max_total_bytes`, all pending ones together at most
-    `max_pending_bytes`. Not thread-safe: feed it from one thread (the transport's receive loop).
+    Memory is bounded and follows the data received, never the data claimed: a transfer holds its chunks
+    until half its claimed length arrived, then one buffer of that length. Per sender at most
+    `max_pending_transfers` transfers and `max_pending_bytes` held bytes; a sender `admit` refuses may only
+    send transfers up to `unadmitted_max_bytes` (a join). Every chunk costs O(1): transfers sit in an LRU
+    order, so expiry pops from its front. Not thread-safe: feed it from one thread.
     """
 
     def __init__(
@@ -160,18 +214,27 @@ class Reassembler:
         timeout_s: float = 120.0,
         max_pending_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_pending_transfers: int = 4,
+        admit: Callable[[str], bool] | None = None,
+        unadmitted_max_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.max_total_bytes = max_total_bytes
         self.timeout_s = timeout_s
         self.max_pending_bytes = max_pending_bytes if max_pending_bytes is not None else 2 * max_total_bytes
+        self.max_pending_transfers = max_pending_transfers
+        self.admit = admit
+        self.unadmitted_max_bytes = unadmitted_max_bytes
         self._clock = clock
-        self._pending: dict[tuple[str, bytes], _Transfer] = {}
+        self._pending: collections.OrderedDict[tuple[str, bytes], _Transfer] = collections.OrderedDict()
+        self._quota: dict[str, _Quota] = {}
+        self._held = 0
         self._done: collections.OrderedDict[tuple[str, bytes], str] = collections.OrderedDict()
+        self.expired: list[Expired] = []  # freed by add()'s own expiry; the caller drains it
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes held for transfers not yet complete."""
-        return sum(len(t.buf) for t in self._pending.values())
+        """Bytes of memory held for transfers not yet complete."""
+        return self._held
 
     @property
     def pending_count(self) -> int:
@@ -179,30 +242,39 @@ class Reassembler:
 
     def add(self, chunk: Buffer, source: str = "") -> bytearray | None:
         """Take one chunk from `source`; return the whole payload when this chunk completes it, else None."""
-        self.expire()
+        done = self.add_metered(chunk, source)
+        return None if done is None else done.payload
+
+    def add_metered(
+        self, chunk: Buffer, source: str = "", packet_bytes: int = 0, arrived: float | None = None
+    ) -> Assembled | None:
+        """add() that also keeps each chunk's packet size and the first arrival, for metering."""
+        self.expired.extend(self.expire())
         header, data = parse_chunk(chunk, self.max_total_bytes)
         key = (source, header.transfer_id)
-        transfer = self._pending.get(key) or self._start(key, header)
+        transfer = self._pending.get(key) or self._start(key, header, data.nbytes, arrived)
         if transfer is None:
             return None
+        size = _chunk_size(header.index, header.count, header.total_len, header.offset, data.nbytes)
         if transfer.header.count != header.count or transfer.header.total_len != header.total_len \
-                or transfer.header.digest != header.digest:
+                or transfer.header.digest != header.digest or size != transfer.size:
             raise CodecError(
                 f"chunk {header.index} of transfer {header.transfer_id.hex()} from {source!r} disagrees with "
-                "the transfer's earlier chunks (count, length or digest); dropping the chunk"
+                "the transfer's earlier chunks (count, length, chunk size or digest); dropping the chunk"
             )
-        if transfer.seen[header.index]:
-            return None  # QoS 1 redelivery
-        transfer.buf[header.offset:header.offset + data.nbytes] = data
-        transfer.seen[header.index] = 1
-        transfer.got_chunks += 1
-        transfer.got_bytes += data.nbytes
+        self._pending.move_to_end(key)
         transfer.last_seen = self._clock()
-        if transfer.got_chunks < header.count:
+        if header.index in transfer.seen:
+            return None  # QoS 1 redelivery
+        self._store(source, transfer, header, data)
+        transfer.packets.append(packet_bytes)
+        if len(transfer.seen) < header.count:
             return None
         return self._finish(key, transfer)
 
-    def _start(self, key: tuple[str, bytes], header: ChunkHeader) -> _Transfer | None:
+    def _start(
+        self, key: tuple[str, bytes], header: ChunkHeader, n: int, arrived: float | None
+    ) -> _Transfer | None:
         status = self._done.get(key)
         if status == "done":
             return None  # a late duplicate of a finished transfer
@@ -211,19 +283,67 @@ class Reassembler:
                 f"chunk of unknown transfer {header.transfer_id.hex()} from {key[0]!r}: it {status}; "
                 "the sender must resend the whole message"
             )
-        if self.pending_bytes + header.total_len > self.max_pending_bytes:
+        source = key[0]
+        if self.admit is not None and header.total_len > self.unadmitted_max_bytes and not self.admit(source):
             raise CodecError(
-                f"transfer {header.transfer_id.hex()} of {header.total_len} bytes would exceed the "
-                f"{self.max_pending_bytes} bytes allowed for pending transfers; refusing it"
+                f"transfer {header.transfer_id.hex()} of {header.total_len} bytes from {source!r}, a sender not "
+                f"admitted to the run (only {self.unadmitted_max_bytes} bytes until it joins); refusing it"
             )
+        quota = self._quota.setdefault(source, _Quota())
+        if quota.transfers >= self.max_pending_transfers:
+            raise CodecError(
+                f"{source!r} already has {quota.transfers} transfers pending (comm_args.max_pending_transfers); "
+                f"refusing transfer {header.transfer_id.hex()}"
+            )
+        size = _chunk_size(header.index, header.count, header.total_len, header.offset, n)
         now = self._clock()
-        transfer = _Transfer(header, bytearray(header.total_len), bytearray(header.count), 0, 0, now, now)
+        transfer = _Transfer(header, size or 0, {}, None, set(), 0, 0, [], now if arrived is None else arrived, now)
         self._pending[key] = transfer
+        quota.transfers += 1
         return transfer
 
-    def _finish(self, key: tuple[str, bytes], transfer: _Transfer) -> bytearray:
-        del self._pending[key]
-        if transfer.got_bytes != transfer.header.total_len or hashlib.sha256(transfer.buf).digest() \
+    def _store(self, source: str, transfer: _Transfer, header: ChunkHeader, data: memoryview) -> None:
+        total = header.total_len
+        grow = data.nbytes if transfer.buf is None else 0
+        if transfer.buf is None and 2 * (transfer.got_bytes + data.nbytes) >= total:
+            grow = total - transfer.held  # switch to one buffer: the data proved half the claim
+        quota = self._quota[source]
+        if quota.bytes + grow > self.max_pending_bytes:
+            raise CodecError(
+                f"{source!r} would hold {quota.bytes + grow} bytes of pending transfers, over the "
+                f"{self.max_pending_bytes}-byte limit; dropping chunk {header.index} of {header.transfer_id.hex()}"
+            )
+        if transfer.buf is None and grow != data.nbytes:
+            buf = bytearray(total)
+            for index, piece in transfer.pieces.items():
+                buf[index * transfer.size:index * transfer.size + len(piece)] = piece
+            transfer.pieces.clear()
+            transfer.buf = buf
+        if transfer.buf is None:
+            transfer.pieces[header.index] = bytes(data)
+        else:
+            transfer.buf[header.offset:header.offset + data.nbytes] = data
+        transfer.seen.add(header.index)
+        transfer.got_bytes += data.nbytes
+        transfer.held += grow
+        quota.bytes += grow
+        self._held += grow
+
+    def _release(self, key: tuple[str, bytes]) -> _Transfer:
+        transfer = self._pending.pop(key)
+        quota = self._quota[key[0]]
+        quota.transfers -= 1
+        quota.bytes -= transfer.held
+        self._held -= transfer.held
+        if quota.transfers == 0:
+            del self._quota[key[0]]
+        return transfer
+
+    def _finish(self, key: tuple[str, bytes], transfer: _Transfer) -> Assembled:
+        self._release(key)
+        buf = transfer.buf if transfer.buf is not None else bytearray(b"".join(
+            transfer.pieces[i] for i in range(transfer.header.count)))
+        if transfer.got_bytes != transfer.header.total_len or hashlib.sha256(buf).digest() \
                 != transfer.header.digest:
             self._remember(key, "failed its digest check")
             raise CodecError(
@@ -231,20 +351,24 @@ class Reassembler:
                 f"({transfer.got_bytes} of {transfer.header.total_len} bytes); the payload was corrupted"
             )
         self._remember(key, "done")
-        return transfer.buf
+        return Assembled(buf, transfer.packets, transfer.started)
 
-    def expire(self) -> list[bytes]:
-        """Free transfers idle for longer than `timeout_s`; return their ids."""
+    def expire(self) -> list[Expired]:
+        """Free transfers idle for longer than `timeout_s` (oldest first, O(1) each); return them."""
         now = self._clock()
-        stale = [k for k, t in self._pending.items() if now - t.last_seen > self.timeout_s]
-        for key in stale:
-            t = self._pending.pop(key)
+        out: list[Expired] = []
+        while self._pending:
+            key, t = next(iter(self._pending.items()))
+            if now - t.last_seen <= self.timeout_s:
+                break
+            self._release(key)
             log.warning(
                 "transfer %s from %r expired after %.1f s idle with %d/%d chunks; freed %d bytes",
-                key[1].hex(), key[0], now - t.last_seen, t.got_chunks, t.header.count, len(t.buf),
+                key[1].hex(), key[0], now - t.last_seen, len(t.seen), t.header.count, t.held,
             )
             self._remember(key, f"expired after {self.timeout_s:g} s")
-        return [k[1] for k in stale]
+            out.append(Expired(key[0], key[1], t.packets, t.started, t.held, len(t.seen), t.header.count))
+        return out
 
     def _remember(self, key: tuple[str, bytes], status: str) -> None:
         self._done[key] = status

@@ -124,14 +124,42 @@ def decode_message(
     return params, view[_FRAME.size + header_len:]
 
 
+MAX_HEADER_DEPTH = 32  # nesting of JSON objects/arrays in a header (profiles and metrics need about 4)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise CodecError(f"message header holds {name}; JSON headers carry finite numbers only")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise CodecError(f"message header number {text[:40]!r} overflows to {value}; send finite numbers")
+    return value
+
+
 def _parse_header(raw: memoryview) -> dict[str, Any]:
     try:
-        params = json.loads(bytes(raw).decode("utf-8"))
+        params = json.loads(bytes(raw).decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CodecError(f"message header is not UTF-8 JSON: {exc}") from exc
+    except RecursionError as exc:  # the C scanner recurses per nesting level
+        raise CodecError(f"message header nests deeper than Python can parse (limit {MAX_HEADER_DEPTH})") from exc
     if not isinstance(params, dict):
         raise CodecError(f"message header must be a JSON object, got {type(params).__name__}")
+    _check_depth(params)
     return params
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse containers nested deeper than MAX_HEADER_DEPTH (iteratively: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_HEADER_DEPTH:
+            raise CodecError(f"message header nests deeper than {MAX_HEADER_DEPTH} levels; refusing it")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 # --- dtypes ------------------------------------------------------------------------------------------

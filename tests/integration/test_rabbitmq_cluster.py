@@ -18,7 +18,7 @@ from test_transport_wire_bytes import CountingProxy, _settle
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.peft.base import Manifest, TensorSpec
-from fedpeft_edge.transport import messages as M
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.transport.rabbitmq import RabbitCluster, find_rabbitmq, start_rabbitmq_cluster

@@ -1,0 +1,36 @@
+"""`fedpeft-edge provision --devices N | --device-ids a,b,c --out DIR [--tls]`: a run's security material."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--devices", type=int, help="provision device-0 .. device-(N-1)")
+    who.add_argument("--device-ids", help="comma-separated device ids")
+    parser.add_argument("--out", required=True, help="directory to create (never reused)")
+    parser.add_argument("--tls", action="store_true", help="also a CA, a broker certificate and node certificates")
+    parser.add_argument("--topic-prefix", default="fedpeft", help="comm_args.topic_prefix (default fedpeft)")
+    parser.add_argument("--run-id", default="+", help="restrict the ACL to one run id (default: any run)")
+    parser.add_argument("--broker-host", default="127.0.0.1", help="the broker's address, for its certificate")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedpeft_edge.errors import ConfigError
+    from fedpeft_edge.transport.provision import provision
+
+    if args.devices is not None:
+        if args.devices < 1:
+            raise ConfigError(f"--devices must be at least 1, got {args.devices}")
+        ids = [f"device-{i}" for i in range(args.devices)]
+    else:
+        ids = [d.strip() for d in args.device_ids.split(",") if d.strip()]
+    prov = provision(args.out, ids, tls=args.tls, topic_prefix=args.topic_prefix, run_id=args.run_id,
+                     broker_host=args.broker_host)
+    print(f"provisioned {len(prov.devices)} devices in {prov.root} ({'TLS, ' if prov.tls else ''}signed messages)")
+    print(f"  broker:  fedpeft-edge broker --secure {prov.root}")
+    print(f"  server:  merge {prov.node_dir(0) / 'comm_args.yaml'} into the server's config")
+    print(f"  devices: merge <out>/<device>/comm_args.yaml into each device's config (e.g. "
+          f"{prov.node_dir(prov.devices[0]) / 'comm_args.yaml'})")
+    return 0

@@ -1,0 +1,136 @@
+"""A provisioned mosquitto: anonymous clients refused, the ACL keeps device A off device B's topics, TLS works,
+and signed transport messages flow while forged, replayed and unsigned ones are dropped with a reason."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedpeft_edge.config import CommArgs
+from fedpeft_edge.errors import TransportError
+from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.transport.broker import find_mosquitto, start_broker
+from fedpeft_edge.transport.drops import DroppedMessage
+from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.transport.mqtt import MqttCommManager
+from fedpeft_edge.transport.provision import provision
+from fedpeft_edge.transport.topics import Topics
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90),
+              pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")]
+
+
+def _creds(prov_root: Path, node: str) -> dict[str, Any]:
+    d = "server" if node == "0" else node
+    return dict(yaml.safe_load((prov_root / d / "comm_args.yaml").read_text())["comm_args"])
+
+
+def _client(port: int, user: str | None = None, password: str | None = None) -> tuple[mqtt.Client, Any]:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if user is not None:
+        c.username_pw_set(user, password)
+    result: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        result["reason"] = reason
+        ready.set()
+
+    c.on_connect = on_connect
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    ready.wait(10)
+    return c, result.get("reason")
+
+
+def test_anonymous_refused_and_acl_keeps_devices_apart(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "prov", ["dev-a", "dev-b"], run_id="run1")
+    topics = Topics("fedpeft", "run1")
+    with start_broker(secure_dir=prov.root) as broker:
+        anon, reason = _client(broker.port)
+        assert reason is not None and reason.is_failure, "the provisioned broker let an anonymous client in"
+        anon.loop_stop()
+        wrong, reason = _client(broker.port, "dev-a", "not-the-password")
+        assert reason.is_failure
+        wrong.loop_stop()
+        a, b = _creds(prov.root, "dev-a"), _creds(prov.root, "dev-b")
+        ca, ra = _client(broker.port, a["username"], a["password"])
+        cb, rb = _client(broker.port, b["username"], b["password"])
+        assert not ra.is_failure and not rb.is_failure
+        got: list[str] = []
+        cb.on_message = lambda _c, _u, m: got.append(m.topic)
+        cb.subscribe([(topics.s2d("dev-b"), 1), (topics.d2s("dev-b"), 1), (topics.presence("dev-b"), 1)])
+        ca.subscribe([(topics.d2s("dev-b"), 1), ("#", 1)])  # not allowed to read these: nothing may arrive
+        a_got: list[str] = []
+        ca.on_message = lambda _c, _u, m: a_got.append(m.topic)
+        time.sleep(0.5)
+        for t in (topics.s2d("dev-b"), topics.d2s("dev-b"), topics.presence("dev-b"), topics.presence("0")):
+            ca.publish(t, b"forged by dev-a", qos=1).wait_for_publish(5)
+        cb.publish(topics.d2s("dev-b"), b"dev-b's own update", qos=1).wait_for_publish(5)
+        time.sleep(1.0)
+        assert got == [], f"dev-a's publishes reached dev-b's subscribers: {got}"
+        assert a_got == [], f"dev-a read topics it may not: {a_got}"
+        for c in (ca, cb):
+            c.disconnect()
+            c.loop_stop()
+
+
+def _args(port: int, creds: dict[str, Any], **kw: Any) -> CommArgs:
+    return CommArgs(broker_port=port, publish_timeout_s=10.0, keepalive_s=5, **{**creds, **kw})
+
+
+def _serve_until(mgr: MqttCommManager, cond: Any, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not cond():
+        mgr.poll(timeout_s=0.2)
+
+
+def test_signed_messages_over_tls_and_forgeries_dropped(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "prov", ["dev-a", "dev-b"], tls=True, run_id="run2")
+    drops: list[DroppedMessage] = []
+    with start_broker(secure_dir=prov.root) as broker:
+        server = MqttCommManager(_args(broker.port, _creds(prov.root, "0")), "run2", M.SERVER_ID,
+                                 on_drop=drops.append)
+        dev = MqttCommManager(_args(broker.port, _creds(prov.root, "dev-a")), "run2", "dev-a")
+        got: list[Any] = []
+
+        class Obs:
+            def receive_message(self, t: Any, m: Any) -> None:
+                got.append((t, m))
+
+        server.add_observer(Obs())
+        try:
+            msg = Message(M.MSG_TYPE_C2S_CLIENT_STATUS, "dev-a", M.SERVER_ID)
+            msg.add_params(M.MSG_ARG_KEY_CLIENT_STATUS, "OK")
+            dev.send_message(msg)
+            _serve_until(server, lambda: any(t == M.MSG_TYPE_C2S_CLIENT_STATUS for t, _ in got))
+            assert [m.get(M.MSG_ARG_KEY_CLIENT_STATUS) for t, m in got if t == M.MSG_TYPE_C2S_CLIENT_STATUS] == ["OK"]
+            assert any(t == M.MSG_TYPE_PRESENCE and m.get_sender_id() == "dev-a" for t, m in got)
+            # dev-b's credentials, but no valid signature: unsigned and forged messages are dropped
+            b = _creds(prov.root, "dev-b")
+            hostile = MqttCommManager(_args(broker.port, b, signing_key_file=str(prov.root / "dev-a/signing.key")),
+                                      "run2", "dev-b")
+            hostile.send_message(Message(M.MSG_TYPE_C2S_CLIENT_STATUS, "dev-b", M.SERVER_ID))  # dev-a's key
+            hostile.close(publish_offline=False)
+            _serve_until(server, lambda: sum(d.reason == "bad_signature" for d in drops) >= 2)
+            assert {d.reason for d in drops} >= {"bad_signature"}, drops
+            assert not [m for t, m in got if t == M.MSG_TYPE_C2S_CLIENT_STATUS and m.get_sender_id() == "dev-b"]
+        finally:
+            dev.close()
+            server.close()
+
+
+def test_tls_broker_refuses_clients_without_a_certificate(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "prov", ["dev-a"], tls=True)
+    with start_broker(secure_dir=prov.root) as broker:
+        creds = _creds(prov.root, "dev-a")
+        no_cert = {k: v for k, v in creds.items() if k not in ("tls_cert_file", "tls_key_file")}
+        with pytest.raises(TransportError):
+            MqttCommManager(_args(broker.port, no_cert), "r", "dev-a", connect_timeout_s=3.0)

@@ -1,0 +1,34 @@
+"""dropped_message records: the first drops of each second one by one, the rest summed with a count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedpeft_edge.server.drops import DropRecorder
+from fedpeft_edge.server.runlog import RunLog, read_metrics
+from fedpeft_edge.transport.drops import DropLog, DroppedMessage
+
+
+def test_drops_are_coalesced_but_all_counted(tmp_path: Path) -> None:
+    now = [0.0]
+    rec = DropRecorder(RunLog(tmp_path), burst=3, clock=lambda: now[0])
+    for i in range(50):
+        rec(DroppedMessage("d2", "fedpeft/r/d2s/d2", "unsigned" if i % 2 else "malformed", "why", 10))
+    rec(DroppedMessage("d2", "t", "inbox_full", "full", 500, count=7))
+    now[0] = 2.0
+    rec(DroppedMessage("d1", "fedpeft/r/d2s/d1", "bad_signature", "forged", 5))
+    rec.flush()
+    records = read_metrics(tmp_path, "dropped_message")
+    assert sum(r.get("count", 1) for r in records) == 50 + 7 + 1
+    assert len(records) == 3 + 3 + 1  # 3 singles, 3 sums, then a new second's single
+    assert {"sender", "topic", "reason", "detail", "bytes"} <= set(records[0])
+
+
+def test_drop_log_counts_and_a_failing_sink_is_contained() -> None:
+    def sink(_d: DroppedMessage) -> None:
+        raise RuntimeError("sink down")
+
+    log = DropLog(sink, burst=2)
+    for _ in range(10):
+        log(DroppedMessage("x", "t", "malformed", "d", 1))
+    assert log.counts == {"malformed": 10}
