@@ -14,8 +14,8 @@ from fedpeft_edge.config import load_config
 from fedpeft_edge.server.checkpoint import load_checkpoint
 from fedpeft_edge.simulation import Simulation
 
-# ~100 s on this shared 2-core machine (three processes start torch), so it runs with the slow tests.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+# ~20 s on the idle 2-core machine (three processes start torch; up to ~100 s when it is loaded).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_simulate_equals_mqtt_processes_bit_for_bit(mosquitto_broker: Any, tmp_path: Path) -> None:
