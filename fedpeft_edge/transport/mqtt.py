@@ -147,12 +147,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         client.max_inflight_messages_set(_MAX_INFLIGHT)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(max(1, round(a.reconnect_min_s)), max(1, round(a.reconnect_max_s)))
-        if a.username is not None:
-            client.username_pw_set(a.username, a.password)
-        if a.tls_ca_file or a.tls_cert_file:
-            client.tls_set(ca_certs=a.tls_ca_file, certfile=a.tls_cert_file, keyfile=a.tls_key_file,
-                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            client.tls_insecure_set(a.tls_insecure)
+        apply_credentials(client, a)
         client.will_set(self.topics.presence(self.node_id), self._presence_payload(M.PRESENCE_OFFLINE),
                         qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -629,3 +624,14 @@ def _set_nodelay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:  # not TCP (a unix socket or websocket proxy): nothing to tune
             log.debug("TCP_NODELAY not set: %s", exc)
+
+
+def apply_credentials(client: mqtt.Client, comm_args: CommArgs) -> None:
+    """Broker username/password and TLS (CA, client certificate) from comm_args, on a paho client."""
+    a = comm_args
+    if a.username is not None:
+        client.username_pw_set(a.username, a.password)
+    if a.tls_ca_file or a.tls_cert_file:
+        client.tls_set(ca_certs=a.tls_ca_file, certfile=a.tls_cert_file, keyfile=a.tls_key_file,
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.tls_insecure_set(a.tls_insecure)

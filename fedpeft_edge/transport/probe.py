@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.protocol import SERVER_ID
+from fedpeft_edge.transport.mqtt import apply_credentials
 from fedpeft_edge.transport.topics import Topics
 
 
@@ -75,12 +76,7 @@ def _client(comm_args: CommArgs, session: _Session, topics: Topics, echo_topic: 
     v5 = a.mqtt_version == "5"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fedpeft-doctor-{uuid.uuid4().hex[:8]}",
                          protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-    if a.username is not None:
-        client.username_pw_set(a.username, a.password)
-    if a.tls_ca_file or a.tls_cert_file:
-        client.tls_set(ca_certs=a.tls_ca_file, certfile=a.tls_cert_file, keyfile=a.tls_key_file,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.tls_insecure_set(a.tls_insecure)
+    apply_credentials(client, a)
     server_presence = topics.presence(SERVER_ID)
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from brokers import free_port
 from browser import start_chromium
-from conftest import free_port
 from fl_processes import REPO, Procs, aggregated_rounds, records, run_dir_of, wait_for, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]

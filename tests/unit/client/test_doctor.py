@@ -20,7 +20,7 @@ from fedpeft_edge.transport.probe import BrokerProbe, probe_broker
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import free_port, start_mosquitto  # noqa: E402
+from brokers import free_port, start_mosquitto  # noqa: E402
 
 TINY = {"model_args": {"model": "vit_tiny_patch16_224", "num_classes": 10, "weights": "none",
                        "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
