@@ -242,6 +242,7 @@ class LinkProfile:
     jitter_ms: float = 0.0  # uniform in [-jitter, +jitter] per chunk, order kept
     loss: float = 0.0
     rto_ms: float = 200.0  # the stall one lost segment costs (Linux's minimum RTO)
+    description: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

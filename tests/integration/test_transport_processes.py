@@ -41,7 +41,8 @@ class Inbox:
         elif msg_type == M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER:
             self.updates[msg.get_sender_id()] = msg
         elif msg_type == M.MSG_TYPE_PRESENCE:
-            self.presence.append((msg.get_sender_id(), msg.get(M.MSG_ARG_KEY_PRESENCE)))
+            # presence names its node by the topic level it came on: always text, even for an int device id
+            self.presence.append((str(msg.get_sender_id()), msg.get(M.MSG_ARG_KEY_PRESENCE)))
 
 
 def serve_until(mgr: MqttCommManager, done: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -111,7 +112,7 @@ def _round_trip(
         for d in devices:
             server.send_message(Message(M.MSG_TYPE_S2C_FINISH, M.SERVER_ID, d))
         assert [p.wait(timeout=30) for p in procs] == [0] * len(devices)
-        offline = set(devices)
+        offline = {str(d) for d in devices}
         serve_until(server, lambda: {s for s, st in inbox.presence if st == M.PRESENCE_OFFLINE} == offline,
                     10, "OFFLINE presence of both agents")
     finally:
@@ -146,7 +147,7 @@ def test_killed_agent_goes_offline_by_its_last_will(mosquitto_broker: Any, agent
         proc = agents(mosquitto_broker.port, "it4", 7)
         serve_until(server, lambda: 7 in inbox.joins, 60, "the join")
         proc.send_signal(signal.SIGKILL)
-        serve_until(server, lambda: (7, M.PRESENCE_OFFLINE) in inbox.presence, 20, "the OFFLINE will")
+        serve_until(server, lambda: ("7", M.PRESENCE_OFFLINE) in inbox.presence, 20, "the OFFLINE will")
     finally:
         server.close()
 
