@@ -74,7 +74,8 @@ def test_agent_only_venv_lacks_the_server_stack(agent_python: Path) -> None:
 #: Packages and modules that need an extra (onnx, server, tracking) and so may not import from the agent-only
 #: venv; everything else on the device path must.
 SERVER_ONLY = ("fedpeft_edge.export", "fedpeft_edge.cli.export", "fedpeft_edge.report", "fedpeft_edge.cli.report",
-               "fedpeft_edge.dashboard", "fedpeft_edge.cli.dashboard", "fedpeft_edge.tracking")
+               "fedpeft_edge.dashboard", "fedpeft_edge.cli.dashboard", "fedpeft_edge.tracking",
+               "fedpeft_edge.lab.report", "fedpeft_edge.study.report")
 
 
 def _server_only(name: str) -> bool:
