@@ -109,7 +109,13 @@ class SharedRuntime:
     def _build_onnx_evaluator(self) -> Any:
         if self.cfg.device_args.eval_backend != "onnxruntime":
             return None
-        from fedpeft_edge.export.inference import OnnxEvaluator
+        try:
+            from fedpeft_edge.export.inference import OnnxEvaluator
+        except ImportError as exc:
+            raise ConfigError(
+                f"device_args.eval_backend='onnxruntime' needs the onnx extra ({exc}); "
+                "pip install 'fedpeft-edge[onnx]' or set eval_backend: torch"
+            ) from exc
 
         return OnnxEvaluator(self.model, self.input_spec, num_threads=self.cfg.device_args.num_threads,
                              method=self.method, image_size=self.cfg.data_args.image_size)
@@ -118,7 +124,12 @@ class SharedRuntime:
         """Batch-1 latency of the exported model on this hardware (median over runs), for the profile."""
         if not self.cfg.device_args.measure_latency:
             return None
-        from fedpeft_edge.export.inference import OnnxEvaluator
+        try:
+            from fedpeft_edge.export.inference import OnnxEvaluator
+        except ImportError as exc:  # an agent-only install without the onnx extra
+            log.warning("no ONNX inference latency in the device profile: %s (pip install 'fedpeft-edge[onnx]')",
+                        exc)
+            return None
 
         try:
             evaluator = self.onnx or OnnxEvaluator(self.model, self.input_spec,
