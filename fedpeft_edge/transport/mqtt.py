@@ -120,6 +120,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._connected = threading.Event()
         self._connect_error: TransportError | None = None
         self._broker_max_packet: int | None = None
+        self._sub_topics: list[str] = []
+        self._sub_mid = -1
         most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
         self._reassembler = Reassembler(
             most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
@@ -154,6 +156,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect(self, timeout_s: float) -> None:
@@ -184,11 +187,29 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
         _set_nodelay(client)
         if self.is_server:
-            client.subscribe([(self.topics.all_d2s(), 1), (self.topics.all_presence(), 1)])
+            self._sub_topics = [self.topics.all_d2s(), self.topics.all_presence()]
         else:
-            client.subscribe([(self.topics.s2d(self.node_id), 1), (self.topics.presence(M.SERVER_ID), 1)])
+            self._sub_topics = [self.topics.s2d(self.node_id), self.topics.presence(M.SERVER_ID)]
+        # Connected means subscribed: what is published after the constructor returns must reach us, also
+        # on a broker cluster where a subscription takes a moment to spread to the other nodes.
+        _rc, self._sub_mid = client.subscribe([(t, 1) for t in self._sub_topics])
         self._online_payload = self._presence_payload(M.PRESENCE_ONLINE)
         client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
+
+    def _on_subscribe(self, _client: mqtt.Client, _u: Any, mid: int, reasons: Any, _props: Any) -> None:
+        if mid != self._sub_mid:
+            return
+        refused = [t for t, r in zip(self._sub_topics, reasons, strict=False) if r.is_failure]
+        if refused:
+            err = TransportError(
+                f"broker {self.args.broker_host}:{self.args.broker_port} refused node {self.node_id}'s "
+                f"subscription to {refused}; check the broker's ACL for this username and comm_args.topic_prefix")
+            if self.state is State.CONNECTING:
+                self._connect_error = err
+                self._connected.set()
+            else:
+                log.error("%s", err)
+            return
         reconnect = self.state is State.RECONNECTING
         self.state = State.CONNECTED
         self._connected.set()

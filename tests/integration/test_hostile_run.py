@@ -67,11 +67,12 @@ def _run(tmp: Path, prov: Provisioned, port: int, run_id: str, attack: bool) -> 
         server = procs.server(cfgs["0"])
         sampler = _RssSampler(server.pid)
         sampler.start()
-        for i, d in enumerate(DEVICES):
-            procs.agent(cfgs[d], d, i)
         wait_for("the server to connect", lambda: "connected; waiting" in procs.log("server"), 120, procs)
-        if attack:  # from before the devices join until (the test checks) before the last round closes
-            result.update(_attack(port, run_id, prov, lambda: len(aggregated_rounds(run_dir)) >= ROUNDS - 1))
+        attackers = _connect_attackers(port, run_id, prov) if attack else None
+        for i, d in enumerate(DEVICES):  # the attackers are in before the devices join: the attack overlaps rounds
+            procs.agent(cfgs[d], d, i)
+        if attackers is not None:  # until (the test checks) before the last round closes
+            result.update(_attack(*attackers, procs, stop=lambda: len(aggregated_rounds(run_dir)) >= ROUNDS - 1))
             result["attack_ended_before_run"] = len(aggregated_rounds(run_dir)) < ROUNDS
             result["rounds_during_attack"] = len(aggregated_rounds(run_dir))
         wait_for("the run to finish", lambda: (run_dir / "summary.json").exists() and server.poll() is not None,
@@ -85,13 +86,18 @@ def _run(tmp: Path, prov: Provisioned, port: int, run_id: str, attack: bool) -> 
     return result
 
 
-def _attack(port: int, run_id: str, prov: Provisioned, stop: Any) -> dict[str, Any]:
+def _connect_attackers(port: int, run_id: str, prov: Provisioned) -> tuple[bool, HostileClient]:
     anon = HostileClient(port, run_id, "d2", "d1")
     anon_in = anon.connect()
     creds = yaml.safe_load((prov.node_dir("d2") / "comm_args.yaml").read_text())["comm_args"]
     hostile = HostileClient(port, run_id, "d2", "d1", creds["username"], creds["password"], seed=1)
     assert hostile.connect(), "d2's valid credentials were refused"
-    time.sleep(0.3)  # capture a few of the server's signed messages to d2 for replays
+    return anon_in, hostile
+
+
+def _attack(anon_in: bool, hostile: HostileClient, procs: Procs, stop: Any) -> dict[str, Any]:
+    # the server's first signed message to d2 (captured for replays) comes as round 1 starts
+    wait_for("a signed server message to d2", lambda: len(hostile.captured) > 0, 120, procs)
     t0 = time.monotonic()
     rate = hostile.attack(ATTACK_MESSAGES, ATTACK_SECONDS, stop=stop)
     elapsed = time.monotonic() - t0

@@ -7,6 +7,7 @@ counts the bytes, so metering is checked against the socket across the cluster l
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,11 @@ def test_metering_matches_the_socket_across_the_cluster(cluster: RabbitCluster,
         before_up = _settle(node2_proxy)
         rec_up = device.send_message(up)
         after_up = _settle(node2_proxy)
-        server.poll(5.0)
-        updates = [m for m in got if m.get_type() == M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER]
+        updates: list[Any] = []
+        deadline = time.monotonic() + 30.0  # poll() returns once what is queued (presence too) is handled
+        while not updates and time.monotonic() < deadline:
+            server.poll(1.0)
+            updates = [m for m in got if m.get_type() == M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER]
         assert len(updates) == 1, "the update published on node 2 must reach the server on node 1"
         assert torch.equal(decode_tensors(updates[0].get(M.MSG_ARG_KEY_MODEL_PARAMS), man)["w"], state["w"])
         down = Message(M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, M.SERVER_ID, 1)
@@ -80,7 +84,9 @@ def test_metering_matches_the_socket_across_the_cluster(cluster: RabbitCluster,
         mid_down = _settle(node2_proxy)
         server.send_message(down)
         after_down = _settle(node2_proxy)
-        device.poll(2.0)
+        deadline = time.monotonic() + 30.0
+        while device.meter.totals(round=2)["bytes_down"] <= 2_000_000 and time.monotonic() < deadline:
+            device.poll(1.0)
         socket_up, socket_down = after_up[0] - before_up[0], after_down[1] - mid_down[1]
         metered_down = device.meter.totals(round=2)["bytes_down"]
         print(f"3.1.1 across nodes: up metered {rec_up.mqtt_bytes} B, socket {socket_up} B; "
