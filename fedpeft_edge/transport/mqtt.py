@@ -121,7 +121,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._connect_error: TransportError | None = None
         self._broker_max_packet: int | None = None
         self._sub_topics: list[str] = []
-        self._sub_mid = -1
+        self._sub_mid: int | None = None
         most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
         self._reassembler = Reassembler(
             most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
