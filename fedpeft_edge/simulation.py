@@ -17,7 +17,7 @@ from pathlib import Path
 from fedpeft_edge.client.device import AgentIdentity, build_device_state
 from fedpeft_edge.client.logic import DeviceLogic
 from fedpeft_edge.client.manager import DeviceManager
-from fedpeft_edge.client.runtime import SharedRuntime
+from fedpeft_edge.client.runtime import SharedRuntime, replicate
 from fedpeft_edge.config import RunConfig, replace_in
 from fedpeft_edge.errors import ConfigError
 from fedpeft_edge.transport.memory import MemoryBus, memory_backend
@@ -46,7 +46,7 @@ class Simulation:
     """The server and `client_num_in_total` devices (shards 0..N-1, ids dev0..) on one bus."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> None:
-        from fedpeft_edge.server.app import ServerApp
+        from fedpeft_edge.server.app import ServerApp, ServerModel
 
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -54,8 +54,14 @@ class Simulation:
         self.bus = MemoryBus(cfg.comm_args.max_update_bytes + 1024 * 1024)
 
         backend = memory_backend(self.bus)
-        self.server = ServerApp(cfg, self.run_dir, resume=resume, backend=backend, bytes_kind=BYTES_KIND)
         self.runtime = SharedRuntime(cfg)
+        # The server evaluates on a replica of the devices' model (own PEFT tensors, the SAME frozen ones) and
+        # reads its test set from the same data source: one backbone and one data set in the process.
+        rt = self.runtime
+        model = ServerModel(rt.method, replicate(rt.model, rt.manifest.names), rt.input_spec, rt.device,
+                            rt.source())
+        self.server = ServerApp(cfg, self.run_dir, resume=resume, backend=backend, bytes_kind=BYTES_KIND,
+                                model=model)
         self.devices: list[DeviceManager] = []
         for i in range(cfg.train_args.client_num_in_total):
             state = build_device_state(self.runtime, AgentIdentity(f"dev{i}", i))

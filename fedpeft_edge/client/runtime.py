@@ -15,13 +15,14 @@ import itertools
 import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone, named_tensors
+from fedpeft_edge.client import allocator
 from fedpeft_edge.config import RunConfig
 from fedpeft_edge.errors import ConfigError, FedPeftError
 from fedpeft_edge.metering.device_profile import collect_device_profile
@@ -46,11 +47,14 @@ class TrainingSlot:
     trainer: LocalTrainer
 
 
-def replicate(model: nn.Module) -> nn.Module:
-    """A copy of `model` that shares every frozen parameter and buffer (same storage) and owns its trainable
-    tensors: a second device can train on it at the same time for the bytes of the trainable part only."""
-    frozen = (t for t in itertools.chain(model.parameters(), model.buffers()) if not t.requires_grad)
-    memo: dict[int, Any] = {id(t): t for t in frozen}
+def replicate(model: nn.Module, own: Collection[str]) -> nn.Module:
+    """A copy of `model` that owns the tensors named in `own` (the manifest's: what a device trains and the
+    server sets) and shares every other parameter and buffer (same storage): a second model for the bytes of
+    the PEFT part only. Buffers in the manifest (e.g. BatchNorm statistics) are owned, never shared."""
+    names = set(own)
+    owned = {id(t) for name, t in named_tensors(model).items() if name in names}
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+                            if not t.requires_grad and id(t) not in owned}
     return copy.deepcopy(model, memo)
 
 
@@ -69,6 +73,7 @@ class SharedRuntime:
             raise ConfigError("device_args.eval_backend 'onnxruntime' evaluates one model: use --train-workers 1 "
                               "or eval_backend 'torch'")
         self.cfg = cfg
+        allocator.tune()
         if cfg.device_args.num_threads:
             torch.set_num_threads(cfg.device_args.num_threads)
         self.device = resolve_device(cfg.device_args.device)
@@ -97,7 +102,7 @@ class SharedRuntime:
         self._free: queue.Queue[TrainingSlot] = queue.Queue()
         self._free.put(TrainingSlot(0, self.model, self.trainer))
         for i in range(1, slots):
-            replica = replicate(self.model)
+            replica = replicate(self.model, self.manifest.names)
             self._free.put(TrainingSlot(i, replica, LocalTrainer(replica, cfg.train_args, self.device, ())))
         self._active: dict[int, tuple[DeviceState, TrainingSlot]] = {}
         self._source: Source | None = None
@@ -177,6 +182,7 @@ class SharedRuntime:
                 torch.set_rng_state(rng)
         finally:
             self._free.put(slot)
+            allocator.release()
 
     def _slot_of(self, state: DeviceState) -> TrainingSlot:
         try:

@@ -7,6 +7,7 @@ and deadlines arrive as local timer messages, so no lock guards the round state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,27 +49,46 @@ class ModelEvaluator:
         return {"loss": res.loss, "top1": res.top1, "samples": res.samples}
 
 
-def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: BandwidthMeter,
-                 timers: TimerScheduler, bytes_kind: str = "wire") -> RoundEngine:
-    """The round engine of a run, with the server's backbone, strategy, run log, checkpoints and evaluator."""
-    run_dir = Path(run_dir)
+@dataclasses.dataclass(frozen=True)
+class ServerModel:
+    """The server's model: the backbone with the method applied, its input spec, and (when the process has
+    it already) the data source its test set comes from."""
+
+    method: Any
+    model: torch.nn.Module
+    input_spec: Any
+    device: torch.device
+    source: Any = None
+
+
+def build_server_model(cfg: RunConfig) -> ServerModel:
+    """The server's own backbone + method, seeded as every device's (the same frozen tensors: fingerprint)."""
     if cfg.device_args.num_threads:
         torch.set_num_threads(cfg.device_args.num_threads)
     device = resolve_device(cfg.device_args.device)
-    torch.manual_seed(cfg.common_args.random_seed)  # same frozen tensors as every device (fingerprint)
+    torch.manual_seed(cfg.common_args.random_seed)
     backbone = build_backbone(cfg.model_args)
     method = build_method(cfg.peft_args)
-    model = method.apply(backbone.model).to(device)
-    manifest = method.manifest(model)
-    fingerprint = fingerprint_backbone(model, manifest)
+    return ServerModel(method, method.apply(backbone.model).to(device), backbone.data_config, device)
+
+
+def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: BandwidthMeter,
+                 timers: TimerScheduler, bytes_kind: str = "wire", model: ServerModel | None = None) -> RoundEngine:
+    """The round engine of a run, with the server's model (its own unless given), strategy, run log,
+    checkpoints and evaluator."""
+    run_dir = Path(run_dir)
+    parts = model if model is not None else build_server_model(cfg)
+    method, device = parts.method, parts.device
+    manifest = method.manifest(parts.model)
+    fingerprint = fingerprint_backbone(parts.model, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_resumable(run_dir, manifest.hash, fingerprint)
     else:
         dump_config(cfg, run_dir / "config.yaml")
-    evaluator = ModelEvaluator(method, model, _server_test_loader(cfg, backbone.data_config), device)
+    evaluator = ModelEvaluator(method, parts.model, _server_test_loader(cfg, parts.input_spec, parts.source), device)
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(model),
+        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(parts.model),
         build_strategy(cfg.train_args),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
@@ -79,11 +99,11 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     return engine
 
 
-def _server_test_loader(cfg: RunConfig, input_spec: Any) -> Any:
+def _server_test_loader(cfg: RunConfig, input_spec: Any, source: Any) -> Any:
     from fedpeft_edge.data import build_server_test_loader
 
     try:
-        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed)
+        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source)
     except FedPeftError as exc:
         log.warning("no server-side evaluation: %s", exc)
         return None
@@ -105,12 +125,13 @@ class ServerApp(ServerManager):
     """One federated run over MQTT, from the first join to FINISH; `resume` continues from the last checkpoint."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
-                 backend: BackendFactory | None = None, bytes_kind: str = "wire") -> None:
+                 backend: BackendFactory | None = None, bytes_kind: str = "wire",
+                 model: ServerModel | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         meter = BandwidthMeter()
         timers = ThreadTimers()
-        engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind)
+        engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind, model)
         super().__init__(engine, timers, cfg.comm_args, cfg.common_args.run_id, meter, backend=backend)
 
 

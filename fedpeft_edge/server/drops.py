@@ -1,8 +1,11 @@
-"""The server's record of receive-path drops: `dropped_message` records in metrics.jsonl, coalesced.
+"""The server's ONE record of drops: `dropped_message` records in metrics.jsonl, coalesced.
 
-A hostile client can send thousands of packets a second, and every run-log record is fsynced, so only the
-first drops of each second are written one by one; the rest are summed per (sender, topic, reason) and
-written once a second with their `count` (a record without `count` stands for one drop).
+Both kinds go through it: what the transport refused before it became a message (malformed, unsigned,
+replayed ...: the comm manager's `on_drop`) and what the round engine refused after parsing (rate limits,
+unknown devices, invalid joins). A hostile client can send thousands of packets a second, and every run-log
+record is fsynced, so only the first drops of each second are written one by one; the rest are summed per
+(sender, topic, reason) and written once a second with their `count` (a record without `count` stands for
+one drop).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable
 from fedpeft_edge.server.ports import RunLogWriter
 from fedpeft_edge.transport.drops import DroppedMessage
 
-_Key = tuple[str, str, str]
+_Key = tuple[str | None, str | None, str]
 
 
 @dataclasses.dataclass
@@ -25,7 +28,10 @@ class _Sum:
 
 
 class DropRecorder:
-    """A transport `on_drop` sink writing `dropped_message` {sender, topic, reason, detail, bytes[, count]}."""
+    """Writes `dropped_message` {sender, topic, reason, detail, bytes[, count]}; a transport `on_drop` sink.
+
+    `total` counts every drop; `coalesced` those written as part of a summed record.
+    """
 
     def __init__(
         self, runlog: RunLogWriter, window_s: float = 1.0, burst: int = 20, max_keys: int = 64,
@@ -39,22 +45,37 @@ class DropRecorder:
         self._window_start = clock()
         self._written = 0
         self._sums: dict[_Key, _Sum] = {}
+        self.total = 0
+        self.coalesced = 0
 
     def __call__(self, drop: DroppedMessage) -> None:
+        self._add(drop.sender, drop.topic, drop.reason, drop.detail, drop.bytes, drop.count)
+
+    def drop(self, sender: str | None, reason: str, detail: str, topic: str | None = None,
+             nbytes: int | None = None) -> None:
+        """A message the engine refused after parsing (its topic and size may be unknown: None)."""
+        self._add(sender, topic, reason, detail, nbytes, 1)
+
+    def _add(self, sender: str | None, topic: str | None, reason: str, detail: str, nbytes: int | None,
+             count: int) -> None:
+        self.total += count
         now = self._clock()
         if now - self._window_start >= self.window_s:
             self.flush()
             self._window_start, self._written = now, 0
         if self._written < self.burst:
             self._written += 1
-            self.runlog.write("dropped_message", **drop.record())
+            extra = {} if count == 1 else {"count": count}
+            self.runlog.write("dropped_message", sender=sender, topic=topic, reason=reason, detail=detail[:500],
+                              bytes=nbytes, **extra)
             return
-        key = (drop.sender, drop.topic, drop.reason)
+        self.coalesced += count
+        key: _Key = (sender, topic, reason)
         if key not in self._sums and len(self._sums) >= self.max_keys:
-            key = ("*", "*", drop.reason)
-        s = self._sums.setdefault(key, _Sum(0, 0, drop.detail))
-        s.count += drop.count
-        s.bytes += drop.bytes
+            key = ("*", "*", reason)
+        s = self._sums.setdefault(key, _Sum(0, 0, detail[:500]))
+        s.count += count
+        s.bytes += nbytes or 0
 
     def flush(self) -> None:
         """Write the summed drops (call before the run log closes)."""

@@ -22,7 +22,6 @@ weighting, FedBuff / FedAsync): new = global + sum_k n_k/N * w(s_k) * delta_k.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
@@ -50,6 +49,7 @@ from fedpeft_edge.protocol import (
     Update,
 )
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
+from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
@@ -59,7 +59,6 @@ from fedpeft_edge.wire.codec import encode_tensors
 log = logging.getLogger(__name__)
 
 DEADLINE, JOIN_TIMEOUT = "deadline", "join_timeout"
-_DROP_RECORDS_PER_MIN = 10  # dropped_message records per sender per minute; the rest are only counted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,29 +94,6 @@ class _Busy:
     given_at: float
 
 
-class _DropLog:
-    """dropped_message records, at most _DROP_RECORDS_PER_MIN per sender per minute (spam cannot fill the disk)."""
-
-    def __init__(self, runlog: RunLogWriter) -> None:
-        self.runlog = runlog
-        self._window: dict[str, collections.deque[float]] = {}
-        self.suppressed = 0
-        self.total = 0
-
-    def drop(self, now: float, sender: str | None, reason: str, detail: str, topic: str | None = None,
-             nbytes: int | None = None) -> None:
-        self.total += 1
-        win = self._window.setdefault(sender or "?", collections.deque())
-        while win and win[0] < now - 60.0:
-            win.popleft()
-        if len(win) >= _DROP_RECORDS_PER_MIN:
-            self.suppressed += 1
-            return
-        win.append(now)
-        self.runlog.write("dropped_message", sender=sender, topic=topic, reason=reason, detail=detail[:500],
-                          bytes=nbytes)
-
-
 class RoundEngine:
     """One federated run's round flow, from the first join to Finish, as a state machine."""
 
@@ -138,7 +114,7 @@ class RoundEngine:
         self.divergence = DivergenceWatch(runlog, spec.num_classes, self.args.learning_rate)
         self.admission = UpdateAdmission(spec.manifest, spec.max_update_bytes, self.args.send_delta,
                                          self.args.max_update_norm, self.args.update_norm_action)
-        self.drops = _DropLog(runlog)
+        self.drops = DropRecorder(runlog, clock=clock.now)  # the run's one record of drops (with the transport's)
         self.finished = False
         self.end_reason: str | None = None
         self._out: list[ProtocolMessage] = []
@@ -190,7 +166,7 @@ class RoundEngine:
                 nbytes: int | None = None) -> list[ProtocolMessage]:
         """A message refused before it became an event (malformed, unverifiable ...): record why."""
         log.info("dropped a message from %s: %s: %s", sender, reason, detail)
-        self.drops.drop(self.clock.now(), sender, reason, detail, topic, nbytes)
+        self.drops.drop(sender, reason, detail, topic, nbytes)
         return []
 
     def refuse_join(self, sender: str, error: str) -> list[ProtocolMessage]:
@@ -224,7 +200,7 @@ class RoundEngine:
     def _on_join(self, msg: Join) -> None:
         now = self.clock.now()
         if not self._join_allowed(msg.sender, now):
-            self.drops.drop(now, msg.sender, "rate_limited",
+            self.drops.drop(msg.sender, "rate_limited",
                             f"more than train_args.join_rate_per_min={self.args.join_rate_per_min} joins a minute")
             return
         reason = self._refusal(msg)
@@ -256,7 +232,7 @@ class RoundEngine:
         if not due or cur is None:
             return
         if dev.resends >= self.args.resend_rate_per_round:
-            self.drops.drop(now, device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
+            self.drops.drop(device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
                             f"{self.args.resend_rate_per_round} task re-sends this round")
             return
         dev.resends += 1
@@ -291,7 +267,7 @@ class RoundEngine:
 
     def _on_device_error(self, msg: DeviceErrorReport) -> None:
         if msg.sender not in self.rounds.devices:
-            self.drops.drop(self.clock.now(), msg.sender, DropReason.UNKNOWN_DEVICE.value, "device error report")
+            self.drops.drop(msg.sender, DropReason.UNKNOWN_DEVICE.value, "device error report")
             return
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
         self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
@@ -493,7 +469,7 @@ class RoundEngine:
             cur.index, cur.attempt, ok, [a.device_id for a in accepted] if self.mode == "async" else cur.selected,
             len(accepted), dict(cur.dropped), self.clock.now() - cur.opened_at, aggregate_s, eval_res,
             sum(1 for d in self.rounds.devices.values() if d.online and d.accepted),
-            dropped_messages=self.drops.total, dropped_messages_unrecorded=self.drops.suppressed,
+            dropped_messages=self.drops.total, dropped_messages_coalesced=self.drops.coalesced,
         )
         keep = self.args.max_staleness + 1 if self.mode == "async" else 0
         self.traffic.forget(up_to_round=cur.index - keep)

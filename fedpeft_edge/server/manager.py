@@ -25,7 +25,6 @@ from fedpeft_edge.protocol import (
     sender_of,
 )
 from fedpeft_edge.protocol.keys import MSG_ARG_KEY_TYPE, MSG_TYPE_C2S_JOIN
-from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.engine import RoundEngine
 from fedpeft_edge.server.ports import ThreadTimers
 from fedpeft_edge.transport.manager import BackendFactory, FedPeftCommManager
@@ -42,7 +41,7 @@ class ServerManager(FedPeftCommManager):
         self.timers = timers
         self.meter = meter
         timers.bind(self._post_timer)
-        self.drops = DropRecorder(engine.runlog)  # receive-path drops -> coalesced `dropped_message` records
+        self.drops = engine.drops  # receive-path drops go to the engine's record: one coalesced `dropped_message` log
         super().__init__(comm_args, run_id, SERVER_ID, meter=meter, backend=backend, on_drop=self.drops)
         admit = getattr(self.com_manager, "set_admission", None)
         if admit is not None:  # chunked transfers only from admitted devices (bounded reassembly)

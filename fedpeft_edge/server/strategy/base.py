@@ -136,6 +136,23 @@ class Strategy(abc.ABC):
             raise ProtocolError(f"{self.name} keeps no state but a checkpoint holds {len(state)} strategy tensors")
 
 
+class MeanStrategy(Strategy):
+    """A strategy that is a function of the float64 sample-weighted mean of the updates: streamed as they come."""
+
+    streaming = True
+
+    def aggregate(
+        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        return self.apply_mean(global_state, weighted_mean(global_state, updates))
+
+    @abc.abstractmethod
+    def apply_mean(
+        self, global_state: Mapping[str, torch.Tensor], mean: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The next global tensors from the mean."""
+
+
 def weighted_mean(
     global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
 ) -> dict[str, torch.Tensor]:

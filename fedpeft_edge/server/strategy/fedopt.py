@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
 from fedpeft_edge.errors import ProtocolError
-from fedpeft_edge.server.strategy.base import ClientUpdate, Strategy, weighted_mean
+from fedpeft_edge.server.strategy.base import MeanStrategy
 
 
-class FedAdam(Strategy):
+class FedAdam(MeanStrategy):
     """Pseudo-gradient = weighted mean - global; Adam-style moments on the server, kept in float64."""
 
     name = "FedAdam"
-    streaming = True
 
     def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
         self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
@@ -23,11 +22,6 @@ class FedAdam(Strategy):
 
     def _second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return self.beta2 * v + (1 - self.beta2) * d2
-
-    def aggregate(
-        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
-    ) -> dict[str, torch.Tensor]:
-        return self.apply_mean(global_state, weighted_mean(global_state, updates))
 
     def apply_mean(
         self, global_state: Mapping[str, torch.Tensor], mean: Mapping[str, torch.Tensor]

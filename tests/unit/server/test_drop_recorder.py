@@ -32,3 +32,17 @@ def test_drop_log_counts_and_a_failing_sink_is_contained() -> None:
     for _ in range(10):
         log(DroppedMessage("x", "t", "malformed", "d", 1))
     assert log.counts == {"malformed": 10}
+
+
+def test_engine_and_transport_drops_share_one_record(tmp_path: Path) -> None:
+    now = [0.0]
+    rec = DropRecorder(RunLog(tmp_path), burst=2, clock=lambda: now[0])
+    rec(DroppedMessage("d2", "fedpeft/r/d2s/d2", "unsigned", "no signature", 10))
+    for _ in range(5):
+        rec.drop("d2", "rate_limited", "more than train_args.join_rate_per_min=6 joins a minute")
+    rec.flush()
+    records = read_metrics(tmp_path, "dropped_message")
+    assert rec.total == 6 and rec.coalesced == 4
+    assert sum(r.get("count", 1) for r in records) == 6
+    assert records[1] == {**records[1], "sender": "d2", "topic": None, "reason": "rate_limited", "bytes": None}
+    assert records[-1]["count"] == 4
