@@ -53,6 +53,7 @@ class TrainResult:
     wall_s: float
     compute_s: float = 0.0  # forward + backward + step only (no data loading)
     data_s: float = 0.0  # waiting for the loader
+    loss_end: float = math.nan  # mean loss of the last quarter of the steps (at least one): where training ended
 
     @property
     def images_per_s(self) -> float:
@@ -213,19 +214,25 @@ class _Totals:
     correct: int = 0
     data_s: float = 0.0
     compute_s: float = 0.0
+    step_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     def add(self, n: int, loss: float, correct: int, data_s: float, compute_s: float) -> None:
         self.steps += 1
         self.samples += n
         self.loss_sum += loss * n
+        self.step_losses.append((n, loss))
         self.correct += correct
         self.data_s += data_s
         self.compute_s += compute_s
 
     def result(self, wall_s: float) -> TrainResult:
         n = max(self.samples, 1)
+        tail = self.step_losses[-max(1, len(self.step_losses) // 4):]
+        tail_n = sum(k for k, _ in tail)
+        loss_end = sum(k * v for k, v in tail) / tail_n if tail_n else math.nan
         return TrainResult(steps=self.steps, samples=self.samples, loss=self.loss_sum / n,
-                           accuracy=self.correct / n, wall_s=wall_s, compute_s=self.compute_s, data_s=self.data_s)
+                           accuracy=self.correct / n, wall_s=wall_s, compute_s=self.compute_s, data_s=self.data_s,
+                           loss_end=loss_end)
 
 
 def build_optimizer(model: nn.Module, train_args: TrainArgs) -> torch.optim.Optimizer:

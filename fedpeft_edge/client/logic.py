@@ -243,7 +243,8 @@ class DeviceLogic:
         resources["device"] = {"train_thread_cpu_s": train_cpu_s, "state_bytes": st.nbytes(),
                                "shared_backbone_bytes": rt.shared_bytes(), "scope": "per-device window"}
         report = DeviceReport(
-            train_loss=result.loss, train_acc=result.accuracy, steps=result.steps, samples_seen=result.samples,
+            train_loss=result.loss, train_loss_end=result.loss_end, train_acc=result.accuracy, steps=result.steps,
+            samples_seen=result.samples,
             train_s=result.wall_s, set_state_s=t_loaded - t0,
             images_per_s=result.samples / result.wall_s if result.wall_s > 0 else None,
             resources=resources, global_eval=global_eval,

@@ -62,7 +62,7 @@ def _finite(value: Any, field: str, lo: float = -math.inf, hi: float = math.inf)
 
 
 # Float fields a device may have measured as NaN/Inf (a diverging loss): sent as null, named in `nonfinite`.
-_FLOATS = ("train_loss", "train_acc", "train_s", "set_state_s", "encode_s", "images_per_s", "epsilon",
+_FLOATS = ("train_loss", "train_loss_end", "train_acc", "train_s", "set_state_s", "encode_s", "images_per_s", "epsilon",
            "download_s")
 
 
@@ -71,6 +71,7 @@ class DeviceReport:
     """What a device measured in one round (all optional: a device reports what it could measure)."""
 
     train_loss: float | None = None
+    train_loss_end: float | None = None  # mean over the last quarter of the local steps (divergence checks)
     train_acc: float | None = None
     steps: int | None = None
     samples_seen: int | None = None
@@ -130,6 +131,7 @@ class DeviceReport:
         """The fields of a `device_round` record this report fills (docs/design.md, Run directory)."""
         return {
             "download_s": self.download_s, "train_s": self.train_s, "train_loss": self.train_loss,
+            "train_loss_end": self.train_loss_end,
             "train_acc": self.train_acc, "epsilon": self.epsilon, "images_per_s": self.images_per_s,
             "resources": dict(self.resources) if self.resources is not None else None,
             "global_eval": self.global_eval.to_dict() if self.global_eval is not None else None,

@@ -263,6 +263,19 @@ def test_divergence_is_flagged_with_the_learning_rate(tmp_path: Path) -> None:
     assert "train_args.learning_rate=5" in flagged[sel[0]]["hint"]
 
 
+def test_a_skewed_device_whose_loss_falls_within_its_rounds_is_not_flagged(tmp_path: Path) -> None:
+    """Mean loss above chance round after round (the global model mispredicts its classes), end of training
+    below it: client drift, not a rate too high. The same mean with the end above chance is flagged."""
+    h, sel = _open(tmp_path, learning_rate=0.01)
+    for rnd in (1, 2, 3):
+        for i, d in enumerate(h.selected()):
+            end = 4.0 if d == sel[2] else 0.9
+            h.update(d, rnd, state(i + rnd), report=DeviceReport(train_loss=4.5, train_loss_end=end))
+    flagged = h.records("divergence")
+    assert {r["device_id"] for r in flagged} == {sel[2]}
+    assert {r["metric"] for r in flagged} == {"train_loss_end"} and flagged[0]["round"] == 2
+
+
 def test_the_run_finishes_after_comm_round_rounds(tmp_path: Path) -> None:
     h = Harness(tmp_path, comm_round=2)
     h.join("d1", "d2", "d3")
