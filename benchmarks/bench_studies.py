@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="another base run config for every study (e.g. ViT-B/16 + CIFAR-100)")
     p.add_argument("--study-dir", default=None, help="where the studies go (default runs/bench_studies-<scale>)")
     p.add_argument("--claims", default="heterogeneity,privacy,compression")
+    p.add_argument("--methods", default=",".join(METHODS), help="the methods to run (default: %(default)s)")
     args = p.parse_args(argv)
+    METHODS[:] = [m for m in args.methods.split(",") if m]
     logging.basicConfig(level=logging.WARNING)
     scale = SCALES[args.scale]
     root = Path(args.study_dir or f"runs/bench_studies-{args.scale}")
