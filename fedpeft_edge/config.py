@@ -151,7 +151,8 @@ class CommArgs:
     broker_port: int = 1883
     topic_prefix: str = "fedpeft"
     username: str | None = None
-    password: str | None = None
+    password: str | None = None  # inline; a saved run config keeps it in a 0600 file beside it (password_file)
+    password_file: str | None = None  # a file holding the broker password (first line), read at connect
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -401,9 +402,48 @@ def broker_overrides(spec: str) -> dict[str, Any]:
     return {"comm_args.broker_host": host, "comm_args.broker_port": int(port)}
 
 
-def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+#: Config values that are secrets: never logged, tracked or written into a shared file.
+SECRET_KEYS = ("comm_args.password",)
+REDACTED = "<redacted>"
+
+
+def redacted_config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """config_to_dict with every secret replaced by "<redacted>" (for tracking params, logs, reports)."""
+    data = config_to_dict(cfg)
+    for dotted in SECRET_KEYS:
+        section, key = dotted.split(".")
+        if data.get(section, {}).get(key) is not None:
+            data[section][key] = REDACTED
+    return data
+
+
+def dump_config(cfg: RunConfig, path: str | Path, keep_secrets: bool = False) -> None:
+    """Write the resolved configuration as YAML.
+
+    A run directory's config.yaml is read by reports, dashboards and trackers (MLflow logs it as an artefact),
+    so unless `keep_secrets` an inline broker password goes to `<name>.password` beside it (mode 0600) and the
+    YAML names that file in comm_args.password_file: the run stays resumable from its own config.
+    """
+    path = Path(path)
+    if not keep_secrets and cfg.comm_args.password is not None:
+        secret = path.with_suffix(".password")
+        secret.touch(mode=0o600)
+        secret.chmod(0o600)
+        secret.write_text(cfg.comm_args.password + "\n", encoding="utf-8")
+        cfg = replace_in(cfg, **{"comm_args.password": None, "comm_args.password_file": str(secret.resolve())})
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def read_password(comm_args: CommArgs) -> str | None:
+    """The broker password: inline, or the first line of comm_args.password_file."""
+    if comm_args.password_file is None:
+        return comm_args.password
+    try:
+        text = Path(comm_args.password_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read comm_args.password_file {comm_args.password_file}: {exc}; name a "
+                          "readable file holding the broker password") from exc
+    return text.splitlines()[0] if text else ""
 
 
 def replace_in(cfg: RunConfig, **dotted: Any) -> RunConfig:
@@ -625,6 +665,8 @@ def _check_run(cfg: RunConfig) -> None:
         )
     if not 0.0 <= t.trim_ratio < 0.5:
         raise ConfigError(f"train_args.trim_ratio must be in [0, 0.5), got {t.trim_ratio!r}")
+    if c.password is not None and c.password_file is not None:
+        raise ConfigError("comm_args.password and comm_args.password_file are both set; keep one of them")
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("comm_args.tls_cert_file and comm_args.tls_key_file must be given together")
     if dp.enabled and (dp.noise_multiplier is None) == (dp.target_epsilon is None):

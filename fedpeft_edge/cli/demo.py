@@ -174,7 +174,7 @@ def _node_config(config: str, overrides: dict[str, Any], run_dir: Path, node: st
     if prov is not None:
         mine.update(prov.comm_overrides(node))
     path = run_dir / ("demo-config.yaml" if node == "0" else f"demo-config-{node}.yaml")
-    dump_config(load_config(config, mine), path)
+    dump_config(load_config(config, mine), path, keep_secrets=True)  # the node's own config
     if prov is not None:
         path.chmod(0o600)  # holds the node's broker password
     return path

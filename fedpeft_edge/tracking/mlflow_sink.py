@@ -59,14 +59,14 @@ class MlflowSink:
     def _open(self) -> Any:
         from mlflow.tracking import MlflowClient
 
-        from fedpeft_edge.config import config_to_dict
+        from fedpeft_edge.config import redacted_config_dict
 
         args = self.cfg.tracking_args
         try:
             client = MlflowClient(tracking_uri=self.tracking_uri)
             self._client = client
             self.run_id = self._open_run(args.mlflow_experiment_name, self.cfg.common_args.run_id)
-            self._log_params(flatten_config(config_to_dict(self.cfg)))
+            self._log_params(flatten_config(redacted_config_dict(self.cfg)))
         except Exception as exc:  # MLflow raises its own exception types and plain OSErrors alike
             self._client = None
             raise TrackingError(f"cannot open MLflow store {self.tracking_uri}: {exc}; set "

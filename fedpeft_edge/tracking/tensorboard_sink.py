@@ -31,10 +31,10 @@ class TensorBoardSink:
         if self._writer_ is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            from fedpeft_edge.config import config_to_dict
+            from fedpeft_edge.config import redacted_config_dict
 
             writer = SummaryWriter(log_dir=str(self.log_dir))
-            lines = (f"    {k} = {v}" for k, v in flatten_config(config_to_dict(self.cfg)).items())
+            lines = (f"    {k} = {v}" for k, v in flatten_config(redacted_config_dict(self.cfg)).items())
             writer.add_text("config", "\n".join(lines), global_step=0)  # indented: a markdown code block
             self._writer_ = writer
             log.info("TensorBoard event files in %s", self.log_dir)

@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedpeft_edge.config import CommArgs
+from fedpeft_edge.config import CommArgs, read_password
 from fedpeft_edge.errors import AuthError, CodecError, ConfigError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import ConnectionReady, Presence
@@ -651,7 +651,7 @@ def apply_credentials(client: mqtt.Client, comm_args: CommArgs) -> None:
     """Broker username/password and TLS (CA, client certificate) from comm_args, on a paho client."""
     a = comm_args
     if a.username is not None:
-        client.username_pw_set(a.username, a.password)
+        client.username_pw_set(a.username, read_password(a))
     if a.tls_ca_file or a.tls_cert_file:
         client.tls_set(ca_certs=a.tls_ca_file, certfile=a.tls_cert_file, keyfile=a.tls_key_file,
                        cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)

@@ -67,3 +67,31 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path: Path) -> None:
     assert isinstance(load_config(path), RunConfig)
+
+
+def test_a_saved_run_config_keeps_the_password_out_and_still_connects(tmp_path: Path) -> None:
+    from fedpeft_edge.config import read_password, redacted_config_dict
+
+    cfg = replace_in(RunConfig(), **{"comm_args.username": "server", "comm_args.password": "s3cret"})
+    dump_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cret" not in text
+    secret = tmp_path / "config.password"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    back = load_config(tmp_path / "config.yaml")
+    assert back.comm_args.password is None and back.comm_args.password_file == str(secret.resolve())
+    assert read_password(back.comm_args) == "s3cret" == read_password(cfg.comm_args)
+    assert redacted_config_dict(cfg)["comm_args"]["password"] == "<redacted>"
+    assert redacted_config_dict(RunConfig())["comm_args"]["password"] is None
+    dump_config(cfg, tmp_path / "node.yaml", keep_secrets=True)
+    assert "s3cret" in (tmp_path / "node.yaml").read_text()
+
+
+def test_password_and_password_file_together_are_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="password_file"):
+        config_from_dict({"comm_args": {"password": "a", "password_file": str(tmp_path / "p")}})
+    from fedpeft_edge.config import read_password
+
+    missing = config_from_dict({"comm_args": {"password_file": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match="comm_args.password_file"):
+        read_password(missing.comm_args)
