@@ -92,9 +92,18 @@ def _row(rows: Rows, claim: str, target: str, measured: str, ok: bool | str | No
     rows.append((claim, target, measured, verdict))
 
 
+REPORT_ONLY = False  # --report-only: the claims from the runs finished so far, nothing run
+ONLY: set[str] = set()  # --only RUN_ID: run just these (the others count if finished)
+
+
 def _run(study: StudyConfig, executor: str) -> StudyRunner:
     runner = StudyRunner(study, build_executor(executor), progress=lambda line: print("   ", line, flush=True))
-    runner.run()
+    if not REPORT_ONLY:
+        known = {r.run_id for r in runner.plan}
+        if not ONLY:
+            runner.run()
+        elif ONLY & known:
+            runner.run(only=ONLY & known)
     return runner
 
 
@@ -167,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study-dir", default=None, help="where the studies go (default runs/bench_studies-<scale>)")
     p.add_argument("--claims", default="heterogeneity,privacy,compression")
     p.add_argument("--methods", default=",".join(METHODS), help="the methods to run (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true", help="print the claims from the finished runs only")
+    p.add_argument("--only", action="append", metavar="RUN_ID", help="run only these run ids (repeatable)")
     args = p.parse_args(argv)
     METHODS[:] = [m for m in args.methods.split(",") if m]
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
+    ONLY.update(args.only or ())
     logging.basicConfig(level=logging.WARNING)
     scale = SCALES[args.scale]
     root = Path(args.study_dir or f"runs/bench_studies-{args.scale}")
