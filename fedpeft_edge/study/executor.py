@@ -9,14 +9,16 @@ runs `fedpeft-edge demo --config X.yaml` (a broker, `fedpeft-server` and one `fe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,7 +53,7 @@ class ProcessExecutor:
         cmd = self.command(run, config_path, run_dir, timeout_s)
         log.debug("run %s: %s", run.run_id, " ".join(cmd))
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("wb") as out:
+        with log_path.open("wb") as out, _sigterm_interrupts():
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             try:
@@ -133,6 +135,25 @@ def _follow(proc: subprocess.Popen[bytes], metrics: Path, on_record: RecordSink,
             log.error("run still going after %.0fs (study run_timeout_s); stopping it", timeout_s)
             return -1
         time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM to the study (a `kill`, systemd, CI) interrupts it like Ctrl-C, so the run's own session (in
+    a group of its own, out of reach of a signal to ours) is stopped too instead of training on as an orphan.
+    Only on the main thread, where Python can take a signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
