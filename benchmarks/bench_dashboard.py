@@ -31,10 +31,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from run_configs import tiny_vit_run  # noqa: E402 (benchmarks/ is on sys.path as the script's folder)
+
 TARGET_PCT = 1.0
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
-
-
 def _demo_config(path: Path, port: int, agents: int, rounds: int) -> Path:
     """The demo's run (configs/quickstart.yaml: EfficientNet-Lite0, digits at 64 px), on our broker."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
@@ -43,24 +42,6 @@ def _demo_config(path: Path, port: int, agents: int, rounds: int) -> Path:
     cfg["train_args"].update(client_num_in_total=agents, client_num_per_round=agents, min_devices=agents,
                              min_updates=max(1, agents // 2), comm_round=rounds)
     cfg["tracking_args"].update(run_dir=str(path.parent / "runs"), log_level="INFO")
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _tiny_config(path: Path, port: int, agents: int, rounds: int) -> Path:
-    cfg = {
-        "common_args": {"run_id": "bench-dashboard", "random_seed": 0},
-        "data_args": {"dataset": "digits", "partition_method": "iid", "image_size": 32, "batch_size": 32,
-                      "max_train_samples": 800, "max_test_samples": 200, "min_samples_per_client": 5},
-        "model_args": {"model": "vit_tiny_patch16_224", "num_classes": 10, "weights": "none",
-                       "model_kwargs": TINY_VIT},
-        "peft_args": {"method": "bias"},
-        "train_args": {"client_num_in_total": agents, "client_num_per_round": agents, "comm_round": rounds,
-                       "min_devices": agents, "min_updates": agents, "round_timeout_s": 300, "learning_rate": 0.05},
-        "comm_args": {"broker_port": port},
-        "device_args": {"num_threads": 1, "measure_latency": False},
-        "tracking_args": {"run_dir": str(path.parent / "runs"), "log_level": "INFO"},
-    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -112,7 +93,12 @@ def federated_run(agents: int, rounds: int, dashboard: bool, tiny: bool) -> dict
 
     work = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     broker = start_broker()
-    cfg = (_tiny_config if tiny else _demo_config)(work / "run.yaml", broker.port, agents, rounds)
+    if tiny:
+        cfg = tiny_vit_run(work / "run.yaml", "bench-dashboard", broker.port, agents, rounds,
+                           data_args={"max_train_samples": 800, "max_test_samples": 200},
+                           tracking_args={"log_level": "INFO"})
+    else:
+        cfg = _demo_config(work / "run.yaml", broker.port, agents, rounds)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     server_log = work / "server.log"
     cmd = [sys.executable, "-m", "server_app.main", "--config", str(cfg)]

@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
+from run_configs import tiny_vit_run  # noqa: E402 (benchmarks/ is on sys.path as the script's folder)
+
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
@@ -101,21 +103,10 @@ def _configs(work: Path, prov: Any, port: int, rounds: int) -> dict[str, Path]:
     out = {}
     for node in ("0", "d1", "d2"):
         comm = yaml.safe_load((prov.node_dir(node) / "comm_args.yaml").read_text())["comm_args"]
-        cfg = {
-            "common_args": {"run_id": "bench-hostile", "random_seed": 0},
-            "data_args": {"dataset": "digits", "partition_method": "iid", "image_size": 32, "batch_size": 16,
-                          "max_train_samples": 1200, "max_test_samples": 100, "min_samples_per_client": 5},
-            "model_args": {"model": "vit_tiny_patch16_224", "num_classes": 10, "weights": "none",
-                           "model_kwargs": TINY_VIT},
-            "peft_args": {"method": "bias"},
-            "train_args": {"client_num_in_total": 2, "client_num_per_round": 2, "comm_round": rounds,
-                           "min_devices": 2, "min_updates": 2, "round_timeout_s": 300, "learning_rate": 0.05},
-            "comm_args": {"broker_port": port, **comm},
-            "device_args": {"num_threads": 1, "measure_latency": False},
-            "tracking_args": {"run_dir": str(work / "runs"), "log_level": "WARNING"},
-        }
-        out[node] = work / f"{node}.yaml"
-        out[node].write_text(yaml.safe_dump(cfg))
+        out[node] = tiny_vit_run(
+            work / f"{node}.yaml", "bench-hostile", port, 2, rounds, vit=TINY_VIT,
+            data_args={"batch_size": 16, "max_train_samples": 1200, "max_test_samples": 100},
+            comm_args=comm)
     return out
 
 

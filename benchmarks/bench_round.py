@@ -20,30 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
-
-
-def _config(path: Path, port: int, agents: int, rounds: int) -> Path:
-    cfg = {
-        "common_args": {"run_id": "bench-round", "random_seed": 0},
-        "data_args": {"dataset": "digits", "partition_method": "iid", "image_size": 32, "batch_size": 32,
-                      "min_samples_per_client": 5},
-        "model_args": {"model": "vit_tiny_patch16_224", "num_classes": 10, "weights": "none",
-                       "model_kwargs": TINY_VIT},
-        "peft_args": {"method": "bias"},
-        "train_args": {"client_num_in_total": agents, "client_num_per_round": agents, "comm_round": rounds,
-                       "min_devices": agents, "min_updates": agents, "round_timeout_s": 300, "learning_rate": 0.05},
-        "comm_args": {"broker_port": port},
-        "device_args": {"num_threads": 1, "measure_latency": False},
-        "tracking_args": {"run_dir": str(path.parent / "runs"), "log_level": "WARNING"},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from run_configs import tiny_vit_run  # noqa: E402 (benchmarks/ is on sys.path as the script's folder)
 
 
 def federated_run(agents: int, rounds: int) -> dict[str, Any]:
@@ -52,7 +33,7 @@ def federated_run(agents: int, rounds: int) -> dict[str, Any]:
 
     work = Path(tempfile.mkdtemp(prefix="bench-round-"))
     broker = start_broker()
-    cfg = _config(work / "run.yaml", broker.port, agents, rounds)
+    cfg = tiny_vit_run(work / "run.yaml", "bench-round", broker.port, agents, rounds)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     logs = [(work / f"{n}.log").open("wb") for n in ["server", *[f"dev{i}" for i in range(agents)]]]
     procs = [subprocess.Popen([sys.executable, "-m", "server_app.main", "--config", str(cfg)], cwd=REPO, env=env,
