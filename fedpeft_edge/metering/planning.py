@@ -114,7 +114,7 @@ def round_seconds(size: UpdateSize, down_bps: float, up_bps: float) -> float:
 def packet_sizes(topic: str, frame_bytes: int, comm_args: CommArgs) -> list[int]:
     """PUBLISH packet sizes for a frame, chunked above comm_args.max_message_bytes as the transport does."""
     mqtt5 = comm_args.mqtt_version == "5"
-    limit = packet_limit(comm_args.max_message_bytes)
+    limit = packet_limit(comm_args.max_message_bytes, chunk_bytes=comm_args.chunk_bytes)
     if publish_packet_bytes(topic, frame_bytes, comm_args.qos, mqtt5) <= limit:
         return [publish_packet_bytes(topic, frame_bytes, comm_args.qos, mqtt5)]
     max_chunk = max_chunk_bytes(topic, limit, comm_args.qos, mqtt5)

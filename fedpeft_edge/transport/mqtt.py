@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 _DEDUP_WINDOW = 4096
 _ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every device)
-_MAX_INFLIGHT = 16  # chunks awaiting PUBACK per client: bounds memory for a 300 MB transfer
+# Packets awaiting PUBACK per client (paho's bound); a send's window is bounded in bytes by
+# comm_args.inflight_bytes, which also bounds memory for a 300 MB transfer.
+_MAX_INFLIGHT = 256
 
 
 class State(enum.Enum):
@@ -363,7 +365,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
 
     def packet_limit(self) -> int:
         """Largest PUBLISH packet we send: comm_args.max_message_bytes, or less if the broker said so."""
-        return packet_limit(self.args.max_message_bytes, self._broker_max_packet)
+        return packet_limit(self.args.max_message_bytes, self._broker_max_packet, self.args.chunk_bytes)
 
     def _route(self, params: dict[str, Any]) -> tuple[str, str]:
         receiver = params.get(M.MSG_ARG_KEY_RECEIVER)
@@ -378,8 +380,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         return self.topics.d2s(self.node_id), str(M.SERVER_ID)
 
     def _publish_all(self, topic: str, packets: Any) -> list[int]:
-        window: collections.deque[tuple[int, int, int]] = collections.deque()
+        """Publish packets in order, keeping up to comm_args.inflight_bytes of them awaiting PUBACK."""
+        window: collections.deque[tuple[int, int, int, int]] = collections.deque()  # mid, seq0, index, bytes
         sizes: list[int] = []
+        inflight = 0
         for packet in packets:
             with self._ack_cond:
                 seq0 = self._ack_counter
@@ -387,19 +391,26 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}", int(info.rc))
             sizes.append(publish_packet_bytes(topic, len(packet), self.args.qos, self._mqtt5))
-            window.append((info.mid, seq0, len(sizes) - 1))
-            while len(window) >= _MAX_INFLIGHT - 2:
-                self._wait_window(window, topic)
+            window.append((info.mid, seq0, len(sizes) - 1, sizes[-1]))
+            inflight += sizes[-1]
+            while window and (inflight >= self.args.inflight_bytes or len(window) >= _MAX_INFLIGHT - 2):
+                inflight -= self._wait_window(window, topic)
         while window:
             self._wait_window(window, topic)
         return sizes
 
-    def _wait_window(self, window: collections.deque[tuple[int, int, int]], topic: str) -> None:
-        mid, seq0, index = window.popleft()
-        self._wait_ack(mid, seq0, self.args.publish_timeout_s, f"packet {index} on {topic}")
+    def _wait_window(self, window: collections.deque[tuple[int, int, int, int]], topic: str) -> int:
+        """Wait for the oldest packet's PUBACK; return its size. Every packet sent before it was acknowledged,
+        so what must cross before its PUBACK can come is the packet itself."""
+        mid, seq0, index, size = window.popleft()
+        timeout = ack_timeout_s(self.args, size)
+        self._wait_ack(mid, seq0, timeout, f"packet {index} ({size} bytes) on {topic}",
+                       why=f"comm_args.publish_timeout_s {self.args.publish_timeout_s:g} s + {size} bytes at "
+                           f"comm_args.min_link_rate_bps {self.args.min_link_rate_bps:g}")
+        return size
 
     def _wait_ack(
-        self, mid: int, seq0: int, timeout_s: float, what: str, raise_on_timeout: bool = True
+        self, mid: int, seq0: int, timeout_s: float, what: str, raise_on_timeout: bool = True, why: str = ""
     ) -> None:
         deadline = time.monotonic() + timeout_s
         with self._ack_cond:
@@ -412,9 +423,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 if remaining <= 0:
                     if raise_on_timeout:
                         raise TransportError(
-                            f"no PUBACK for {what} within {timeout_s:g} s (state {self.state.value}); "
-                            "the broker is unreachable or dropped it; "
-                            "raise comm_args.publish_timeout_s if the link is slow"
+                            f"no PUBACK for {what} within {timeout_s:.1f} s ({why or 'fixed'}; state "
+                            f"{self.state.value}): the broker is unreachable or dropped it; if the link is "
+                            "slower than comm_args.min_link_rate_bps, lower that (or raise "
+                            "comm_args.publish_timeout_s)"
                         )
                     return
                 self._ack_cond.wait(remaining)
@@ -594,6 +606,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                         receiver=str(self.node_id)).to_message()
 
 
+def ack_timeout_s(comm_args: CommArgs, bytes_ahead: int) -> float:
+    """How long a packet's PUBACK may take: comm_args.publish_timeout_s plus the time `bytes_ahead` (the
+    packet and whatever unacknowledged bytes precede it) take at comm_args.min_link_rate_bps."""
+    return comm_args.publish_timeout_s + 8 * bytes_ahead / comm_args.min_link_rate_bps
 
 
 def _presence_body(node: str, frame: memoryview) -> dict[str, Any]:
