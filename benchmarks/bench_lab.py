@@ -12,6 +12,7 @@ update, plus the training time the device measured), target within 15%; and the 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=2)
     p.add_argument("--links", default=",".join(LINKS), help="one device per link profile (configs/links/)")
+    p.add_argument("--before", action="append", default=[], metavar="FILE",
+                   help="the saved output of an earlier bench_lab run (e.g. on main): printed beside this one")
     args = p.parse_args()
     from fedpeft_edge.lab.netns import missing_privileges
 
@@ -100,7 +103,34 @@ def main() -> int:
         print(f"{r['method']:<7}{r['link']:<9}{r['mb']:>10.3f}{r['measured']:>11.2f}{r['predicted']:>12.2f}"
               f"{r['ratio']:>7.3f}{'±15% ' + ok_ratio:>9}{r['transfer_ratio']:>11.3f}{r['efficiency']:>11.3f}"
               f"{'≥0.9 ' + ok_eff:>8}")
+    if args.before:
+        _print_before_after(args.before, rows)
     return 0
+
+
+def _read_rows(paths: list[str]) -> dict[tuple[str, str], list[float]]:
+    """(method, link) -> [update MB, measured s, predicted s, ratio, xfer ratio, efficiency] from saved outputs."""
+    out = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            words = line.split()
+            if len(words) > 8 and words[0] in ("head", "bias", "full", "adapter", "prompt", "lora") \
+                    and "%" in line and "≥0.9" in line:
+                nums = [float(x) for x in re.findall(r"\d+\.\d+", line)]
+                out[(words[0], words[1])] = [*nums[:4], nums[-3], nums[-2]]  # the last is the 0.9 target
+    return out
+
+
+def _print_before_after(paths: list[str], rows: list[dict[str, float | str]]) -> None:
+    before = _read_rows(paths)
+    print(f"\nbefore ({', '.join(paths)}) -> after (this run)")
+    print(f"{'method':<7}{'link':<9}{'measured s':>17}{'ratio (±15%)':>17}{'efficiency (≥0.9)':>20}")
+    for r in rows:
+        b = before.get((str(r["method"]), str(r["link"])))
+        if b is None:
+            continue
+        print(f"{r['method']:<7}{r['link']:<9}{b[1]:>8.2f} -> {float(r['measured']):<6.2f}"
+              f"{b[3]:>8.3f} -> {float(r['ratio']):<6.3f}{b[5]:>10.3f} -> {float(r['efficiency']):<6.3f}")
 
 
 if __name__ == "__main__":

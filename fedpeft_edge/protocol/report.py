@@ -129,12 +129,12 @@ class DeviceReport:
     def record_fields(self) -> dict[str, Any]:
         """The fields of a `device_round` record this report fills (docs/design.md, Run directory)."""
         return {
-            "download_s": self.download_s, "train_s": self.train_s, "set_state_s": self.set_state_s,
-            "encode_s": self.encode_s, "train_loss": self.train_loss,
+            "download_s": self.download_s, "train_s": self.train_s, "train_loss": self.train_loss,
             "train_acc": self.train_acc, "epsilon": self.epsilon, "images_per_s": self.images_per_s,
             "resources": dict(self.resources) if self.resources is not None else None,
             "global_eval": self.global_eval.to_dict() if self.global_eval is not None else None,
             "steps": self.steps, "nonfinite": list(self.nonfinite) or None,
+            "set_state_s": self.set_state_s, "encode_s": self.encode_s,  # the device's compute beside train_s
         }
 
     @classmethod
