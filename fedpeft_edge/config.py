@@ -174,8 +174,10 @@ class CommArgs:
     # max_message_bytes; the smaller of the two applies). A broker forwards a PUBLISH only once it holds all of
     # it, so a 13.5 MB update sent whole crossed the sender's hop to the broker and then the receiver's link one
     # after the other (+0.1-0.3 s at 100 Mbit/s, benchmarks/bench_lab.py); chunks pipeline the two hops, and
-    # keep PUBACKs and keepalive PINGs flowing on a slow link (256 kB take 2.1 s at 1 Mbit/s).
-    chunk_bytes: int = 262_144
+    # keep PUBACKs and keepalive PINGs flowing on a slow link (1 MiB takes 8.4 s at 1 Mbit/s). 256 kB chunks
+    # gained nothing measurable at 100 Mbit/s, and a 270 kB transfer at 10 Mbit/s in two packets took 0.239-0.250
+    # s against 0.230 s whole (tests/integration/test_lab.py).
+    chunk_bytes: int = 1_048_576
     # Chunks awaiting PUBACK per send, in bytes: the window must cover the link's bandwidth-delay product or
     # the sender idles between PUBACKs; 8 MiB covers 100 Mbit/s up to a 670 ms round trip.
     inflight_bytes: int = 8 * 1024 * 1024

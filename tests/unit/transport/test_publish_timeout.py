@@ -25,9 +25,9 @@ def test_timeout_is_the_base_plus_the_bytes_at_the_floor_rate() -> None:
     args = CommArgs(publish_timeout_s=60.0, min_link_rate_bps=1e6)
     assert ack_timeout_s(args, 0) == 60.0
     assert ack_timeout_s(args, 13_536_000) == pytest.approx(60.0 + 108.288)  # a full update at 1 Mbit/s
-    # the defaults: one 256 kB chunk at 100 kbit/s adds 21 s; a 13.5 MB packet sent whole would add 18 min
+    # the defaults: one 1 MiB chunk at 100 kbit/s adds 84 s; a 13.5 MB packet sent whole would add 18 min
     default = CommArgs()
-    assert ack_timeout_s(default, default.chunk_bytes) == pytest.approx(60.0 + 20.97, abs=0.01)
+    assert ack_timeout_s(default, default.chunk_bytes) == pytest.approx(60.0 + 83.89, abs=0.01)
 
 
 def _update(n_floats: int) -> Message:
