@@ -63,7 +63,7 @@ def bench_method(method: str, rounds: int, max_steps: int, links: list[str]) -> 
     print(f"\n{method}: lab run {time.perf_counter() - t0:.0f} s, run directory {result.run_dir}")
     print(report.table)
     preds = {p.link: p for p in report.predictions}
-    out = []
+    out: list[dict[str, float | str]] = []
     for link in dict.fromkeys(links):
         rows = [r for r in link_rows(result.run_dir, result.links) if r.link == link]
         measured = statistics.median(r.response_s or 0.0 for r in rows)
