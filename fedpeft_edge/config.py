@@ -166,7 +166,22 @@ class CommArgs:
     encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_row"] = "fp32"
     max_update_bytes: int = 2_000_000_000  # refuse any update claiming more than this
     mqtt_version: Literal["5", "3.1.1"] = "5"  # 3.1.1 for brokers without MQTT 5 (amqtt)
-    publish_timeout_s: float = 60.0  # wait this long for a PUBACK before a send fails
+    # A send fails when a packet's PUBACK is later than publish_timeout_s plus the time the bytes ahead of it
+    # take at min_link_rate_bps (the slowest uplink planned for; 100 kbit/s covers 2G EDGE's 118 kbit/s), so
+    # a slow link is not mistaken for a dead broker however large the update.
+    publish_timeout_s: float = 60.0
+    min_link_rate_bps: float = 100_000.0
+    # Messages above chunk_bytes go as chunks of at most that many bytes (0: chunk only above
+    # max_message_bytes; the smaller of the two applies). A broker forwards a PUBLISH only once it holds all of
+    # it, so a 13.5 MB update sent whole crossed the sender's hop to the broker and then the receiver's link one
+    # after the other (+0.1-0.3 s at 100 Mbit/s, benchmarks/bench_lab.py); chunks pipeline the two hops, and
+    # keep PUBACKs and keepalive PINGs flowing on a slow link (1 MiB takes 8.4 s at 1 Mbit/s). 256 kB chunks
+    # gained nothing measurable at 100 Mbit/s, and a 270 kB transfer at 10 Mbit/s in two packets took 0.239-0.250
+    # s against 0.230 s whole (tests/integration/test_lab.py).
+    chunk_bytes: int = 1_048_576
+    # Chunks awaiting PUBACK per send, in bytes: the window must cover the link's bandwidth-delay product or
+    # the sender idles between PUBACKs; 8 MiB covers 100 Mbit/s up to a 670 ms round trip.
+    inflight_bytes: int = 8 * 1024 * 1024
     # The server re-announces its (retained) presence when a device comes online, at most once a second: for
     # brokers whose retained store is node-local (a RabbitMQ cluster), where a device on another node would
     # never see the server's retained ONLINE and so never join.
@@ -650,8 +665,13 @@ def _check_run(cfg: RunConfig) -> None:
             f"comm_args.max_message_bytes must be in 1024..268435455 (MQTT's maximum), got {c.max_message_bytes}"
         )
     _positive("comm_args.keepalive_s", c.keepalive_s)
+    if c.chunk_bytes and not 1024 <= c.chunk_bytes <= 268_435_455:
+        raise ConfigError(
+            f"comm_args.chunk_bytes must be 0 (chunk only above max_message_bytes) or in 1024..268435455, "
+            f"got {c.chunk_bytes}"
+        )
     for name in ("replay_window_s", "inbox_max_messages", "inbox_max_bytes", "max_pending_transfers",
-                 "max_update_bytes", "chunk_timeout_s"):
+                 "max_update_bytes", "chunk_timeout_s", "publish_timeout_s", "min_link_rate_bps", "inflight_bytes"):
         _positive(f"comm_args.{name}", getattr(c, name))
     if c.require_signatures and not c.signing_key_file:
         raise ConfigError(

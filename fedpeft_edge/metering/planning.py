@@ -106,15 +106,29 @@ def _rate(text: str) -> float:
     raise ValueError(f"no unit in {text!r}")
 
 
+# MQTT rides TCP/IP: a link carries each 1448-byte TCP segment (MSS of a 1500-byte MTU with TCP timestamps)
+# as a 1514-byte Ethernet frame, and a rate is a rate of frames (the lab's tbf counts them so). Measured in
+# the lab (benchmarks/bench_lab.py, full EfficientNet-Lite0 update, 13.54 MB of MQTT packets): 113.4 s at
+# 1 Mbit/s = 1.047 x size/rate, 1.14-1.17 s at 100 Mbit/s = 1.05-1.08 x; 1514 / 1448 = 1.046.
+TCP_SEGMENT_BYTES = 1448
+FRAME_OVERHEAD_BYTES = 66  # TCP (32 with timestamps) + IPv4 (20) + Ethernet (14) headers per segment
+
+
+def link_bytes(mqtt_bytes: int) -> int:
+    """Bytes a link carries for `mqtt_bytes` of MQTT packets: every TCP segment with its headers."""
+    return mqtt_bytes + -(-mqtt_bytes // TCP_SEGMENT_BYTES) * FRAME_OVERHEAD_BYTES
+
+
 def round_seconds(size: UpdateSize, down_bps: float, up_bps: float) -> float:
-    """Seconds a device spends moving one round's update down and its own up on a link (no contention)."""
-    return 8 * size.mqtt_bytes / down_bps + 8 * size.mqtt_bytes / up_bps
+    """Seconds a device spends moving one round's update down and its own up on a link (no contention):
+    the MQTT packets with their TCP/IP framing at the link's rate."""
+    return 8 * link_bytes(size.mqtt_bytes) / down_bps + 8 * link_bytes(size.mqtt_bytes) / up_bps
 
 
 def packet_sizes(topic: str, frame_bytes: int, comm_args: CommArgs) -> list[int]:
     """PUBLISH packet sizes for a frame, chunked above comm_args.max_message_bytes as the transport does."""
     mqtt5 = comm_args.mqtt_version == "5"
-    limit = packet_limit(comm_args.max_message_bytes)
+    limit = packet_limit(comm_args.max_message_bytes, chunk_bytes=comm_args.chunk_bytes)
     if publish_packet_bytes(topic, frame_bytes, comm_args.qos, mqtt5) <= limit:
         return [publish_packet_bytes(topic, frame_bytes, comm_args.qos, mqtt5)]
     max_chunk = max_chunk_bytes(topic, limit, comm_args.qos, mqtt5)

@@ -136,6 +136,7 @@ class DeviceReport:
             "resources": dict(self.resources) if self.resources is not None else None,
             "global_eval": self.global_eval.to_dict() if self.global_eval is not None else None,
             "steps": self.steps, "nonfinite": list(self.nonfinite) or None,
+            "set_state_s": self.set_state_s, "encode_s": self.encode_s,  # the device's compute beside train_s
         }
 
     @classmethod

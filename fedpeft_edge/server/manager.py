@@ -90,6 +90,18 @@ class ServerManager(FedPeftCommManager):
         return self.engine.handle(typed)
 
     def send_all(self, out: list[ProtocolMessage]) -> None:
+        send_many = getattr(self.com_manager, "send_messages", None)  # MQTT: a round's tasks interleaved
+        if send_many is not None and len(out) > 1:
+            try:
+                results = send_many([m.to_message() for m in out])
+            except FedPeftError as exc:  # one message could not even be framed: send them one by one
+                log.debug("interleaved send failed (%s); sending one by one", exc)
+            else:
+                for m, result in zip(out, results, strict=True):
+                    if isinstance(result, FedPeftError):
+                        log.warning("could not send %s to %s: %s", type(m).__name__, getattr(m, "receiver", "?"),
+                                    result)
+                return
         for m in out:
             try:
                 self.com_manager.send_message(m.to_message())

@@ -32,9 +32,12 @@ def publish_packet_bytes(
     return 1 + varint_len(remaining) + remaining
 
 
-def packet_limit(max_message_bytes: int, broker_max_packet: int | None = None) -> int:
-    """Largest PUBLISH packet a node sends: comm_args.max_message_bytes, or less if the broker said so."""
+def packet_limit(max_message_bytes: int, broker_max_packet: int | None = None, chunk_bytes: int = 0) -> int:
+    """Largest PUBLISH packet a node sends: comm_args.max_message_bytes, or less if the broker said so or
+    comm_args.chunk_bytes (0: no such cap) asks for smaller chunks; a message above it goes in chunks."""
     limit = min(max_message_bytes + 5, MQTT_MAX_PACKET)
+    if chunk_bytes:
+        limit = min(limit, chunk_bytes)
     if broker_max_packet:
         limit = min(limit, int(broker_max_packet))
     return limit

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
 from fedpeft_edge.errors import ConfigError
-from fedpeft_edge.metering.planning import measure_updates, packet_sizes, parse_link, round_seconds
+from fedpeft_edge.metering.planning import link_bytes, measure_updates, packet_sizes, parse_link, round_seconds
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES
 from fedpeft_edge.wire.packet import publish_packet_bytes
 
@@ -46,4 +48,11 @@ def test_bad_links_name_the_fix(spec: str) -> None:
 
 def test_round_seconds() -> None:
     (size,) = measure_updates(TINY, PeftArgs(method="head"), CommArgs(), ["fp32"])
-    assert round_seconds(size, 8e6, 8e6) == pytest.approx(2 * size.mqtt_bytes / 1e6)
+    framed = size.mqtt_bytes + math.ceil(size.mqtt_bytes / 1448) * 66  # TCP/IP/Ethernet headers per segment
+    assert round_seconds(size, 8e6, 8e6) == pytest.approx(2 * framed / 1e6)
+    assert round_seconds(size, 8e6, 4e6) == pytest.approx(3 * framed / 1e6)
+
+
+def test_link_bytes_add_tcp_ip_framing() -> None:
+    assert link_bytes(1448) == 1514 and link_bytes(1449) == 1449 + 2 * 66
+    assert link_bytes(13_535_000) / 13_535_000 == pytest.approx(1514 / 1448, rel=1e-4)

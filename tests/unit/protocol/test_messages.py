@@ -133,3 +133,12 @@ def test_parsing_arbitrary_params_raises_only_protocol_errors(params: dict[str, 
     msg.msg_params = params
     with contextlib.suppress(ProtocolError):
         parse(msg)
+
+
+def test_device_round_fields_keep_the_devices_timings() -> None:
+    # set_state_s and encode_s are part of a device's compute (the lab's efficiency): the record keeps them
+    rep = DeviceReport(train_s=1.5, set_state_s=0.12, encode_s=0.03, download_s=1.2)
+    fields = rep.record_fields()
+    assert (fields["set_state_s"], fields["encode_s"], fields["train_s"]) == (0.12, 0.03, 1.5)
+    back = DeviceReport.from_record(fields)
+    assert (back.set_state_s, back.encode_s, back.train_s, back.download_s) == (0.12, 0.03, 1.5, 1.2)
