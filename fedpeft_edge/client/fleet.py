@@ -10,14 +10,10 @@ A single agent is a fleet of one.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 from fedpeft_edge.client.device import AgentIdentity, build_device_state
 from fedpeft_edge.client.logic import DeviceLogic
@@ -45,41 +41,6 @@ def fleet_identities(count: int, start: int, pattern: str) -> list[AgentIdentity
     return [AgentIdentity(device_id, i) for device_id, i in zip(ids, range(start, start + count), strict=True)]
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (musl, macOS): gives freed heap pages back to the OS, in every arena."""
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-class TrainingPool(ThreadPoolExecutor):
-    """The fleet's training workers; after each training window freed heap memory goes back to the OS.
-
-    A training window frees tens of MB of activations, and glibc's dynamic mmap threshold then keeps such
-    blocks in its arenas; with 2 threads per device the arenas fill with freed memory window after window
-    (measured: a fleet of 100 grew ~10 MB a trained device). `malloc_trim(0)` after a window costs ~1 ms.
-    """
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return super().submit(functools.partial(_trimmed, fn), *args, **kwargs)
-
-
-def _trimmed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
-
-
 class FleetHost:
     """Builds the shared runtime once, then one device state, logic and comm manager per identity."""
 
@@ -88,7 +49,7 @@ class FleetHost:
         if train_workers < 1:
             raise ConfigError(f"--train-workers {train_workers} must be >= 1")
         self.runtime = SharedRuntime(cfg, slots=train_workers)
-        self.pool = TrainingPool(max_workers=train_workers, thread_name_prefix="train")
+        self.pool = ThreadPoolExecutor(max_workers=train_workers, thread_name_prefix="train")
         self.managers: list[DeviceManager] = []
         try:
             for identity in identities:
