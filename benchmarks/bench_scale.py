@@ -17,7 +17,7 @@
      the records and the checkpoint.
    - Server peak RSS = the kernel's ru_maxrss of the server process (os.wait4).
 2. Fleet memory: a fleet of K=100 on the pretrained EfficientNet-Lite0 with bias (the setting of
-   bench_simulate.py; Dirichlet 0.1, so shards hold 2 to 56 training samples), with the code of `--before`
+   bench_simulate.py; Dirichlet 0.1, so shards hold 2 (the minimum) to 56 training samples), with the code of `--before`
    (default: the main checkout) and of this tree, in the same run, against the bound 1.1 x (one agent's RSS +
    K x (PEFT tensors + optimizer state + data shard), each measured). Two single agents give "one agent's
    RSS": dev0 (9 samples, as bench_simulate.py measured it), and the device with the largest shard: a
