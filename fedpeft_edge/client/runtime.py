@@ -28,6 +28,7 @@ from fedpeft_edge.errors import ConfigError, FedPeftError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.peft.base import StateBinding
 from fedpeft_edge.protocol import EvalReport
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
 
@@ -45,6 +46,7 @@ class TrainingSlot:
     index: int
     model: nn.Module
     trainer: LocalTrainer
+    binding: StateBinding  # the model's shared tensors, looked up once: a window swaps them without a model walk
 
 
 def replicate(model: nn.Module, own: Collection[str]) -> nn.Module:
@@ -100,10 +102,11 @@ class SharedRuntime:
         self._shared_bytes = sum(t.numel() * t.element_size() for k, t in named_tensors(self.model).items()
                                  if k not in shared)
         self._free: queue.Queue[TrainingSlot] = queue.Queue()
-        self._free.put(TrainingSlot(0, self.model, self.trainer))
+        self._free.put(TrainingSlot(0, self.model, self.trainer, self.method.bind(self.model)))
         for i in range(1, slots):
             replica = replicate(self.model, self.manifest.names)
-            self._free.put(TrainingSlot(i, replica, LocalTrainer(replica, cfg.train_args, self.device, ())))
+            self._free.put(TrainingSlot(i, replica, LocalTrainer(replica, cfg.train_args, self.device, ()),
+                                        self.method.bind(replica)))
         self._active: dict[int, tuple[DeviceState, TrainingSlot]] = {}
         self._source: Source | None = None
         log.info("runtime ready in %.1fs: %s, method %s (%d shared params), shared backbone %.1f MB",
@@ -166,7 +169,7 @@ class SharedRuntime:
         trainer = slot.trainer
         try:
             rng = torch.get_rng_state()
-            self.method.set_state(slot.model, state.peft)
+            slot.binding.set(state.peft)
             trainer.bind(state.data.train_loader, state.privatizer)
             trainer.base_optimizer.load_state_dict(state.optimizer)
             torch.set_rng_state(state.rng)
@@ -177,7 +180,7 @@ class SharedRuntime:
                 del self._active[id(state)]
                 state.rng = torch.get_rng_state()
                 state.optimizer = copy.deepcopy(trainer.base_optimizer.state_dict())
-                state.peft = self.method.get_state(slot.model)
+                state.peft = slot.binding.get()
                 trainer.bind((), None)
                 torch.set_rng_state(rng)
         finally:
@@ -193,11 +196,11 @@ class SharedRuntime:
 
     def load_peft(self, state: DeviceState, tensors: dict[str, torch.Tensor]) -> None:
         """Set an active device's PEFT tensors (checked against the manifest)."""
-        self.method.set_state(self._slot_of(state).model, tensors)
+        self._slot_of(state).binding.set(tensors)
 
     def current_peft(self, state: DeviceState) -> dict[str, torch.Tensor]:
         """An active device's PEFT tensors as they are now."""
-        return self.method.get_state(self._slot_of(state).model)
+        return self._slot_of(state).binding.get()
 
     def evaluate(self, state: DeviceState) -> EvalReport | None:
         """Top-1 and loss of an active device's model on its local test split (torch or onnxruntime)."""

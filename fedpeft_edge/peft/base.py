@@ -92,6 +92,28 @@ class Manifest:
                                   "shape, dtype], ...]}}") from exc
 
 
+@dataclasses.dataclass(frozen=True)
+class StateBinding:
+    """A model's shared tensors by manifest name (the model's own tensors, not copies); `PeftMethod.bind`.
+
+    Valid while the model keeps its tensor objects (no module swapped in or out after binding).
+    """
+
+    manifest: Manifest
+    tensors: Mapping[str, torch.Tensor]
+
+    def get(self) -> dict[str, torch.Tensor]:
+        """Detached contiguous CPU copies of the shared tensors, in manifest order."""
+        return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self.tensors.items()}
+
+    def set(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write `state` after checking keys, shapes, dtypes and finiteness (all or nothing)."""
+        check_state(self.manifest, state)
+        with torch.no_grad():
+            for name, t in self.tensors.items():
+                t.copy_(state[name])
+
+
 class PeftMethod(abc.ABC):
     """One PEFT method: insert its modules once, then name, read and write exactly the tensors it shares."""
 
@@ -123,20 +145,20 @@ class PeftMethod(abc.ABC):
                                   "was apply() called on this model?")
         return Manifest(method=self.name, tensors=specs)
 
+    def bind(self, model: nn.Module) -> StateBinding:
+        """The shared tensors of `model`, looked up once (a walk of its whole state dict): a process that swaps
+        many devices' states through one model reads and writes them without walking it again."""
+        manifest = self.manifest(model)
+        tensors = named_tensors(model)
+        return StateBinding(manifest, {s.name: tensors[s.name] for s in manifest.tensors})
+
     def get_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Detached contiguous CPU copies of the shared tensors, in manifest order."""
-        tensors = named_tensors(model)
-        return {s.name: tensors[s.name].detach().to("cpu", copy=True).contiguous()
-                for s in self.manifest(model).tensors}
+        return self.bind(model).get()
 
     def set_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         """Write `state` into the model after checking keys, shapes, dtypes and finiteness (all or nothing)."""
-        manifest = self.manifest(model)
-        check_state(manifest, state)
-        tensors = named_tensors(model)
-        with torch.no_grad():
-            for spec in manifest.tensors:
-                tensors[spec.name].copy_(state[spec.name])
+        self.bind(model).set(state)
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model to export for inference (ONNX), with what can be merged merged; `model` stays unchanged.

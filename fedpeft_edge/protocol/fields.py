@@ -137,6 +137,16 @@ def check_opt_mapping(value: Any, field: str, max_chars: int | None = None) -> d
     return dict(check_json(value, field, max_chars))
 
 
+def _leaf_cost(value: Any) -> int:
+    """What a plain JSON scalar costs the size budget (as _walk charges it), or -1 if _walk must look at it."""
+    t = type(value)
+    if t is str:
+        return len(value) + 2
+    if t is int or (t is float and math.isfinite(value)):
+        return 8
+    return 4 if value is None or t is bool else -1
+
+
 def _walk(value: Any, field: str, depth: int, budget: list[int]) -> None:
     if depth > MAX_DEPTH:
         raise fail(field, "...", f"nests deeper than {MAX_DEPTH} levels", "send a flatter value")
@@ -156,11 +166,24 @@ def _walk(value: Any, field: str, depth: int, budget: list[int]) -> None:
             if not isinstance(k, str):
                 raise fail(field, k, "has a non-string key", "use string keys")
             budget[1] -= len(k) + 3
-            _walk(v, f"{field}.{k}", depth + 1, budget)
+            if not _charge_leaf(v, depth, budget):  # a container, or a leaf over a limit: name it
+                _walk(v, f"{field}.{k}", depth + 1, budget)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _walk(v, f"{field}[{i}]", depth + 1, budget)
+            if not _charge_leaf(v, depth, budget):
+                _walk(v, f"{field}[{i}]", depth + 1, budget)
     else:
         raise fail(field, type(value).__name__, "is not a JSON value", "send JSON objects, lists, numbers, strings")
     if budget[1] < 0:
         raise fail(field, "...", "is too large", "send a smaller value")
+
+
+def _charge_leaf(value: Any, depth: int, budget: list[int]) -> bool:
+    """Charge a plain scalar child without a call of _walk and its field name (the hot path of every report);
+    False (nothing charged) when _walk must see it: a container, an odd type, or a limit it would break."""
+    cost = _leaf_cost(value)
+    if cost < 0 or depth >= MAX_DEPTH or budget[0] < 1 or budget[1] < cost:
+        return False
+    budget[0] -= 1
+    budget[1] -= cost
+    return True
