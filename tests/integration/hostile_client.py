@@ -142,7 +142,7 @@ class HostileClient:
         n = 0
         pace_t, pace_n = t0, 0
         while n < max_messages and time.monotonic() - t0 < max_seconds:
-            if stop is not None and n % 100 == 0 and stop():
+            if stop is not None and n % 25 == 0 and stop():
                 break
             if rate is not None:
                 want = rate()
