@@ -44,7 +44,7 @@ def describe_divergence(rec: dict[str, Any]) -> str:
     metric, value, threshold = rec.get("metric"), rec.get("value"), rec.get("threshold")
     seen = f"{metric} {_fmt(value)}" if metric else ""
     if seen and isinstance(threshold, (int, float)):
-        seen += f" (chance level {threshold:.4g})"
+        seen += f" (chance-level threshold {threshold:.4g})"
     hint = rec.get("hint") or rec.get("message") or ""
     return f"{where}: {seen}{'; ' if seen and hint else ''}{hint}"
 

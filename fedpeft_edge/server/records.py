@@ -81,14 +81,22 @@ class RoundRecords:
 class DivergenceWatch:
     """Flags a learning rate that is too high: a device's train loss non-finite, or where its local training
     ENDED (`train_loss_end`, the last quarter of its steps) above chance (ln C) in two consecutive rounds it
-    trained, or the global top-1 falling back to chance after having been above it.
+    trained; or the global model at chance: its top-1 falling back to chance after having been above it, or its
+    evaluation loss within 10% of chance (>= 0.9 ln C) in two consecutive evaluated rounds.
 
     Neither the epoch's mean loss nor one round is enough: on a skewed shard a healthy device starts each
     round from a global model that mispredicts its classes, so its mean loss sits above ln C round after round
     while its loss falls within the round (measured: head at lr 0.01 on Fashion-MNIST at alpha 0.1, mean
     3.8-5.5 in rounds 2-3, flagged before; at alpha 0.5, round 1, 3.6-6.2). A rate that is too high keeps the
     END of training above chance too. Devices that do not report `train_loss_end` are judged on the mean.
+
+    A rate too high can also wreck the shared tensors with no device ending above chance: bias at lr 0.03 on
+    Fashion-MNIST at alpha 0.5 (EfficientNet-Lite0) ends its devices' training at 1.2-2.3 but evaluates at loss
+    2.28, 2.21, 2.12 (ln 10 = 2.30; top-1 18%, 15%, 22%), where lr 0.003 evaluates at 1.11, 0.81, 0.73. The
+    zero-initialised head starts every run AT ln C, so the loss rule waits for two evaluated rounds.
     """
+
+    EVAL_LOSS_FRACTION = 0.9  # of ln C: "at chance" for the global model's evaluation loss
 
     def __init__(self, runlog: RunLogWriter, num_classes: int, learning_rate: float) -> None:
         self.runlog = runlog
@@ -96,14 +104,16 @@ class DivergenceWatch:
         self.chance_top1 = 1.0 / num_classes + 0.02
         self.lr = learning_rate
         self._was_above = False
+        self._eval_at_chance = False  # the last evaluated round's loss was at chance
         self._above: dict[str, bool] = {}  # device -> its last reported train loss was above chance
 
-    def _flag(self, round_idx: int, device_id: str | None, what: str, value: Any) -> None:
+    def _flag(self, round_idx: int, device_id: str | None, what: str, value: Any,
+              threshold: float | None = None) -> None:
         hint = f"learning rate train_args.learning_rate={self.lr:g} is the likely cause; lower it"
         who = f"device {device_id}" if device_id else "the global model"
         log.warning("round %d: %s diverges (%s = %s): %s", round_idx, who, what, value, hint)
         self.runlog.write("divergence", round=round_idx, device_id=device_id, metric=what, value=value,
-                          threshold=self.chance_top1 if what == "top1" else self.chance_loss, hint=hint)
+                          threshold=threshold if threshold is not None else self.chance_loss, hint=hint)
 
     def device(self, round_idx: int, device_id: str, report: DeviceReport) -> None:
         name = "train_loss" if report.train_loss_end is None else "train_loss_end"
@@ -117,13 +127,21 @@ class DivergenceWatch:
             self._above[device_id] = above
 
     def global_eval(self, round_idx: int, eval_res: dict[str, Any] | None) -> None:
-        top1 = (eval_res or {}).get("top1")
+        res = eval_res or {}
+        top1, loss = res.get("top1"), res.get("loss")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            at_chance = not math.isfinite(loss) or loss >= self.EVAL_LOSS_FRACTION * self.chance_loss
+            if not math.isfinite(loss):
+                self._flag(round_idx, None, "eval_loss", "non-finite")
+            elif at_chance and self._eval_at_chance:
+                self._flag(round_idx, None, "eval_loss", loss, self.EVAL_LOSS_FRACTION * self.chance_loss)
+            self._eval_at_chance = at_chance
         if not isinstance(top1, (int, float)):
             return
         if top1 > self.chance_top1:
             self._was_above = True
         elif self._was_above:
-            self._flag(round_idx, None, "top1", top1)
+            self._flag(round_idx, None, "top1", top1, self.chance_top1)
             self._was_above = False
 
 

@@ -186,5 +186,5 @@ def test_divergence_records_are_listed_with_the_rate(tmp_path: Path) -> None:
     files = write_report([run], tmp_path / "out")
     rows = list(csv.DictReader(files.csvs["divergence"].open()))
     assert [(r["round"], r["device_id"], r["learning_rate"]) for r in rows] == [("1", "dev-2", "0.03")]
-    assert "train_loss 2.92 (chance level 2.303)" in rows[0]["flag"]
+    assert "train_loss 2.92 (chance-level threshold 2.303)" in rows[0]["flag"]
     assert "learning_rate=0.03" in files.html.read_text()

@@ -14,6 +14,7 @@ from fedpeft_edge.protocol import (
     ClientStatus,
     DeviceErrorReport,
     DeviceReport,
+    EvalReport,
     Finish,
     JoinAck,
     Presence,
@@ -274,6 +275,26 @@ def test_a_skewed_device_whose_loss_falls_within_its_rounds_is_not_flagged(tmp_p
     flagged = h.records("divergence")
     assert {r["device_id"] for r in flagged} == {sel[2]}
     assert {r["metric"] for r in flagged} == {"train_loss_end"} and flagged[0]["round"] == 2
+
+
+def test_a_global_model_left_at_chance_loss_is_flagged_while_no_device_is(tmp_path: Path) -> None:
+    """Every device ends its training below chance, but the averaged model evaluates within 10% of ln 10 in
+    two consecutive rounds (bias at lr 0.03 on Fashion-MNIST: 2.28, 2.21): the global model is flagged, the
+    rate named; one such round (the zero head starts at ln C) and a healthy run are not."""
+    def run(losses: list[float], root: Path) -> list[dict[str, Any]]:
+        h, _ = _open(root, learning_rate=0.03, comm_round=len(losses))
+        for rnd, loss in enumerate(losses, start=1):
+            ev = EvalReport(loss=loss, top1=0.18, samples=100)
+            for i, d in enumerate(h.selected()):
+                h.update(d, rnd, state(i + rnd), report=DeviceReport(train_loss=2.0, train_loss_end=1.5,
+                                                                      global_eval=ev))
+        return h.records("divergence")
+
+    flagged = run([2.30, 2.21, 1.0, 2.25], tmp_path / "collapsed")
+    assert [(r["round"], r["device_id"], r["metric"]) for r in flagged] == [(2, None, "eval_loss")]
+    assert flagged[0]["threshold"] == pytest.approx(0.9 * math.log(10))
+    assert "train_args.learning_rate=0.03" in flagged[0]["hint"]
+    assert run([2.30, 1.11, 0.81], tmp_path / "healthy") == []
 
 
 def test_the_run_finishes_after_comm_round_rounds(tmp_path: Path) -> None:
