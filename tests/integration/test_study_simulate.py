@@ -39,9 +39,12 @@ def test_diverging_rate_is_flagged_and_resume_skips(tmp_path: Path) -> None:
     assert flagged, "the diverging run wrote no divergence record"
     assert all(f"learning_rate={DIVERGING_LR:g}" in str(rec.get("hint")) for rec in flagged)
     assert max(float(rec["value"]) for rec in flagged if rec.get("metric") == "train_loss_end") > 10.0
-    # the random-init model starts at chance (ln 10 = 2.30) and may sit just above it at a sane rate
+    assert max(float(rec["value"]) for rec in flagged if rec.get("metric") == "eval_loss") > 10.0
+    # the random-init model starts at chance (ln 10 = 2.30) and, in 2 rounds at a sane rate, stays there (top-1
+    # 9%): its flags, if any, name losses just around chance, never the diverging run's tens
     control = read_metrics(runs / "lr-0.05", "divergence")
-    assert all(rec.get("metric") == "train_loss_end" and float(rec["value"]) < 3.0 for rec in control), control
+    assert all(rec.get("metric") in ("train_loss_end", "eval_loss") and float(rec["value"]) < 3.0
+               for rec in control), control
     assert any("DIVERGENCE" in line and f"lr-{DIVERGING_LR:g}" in line for line in lines)
     assert out.report is not None
     table = list(csv.DictReader((out.report.parent / "divergence.csv").open()))
