@@ -102,6 +102,7 @@ class DivergenceWatch:
         self.runlog = runlog
         self.chance_loss = math.log(num_classes) if num_classes > 1 else math.inf
         self.chance_top1 = 1.0 / num_classes + 0.02
+        self.chance_eval_loss = self.EVAL_LOSS_FRACTION * self.chance_loss
         self.lr = learning_rate
         self._was_above = False
         self._eval_at_chance = False  # the last evaluated round's loss was at chance
@@ -130,12 +131,13 @@ class DivergenceWatch:
         res = eval_res or {}
         top1, loss = res.get("top1"), res.get("loss")
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            at_chance = not math.isfinite(loss) or loss >= self.EVAL_LOSS_FRACTION * self.chance_loss
             if not math.isfinite(loss):
                 self._flag(round_idx, None, "eval_loss", "non-finite")
-            elif at_chance and self._eval_at_chance:
-                self._flag(round_idx, None, "eval_loss", loss, self.EVAL_LOSS_FRACTION * self.chance_loss)
-            self._eval_at_chance = at_chance
+                self._eval_at_chance = True
+            else:
+                if loss >= self.chance_eval_loss and self._eval_at_chance:
+                    self._flag(round_idx, None, "eval_loss", loss, self.chance_eval_loss)
+                self._eval_at_chance = loss >= self.chance_eval_loss
         if not isinstance(top1, (int, float)):
             return
         if top1 > self.chance_top1:
