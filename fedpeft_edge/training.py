@@ -102,6 +102,7 @@ class LocalTrainer:
         self.seed, self.on_step, self.keep_optimizer_state = seed, on_step, keep_optimizer_state
         self._model = model.to(self.device)
         self.base_optimizer = build_optimizer(self._model, train_args)
+        self._modes: tuple[nn.Module, list[tuple[nn.Module, bool]]] | None = None
         self.privatizer: Privatizer | None = None
         self.bind(train_loader, privatizer)
         self._calls = 0
@@ -146,8 +147,14 @@ class LocalTrainer:
             torch.manual_seed(self.seed * 1_000_003 + self._calls)
         if not self.keep_optimizer_state:
             self.optimizer.state.clear()
-        self.model.train()
-        set_batchnorm_eval(self.model)
+        if self._modes is None or self._modes[0] is not self.model:
+            # Every module and the mode training wants it in (BatchNorm eval, the rest train), listed once per
+            # model: a window checks the flags and walks the model only if something changed them (evaluation).
+            self._modes = (self.model, [(m, not isinstance(m, nn.modules.batchnorm._BatchNorm))
+                                        for m in self.model.modules()])
+        if any(m.training is not mode for m, mode in self._modes[1]):
+            self.model.train()
+            set_batchnorm_eval(self.model)
 
     def _batches(self, epochs: int, max_steps: int | None) -> Iterator[tuple[Batch, float]]:
         """(batch, seconds waited) over `epochs` passes or until `max_steps` non-empty batches."""

@@ -204,8 +204,11 @@ class DeviceLogic:
             raise ProtocolError(
                 f"server sent tensors for manifest {task.manifest_hash[:12]}, this device runs "
                 f"{rt.manifest.hash[:12]} ({rt.manifest.method}); run the agent with the server's config")
-        with rt.activate(st) as slot:
-            report, local = self._train_window(task, slot)
+        t0 = time.perf_counter()
+        global_state = decode_tensors(task.blob, rt.manifest, rt.manifest.hash, self._comm.max_update_bytes,
+                                      copy=True)
+        with rt.activate(st, peft=global_state) as slot:
+            report, local = self._train_window(task, slot, global_state, t0)
         t_enc = time.perf_counter()
         blob = encode_tensors(local, rt.manifest, self._comm.encoding)
         encode_s = time.perf_counter() - t_enc
@@ -219,13 +222,10 @@ class DeviceLogic:
             model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
         )
 
-    def _train_window(self, task: RoundTask, slot: TrainingSlot) -> tuple[DeviceReport, dict[str, Any]]:
-        """Inside activate(): set the global tensors, train, read the local tensors back."""
+    def _train_window(self, task: RoundTask, slot: TrainingSlot, global_state: dict[str, Any],
+                      t0: float) -> tuple[DeviceReport, dict[str, Any]]:
+        """Inside activate() (which set the global tensors, decoded since t0): train, read the local tensors."""
         rt, st = self.runtime, self.state
-        t0 = time.perf_counter()
-        global_state = decode_tensors(task.blob, rt.manifest, rt.manifest.hash, self._comm.max_update_bytes,
-                                      copy=True)
-        rt.load_peft(st, global_state)
         t_loaded = time.perf_counter()
         global_eval = rt.evaluate(st) if task.evaluate else None
         cpu0 = time.thread_time()

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedpeft_edge.backbone import classifier, named_tensors
 from fedpeft_edge.errors import PeftMethodError
+from fedpeft_edge.wire.codec import all_finite
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
@@ -188,8 +189,10 @@ class PeftMethod(abc.ABC):
 
 def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
     """Refuse a state whose keys, shapes, dtypes or values do not match the manifest."""
-    missing = [n for n in manifest.names if n not in state]
-    extra = [k for k in state if k not in set(manifest.names)]
+    names = manifest.names
+    missing = [n for n in names if n not in state]
+    known = set(names)
+    extra = [k for k in state if k not in known]
     if missing or extra:
         raise PeftMethodError(
             f"state does not match manifest {manifest.method!r} ({manifest.hash[:12]}): missing {missing[:5]} "
@@ -205,7 +208,7 @@ def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
             raise PeftMethodError(
                 f"state[{spec.name!r}] has dtype {value.dtype}, manifest says {spec.dtype}; cast it before set_state"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise PeftMethodError(f"state[{spec.name!r}] holds NaN or infinite values; refusing the update")
 
 

@@ -228,7 +228,7 @@ class RoundEngine:
         dev = self.rounds.devices[device_id]
         cur = self.rounds.current
         due = (device_id in self._busy if self.mode == "async"
-               else cur is not None and device_id in cur.selected and device_id not in cur.received)
+               else cur is not None and cur.selects(device_id) and device_id not in cur.received)
         if not due or cur is None:
             return
         if dev.resends >= self.args.resend_rate_per_round:
@@ -282,7 +282,7 @@ class RoundEngine:
                 self._device_dropped(cur, device_id, reason.value)
                 self._fill(self.clock.now())
             return
-        if cur is not None and device_id in cur.selected and device_id not in cur.received:
+        if cur is not None and cur.selects(device_id) and device_id not in cur.received:
             self.rounds.fail(device_id)
             self.rounds.record_drop(reason)
             self._device_dropped(cur, device_id, reason.value)
@@ -384,7 +384,7 @@ class RoundEngine:
         cur = self.rounds.current
         if reason is not None:
             log.info("dropped update from %s for round %s: %s", msg.sender, msg.round, reason.value)
-            if cur is not None and reason is not DropReason.DUPLICATE and msg.sender in cur.selected:
+            if cur is not None and reason is not DropReason.DUPLICATE and cur.selects(msg.sender):
                 self._device_dropped(cur, msg.sender, reason.value, msg.report)
             return
         if cur is None or self._agg is None:  # judge_update accepts only for an open round

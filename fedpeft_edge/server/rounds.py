@@ -60,10 +60,16 @@ class OpenRound:
     failed: set[str] = dataclasses.field(default_factory=set)  # reported an error or sent an invalid update
     dropped: Counter[str] = dataclasses.field(default_factory=Counter)
     waiting: set[str] = dataclasses.field(default_factory=set)  # selected, online, not yet in or failed
+    _chosen: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._chosen = frozenset(self.selected)  # membership per message in O(1), not a scan of `selected`
         if not self.waiting:
             self.waiting = set(self.selected)
+
+    def selects(self, device_id: str) -> bool:
+        """Whether device_id was sampled for this round."""
+        return device_id in self._chosen
 
 
 class RoundController:
@@ -147,7 +153,7 @@ class RoundController:
             return DropReason.UNKNOWN_DEVICE
         if cur is None or round_idx != cur.index:
             return DropReason.STALE_ROUND
-        if device_id not in cur.selected:
+        if not cur.selects(device_id):
             return DropReason.NOT_SELECTED
         if device_id in cur.received:
             return DropReason.DUPLICATE
@@ -175,7 +181,7 @@ class RoundController:
         """Presence changed: an offline device is not waited for; one back online is again, if still due."""
         self.device(device_id).online = online
         cur = self.current
-        if cur is None or device_id not in cur.selected:
+        if cur is None or not cur.selects(device_id):
             return
         if online and device_id not in cur.received and device_id not in cur.failed:
             cur.waiting.add(device_id)

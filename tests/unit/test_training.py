@@ -83,6 +83,16 @@ def test_batchnorm_statistics_stay_frozen_while_its_affine_terms_train() -> None
     assert not bn.training and model[3].training  # BN in eval, dropout in train mode
 
 
+def test_train_restores_the_modes_evaluation_or_the_caller_changed() -> None:
+    model = small_net()
+    trainer = LocalTrainer(model, ARGS, "cpu", loader())
+    for change in (model.eval, lambda: evaluate(model, loader(1), "cpu"), lambda: model[3].eval(),
+                   lambda: model[1].train()):
+        change()
+        trainer.train(max_steps=1)
+        assert [m.training for m in model.modules()] == [True, True, False, True, True, True, True, True]
+
+
 def test_optimizer_is_built_once_and_momentum_restarts_each_call() -> None:
     trainer = LocalTrainer(small_net(), ARGS, "cpu", loader())
     optimizer = trainer.optimizer

@@ -64,7 +64,21 @@ def test_interleaved_devices_train_exactly_as_alone(runtime: SharedRuntime) -> N
     assert torch.equal(a.rng, alone.rng)
 
 
-def test_swap_out_keeps_each_devices_optimizer_state(runtime: SharedRuntime) -> None:
+def test_optimizer_state_cleared_each_round_is_not_swapped_and_costs_a_device_nothing(
+        runtime: SharedRuntime) -> None:
+    """The trainer clears momentum at each train() (a fresh optimizer per round, as FedAvg has it), so a
+    device has no optimizer state of its own to keep between windows."""
+    a = build_device_state(runtime, AgentIdentity("o0", 0))
+    blank = a.optimizer
+    _train(runtime, a)
+    assert a.optimizer is blank and not _momentum(a)
+    assert a.nbytes()["optimizer"] == 0
+    assert runtime.trainer.base_optimizer.state, "the momentum lives in the shared optimizer until the next round"
+
+
+def test_swap_out_keeps_each_devices_optimizer_state() -> None:
+    runtime = SharedRuntime(tiny_config())
+    runtime.trainer.keep_optimizer_state = True  # momentum carried across rounds: each device keeps its own
     a, b = (build_device_state(runtime, AgentIdentity(f"s{i}", i)) for i in (0, 2))
     _train(runtime, a)
     mom_a = _momentum(a)

@@ -85,3 +85,19 @@ def test_summary_inside_the_block_and_bad_interval_are_errors() -> None:
         ResourceMonitor(0.0)
     with ResourceMonitor(0.01, _FakeSource()).measure() as m, pytest.raises(MeteringError, match="after"):
         m.summary()
+
+
+def test_thermal_sensors_are_read_at_most_once_per_period_across_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpeft_edge.metering import resources
+
+    reads: list[int] = []
+    monkeypatch.setattr(resources, "_temperatures", lambda: reads.append(1) or {"cpu/0": 40.0 + len(reads)})
+    clock = iter([0.0, 0.001, 0.002, 0.003, 1.5, 1.6]).__next__
+    monitor = ResourceMonitor(10.0, resources.ThermalSource(min_period_s=1.0), clock=clock)
+    summaries = []
+    for _ in range(3):  # windows of 1 ms, the first two within the period, the third 1.5 s later
+        with monitor.measure() as m:
+            pass
+        summaries.append(m.summary())
+    assert len(reads) == 2
+    assert [s["temperatures_max_c"] for s in summaries] == [{"cpu/0": 41.0}, {"cpu/0": 41.0}, {"cpu/0": 42.0}]
