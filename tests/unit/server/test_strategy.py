@@ -62,3 +62,29 @@ def test_fedadam_moves_towards_mean_and_round_trips_state() -> None:
     b = clone.aggregate(out, [ClientUpdate("d1", 1, _state(2))])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert isinstance(build_strategy(TrainArgs(federated_optimizer="FedYogi")), FedYogi)
+
+
+def test_a_decoded_update_is_summed_as_one_view_with_the_same_result_as_per_tensor() -> None:
+    """The codec decodes a uniform blob into views of one buffer: RunningMean adds it in one call, bit-equal
+    to adding tensor by tensor; tensors that do not lie one after another take the per-tensor path."""
+    from fedpeft_edge.peft.base import Manifest, TensorSpec
+    from fedpeft_edge.server.strategy.base import RunningMean, consecutive_view
+    from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
+
+    glob = _state(0)
+    manifest = Manifest("bias", tuple(TensorSpec.of(k, v) for k, v in glob.items()))
+    decoded = decode_tensors(encode_tensors(_state(1), manifest), manifest)
+    assert consecutive_view(decoded, glob, 17) is not None
+    assert consecutive_view(_state(1), glob, 17) is None  # two separate allocations
+    swapped = dict(reversed(list(decoded.items())))
+    assert consecutive_view(swapped, list(reversed(list(glob))), 17) is None  # not in the accumulator's order
+
+    flat, apart = RunningMean(FedAvg(), glob), RunningMean(FedAvg(), glob)
+    flat.add(ClientUpdate("d1", 3, decoded))
+    apart.add(ClientUpdate("d1", 3, {k: v.clone() for k, v in decoded.items()}))
+    flat.add(ClientUpdate("d2", 5, _state(2)))
+    apart.add(ClientUpdate("d2", 5, _state(2)))
+    a, b = flat.result(), apart.result()
+    assert all(torch.equal(a[k], b[k]) for k in glob)
+    want = {k: ((_state(1)[k].double() * 3 + _state(2)[k].double() * 5) / 8).float() for k in glob}
+    assert all(torch.equal(a[k], want[k]) for k in glob)
