@@ -73,6 +73,8 @@ class DeviceManager(FedPeftCommManager):
                 self._send_all(replies)
         except Exception:  # a send that fails must not kill the worker; the server asks again
             log.exception("%s: sending the round's reply failed", self.logic.device_id)
+        finally:
+            self.logic.runtime.release_heap()  # the window's freed buffers, once the update is on its way
 
     def _send_all(self, messages: list[ProtocolMessage]) -> None:
         for out in messages:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Trim the C heap after a training window at most this often (seconds): see `SharedRuntime._release_heap`.
+#: Trim the C heap after a round at most this often (seconds): see `SharedRuntime.release_heap`.
 RELEASE_INTERVAL_S = 1.0
 
 
@@ -195,13 +195,13 @@ class SharedRuntime:
                 torch.set_rng_state(rng)
         finally:
             self._free.put(slot)
-            self._release_heap()
 
-    def _release_heap(self) -> None:
-        """Trim the C heap after a window, at most every RELEASE_INTERVAL_S: a fleet's windows last
-        milliseconds, and trimming after each one made the next re-fault its buffers (bench_scale, 250
-        devices per host: the training thread took 516 minor faults and 2.5 ms of system CPU per device and
-        round; 30 and 0.8 ms trimming at most once a second)."""
+    def release_heap(self) -> None:
+        """Hand the C heap's free pages back to the OS after a round's reply is sent (off the round's critical
+        path), at most every RELEASE_INTERVAL_S: a fleet's windows last milliseconds, and trimming after each
+        one made the next re-fault its buffers (bench_scale, 250 devices per host: the training thread took
+        516 minor faults and 2.5 ms of system CPU per device and round; 30 and 0.8 ms trimming at most once
+        a second)."""
         now = time.monotonic()
         if now - self._released_at >= RELEASE_INTERVAL_S:
             self._released_at = now
