@@ -4,9 +4,10 @@ glibc's malloc raises its mmap threshold each time a large block is freed (up to
 training window's activation buffers come from the heap and stay there, fragmented, when freed: one process
 that trains many devices one after another (a fleet, `simulate`) grows by hundreds of MB that no tensor holds.
 Fixing the threshold keeps large buffers in their own mappings, returned on free; `release()` after a round
-(at most once a second: `SharedRuntime.release_heap`) hands back what the heap still keeps. Measured (simulate, 64 devices, 3 rounds of 2 epochs): peak RSS
-1,355 -> 1,214 MB; the cost is page faults on fresh mappings, about 3% more CPU time per training window
-(median of 4 alternating runs, 4 devices x 2 epochs: 9.39 s against 9.13 s). No-ops off glibc (macOS, musl).
+(at most once a second: `SharedRuntime.release_heap`) hands back what the heap still keeps. Measured
+(simulate, 64 devices, 3 rounds of 2 epochs): peak RSS 1,355 -> 1,214 MB; the cost is page faults on fresh
+mappings, about 3% more CPU time per training window (median of 4 alternating runs, 4 devices x 2 epochs:
+9.39 s against 9.13 s). No-ops off glibc (macOS, musl).
 """
 
 from __future__ import annotations
