@@ -38,7 +38,7 @@ from fedpeft_edge.protocol import (
     Update,
 )
 from fedpeft_edge.protocol.keys import STATUS_BUDGET_EXHAUSTED, STATUS_ONLINE
-from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
+from fedpeft_edge.wire.codec import decode_tensors, encode_update
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,13 @@ class DeviceLogic:
                 f"server sent tensors for manifest {task.manifest_hash[:12]}, this device runs "
                 f"{rt.manifest.hash[:12]} ({rt.manifest.method}); run the agent with the server's config")
         t0 = time.perf_counter()
+        # Shared with the received payload, not copied: activate() copies it into the model, send_delta reads it.
         global_state = decode_tensors(task.blob, rt.manifest, rt.manifest.hash, self._comm.max_update_bytes,
-                                      copy=True)
+                                      copy=False)
         with rt.activate(st, peft=global_state) as slot:
             report, local = self._train_window(task, slot, global_state, t0)
         t_enc = time.perf_counter()
-        blob = encode_tensors(local, rt.manifest, self._comm.encoding)
+        blob = encode_update(local, rt.manifest, self._comm.encoding)  # `local` is this round's own copy
         encode_s = time.perf_counter() - t_enc
         epsilon = float(st.privatizer.end_round(task.round)) if st.privatizer is not None else None
         download_s = transfer_seconds(self.meter.transfers(round=task.round), task.sent_at)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedpeft_edge.errors import ProtocolError
 from fedpeft_edge.protocol.keys import SERVER_ID
+from fedpeft_edge.wire.codec import TensorParts
 
 MAX_ID_CHARS = 128
 MAX_ROUND = 10**9
@@ -116,8 +117,9 @@ def check_server_id(value: Any, field: str = "sender") -> str:
     return str(SERVER_ID)
 
 
-def check_blob(value: Any, field: str) -> bytes | memoryview:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
+def check_blob(value: Any, field: str) -> bytes | memoryview | TensorParts:
+    """Binary tensor data: bytes off the wire, or an update still in parts (a message handed over in-process)."""
+    if not isinstance(value, (bytes, bytearray, memoryview, TensorParts)):
         raise fail(field, type(value).__name__, "is not binary tensor data", "send the encoded tensors as the blob")
     return value if not isinstance(value, bytearray) else memoryview(value)
 

@@ -35,6 +35,7 @@ from fedpeft_edge.protocol.fields import (
 )
 from fedpeft_edge.protocol.report import DeviceReport
 from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.wire.codec import TensorParts
 
 MAX_PROFILE_CHARS = 64 * 1024  # a join's device profile (join spam must not fill the run log)
 MAX_DATA_STATS_CHARS = 256 * 1024
@@ -137,7 +138,7 @@ class Update(ProtocolMessage):
     sender: str
     round: int
     num_samples: int
-    blob: bytes | memoryview
+    blob: bytes | memoryview | TensorParts
     report: DeviceReport = dataclasses.field(default_factory=DeviceReport)
     manifest_hash: str | None = None
     encoding: str | None = None
@@ -264,7 +265,7 @@ class RoundTask(ProtocolMessage):
     msg_type: ClassVar[int] = K.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT
     receiver: str
     round: int
-    blob: bytes | memoryview
+    blob: bytes | memoryview | TensorParts
     manifest_hash: str
     encoding: str
     deadline: float | None = None  # wall clock (time.time()) by which the update must arrive

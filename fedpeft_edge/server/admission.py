@@ -46,7 +46,8 @@ class UpdateAdmission:
     def admit(self, msg: Update, base: Mapping[str, torch.Tensor], declared_samples: int,
               as_delta: bool = False) -> Admitted:
         """The update relative to `base` (the global model it trained from); `as_delta` returns a delta."""
-        tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.max_update_bytes)
+        # Shared with the received payload (copy=False): aggregation only reads an update.
+        tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.max_update_bytes, copy=False)
         samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
         if self.max_norm is None and not as_delta:  # nothing to bound (decode_tensors refused NaN/inf already)
             return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,

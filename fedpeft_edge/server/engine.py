@@ -54,7 +54,7 @@ from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogW
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
 from fedpeft_edge.server.strategy import Aggregation, Strategy
-from fedpeft_edge.wire.codec import encode_tensors
+from fedpeft_edge.wire.codec import TensorParts, encode_update
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class RoundEngine:
         self._out: list[ProtocolMessage] = []
         self._agg: Aggregation | None = None
         self._accepted: list[Accepted] = []
-        self._blob: bytes | memoryview = b""
+        self._blob: bytes | memoryview | TensorParts = b""
         # async state
         self._busy: dict[str, _Busy] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
@@ -349,7 +349,7 @@ class RoundEngine:
             self._accepted = []
         # The deadline first: whatever happens while handing out tasks, this round closes.
         self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.attempt))
-        self._blob = encode_tensors(self.global_state, self.spec.manifest, self.spec.encoding)
+        self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)  # views: never written
         if self.mode == "async":
             self._history.setdefault(self.version, self.global_state)
             self._fill(now)

@@ -10,7 +10,7 @@ from typing import Any
 from fedpeft_edge.errors import CodecError
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
-from fedpeft_edge.wire.codec import BLOB_KEY_PARAM
+from fedpeft_edge.wire.codec import BLOB_KEY_PARAM, TensorParts
 
 REQUIRED_KEYS = (M.MSG_ARG_KEY_TYPE, M.MSG_ARG_KEY_SENDER, M.MSG_ARG_KEY_RECEIVER)
 # Keys the blob may not be put back under (it would overwrite the frame's own fields).
@@ -24,16 +24,16 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
-def pop_blob(params: dict[str, Any]) -> memoryview | None:
+def pop_blob(params: dict[str, Any]) -> memoryview | TensorParts | None:
     """Take the one binary param out of `params` (its key is kept under BLOB_KEY_PARAM) and return it."""
-    keys = [k for k, v in params.items() if isinstance(v, (bytes, bytearray, memoryview))]
+    keys = [k for k, v in params.items() if isinstance(v, (bytes, bytearray, memoryview, TensorParts))]
     if len(keys) > 1:
         raise CodecError(f"a message carries at most one binary param, got {keys}; merge them into one blob")
     if not keys:
         return None
-    blob = memoryview(params.pop(keys[0]))
+    value = params.pop(keys[0])
     params[BLOB_KEY_PARAM] = keys[0]
-    return blob
+    return value if isinstance(value, TensorParts) else memoryview(value)
 
 
 def check_frame(node: str, params: dict[str, Any], me: str | None = None) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import struct
+import warnings
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -31,6 +32,11 @@ VERSION = 1
 BLOB_KEY_PARAM = "_blob_key"  # reserved header key: which message param held the blob
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_BLOB_BYTES = 2_000_000_000  # CommArgs.max_update_bytes
+
+# decode_tensors(copy=False) shares paho's read-only payload with the tensors it returns, on purpose (they are
+# only read); torch warns about every such tensor once per process.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=r"fedpeft_edge\.wire\.codec")
 
 _FRAME = struct.Struct("<4sBBHIQ")  # 20 bytes
 _TENSORS = struct.Struct("<4sBBHI32sQ")  # 52 bytes
@@ -63,18 +69,38 @@ class ManifestLike(Protocol):
     def hash(self) -> str: ...
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TensorParts:
+    """An encoded update left in pieces: the blob header, then views of each tensor's bytes (`encode_parts`).
+
+    The transport joins the pieces into the payload it publishes (or into its chunks), which is the one copy a
+    send needs; `encode_tensors` would copy them into a blob first and the framing copy that again.
+    The tensors it views must not change until the message is sent: hand it tensors nobody else writes.
+    """
+
+    parts: tuple[bytes | memoryview, ...]
+    nbytes: int
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+Blob = bytes | bytearray | memoryview | TensorParts  # what a message's binary param may be
+
+
 # --- message frame -----------------------------------------------------------------------------------
 
 
-def encode_message(params: Mapping[str, Any], blob: bytes | bytearray | memoryview | None = None) -> bytes:
+def encode_message(params: Mapping[str, Any], blob: Blob | None = None) -> bytes:
     """Frame JSON-able params and an optional binary blob into one payload (one copy of the blob)."""
     return b"".join(message_parts(params, blob))
 
 
-def message_parts(
-    params: Mapping[str, Any], blob: bytes | bytearray | memoryview | None = None
-) -> list[bytes | memoryview]:
-    """encode_message without the join: frame header, JSON header and a view of the blob (no copy)."""
+def message_parts(params: Mapping[str, Any], blob: Blob | None = None) -> list[bytes | memoryview]:
+    """encode_message without the join: frame header, JSON header and views of the blob (no copy)."""
     try:
         header = json.dumps(dict(params), separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -86,11 +112,13 @@ def message_parts(
         raise CodecError(
             f"message header is {len(header)} bytes, over {MAX_HEADER_BYTES}; move bulk data to the blob"
         )
-    blob_len = 0 if blob is None else memoryview(blob).nbytes
+    blob_len = 0 if blob is None else blob.nbytes if isinstance(blob, TensorParts) else memoryview(blob).nbytes
     flags = 0 if blob is None else _FLAG_BLOB
     head = _FRAME.pack(MESSAGE_MAGIC, VERSION, flags, 0, len(header), blob_len)
     parts: list[bytes | memoryview] = [head, header]
-    if blob is not None:
+    if isinstance(blob, TensorParts):
+        parts.extend(blob.parts)
+    elif blob is not None:
         parts.append(memoryview(blob).cast("B"))
     return parts
 
@@ -334,6 +362,16 @@ def _encode_uniform(plan: _Plan, state: Mapping[str, torch.Tensor], body: np.nda
 
     numpy, not torch.cat: torch's intra-op threads made a 200-tensor cat 100x slower on a loaded machine.
     """
+    flat = _uniform_arrays(plan, state)
+    values = body.view(_DTYPES[plan.uniform or ""].numpy)
+    if values.size:
+        np.concatenate(flat, out=values)
+    if values.size and not _array_is_finite(values):
+        _name_non_finite(plan, flat)
+
+
+def _uniform_arrays(plan: _Plan, state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
+    """Each slot's tensor as a flat numpy array over its own memory (a copy only if it was not contiguous)."""
     want = _DTYPES[plan.uniform or ""].torch
     flat: list[np.ndarray] = []
     for slot in plan.slots:  # per tensor: only what is needed (each torch call costs microseconds)
@@ -346,33 +384,58 @@ def _encode_uniform(plan: _Plan, state: Mapping[str, torch.Tensor], body: np.nda
         if not t.is_cpu:
             t = t.cpu()
         a = t.numpy()
-        flat.append(a if a.ndim == 1 else a.reshape(-1))
-    values = body.view(_DTYPES[plan.uniform or ""].numpy)
-    if values.size:
-        np.concatenate(flat, out=values)
-    if values.size and not _array_is_finite(values):
-        for slot, a in zip(plan.slots, flat, strict=True):  # name the culprit (the sum may just overflow)
-            _require_finite(slot.name, torch.from_numpy(a))
+        flat.append(a if a.ndim == 1 and a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1))
+    return flat
 
 
-def tensor_parts(
+def _name_non_finite(plan: _Plan, flat: list[np.ndarray]) -> None:
+    for slot, a in zip(plan.slots, flat, strict=True):  # name the culprit (the sum may just overflow)
+        _require_finite(slot.name, torch.from_numpy(a))
+
+
+# Updates at least this large are sent as views of their tensors (encode_parts); smaller ones are copied into
+# one blob (encode_tensors), where one concatenate and one finiteness pass beat a call per tensor. Measured
+# (one core; encode plus the transport's framing join): a 176 KB update of 135 bias tensors 0.65 ms copied vs
+# 0.91 ms as views, 1 MB of 50 tensors 0.49 vs 0.57 ms, 13.5 MB of 200 tensors 13.8 vs 5.3 ms, 100 MB of one
+# tensor 95 vs 72 ms.
+ZERO_COPY_MIN_BYTES = 1 << 20
+
+
+def encode_update(
     state: Mapping[str, torch.Tensor], manifest: ManifestLike, encoding: str = "fp32"
-) -> list[bytes | memoryview]:
-    """encode_tensors without the copy: header, then views of each tensor's wire bytes, then scales."""
+) -> memoryview | TensorParts:
+    """What a sender puts on a message: `encode_parts` (no copy) for a body of ZERO_COPY_MIN_BYTES or more
+    in one float dtype sent as is, else `encode_tensors`. The tensors must not change until it is sent."""
+    plan = _layout_plan(manifest, encoding) if encoding in ENCODINGS else None
+    if plan is not None and plan.uniform is not None and plan.body_len >= ZERO_COPY_MIN_BYTES:
+        return encode_parts(state, manifest, encoding)
+    return encode_tensors(state, manifest, encoding)
+
+
+def encode_parts(
+    state: Mapping[str, torch.Tensor], manifest: ManifestLike, encoding: str = "fp32"
+) -> TensorParts:
+    """encode_tensors without the copy: the header, then views of each tensor's wire bytes, then the scales
+    (refuses NaN/inf). Tensors sent as they are stay where they are; converted ones (fp16, int8) are new."""
     code = _encoding_code(encoding)
     _check_keys(state, manifest)
     digest = manifest.hash
-    slots, body_len = _layout(manifest, encoding, digest)
-    parts: list[bytes | memoryview] = [
-        _TENSORS.pack(TENSORS_MAGIC, VERSION, code, 0, len(slots), bytes.fromhex(digest), body_len)
-    ]
+    plan = _layout_plan(manifest, encoding, digest)
+    head = _TENSORS.pack(TENSORS_MAGIC, VERSION, code, 0, len(plan.slots), bytes.fromhex(digest), plan.body_len)
+    nbytes = _TENSORS.size + plan.body_len
+    if plan.uniform is not None:
+        flat = _uniform_arrays(plan, state)
+        if not _arrays_finite(flat):
+            _name_non_finite(plan, flat)
+        return TensorParts((head, *(a.data.cast("B") for a in flat if a.size)), nbytes)
+    parts: list[bytes | memoryview] = [head]
     scales: list[bytes | memoryview] = []
-    for slot in slots:
+    for slot in plan.slots:
         data, scale = _encode_one(slot, state[slot.name], encoding)
         parts.append(_bytes_view(data))
         if scale is not None:
             scales.append(_bytes_view(scale))
-    return parts + scales
+    return TensorParts(tuple(parts + scales), nbytes)
 
 
 def _put(body: np.ndarray, offset: int, t: torch.Tensor) -> None:
@@ -455,6 +518,14 @@ def _array_is_finite(arr: np.ndarray) -> bool:
         return bool(np.isfinite(np.add.reduce(arr, axis=None, dtype=acc)))
 
 
+def _arrays_finite(arrays: list[np.ndarray]) -> bool:
+    """_array_is_finite of each, under one errstate (entering one costs more than summing a bias vector)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sums = [np.add.reduce(a, axis=None, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+                for a in arrays if a.size]
+    return bool(np.isfinite(sums).all()) if sums else True
+
+
 def _require_fp16_range(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
@@ -487,7 +558,7 @@ class _BlobHeader:
 
 
 def decode_tensors(
-    blob: bytes | bytearray | memoryview,
+    blob: Blob,
     manifest: ManifestLike,
     expected_hash: str | None = None,
     max_bytes: int = DEFAULT_MAX_BLOB_BYTES,
@@ -496,7 +567,9 @@ def decode_tensors(
     """Tensors of a blob, in manifest order and dtype; header, hash and sizes checked before any tensor byte.
 
     `copy=None` copies only from read-only buffers (bytes); a writable buffer (a reassembled transfer) is
-    shared by the returned tensors instead of copied.
+    shared by the returned tensors instead of copied. `copy=False` shares a read-only buffer too (paho's
+    payload: a server adding the update into its running mean, a device copying the global tensors into its
+    model): the tensors are then only to be read, as writing them would write into the bytes object.
     """
     head = _read_header(blob, manifest, expected_hash, max_bytes)
     share = not head.body.readonly if copy is None else not copy
@@ -523,10 +596,8 @@ def _decode_uniform(plan: _Plan, body: memoryview, share: bool) -> dict[str, tor
             for slot, t in zip(plan.slots, parts, strict=True)}
 
 
-def _read_header(
-    blob: bytes | bytearray | memoryview, manifest: ManifestLike, expected_hash: str | None, max_bytes: int
-) -> _BlobHeader:
-    view = memoryview(blob).cast("B")
+def _read_header(blob: Blob, manifest: ManifestLike, expected_hash: str | None, max_bytes: int) -> _BlobHeader:
+    view = memoryview(bytes(blob) if isinstance(blob, TensorParts) else blob).cast("B")
     if view.nbytes > max_bytes:
         raise CodecError(f"update of {view.nbytes} bytes is over the {max_bytes}-byte limit; refusing it")
     if view.nbytes < _TENSORS.size:
@@ -605,7 +676,7 @@ def _read_array(body: memoryview, dt: _Dtype, count: int, offset: int, share: bo
     return t.view(torch.bfloat16) if dt.torch == torch.bfloat16 else t
 
 
-def to_safetensors(blob: bytes | bytearray | memoryview, manifest: ManifestLike) -> bytes:
+def to_safetensors(blob: Blob, manifest: ManifestLike) -> bytes:
     """The update as a safetensors file: manifest names/shapes, wire dtypes, int8 scales as `name#scale`.
 
     The tensor bytes are reused as they are (one copy); metadata carries method, manifest hash and encoding.
