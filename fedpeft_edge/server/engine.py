@@ -349,7 +349,8 @@ class RoundEngine:
             self._accepted = []
         # The deadline first: whatever happens while handing out tasks, this round closes.
         self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.attempt))
-        self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)  # views: never written
+        # Large models go out as views of global_state: aggregation replaces its tensors, never writes them.
+        self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)
         if self.mode == "async":
             self._history.setdefault(self.version, self.global_state)
             self._fill(now)

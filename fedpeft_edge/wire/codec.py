@@ -513,17 +513,20 @@ def _sum_is_finite(t: torch.Tensor) -> bool:
 
 
 def _array_is_finite(arr: np.ndarray) -> bool:
-    acc = np.float64 if arr.dtype == np.float64 else np.float32
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends us to the exact check
-        return bool(np.isfinite(np.add.reduce(arr, axis=None, dtype=acc)))
+        return bool(np.isfinite(_sum(arr)))
 
 
 def _arrays_finite(arrays: list[np.ndarray]) -> bool:
     """_array_is_finite of each, under one errstate (entering one costs more than summing a bias vector)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        sums = [np.add.reduce(a, axis=None, dtype=np.float64 if a.dtype == np.float64 else np.float32)
-                for a in arrays if a.size]
+        sums = [_sum(a) for a in arrays if a.size]
     return bool(np.isfinite(sums).all()) if sums else True
+
+
+def _sum(arr: np.ndarray) -> Any:
+    """One read-only pass: NaN/inf anywhere make it non-finite (float32 accumulation unless float64)."""
+    return np.add.reduce(arr, axis=None, dtype=np.float64 if arr.dtype == np.float64 else np.float32)
 
 
 def _require_fp16_range(name: str, t: torch.Tensor) -> None:
