@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from fedpeft_edge.client.device import DeviceState
@@ -223,7 +224,7 @@ class DeviceLogic:
             model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
         )
 
-    def _train_window(self, task: RoundTask, slot: TrainingSlot, global_state: dict[str, Any],
+    def _train_window(self, task: RoundTask, slot: TrainingSlot, global_state: Mapping[str, Any],
                       t0: float) -> tuple[DeviceReport, dict[str, Any]]:
         """Inside activate() (which set the global tensors, decoded since t0): train, read the local tensors."""
         rt, st = self.runtime, self.state

@@ -18,7 +18,7 @@ import json
 import math
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -264,6 +264,7 @@ class _Plan:
     body_len: int
     uniform: str | None  # the one float dtype every slot has on the wire and in the manifest, else None
     counts: tuple[int, ...]  # elements per slot
+    names: tuple[str, ...]  # slot names, in order
 
 
 def _layout_plan(manifest: ManifestLike, encoding: str, digest: str | None = None) -> _Plan:
@@ -280,7 +281,8 @@ def _layout_plan(manifest: ManifestLike, encoding: str, digest: str | None = Non
     dtypes = {(s.dtype, s.wire) for s in slots}
     only = next(iter(dtypes)) if len(dtypes) == 1 else None
     uniform = only[0] if only and only[0] == only[1] and only[0] in _DIRECT else None
-    plan = _Plan(slots, body_len, uniform, tuple(s.nbytes // _DTYPES[s.wire].itemsize for s in slots))
+    plan = _Plan(slots, body_len, uniform, tuple(s.nbytes // _DTYPES[s.wire].itemsize for s in slots),
+                 tuple(s.name for s in slots))
     _LAYOUTS[key] = (manifest.tensors, plan)
     while len(_LAYOUTS) > _LAYOUT_CACHE:
         _LAYOUTS.pop(next(iter(_LAYOUTS)))
@@ -566,7 +568,7 @@ def decode_tensors(
     expected_hash: str | None = None,
     max_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     copy: bool | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """Tensors of a blob, in manifest order and dtype; header, hash and sizes checked before any tensor byte.
 
     `copy=None` copies only from read-only buffers (bytes); a writable buffer (a reassembled transfer) is
@@ -586,17 +588,50 @@ def decode_tensors(
     return out
 
 
-def _decode_uniform(plan: _Plan, body: memoryview, share: bool) -> dict[str, torch.Tensor]:
-    """All slots one float dtype, sent as is: one finiteness pass, at most one copy, views split off it."""
+def _decode_uniform(plan: _Plan, body: memoryview, share: bool) -> FlatTensors:
+    """All slots one float dtype, sent as is: one finiteness pass, at most one copy, one flat tensor."""
     src = np.frombuffer(body, dtype=_DTYPES[plan.uniform or ""].numpy)
     if src.size and not _array_is_finite(src):
         for slot, count in zip(plan.slots, plan.counts, strict=True):  # exact, per tensor, naming it
             part = src[slot.offset // src.itemsize:][:count]
             _require_finite(slot.name, torch.from_numpy(part.copy()))
-    dst = src if share else src.copy()
-    parts = torch.from_numpy(dst).split(list(plan.counts)) if plan.counts else ()
-    return {slot.name: t if len(slot.shape) == 1 else t.view(slot.shape)  # a view costs ~2 us: skip for 1-D
-            for slot, t in zip(plan.slots, parts, strict=True)}
+    return FlatTensors(torch.from_numpy(src if share else src.copy()), plan)
+
+
+class FlatTensors(Mapping[str, torch.Tensor]):
+    """A uniform blob's tensors as ONE flat tensor (`flat`, manifest order), split into per-name views only
+    when one is asked for. The server's running mean adds `flat` in one call and never asks: decoding a
+    220 KB update of 100 tensors took 329 us with its views built and 62 us without (one core)."""
+
+    __slots__ = ("_plan", "_views", "flat")
+
+    def __init__(self, flat: torch.Tensor, plan: _Plan) -> None:
+        self.flat = flat
+        self._plan = plan
+        self._views: dict[str, torch.Tensor] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._plan.names
+
+    def _split(self) -> dict[str, torch.Tensor]:
+        if self._views is None:
+            parts = self.flat.split(list(self._plan.counts)) if self._plan.counts else ()
+            self._views = {slot.name: t if len(slot.shape) == 1 else t.view(slot.shape)  # 1-D: skip a ~2 us view
+                           for slot, t in zip(self._plan.slots, parts, strict=True)}
+        return self._views
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._split()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plan.names)
+
+    def __len__(self) -> int:
+        return len(self._plan.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._plan.names
 
 
 def _read_header(blob: Blob, manifest: ManifestLike, expected_hash: str | None, max_bytes: int) -> _BlobHeader:

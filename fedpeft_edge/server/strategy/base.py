@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from fedpeft_edge.errors import ProtocolError
+from fedpeft_edge.wire.codec import FlatTensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,11 @@ def effective_local(name: str, g64: torch.Tensor, u: ClientUpdate) -> torch.Tens
 
 def consecutive_view(tensors: Mapping[str, torch.Tensor], order: Iterable[str], numel: int) -> torch.Tensor | None:
     """`tensors` (in `order`) as ONE flat view, if they lie one after another in memory, each contiguous, all
-    one dtype (as the codec decodes a uniform blob); else None. Pointer arithmetic only: nothing is copied."""
+    one dtype (as the codec decodes a uniform blob); else None. Pointer arithmetic only: nothing is copied.
+    A codec FlatTensors in this order is its `flat` tensor as it is: no per-name view is built."""
+    if isinstance(tensors, FlatTensors):  # decoded as one flat tensor: nothing to check but names and size
+        same = tensors.names == (order if isinstance(order, tuple) else tuple(order))
+        return tensors.flat if same and tensors.flat.numel() == numel else None
     it = iter(order)
     head = next(it, None)
     if head is None:
@@ -103,6 +108,7 @@ class RunningMean(Aggregation):
         self._numel = self._flat.numel()
         self._acc = {name: view.view(g.shape) for (name, g), view
                      in zip(global_state.items(), self._flat.split(sizes), strict=True)}
+        self._names = tuple(self._acc)
         self.total = 0
 
     def add(self, update: ClientUpdate) -> None:
@@ -110,7 +116,7 @@ class RunningMean(Aggregation):
             raise ProtocolError(f"update from {update.device_id} reports {update.num_samples} samples; "
                                 "every update needs num_samples > 0")
         if update.scale == 1.0 and not update.is_delta:  # the common case: no float64 copy of the update
-            flat = consecutive_view(update.tensors, self._acc, self._numel)
+            flat = consecutive_view(update.tensors, self._names, self._numel)
             if flat is not None:
                 self._flat.add_(flat, alpha=update.num_samples)
             else:

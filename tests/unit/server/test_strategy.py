@@ -78,6 +78,9 @@ def test_a_decoded_update_is_summed_as_one_view_with_the_same_result_as_per_tens
     assert consecutive_view(_state(1), glob, 17) is None  # two separate allocations
     swapped = dict(reversed(list(decoded.items())))
     assert consecutive_view(swapped, list(reversed(list(glob))), 17) is None  # not in the accumulator's order
+    assert consecutive_view(decoded, tuple(glob), 17) is getattr(decoded, "flat", None)  # as decoded: no views
+    assert consecutive_view(decoded, tuple(reversed(list(glob))), 17) is None
+    assert consecutive_view(decoded, tuple(glob), 16) is None
 
     flat, apart = RunningMean(FedAvg(), glob), RunningMean(FedAvg(), glob)
     flat.add(ClientUpdate("d1", 3, decoded))

@@ -13,6 +13,7 @@ from fedpeft_edge.transport.framing import pop_blob
 from fedpeft_edge.wire.chunk import Reassembler, split_payload
 from fedpeft_edge.wire.codec import (
     ZERO_COPY_MIN_BYTES,
+    FlatTensors,
     TensorParts,
     decode_message,
     decode_tensors,
@@ -133,3 +134,16 @@ def test_decoding_parts_in_process_reads_their_bytes() -> None:
     man = _manifest(state)
     back = decode_tensors(encode_parts(state, man), man)
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_a_uniform_blob_decodes_to_one_flat_tensor_with_lazy_views() -> None:
+    state = {"a.weight": torch.randn(4, 3), "b.bias": torch.randn(5), "c.scale": torch.randn(2, 1, 2)}
+    man = _manifest(state)
+    got = decode_tensors(bytes(encode_tensors(state, man)), man, copy=False)
+    assert isinstance(got, FlatTensors)
+    assert list(got) == list(state) and len(got) == 3 and "b.bias" in got and "nope" not in got
+    assert torch.equal(got.flat, torch.cat([v.reshape(-1) for v in state.values()]))
+    for k, v in state.items():
+        assert got[k].shape == v.shape and torch.equal(got[k], v)
+        assert got.flat.data_ptr() <= got[k].data_ptr() < got.flat.data_ptr() + got.flat.nbytes  # views of it
+    assert all(torch.equal(a, b) for a, b in zip(dict(got).values(), state.values(), strict=True))
