@@ -196,6 +196,12 @@ class CommArgs:
     inbox_max_messages: int = 65_536  # queued inbound packets; more are dropped (`inbox_full`), never waited for
     inbox_max_bytes: int = 64 * 1024 * 1024  # queued inbound payload bytes (at least one largest packet fits)
     max_pending_transfers: int = 4  # chunked transfers in flight per sender
+    # How a round's global model reaches the devices. "per_device": in every selected device's task (one copy
+    # per device leaves the server). "shared": published once per round on the run's model topic, which every
+    # device subscribes to; each selected device gets a small task naming it (a re-sent task still carries
+    # the tensors). The server then sends one copy instead of one per device, and every connected device,
+    # selected or not, receives each round's model: for runs that select most devices each round.
+    model_delivery: Literal["per_device", "shared"] = "per_device"
 
 
 @dataclasses.dataclass(frozen=True)

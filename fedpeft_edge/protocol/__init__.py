@@ -16,6 +16,7 @@ from fedpeft_edge.protocol.messages import (
     ProtocolMessage,
     RoundSync,
     RoundTask,
+    SharedModel,
     Timer,
     Update,
     parse,
@@ -26,5 +27,5 @@ from fedpeft_edge.protocol.report import DeviceReport, EvalReport
 __all__ = [
     "SERVER_ID", "DEVICE_MESSAGES", "MESSAGE_CLASSES", "SERVER_MESSAGES", "ClientStatus", "ConnectionReady",
     "DeviceErrorReport", "DeviceReport", "EvalReport", "Finish", "Join", "JoinAck", "Presence", "ProtocolMessage",
-    "RoundSync", "RoundTask", "Timer", "Update", "parse", "sender_of",
+    "RoundSync", "RoundTask", "SharedModel", "Timer", "Update", "parse", "sender_of",
 ]

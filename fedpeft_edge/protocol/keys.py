@@ -23,6 +23,7 @@ MSG_TYPE_S2C_JOIN_ACK = 102  # server accepts or refuses a join (MSG_ARG_KEY_ACC
 MSG_TYPE_C2S_ERROR = 103  # a device failed a round; the round goes on without it
 MSG_TYPE_PRESENCE = 104  # posted locally by the transport when a peer's retained presence changes
 MSG_TYPE_LOCAL_TIMER = 105  # posted locally (post_local) for deadlines and timers
+MSG_TYPE_S2C_MODEL = 106  # comm_args.model_delivery "shared": a round's global model, once, on the model topic
 
 # --- parameter keys -------------------------------------------------------------------------------------
 # FedML's (Message and MyMessage).
@@ -71,6 +72,9 @@ MSG_ARG_KEY_EPSILON = "epsilon"  # a device's privacy spend so far
 MSG_ARG_KEY_DEVICE_ID = "device_id"
 MSG_ARG_KEY_MODEL_VERSION = "model_version"  # the global model's version a task carries (async staleness)
 MSG_ARG_KEY_MODE = "round_mode"  # "sync" | "async"
+MSG_ARG_KEY_MODEL_ID = "model_id"  # shared delivery: the model message a task's tensors come in
+MSG_ARG_KEY_MODEL_BYTES = "model_bytes"  # shared delivery: that model's encoded size (how long to wait for it)
+BROADCAST = "*"  # the receiver of a shared model message: every device of the run
 
 STATUS_ONLINE = "ONLINE"
 STATUS_BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"  # a device spent its privacy budget and leaves later rounds

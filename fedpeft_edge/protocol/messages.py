@@ -35,8 +35,9 @@ from fedpeft_edge.protocol.fields import (
 )
 from fedpeft_edge.protocol.report import DeviceReport
 from fedpeft_edge.transport.fedml import Message
-from fedpeft_edge.wire.codec import TensorParts
+from fedpeft_edge.wire.codec import TensorParts, blob_nbytes
 
+MAX_BLOB_BYTES = 2**40  # a size field's bound (the transport bounds what actually arrives)
 MAX_PROFILE_CHARS = 64 * 1024  # a join's device profile (join spam must not fill the run log)
 MAX_DATA_STATS_CHARS = 256 * 1024
 MAX_MANIFEST_CHARS = 4 * 1024 * 1024
@@ -260,7 +261,11 @@ class JoinAck(ProtocolMessage):
 
 @dataclasses.dataclass(frozen=True)
 class RoundTask(ProtocolMessage):
-    """The server hands a device the global tensors for a round (FedML's S2C_SYNC_MODEL_TO_CLIENT)."""
+    """The server hands a device the global tensors for a round (FedML's S2C_SYNC_MODEL_TO_CLIENT).
+
+    With shared delivery (`model_id` set) the blob is empty: the tensors come in the SharedModel message of that
+    id, `model_bytes` long, published once for every device.
+    """
 
     msg_type: ClassVar[int] = K.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT
     receiver: str
@@ -274,18 +279,42 @@ class RoundTask(ProtocolMessage):
     model_version: int | None = None  # async: the version of the global model in the blob
     mode: str = "sync"
     sent_at: float | None = None
+    model_id: str | None = None  # shared delivery: the SharedModel message that carries the tensors
+    model_bytes: int | None = None  # ... and its encoded size
+
+    @property
+    def awaits_model(self) -> bool:
+        """The tensors are not in this task but in the shared model message `model_id`."""
+        return self.model_id is not None and not blob_nbytes(self.blob)
 
     def to_message(self) -> Any:
         params: dict[str, Any] = {
             K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self.attempt,
             K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_ENCODING: self.encoding,
             K.MSG_ARG_KEY_DEADLINE: self.deadline, K.MSG_ARG_KEY_CONFIG: {K.CONFIG_KEY_EVALUATE: self.evaluate},
-            K.MSG_ARG_KEY_MODE: self.mode, K.MSG_ARG_KEY_MODEL_PARAMS: self.blob,
+            K.MSG_ARG_KEY_MODE: self.mode,
             K.MSG_ARG_KEY_SENT_AT: self.sent_at if self.sent_at is not None else time.time(),
         }
+        if self.awaits_model:
+            params[K.MSG_ARG_KEY_MODEL_ID] = self.model_id
+            params[K.MSG_ARG_KEY_MODEL_BYTES] = self.model_bytes
+        else:
+            params[K.MSG_ARG_KEY_MODEL_PARAMS] = self.blob
         if self.model_version is not None:
             params[K.MSG_ARG_KEY_MODEL_VERSION] = self.model_version
         return _new(self.msg_type, _server_out(self.receiver), self.receiver, **params)
+
+    def with_model(self, model: SharedModel) -> RoundTask:
+        """This task with the tensors of the shared model it names (ProtocolError if `model` is another one)."""
+        if model.model_id != self.model_id or model.round != self.round:
+            raise fail(K.MSG_ARG_KEY_MODEL_ID, model.model_id, f"is not the model of this task ({self.model_id}, "
+                       f"round {self.round})", "wait for the model the task names")
+        got = blob_nbytes(model.blob)
+        if self.model_bytes is not None and got != self.model_bytes:
+            raise fail(K.MSG_ARG_KEY_MODEL_BYTES, got, f"differs from the task's {self.model_bytes}",
+                       "the server sent a different model under this id: it is refused")
+        return dataclasses.replace(self, blob=model.blob, manifest_hash=model.manifest_hash,
+                                   encoding=model.encoding)
 
     @classmethod
     def from_message(cls, msg: Any) -> RoundTask:
@@ -294,13 +323,18 @@ class RoundTask(ProtocolMessage):
         config = check_opt_mapping(p.get(K.MSG_ARG_KEY_CONFIG), K.MSG_ARG_KEY_CONFIG, 4096) or {}
         evaluate = config.get(K.CONFIG_KEY_EVALUATE, False)
         blob = p.get(K.MSG_ARG_KEY_MODEL_PARAMS)
-        if blob is None:
-            raise fail(K.MSG_ARG_KEY_MODEL_PARAMS, None, "is missing: the round task carries no tensors",
-                       "send the global tensors as the message's blob")
+        model_id = check_opt_text(p.get(K.MSG_ARG_KEY_MODEL_ID), K.MSG_ARG_KEY_MODEL_ID, 64)
+        if (blob is None) == (model_id is None):
+            raise fail(K.MSG_ARG_KEY_MODEL_PARAMS, type(blob).__name__, f"and {K.MSG_ARG_KEY_MODEL_ID} "
+                       f"{model_id!r}: a round task carries its tensors or names the shared model, one of the two",
+                       "send the global tensors as the message's blob, or a model_id with no blob")
         return cls(
             receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
             round=check_round(p.get(K.MSG_ARG_KEY_ROUND)),
-            blob=check_blob(blob, K.MSG_ARG_KEY_MODEL_PARAMS),
+            blob=check_blob(blob, K.MSG_ARG_KEY_MODEL_PARAMS) if blob is not None else b"",
+            model_id=model_id,
+            model_bytes=check_opt_int(p.get(K.MSG_ARG_KEY_MODEL_BYTES), K.MSG_ARG_KEY_MODEL_BYTES, 1,
+                                      MAX_BLOB_BYTES) if model_id is not None else None,
             manifest_hash=check_text(p.get(K.MSG_ARG_KEY_MANIFEST_HASH), K.MSG_ARG_KEY_MANIFEST_HASH, _HASH_CHARS),
             encoding=check_text(p.get(K.MSG_ARG_KEY_ENCODING), K.MSG_ARG_KEY_ENCODING, 32),
             deadline=check_opt_number(p.get(K.MSG_ARG_KEY_DEADLINE), K.MSG_ARG_KEY_DEADLINE, 0.0),
@@ -314,6 +348,52 @@ class RoundTask(ProtocolMessage):
 
 
 RoundSync = RoundTask  # FedML's name for the same message
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedModel(ProtocolMessage):
+    """comm_args.model_delivery "shared": a round's global tensors, published once for every device on the
+    run's model topic; the round's tasks name it by `model_id`. Signed by the server like any of its messages."""
+
+    msg_type: ClassVar[int] = K.MSG_TYPE_S2C_MODEL
+    model_id: str
+    round: int
+    blob: bytes | memoryview | TensorParts
+    manifest_hash: str
+    encoding: str
+    model_version: int | None = None
+
+    def to_message(self) -> Any:
+        params: dict[str, Any] = {
+            K.MSG_ARG_KEY_MODEL_ID: check_text(self.model_id, K.MSG_ARG_KEY_MODEL_ID, 64),
+            K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash,
+            K.MSG_ARG_KEY_ENCODING: self.encoding, K.MSG_ARG_KEY_MODEL_PARAMS: self.blob,
+        }
+        if self.model_version is not None:
+            params[K.MSG_ARG_KEY_MODEL_VERSION] = self.model_version
+        return _new(self.msg_type, K.SERVER_ID, K.BROADCAST, **params)
+
+    @classmethod
+    def from_message(cls, msg: Any) -> SharedModel:
+        p = _params(msg)
+        check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
+        if p.get(K.MSG_ARG_KEY_RECEIVER) != K.BROADCAST:
+            raise fail("receiver", p.get(K.MSG_ARG_KEY_RECEIVER), "is not the broadcast receiver",
+                       f"address a shared model to {K.BROADCAST!r}")
+        blob = p.get(K.MSG_ARG_KEY_MODEL_PARAMS)
+        if blob is None:
+            raise fail(K.MSG_ARG_KEY_MODEL_PARAMS, None, "is missing: the shared model carries no tensors",
+                       "send the global tensors as the message's blob")
+        return cls(
+            model_id=check_text(p.get(K.MSG_ARG_KEY_MODEL_ID), K.MSG_ARG_KEY_MODEL_ID, 64),
+            round=check_round(p.get(K.MSG_ARG_KEY_ROUND)),
+            blob=check_blob(blob, K.MSG_ARG_KEY_MODEL_PARAMS),
+            manifest_hash=check_text(p.get(K.MSG_ARG_KEY_MANIFEST_HASH), K.MSG_ARG_KEY_MANIFEST_HASH, _HASH_CHARS),
+            encoding=check_text(p.get(K.MSG_ARG_KEY_ENCODING), K.MSG_ARG_KEY_ENCODING, 32),
+            model_version=check_opt_int(p.get(K.MSG_ARG_KEY_MODEL_VERSION), K.MSG_ARG_KEY_MODEL_VERSION, 0,
+                                        10**9),
+        )
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,11 +481,11 @@ class ConnectionReady(ProtocolMessage):
 
 
 MESSAGE_CLASSES: dict[int, type[ProtocolMessage]] = {
-    c.msg_type: c for c in (Join, Update, DeviceErrorReport, ClientStatus, JoinAck, RoundTask, Finish, Presence,
-                            Timer, ConnectionReady)
+    c.msg_type: c for c in (Join, Update, DeviceErrorReport, ClientStatus, JoinAck, RoundTask, SharedModel, Finish,
+                            Presence, Timer, ConnectionReady)
 }
 DEVICE_MESSAGES = (Join, Update, DeviceErrorReport, ClientStatus)  # what a device may send the server
-SERVER_MESSAGES = (JoinAck, RoundTask, Finish)  # what the server may send a device
+SERVER_MESSAGES = (JoinAck, RoundTask, SharedModel, Finish)  # what the server may send a device
 
 
 def parse(msg: Any) -> ProtocolMessage:

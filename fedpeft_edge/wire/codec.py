@@ -91,6 +91,11 @@ class TensorParts:
 Blob = bytes | bytearray | memoryview | TensorParts  # what a message's binary param may be
 
 
+def blob_nbytes(blob: Blob | None) -> int:
+    """How many bytes a blob puts on the wire (0 for none)."""
+    return 0 if blob is None else blob.nbytes if isinstance(blob, TensorParts) else memoryview(blob).nbytes
+
+
 # --- message frame -----------------------------------------------------------------------------------
 
 
@@ -112,7 +117,7 @@ def message_parts(params: Mapping[str, Any], blob: Blob | None = None) -> list[b
         raise CodecError(
             f"message header is {len(header)} bytes, over {MAX_HEADER_BYTES}; move bulk data to the blob"
         )
-    blob_len = 0 if blob is None else blob.nbytes if isinstance(blob, TensorParts) else memoryview(blob).nbytes
+    blob_len = blob_nbytes(blob)
     flags = 0 if blob is None else _FLAG_BLOB
     head = _FRAME.pack(MESSAGE_MAGIC, VERSION, flags, 0, len(header), blob_len)
     parts: list[bytes | memoryview] = [head, header]

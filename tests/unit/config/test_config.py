@@ -34,6 +34,7 @@ def test_defaults_and_frozen() -> None:
         ({"comm_args": {"chunk_bytes": 100}}, "comm_args.chunk_bytes"),
         ({"comm_args": {"min_link_rate_bps": 0}}, "comm_args.min_link_rate_bps"),
         ({"comm_args": {"inflight_bytes": -1}}, "comm_args.inflight_bytes"),
+        ({"comm_args": {"model_delivery": "broadcast"}}, "comm_args.model_delivery"),
         ({"train_args": {"client_num_per_round": 9, "client_num_in_total": 4}}, "client_num_per_round"),
         ({"model_args": {"weights": "file"}}, "checkpoint_path"),
         ({"dp_args": {"enabled": True}}, "noise_multiplier"),

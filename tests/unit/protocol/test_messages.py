@@ -21,6 +21,7 @@ from fedpeft_edge.protocol import (
     JoinAck,
     Presence,
     RoundTask,
+    SharedModel,
     Timer,
     Update,
     parse,
@@ -142,3 +143,30 @@ def test_device_round_fields_keep_the_devices_timings() -> None:
     assert (fields["set_state_s"], fields["encode_s"], fields["train_s"]) == (0.12, 0.03, 1.5)
     back = DeviceReport.from_record(fields)
     assert (back.set_state_s, back.encode_s, back.train_s, back.download_s) == (0.12, 0.03, 1.5, 1.2)
+
+
+def test_shared_model_and_a_task_naming_it_round_trip() -> None:
+    m = SharedModel(model_id="abc", round=3, blob=b"\x01\x02", manifest_hash="h", encoding="fp32", model_version=2)
+    assert m.to_message().get_receiver_id() == K.BROADCAST
+    back = parse(m.to_message())
+    assert isinstance(back, SharedModel) and back.model_id == "abc" and bytes(back.blob) == b"\x01\x02"
+    t = RoundTask(receiver="d1", round=3, blob=b"", manifest_hash="h", encoding="fp32", model_id="abc",
+                  model_bytes=2)
+    got = parse(t.to_message())
+    assert isinstance(got, RoundTask) and got.awaits_model and got.model_id == "abc" and got.model_bytes == 2
+    assert bytes(got.with_model(back).blob) == b"\x01\x02"
+
+
+def test_a_task_with_both_or_neither_tensors_and_model_id_is_refused() -> None:
+    t = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
+    t.add_params(K.MSG_ARG_KEY_MODEL_ID, "abc")
+    with pytest.raises(ProtocolError, match="model_id"):
+        parse(t)
+    bare = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
+    del bare.get_params()[K.MSG_ARG_KEY_MODEL_PARAMS]
+    with pytest.raises(ProtocolError, match="one of the two"):
+        parse(bare)
+    m = SharedModel(model_id="abc", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
+    m.add_params(K.MSG_ARG_KEY_RECEIVER, "d1")
+    with pytest.raises(ProtocolError, match="broadcast"):
+        parse(m)
