@@ -5,12 +5,15 @@ The MQTT and the in-memory comm managers frame a message the same way, so the by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft_edge.errors import CodecError
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.wire.codec import BLOB_KEY_PARAM, TensorParts
+
+if TYPE_CHECKING:
+    from fedpeft_edge.config import CommArgs
 
 REQUIRED_KEYS = (M.MSG_ARG_KEY_TYPE, M.MSG_ARG_KEY_SENDER, M.MSG_ARG_KEY_RECEIVER)
 # Keys the blob may not be put back under (it would overwrite the frame's own fields).
@@ -77,3 +80,9 @@ def round_of(params: dict[str, Any]) -> int | None:
     """The round a message's params name, if any (for metering)."""
     value = params.get(M.MSG_ARG_KEY_ROUND)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def ack_timeout_s(comm_args: CommArgs, bytes_ahead: int) -> float:
+    """How long a packet's PUBACK may take: comm_args.publish_timeout_s plus the time `bytes_ahead` (the
+    packet and whatever unacknowledged bytes precede it) take at comm_args.min_link_rate_bps."""
+    return comm_args.publish_timeout_s + 8 * bytes_ahead / comm_args.min_link_rate_bps

@@ -94,6 +94,13 @@ class MemoryBus:
             self._queue.append(delivery)
             self._cond.notify_all()
 
+    def broadcast(self, sender: str, frame: bytes, sent_at: float) -> None:
+        """One delivery of `frame` to every node but the sender, in node-id order."""
+        with self._cond:
+            for key in sorted(k for k in self._nodes if k != sender):
+                self._queue.append(_Delivery(key, sender, frame, sent_at=sent_at))
+            self._cond.notify_all()
+
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -193,10 +200,15 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
             end=time.time(),
         )
         self.meter.record(rec)
-        self.bus.put(_Delivery(str(receiver), str(self.node_id), frame, sent_at=start))
+        if receiver == M.BROADCAST:
+            self.bus.broadcast(str(self.node_id), frame, start)
+        else:
+            self.bus.put(_Delivery(str(receiver), str(self.node_id), frame, sent_at=start))
         return rec
 
     def _check_route(self, receiver: Any) -> None:
+        if self.is_server and receiver == M.BROADCAST:
+            return  # a shared model: to every device on the bus (as every device subscribes to the model topic)
         if self.is_server and (receiver is None or str(receiver) == str(M.SERVER_ID)):
             raise TransportError(f"server cannot send to receiver {receiver!r}; address a device id")
         if not self.is_server and str(receiver) != str(M.SERVER_ID):

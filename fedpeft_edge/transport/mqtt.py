@@ -34,7 +34,14 @@ from fedpeft_edge.protocol import ConnectionReady, Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.drops import DropLog, DroppedMessage
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
-from fedpeft_edge.transport.framing import check_frame, is_scalar, message_from_frame, pop_blob, round_of
+from fedpeft_edge.transport.framing import (
+    ack_timeout_s,
+    check_frame,
+    is_scalar,
+    message_from_frame,
+    pop_blob,
+    round_of,
+)
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import (
     ENVELOPE_BYTES,
@@ -218,6 +225,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._sub_topics = [self.topics.all_d2s(), self.topics.all_presence()]
         else:
             self._sub_topics = [self.topics.s2d(self.node_id), self.topics.presence(M.SERVER_ID)]
+            if self.args.model_delivery == "shared":
+                self._sub_topics.append(self.topics.model())
         # Connected means subscribed: what is published after the constructor returns must reach us, also
         # on a broker cluster where a subscription takes a moment to spread to the other nodes.
         _rc, self._sub_mid = client.subscribe([(t, 1) for t in self._sub_topics])
@@ -418,6 +427,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     def _route(self, params: dict[str, Any]) -> tuple[str, str]:
         receiver = params.get(M.MSG_ARG_KEY_RECEIVER)
         if self.is_server:
+            if receiver == M.BROADCAST and params.get(M.MSG_ARG_KEY_TYPE) == M.MSG_TYPE_S2C_MODEL:
+                return self.topics.model(), M.BROADCAST
             if receiver is None or str(receiver) == str(M.SERVER_ID):
                 raise TransportError(f"server cannot send to receiver {receiver!r}; address a device id")
             return self.topics.s2d(receiver), str(receiver)
@@ -559,15 +570,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         kind, node = parsed
         if kind == "presence":
             return self._presence(node, item)
-        mine = kind == "d2s" if self.is_server else (kind == "s2d" and node == str(self.node_id))
+        shared = kind == "model" and not self.is_server
+        mine = kind == "d2s" if self.is_server else (kind == "s2d" and node == str(self.node_id)) or shared
         if not mine:
             log.debug("ignoring a message on %s (not addressed to node %s)", item.topic, self.node_id)
             return None
         if not self.is_server:
             node = str(M.SERVER_ID)  # a device's s2d topic names the device; the peer is the server
-        return self._decode(node, item)
+        return self._decode(node, item, M.BROADCAST if shared else str(self.node_id))
 
-    def _decode(self, node: str, item: _Inbound) -> Any:
+    def _decode(self, node: str, item: _Inbound, me: str) -> Any:
         payload, sizes, start = self._assemble(node, item)
         if payload is None:
             return None
@@ -578,7 +590,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._record_in(node, {}, sizes, start, item.arrived, len(payload))
             raise
         self._record_in(node, params, sizes, start, item.arrived, len(payload))
-        return self._to_message(node, params, blob)
+        return self._to_message(node, params, blob, me)
 
     def _open(self, node: str, topic: str, payload: bytes | bytearray, replay: bool = True) -> memoryview:
         """The frame of a payload: a signed one verified (and checked against replay), an unsigned one only
@@ -632,8 +644,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             start=start, end=end,
         ))
 
-    def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None) -> Any:
-        check_frame(node, params, str(self.node_id))
+    def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None, me: str) -> Any:
+        check_frame(node, params, me)
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         if msg_id is not None:
             if (node, str(msg_id)) in self._seen:
@@ -662,12 +674,6 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._echo_due = True  # sent from poll(), so a burst of devices coming online costs one echo
         return Presence(node=node, online=online, since=float(body["time"]),
                         receiver=str(self.node_id)).to_message()
-
-
-def ack_timeout_s(comm_args: CommArgs, bytes_ahead: int) -> float:
-    """How long a packet's PUBACK may take: comm_args.publish_timeout_s plus the time `bytes_ahead` (the
-    packet and whatever unacknowledged bytes precede it) take at comm_args.min_link_rate_bps."""
-    return comm_args.publish_timeout_s + 8 * bytes_ahead / comm_args.min_link_rate_bps
 
 
 def _presence_body(node: str, frame: memoryview) -> dict[str, Any]:

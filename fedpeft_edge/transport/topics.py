@@ -1,10 +1,11 @@
-"""Per-run MQTT topics: server->device, device->server, and each node's retained presence."""
+"""Per-run MQTT topics: server->device, device->server, each node's retained presence, and the shared model."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from fedpeft_edge.errors import TransportError
+from fedpeft_edge.protocol.keys import SERVER_ID
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
@@ -20,7 +21,8 @@ def _check_level(what: str, value: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Topics:
-    """Topic names of one run: `{prefix}/{run_id}/{s2d|d2s|presence}/{node_id}`."""
+    """Topic names of one run: `{prefix}/{run_id}/{s2d|d2s|presence}/{node_id}`, and `{prefix}/{run_id}/model/0`
+    (the server's shared model, comm_args.model_delivery "shared")."""
 
     prefix: str
     run_id: str
@@ -45,6 +47,10 @@ class Topics:
         """A node's retained presence ("ONLINE"; "OFFLINE" as its last will)."""
         return f"{self.root}/presence/{_check_level('node id', str(node_id))}"
 
+    def model(self) -> str:
+        """Server -> every device: a round's global model, once (comm_args.model_delivery "shared")."""
+        return f"{self.root}/model/{SERVER_ID}"
+
     def all_d2s(self) -> str:
         """What the server subscribes to for updates."""
         return f"{self.root}/d2s/+"
@@ -59,6 +65,6 @@ class Topics:
         if not topic.startswith(head):
             return None
         parts = topic[len(head):].split("/")
-        if len(parts) != 2 or parts[0] not in ("s2d", "d2s", "presence") or not parts[1]:
+        if len(parts) != 2 or parts[0] not in ("s2d", "d2s", "presence", "model") or not parts[1]:
             return None
         return parts[0], parts[1]

@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import TransportError
+from fedpeft_edge.protocol import SharedModel, parse
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
 from fedpeft_edge.transport.drops import DroppedMessage
@@ -134,3 +135,45 @@ def test_tls_broker_refuses_clients_without_a_certificate(tmp_path: Path) -> Non
         no_cert = {k: v for k, v in creds.items() if k not in ("tls_cert_file", "tls_key_file")}
         with pytest.raises(TransportError):
             MqttCommManager(_args(broker.port, no_cert), "r", "dev-a", connect_timeout_s=3.0)
+
+
+def test_the_shared_model_reaches_every_device_signed_and_only_the_server_writes_it(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "prov", ["dev-a", "dev-b"], run_id="run4")
+    with start_broker(secure_dir=prov.root) as broker:
+        shared = {"model_delivery": "shared"}
+        server = MqttCommManager(_args(broker.port, _creds(prov.root, "0"), **shared), "run4", M.SERVER_ID)
+        devs = {d: MqttCommManager(_args(broker.port, _creds(prov.root, d), **shared), "run4", d)
+                for d in ("dev-a", "dev-b")}
+        got: dict[str, list[Any]] = {d: [] for d in devs}
+        for d, mgr in devs.items():
+            class Obs:
+                def __init__(self, sink: list[Any]) -> None:
+                    self.sink = sink
+
+                def receive_message(self, t: Any, m: Any) -> None:
+                    if t == M.MSG_TYPE_S2C_MODEL:
+                        self.sink.append(parse(m))
+
+            mgr.add_observer(Obs(got[d]))
+        try:
+            blob = bytes(range(256)) * 40
+            model = SharedModel(model_id="m1", round=1, blob=blob, manifest_hash="h" * 64, encoding="fp32")
+            rec = server.send_message(model.to_message())
+            assert rec.peer == M.BROADCAST and rec.chunks == 1
+            for d, mgr in devs.items():
+                _serve_until(mgr, lambda d=d: bool(got[d]))
+                (m,) = got[d]
+                assert isinstance(m, SharedModel) and m.model_id == "m1" and bytes(m.blob) == blob
+            # A device may read the model topic, never write it: the broker's ACL drops a device's publish.
+            a = _creds(prov.root, "dev-a")
+            forger, _ = _client(broker.port, a["username"], a["password"])
+            forger.publish(Topics("fedpeft", "run4").model(), b"forged model", qos=1).wait_for_publish(5)
+            time.sleep(1.0)
+            for d, mgr in devs.items():
+                mgr.poll(timeout_s=0.5)
+                assert len(got[d]) == 1, f"{d} received a model a device published"
+            forger.disconnect()
+            forger.loop_stop()
+        finally:
+            for mgr in (*devs.values(), server):
+                mgr.close()
