@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,7 @@ from fedpeft_edge.protocol import (
     Presence,
     ProtocolMessage,
     RoundTask,
+    SharedModel,
     Timer,
     Update,
 )
@@ -54,7 +56,7 @@ from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogW
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
 from fedpeft_edge.server.strategy import Aggregation, Strategy
-from fedpeft_edge.wire.codec import TensorParts, encode_update
+from fedpeft_edge.wire.codec import TensorParts, blob_nbytes, encode_update
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,15 @@ class RunSpec:
     checkpoint_every: int = 1
     model_desc: str = ""  # "model X, weights Y" for refusal texts
     bytes_kind: str = "wire"  # what the traffic figures count: "wire" (MQTT) or "encoded" (in-process simulation)
+    model_delivery: str = "per_device"  # comm_args.model_delivery: "shared" sends each round's model once
 
     @classmethod
     def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire") -> RunSpec:
         return cls(cfg.train_args, cfg.common_args.random_seed, cfg.common_args.run_id, manifest, fingerprint,
                    cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
                    cfg.tracking_args.checkpoint_every,
-                   f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind)
+                   f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind,
+                   cfg.comm_args.model_delivery)
 
 
 @dataclasses.dataclass
@@ -121,6 +125,11 @@ class RoundEngine:
         self._agg: Aggregation | None = None
         self._accepted: list[Accepted] = []
         self._blob: bytes | memoryview | TensorParts = b""
+        # shared delivery: the id of the model message that carries _blob, when it was sent, and when each
+        # device last joined (a device that joined later never received it: its task carries the tensors)
+        self._model_id: str | None = None
+        self._model_at = 0.0
+        self._joined_at: dict[str, float] = {}
         # async state
         self._busy: dict[str, _Busy] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
@@ -209,6 +218,7 @@ class RoundEngine:
         dev.accepted, dev.exhausted = reason is None, msg.exhausted
         dev.profile, dev.data_stats = msg.profile or {}, msg.data_stats or {}
         dev.declared_samples = msg.num_samples
+        self._joined_at[msg.sender] = now
         self.rounds.set_online(msg.sender, True)
         self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
                           client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
@@ -235,11 +245,11 @@ class RoundEngine:
             self.drops.drop(device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
                             f"{self.args.resend_rate_per_round} task re-sends this round")
             return
-        dev.resends += 1
+        dev.resends += 1  # a re-sent task carries the tensors: the device may have missed the shared model
         if self.mode == "async":
-            self._give_task(device_id, now)
+            self._give_task(device_id, now, full=True)
         else:
-            self._out.append(self._task(device_id, cur, now))
+            self._out.append(self._task(device_id, cur, now, full=True))
 
     def _on_presence(self, msg: Presence) -> None:
         dev = self.rounds.devices.get(msg.node)
@@ -351,6 +361,7 @@ class RoundEngine:
         self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.attempt))
         # Large models go out as views of global_state: aggregation replaces its tensors, never writes them.
         self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)
+        self._share_model(cur, now)
         if self.mode == "async":
             self._history.setdefault(self.version, self.global_state)
             self._fill(now)
@@ -362,12 +373,27 @@ class RoundEngine:
         self.runlog.write("round_open", round=cur.index, attempt=cur.attempt, selected=selected,
                           deadline=cur.deadline, opened_at=cur.opened_at, mode=self.mode)
 
-    def _task(self, device_id: str, cur: OpenRound, now: float, attempt: int | None = None) -> RoundTask:
+    def _share_model(self, cur: OpenRound, now: float) -> None:
+        """Shared delivery: the round's model goes out once, before its tasks, to every device."""
+        if self.spec.model_delivery != "shared":
+            return
+        self._model_id, self._model_at = uuid.uuid4().hex, now
+        self._out.append(SharedModel(model_id=self._model_id, round=cur.index, blob=self._blob,
+                                     manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
+                                     model_version=self.version))
+
+    def _task(self, device_id: str, cur: OpenRound, now: float, attempt: int | None = None,
+              full: bool = False) -> RoundTask:
+        """A device's task; with shared delivery it names the shared model instead of carrying it, unless
+        `full` or the device joined after that model went out."""
+        shared = (self._model_id is not None and not full
+                  and self._joined_at.get(device_id, math.inf) <= self._model_at)
         return RoundTask(
             receiver=device_id, round=cur.index, attempt=cur.attempt if attempt is None else attempt,
-            blob=self._blob, manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
+            blob=b"" if shared else self._blob, manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
             deadline=cur.deadline if self.mode == "sync" else now + self.args.round_timeout_s,
             evaluate=self._device_eval(cur.index), model_version=self.version, mode=self.mode, sent_at=now,
+            model_id=self._model_id if shared else None, model_bytes=blob_nbytes(self._blob) if shared else None,
         )
 
     def _device_eval(self, round_idx: int) -> bool:
@@ -545,13 +571,13 @@ class RoundEngine:
         for i in order[:free]:
             self._give_task(idle[i], now)
 
-    def _give_task(self, device_id: str, now: float) -> None:
+    def _give_task(self, device_id: str, now: float, full: bool = False) -> None:
         cur = self.rounds.current
         if cur is None:
             return
         self._task_seq += 1
         self._busy[device_id] = _Busy(cur.index, self.version, now)
-        self._out.append(self._task(device_id, cur, now, attempt=self._task_seq))
+        self._out.append(self._task(device_id, cur, now, attempt=self._task_seq, full=full))
 
     def _on_async_update(self, msg: Update) -> None:
         now = self.clock.now()
@@ -622,3 +648,4 @@ class RoundEngine:
         except Exception:
             log.exception("recording async round %d failed; the run goes on", cur.index)
         self._next(cur, ok=False)
+

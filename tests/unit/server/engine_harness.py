@@ -61,7 +61,8 @@ def state(seed: int) -> dict[str, torch.Tensor]:
 class Harness:
     """Drives one engine; `out` collects everything it asked to send."""
 
-    def __init__(self, run_dir: Path, resume: bool = False, checkpoints: Any = None, **train: Any) -> None:
+    def __init__(self, run_dir: Path, resume: bool = False, checkpoints: Any = None,
+                 model_delivery: str = "per_device", **train: Any) -> None:
         args: dict[str, Any] = dict(client_num_in_total=4, client_num_per_round=3, comm_round=3, min_devices=3,
                                     min_updates=2, round_timeout_s=10.0, join_timeout_s=30.0)
         args.update(train)
@@ -70,7 +71,8 @@ class Harness:
         self.clock = FakeClock()
         self.timers = HandTimers()
         self.runlog = RunLog(run_dir)
-        spec = RunSpec(self.args, seed=5, run_id="t", manifest=MANIFEST, fingerprint=FINGERPRINT, num_classes=10)
+        spec = RunSpec(self.args, seed=5, run_id="t", manifest=MANIFEST, fingerprint=FINGERPRINT, num_classes=10,
+                       model_delivery=model_delivery)
         self.engine = RoundEngine(
             spec, state(0), build_strategy(self.args), clock=self.clock, timers=self.timers, runlog=self.runlog,
             checkpoints=checkpoints or DirCheckpoints(run_dir, MANIFEST, FINGERPRINT, "t"),
