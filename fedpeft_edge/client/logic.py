@@ -7,6 +7,11 @@ worker thread; `classify_sync()` is the quick decision taken on the receive loop
 Liveness (#12.6): the device trains at most once per round (its privacy budget is spent per round). A repeated
 sync for the round it already answered resends the stored reply, at most `train_args.resend_rate_per_round`
 times; a sync for an older round, or for the round it is training right now, is ignored.
+
+Shared model delivery (comm_args.model_delivery "shared"): a task may name the round's SharedModel instead of
+carrying the tensors. The device keeps the latest shared model it received; a task whose model has not arrived
+waits for it (`take_model`, `on_model`), and when the host's wait runs out (`model_missing`) the device joins
+again, which makes the server re-send the task with the tensors in it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from fedpeft_edge.protocol import (
     Presence,
     ProtocolMessage,
     RoundTask,
+    SharedModel,
     Update,
 )
 from fedpeft_edge.protocol.keys import STATUS_BUDGET_EXHAUSTED, STATUS_ONLINE
@@ -80,6 +86,8 @@ class DeviceLogic:
         self._last_task = (-1, 0)  # the last task this device trained (or failed) for
         self._last_reply: Reply | None = None
         self._resends = 0
+        self._model: SharedModel | None = None  # the latest shared model received
+        self._waiting: RoundTask | None = None  # a task to train once its shared model arrives
 
     @property
     def device_id(self) -> str:
@@ -88,10 +96,14 @@ class DeviceLogic:
     # --- dispatch -------------------------------------------------------------------------------------------
     def handle(self, msg: ProtocolMessage) -> list[ProtocolMessage]:
         """Every message inline (training included): the replies to send. The simulator's path."""
+        if isinstance(msg, SharedModel):
+            task = self.on_model(msg)
+            return self.train(task) if task is not None else []
         if isinstance(msg, RoundTask):
             action, reply = self.classify_sync(msg)
             if action is SyncAction.TRAIN:
-                return self.train(msg)
+                ready = self.take_model(msg)
+                return self.train(ready) if ready is not None else []
             return [reply] if reply is not None else []
         return self.handle_control(msg)
 
@@ -146,6 +158,10 @@ class DeviceLogic:
         """Decide (quickly, thread-safe) whether to train, resend the stored reply, or ignore this task."""
         key = _task_key(task)
         with self._lock:
+            waiting = self._waiting
+            if waiting is not None and _task_key(waiting) == key and not task.awaits_model:
+                self._waiting = None  # the task re-sent with its tensors, while its shared model was still due
+                return SyncAction.TRAIN, None
             if self._training == key or key < self._last_task:
                 log.info("%s: task for round %d ignored (%s)", self.device_id, task.round,
                          "training it now" if self._training == key else f"trained {self._last_task[0]}")
@@ -159,6 +175,52 @@ class DeviceLogic:
                 return SyncAction.IGNORE, None
             self._training = key
             return SyncAction.TRAIN, None
+
+    # --- shared model delivery ----------------------------------------------------------------------------
+    def take_model(self, task: RoundTask) -> RoundTask | None:
+        """The task classify_sync() said to train, with its tensors; None while its shared model is still due."""
+        if not task.awaits_model:
+            return task
+        with self._lock:
+            ready = self._with_model(task, self._model)
+            if ready is None:
+                self._waiting = task
+            return ready
+
+    def on_model(self, model: SharedModel) -> RoundTask | None:
+        """Keep a shared model; the task that waited for it, now with its tensors, if there is one."""
+        with self._lock:
+            self._model = model
+            waiting = self._waiting
+            ready = self._with_model(waiting, model) if waiting is not None else None
+            if ready is not None:
+                self._waiting = None
+            return ready
+
+    def model_missing(self, round_idx: int | None, attempt: int | None) -> list[ProtocolMessage]:
+        """The host's wait for a task's shared model ran out: give the task up and join again, so the server
+        re-sends it with the tensors (a re-sent task always carries them)."""
+        with self._lock:
+            task = self._waiting
+            if task is None or (task.round, task.attempt) != (round_idx, attempt):
+                return []
+            self._waiting, self._training = None, None
+        log.warning("%s: the shared model %s of round %d did not arrive; asking for the task again",
+                    self.device_id, task.model_id, task.round)
+        return [self.join()]
+
+    def _with_model(self, task: RoundTask, model: SharedModel | None) -> RoundTask | None:
+        """`task` with `model`'s tensors if `model` is the one it names (caller holds the lock)."""
+        if model is None or model.model_id != task.model_id:
+            return None
+        try:
+            ready = task.with_model(model)
+        except ProtocolError as exc:
+            log.warning("%s: shared model refused: %s", self.device_id, exc)
+            return None
+        if task.mode == "sync":
+            self._model = None  # one task per round uses it; an async device may get another task on it
+        return ready
 
     def _resend(self, round_idx: int) -> tuple[SyncAction, Reply | None]:
         if self._resends >= self._max_resends or self._last_reply is None:

@@ -3,23 +3,41 @@
 The receive loop (`run()`, never paho's network thread) parses each message (protocol.parse checks every
 field), handles control messages itself and hands training to `pool` (a bounded executor shared by the devices
 of a fleet), so a device that trains does not stop its own or its neighbours' traffic. Without a pool (the
-simulator) training runs inline, in delivery order.
+simulator) training runs inline, in delivery order. A task that names a shared model not received yet waits
+for it on a timer (comm_args.publish_timeout_s plus the model's bytes at min_link_rate_bps, at most half the
+time left to the deadline); when it fires, the device asks for the task again (DeviceLogic.model_missing).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from concurrent.futures import Executor
 from typing import Any
 
 from fedpeft_edge.client.logic import EXIT_FINISHED, EXIT_REFUSED, DeviceLogic, SyncAction
 from fedpeft_edge.config import CommArgs
-from fedpeft_edge.protocol import ConnectionReady, Finish, JoinAck, Presence, ProtocolMessage, RoundTask, Update, parse
+from fedpeft_edge.protocol import (
+    ConnectionReady,
+    Finish,
+    JoinAck,
+    Presence,
+    ProtocolMessage,
+    RoundTask,
+    SharedModel,
+    Timer,
+    Update,
+    parse,
+)
+from fedpeft_edge.transport.framing import ack_timeout_s
 from fedpeft_edge.transport.manager import BackendFactory, FedPeftCommManager, guarded
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXIT_FINISHED", "EXIT_REFUSED", "DeviceManager"]
+
+MODEL_WAIT = "model_wait"
 
 
 class DeviceManager(FedPeftCommManager):
@@ -29,6 +47,7 @@ class DeviceManager(FedPeftCommManager):
                  backend: BackendFactory | None = None) -> None:
         self.logic = logic
         self.pool = pool
+        self._comm = comm_args
         super().__init__(comm_args, run_id, logic.device_id, meter=logic.meter, backend=backend)
         self.register_message_receive_handlers()
 
@@ -41,7 +60,7 @@ class DeviceManager(FedPeftCommManager):
         return self.logic.refusal
 
     def register_message_receive_handlers(self) -> None:
-        for cls in (ConnectionReady, Presence, JoinAck, Finish, RoundTask):
+        for cls in (ConnectionReady, Presence, JoinAck, Finish, RoundTask, SharedModel, Timer):
             self.register_message_receive_handler(cls.msg_type, guarded(self._dispatch))
 
     def _dispatch(self, msg: Any) -> None:
@@ -49,6 +68,15 @@ class DeviceManager(FedPeftCommManager):
         typed = parse(msg)
         if isinstance(typed, RoundTask):
             self._on_task(typed)
+            return
+        if isinstance(typed, SharedModel):
+            ready = self.logic.on_model(typed)
+            if ready is not None:
+                self._start(ready)
+            return
+        if isinstance(typed, Timer):
+            if typed.name == MODEL_WAIT:
+                self._send_all(self.logic.model_missing(typed.round, typed.attempt))
             return
         self._send_all(self.logic.handle_control(typed))
         if self.logic.finished:
@@ -59,10 +87,28 @@ class DeviceManager(FedPeftCommManager):
         if action is SyncAction.RESEND and reply is not None:
             self._send_all([reply])
         elif action is SyncAction.TRAIN:
-            if self.pool is None:
-                self._train(task)
+            ready = self.logic.take_model(task)
+            if ready is not None:
+                self._start(ready)
             else:
-                self.pool.submit(self._train, task)
+                self._wait_for_model(task)
+
+    def _start(self, task: RoundTask) -> None:
+        if self.pool is None:
+            self._train(task)
+        else:
+            self.pool.submit(self._train, task)
+
+    def _wait_for_model(self, task: RoundTask) -> None:
+        wait = ack_timeout_s(self._comm, task.model_bytes or 0)
+        if task.deadline is not None:
+            wait = min(wait, max(1.0, (task.deadline - time.time()) / 2))
+        log.info("%s: round %d waits up to %.1f s for shared model %s", self.logic.device_id, task.round, wait,
+                 task.model_id)
+        timer = Timer(name=MODEL_WAIT, round=task.round, attempt=task.attempt, node=self.logic.device_id)
+        t = threading.Timer(wait, self.post_local, args=(timer.to_message(),))
+        t.daemon = True
+        t.start()
 
     def _train(self, task: RoundTask) -> None:
         if self.logic.finished:  # the run ended while this task waited for a worker

@@ -19,6 +19,7 @@ from fedpeft_edge.protocol import (
     JoinAck,
     Presence,
     RoundTask,
+    SharedModel,
     Update,
 )
 from fedpeft_edge.wire.codec import encode_tensors
@@ -114,3 +115,57 @@ def test_join_on_server_presence_once_per_session(runtime: SharedRuntime) -> Non
     assert len(logic.handle(ready)) == 1  # a reconnect while the server is up
     logic.handle(JoinAck(receiver="r3", accepted=False, reason="wrong backbone"))
     assert logic.finished and logic.exit_code == 3 and logic.refusal == "wrong backbone"
+
+
+def _shared(rt: SharedRuntime, round_idx: int, model_id: str = "m1", **kw: Any) -> tuple[RoundTask, SharedModel]:
+    """A task naming a shared model, and that model."""
+    blob = encode_tensors(rt.initial_state, rt.manifest, "fp32")
+    model = SharedModel(model_id=model_id, round=round_idx, blob=blob, manifest_hash=rt.manifest.hash,
+                        encoding="fp32")
+    task = RoundTask(receiver=kw.pop("receiver", "s0"), round=round_idx, manifest_hash=rt.manifest.hash,
+                     encoding="fp32", blob=b"", model_id=model_id, model_bytes=kw.pop("model_bytes", len(blob)),
+                     deadline=time.time() + 60, **kw)
+    return task, model
+
+
+def test_a_task_naming_a_shared_model_trains_once_the_model_is_there(runtime: SharedRuntime) -> None:
+    logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("s0", 0)))
+    task, model = _shared(runtime, 1)
+    assert logic.handle(model) == [], "a model with no task waiting for it is only kept"
+    (up,) = logic.handle(task)
+    assert isinstance(up, Update) and up.round == 1
+    task2, model2 = _shared(runtime, 2, "m2")
+    assert logic.handle(task2) == [], "the task waits for its model"
+    assert logic.handle(_shared(runtime, 2, "other")[1]) == [], "another model does not fill it"
+    (up2,) = logic.handle(model2)
+    assert isinstance(up2, Update) and up2.round == 2
+
+
+def test_a_shared_model_that_never_comes_makes_the_device_ask_again(runtime: SharedRuntime) -> None:
+    logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("s0", 0)))
+    task, model = _shared(runtime, 1)
+    assert logic.classify_sync(task)[0] is SyncAction.TRAIN and logic.take_model(task) is None
+    assert logic.model_missing(1, 5) == [], "a timer of another task does nothing"
+    (join,) = logic.model_missing(1, 0)
+    assert isinstance(join, Join) and join.sender == "s0"
+    full = RoundTask(receiver="s0", round=1, manifest_hash=runtime.manifest.hash, encoding="fp32", blob=model.blob,
+                     deadline=time.time() + 60)
+    assert logic.classify_sync(full)[0] is SyncAction.TRAIN, "the re-sent task (with its tensors) trains"
+
+
+def test_a_full_task_re_sent_while_the_model_is_due_trains(runtime: SharedRuntime) -> None:
+    logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("s0", 0)))
+    task, model = _shared(runtime, 1)
+    assert logic.handle(task) == []
+    full = RoundTask(receiver="s0", round=1, manifest_hash=runtime.manifest.hash, encoding="fp32", blob=model.blob,
+                     deadline=time.time() + 60)
+    (up,) = logic.handle(full)
+    assert isinstance(up, Update)
+    assert logic.handle(model) == [], "the model arriving late trains nothing more"
+
+
+def test_a_shared_model_of_another_size_is_refused(runtime: SharedRuntime) -> None:
+    logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("s0", 0)))
+    task, model = _shared(runtime, 1, model_bytes=12)
+    assert logic.handle(task) == []
+    assert logic.handle(model) == [], "the task names 12 bytes: this model is not its model"
