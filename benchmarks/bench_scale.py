@@ -16,6 +16,8 @@
      it includes sending the global model to every device, receiving, decoding and aggregating the updates,
      the records and the checkpoint.
    - Server peak RSS = the kernel's ru_maxrss of the server process (os.wait4).
+   - Each size runs once per `--model-delivery` (default: per_device, then shared), with the bytes the
+     server metered sending per round.
 2. Fleet memory: a fleet of K=100 on the pretrained EfficientNet-Lite0 with bias (the setting of
    bench_simulate.py; Dirichlet 0.1, so shards hold 2 (the minimum) to 56 training samples), with the code of `--before`
    (default: the main checkout) and of this tree, in the same run, against the bound 1.1 x (one agent's RSS +
@@ -25,6 +27,7 @@
    window of the largest-batch device it trains, so that agent is the like-for-like reference.
 
     python benchmarks/bench_scale.py [--sizes 100 300 1000] [--rounds 3] [--hosts 4] [--skip-fleet-memory]
+        [--model-delivery per_device shared]
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _env(pythonpath: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pythonpath)}
 
 
-def _config(path: Path, port: int, devices: int, rounds: int) -> Path:
+def _config(path: Path, port: int, devices: int, rounds: int, delivery: str = "per_device") -> Path:
     cfg = {
         "common_args": {"run_id": f"scale-{devices}", "random_seed": 0},
         "data_args": {"dataset": "fashion_mnist", "partition_method": "iid", "image_size": 32, "batch_size": 16,
@@ -68,7 +71,7 @@ def _config(path: Path, port: int, devices: int, rounds: int) -> Path:
         "train_args": {"client_num_in_total": devices, "client_num_per_round": devices, "comm_round": rounds,
                        "min_devices": devices, "min_updates": devices, "round_timeout_s": 600,
                        "join_timeout_s": 900, "max_steps": 1, "learning_rate": 0.05, "eval_every": rounds + 1},
-        "comm_args": {"broker_port": port, "keepalive_s": 60},
+        "comm_args": {"broker_port": port, "keepalive_s": 60, "model_delivery": delivery},
         "device_args": {"num_threads": 1, "measure_latency": False},
         "tracking_args": {"run_dir": str(path.parent / "runs"), "log_level": "WARNING"},
     }
@@ -115,14 +118,15 @@ class _Tail:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def scale_run(work: Path, devices: int, rounds: int, hosts: int, profile: bool = False) -> dict[str, Any]:
+def scale_run(work: Path, devices: int, rounds: int, hosts: int, profile: bool = False,
+              delivery: str = "per_device") -> dict[str, Any]:
     """One run of `devices` per round on `hosts` fleet hosts; per-round figures from records and psutil."""
     from fedpeft_edge.transport.broker import start_broker
 
-    run_work = work / f"n{devices}"
+    run_work = work / f"n{devices}-{delivery}"
     run_work.mkdir()
     broker = start_broker()
-    cfg = _config(run_work / "run.yaml", broker.port, devices, rounds)
+    cfg = _config(run_work / "run.yaml", broker.port, devices, rounds, delivery)
     env = _env(REPO)
     prog = (["-c", _PROFILED.format(out=str(run_work / "server.prof")), "--config", str(cfg)] if profile
             else ["-m", "server_app.main", "--config", str(cfg)])
@@ -203,7 +207,7 @@ def _figures(recs: list[dict[str, Any]], cpu_marks: dict[int, float], hosts: int
         cpu = cpu_marks[r["round"]] - prev if prev is not None and r["round"] in cpu_marks else float("nan")
         out.append({"round": r["round"], "accepted": r["accepted"], "round_s": r["round_s"], "critical_s": crit,
                     "overhead_s": r["round_s"] - crit, "cpu_ms_per_update": 1e3 * cpu / max(r["accepted"], 1),
-                    "aggregate_s": r["aggregate_s"]})
+                    "aggregate_s": r["aggregate_s"], "bytes_down": r["bytes_down"]})
     return {"rounds": out, "bytes_up": statistics.median(d["bytes_up"] for d in devs),
             "dropped": sum(1 for r in recs if r["kind"] == "dropped_message"), "server_rss_mb": server_rss}
 
@@ -283,36 +287,29 @@ def main() -> None:
     p.add_argument("--before", type=Path, default=Path("/work/main"), help="code to measure 'before' with")
     p.add_argument("--skip-fleet-memory", action="store_true")
     p.add_argument("--profile-server", action="store_true", help="run the server under cProfile (server.prof)")
+    p.add_argument("--model-delivery", nargs="*", choices=["per_device", "shared"], default=["per_device", "shared"],
+                   help="comm_args.model_delivery of the runs; several: one run each, alternating, per size")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     print(f"{args.hosts} fleet hosts, one mosquitto, real server; tiny ViT, head tuning ({HEAD_CLASSES} classes), "
           f"1 local step; every device every round, {args.rounds} rounds; medians over rounds")
-    results = {}
+    results: dict[tuple[int, str], dict[str, Any]] = {}
     for n in args.sizes:
-        t0 = time.perf_counter()
-        res = results[n] = scale_run(work, n, args.rounds, args.hosts, args.profile_server)
-        rs = res["rounds"]
-        over = statistics.median(r["overhead_s"] for r in rs)
-        cpu = statistics.median(r["cpu_ms_per_update"] for r in rs)
-        print(f"  {n:5d} devices/round ({time.perf_counter() - t0:.0f} s wall): update {res['bytes_up'] / 1e3:.1f} KB "
-              f"metered; accepted {[r['accepted'] for r in rs]}; dropped messages {res['dropped']}")
-        print(f"        round {statistics.median(r['round_s'] for r in rs):7.2f} s, training critical path "
-              f"{statistics.median(r['critical_s'] for r in rs):6.2f} s, overhead {over:6.2f} s "
-              f"(per round {[round(r['overhead_s'], 2) for r in rs]})"
-              + (f"   target <= {OVERHEAD_TARGET_S:g} s: {_verdict(over <= OVERHEAD_TARGET_S)}" if n == 1000 else ""))
-        print(f"        server CPU {cpu:6.3f} ms per accepted update (per round "
-              f"{[round(r['cpu_ms_per_update'], 3) for r in rs]}), aggregate_s "
-              f"{statistics.median(r['aggregate_s'] for r in rs):.3f}; server peak RSS {res['server_rss_mb']:.0f} MB"
-              + (f"   target <= {CPU_TARGET_MS:g} ms: {_verdict(cpu <= CPU_TARGET_MS)}" if n == 1000 else ""))
-        print(f"        server CPU s by thread over the rounds (largest first): {res['thread_cpu_s'][:4]}; per device "
-              f"and round: fleet host CPU {res['host_ms_per_device']:.1f} ms (its training thread "
-              f"{res['train_ms_per_device']:.1f} ms), mosquitto {res['broker_ms_per_update']:.1f} ms")
-    if len(results) > 1:
-        base = min(results)
-        b = statistics.median(r["overhead_s"] for r in results[base]["rounds"])
-        print("  overhead growth vs " + f"{base} devices: " + ", ".join(
-            f"{n}: {statistics.median(r['overhead_s'] for r in res['rounds']) / b:.2f}x ({n / base:.0f}x devices)"
-            for n, res in results.items() if n != base))
+        for delivery in args.model_delivery:
+            _report(n, delivery, results.setdefault((n, delivery), scale_run(
+                work, n, args.rounds, args.hosts, args.profile_server, delivery)))
+    for delivery in args.model_delivery:
+        mine = {n: res for (n, d), res in results.items() if d == delivery}
+        if len(mine) > 1:
+            base = min(mine)
+            b = statistics.median(r["overhead_s"] for r in mine[base]["rounds"])
+            print(f"  {delivery}: overhead growth vs {base} devices: " + ", ".join(
+                f"{n}: {statistics.median(r['overhead_s'] for r in res['rounds']) / b:.2f}x ({n / base:.0f}x devices)"
+                for n, res in mine.items() if n != base))
+    _fleet_memory_report(work, args)
+
+
+def _fleet_memory_report(work: Path, args: argparse.Namespace) -> None:
     if not args.skip_fleet_memory:
         m = fleet_memory(work, args.fleet, args.before)
         print(f"fleet memory, K={args.fleet} on EfficientNet-Lite0 + bias over mosquitto (bench_simulate's setting)")
@@ -326,6 +323,26 @@ def main() -> None:
                   f"device beyond dev0's agent): vs dev0 bound {_verdict(m[name] <= m['bound'])}, vs "
                   f"largest-shard bound {_verdict(m[name] <= m['bound_big'])}")
     print(f"logs and run directories in {work}")
+
+
+def _report(n: int, delivery: str, res: dict[str, Any]) -> None:
+    rs = res["rounds"]
+    over = statistics.median(r["overhead_s"] for r in rs)
+    cpu = statistics.median(r["cpu_ms_per_update"] for r in rs)
+    print(f"  {n:5d} devices/round, model_delivery {delivery}: update {res['bytes_up'] / 1e3:.1f} KB "
+          f"metered; accepted {[r['accepted'] for r in rs]}; dropped messages {res['dropped']}; the server sent "
+          f"{statistics.median(r['bytes_down'] for r in rs) / 1e6:.1f} MB a round (metered)")
+    print(f"        round {statistics.median(r['round_s'] for r in rs):7.2f} s, training critical path "
+          f"{statistics.median(r['critical_s'] for r in rs):6.2f} s, overhead {over:6.2f} s "
+          f"(per round {[round(r['overhead_s'], 2) for r in rs]})"
+          + (f"   target <= {OVERHEAD_TARGET_S:g} s: {_verdict(over <= OVERHEAD_TARGET_S)}" if n == 1000 else ""))
+    print(f"        server CPU {cpu:6.3f} ms per accepted update (per round "
+          f"{[round(r['cpu_ms_per_update'], 3) for r in rs]}), aggregate_s "
+          f"{statistics.median(r['aggregate_s'] for r in rs):.3f}; server peak RSS {res['server_rss_mb']:.0f} MB"
+          + (f"   target <= {CPU_TARGET_MS:g} ms: {_verdict(cpu <= CPU_TARGET_MS)}" if n == 1000 else ""))
+    print(f"        server CPU s by thread over the rounds (largest first): {res['thread_cpu_s'][:4]}; per device "
+          f"and round: fleet host CPU {res['host_ms_per_device']:.1f} ms (its training thread "
+          f"{res['train_ms_per_device']:.1f} ms), mosquitto {res['broker_ms_per_update']:.1f} ms")
 
 
 if __name__ == "__main__":

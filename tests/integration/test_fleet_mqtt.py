@@ -19,12 +19,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 FLEET = 25
 
 
+@pytest.mark.parametrize("delivery", ["per_device", "shared"])
 def test_fleets_and_single_agents_aggregate_the_weighted_mean(
-    mosquitto_broker: Any, tmp_path: Path
+    mosquitto_broker: Any, tmp_path: Path, delivery: str
 ) -> None:
+    """Also with comm_args.model_delivery "shared": each round's model leaves the server once."""
     total = 2 * FLEET + 2
     cfg = write_config(
-        tmp_path / "run.yaml", mosquitto_broker.port, "fleet",
+        tmp_path / "run.yaml", mosquitto_broker.port, "fleet", comm_args={"model_delivery": delivery},
         data_args={"partition_method": "dirichlet", "partition_alpha": 0.5, "max_train_samples": 1040,
                    "max_test_samples": 50},
         train_args={"client_num_in_total": total, "client_num_per_round": 20, "min_devices": total,
@@ -72,4 +74,10 @@ def test_fleets_and_single_agents_aggregate_the_weighted_mean(
                 assert dev["train_thread_cpu_s"] > 0 and dev["state_bytes"]["total"] > 0
                 assert dev["shared_backbone_bytes"] > dev["state_bytes"]["peft"]
     assert fleet_rows > 0
+    # What the server metered sending: 20 copies of the model per round, or one copy and 20 small tasks (their
+    # headers are about as large as this tiny model).
+    model_bytes = sum(t.numel() * 4 for t in load_checkpoint(run_dir, 1).state.values())
+    for r in records(run_dir, "round"):
+        copies = r["bytes_down"] / model_bytes
+        assert (copies >= 20) if delivery == "per_device" else (1 <= copies < 6), (delivery, r["bytes_down"])
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
