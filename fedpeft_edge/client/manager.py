@@ -75,7 +75,7 @@ class DeviceManager(FedPeftCommManager):
                 self._start(ready)
             return
         if isinstance(typed, Timer):
-            if typed.name == MODEL_WAIT:
+            if typed.name == MODEL_WAIT and typed.node == self.logic.device_id:  # our own, posted locally
                 self._send_all(self.logic.model_missing(typed.round, typed.attempt))
             return
         self._send_all(self.logic.handle_control(typed))

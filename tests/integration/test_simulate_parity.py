@@ -48,3 +48,20 @@ def test_simulate_equals_mqtt_processes_bit_for_bit(mosquitto_broker: Any, tmp_p
     # the encoded frames are smaller than the MQTT packets that carried them (fixed + variable headers)
     assert sum(r["bytes_up"] for r in sim_rounds) < sum(r["bytes_up"] for r in mqtt_rounds)
     assert json.loads((sim_dir / "summary.json").read_text())["bytes_kind"] == "encoded"
+
+
+def test_shared_model_delivery_trains_the_same_tensors_in_simulation(tmp_path: Path) -> None:
+    """comm_args.model_delivery "shared" changes how the model travels, not what is trained."""
+    dirs = {}
+    for delivery in ("per_device", "shared"):
+        (tmp_path / delivery).mkdir()
+        cfg = write_config(tmp_path / delivery / "sim.yaml", 1883, f"deliver-{delivery}",
+                           comm_args={"model_delivery": delivery})
+        dirs[delivery] = Simulation(load_config(cfg)).run()
+    assert aggregated_rounds(dirs["per_device"]) == aggregated_rounds(dirs["shared"]) == [1, 2, 3]
+    for rnd in (1, 2, 3):
+        a, b = load_checkpoint(dirs["per_device"], rnd).state, load_checkpoint(dirs["shared"], rnd).state
+        assert all(torch.equal(a[k], b[k]) for k in a), rnd
+    # Two devices: the shared run's server sent the model once a round instead of twice.
+    per, shared = records(dirs["per_device"], "round"), records(dirs["shared"], "round")
+    assert all(s["bytes_down"] < 0.75 * p["bytes_down"] for s, p in zip(shared, per, strict=True)), (per, shared)
