@@ -125,11 +125,10 @@ class RoundEngine:
         self._agg: Aggregation | None = None
         self._accepted: list[Accepted] = []
         self._blob: bytes | memoryview | TensorParts = b""
-        # shared delivery: the id of the model message that carries _blob, when it was sent, and when each
-        # device last joined (a device that joined later never received it: its task carries the tensors)
+        # shared delivery: the id of the model message that carries _blob, and when it was sent (a device that
+        # joined later never received it: its task carries the tensors)
         self._model_id: str | None = None
         self._model_at = 0.0
-        self._joined_at: dict[str, float] = {}
         # async state
         self._busy: dict[str, _Busy] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
@@ -218,7 +217,7 @@ class RoundEngine:
         dev.accepted, dev.exhausted = reason is None, msg.exhausted
         dev.profile, dev.data_stats = msg.profile or {}, msg.data_stats or {}
         dev.declared_samples = msg.num_samples
-        self._joined_at[msg.sender] = now
+        dev.joined_at = now
         self.rounds.set_online(msg.sender, True)
         self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
                           client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
@@ -387,7 +386,7 @@ class RoundEngine:
         """A device's task; with shared delivery it names the shared model instead of carrying it, unless
         `full` or the device joined after that model went out."""
         shared = (self._model_id is not None and not full
-                  and self._joined_at.get(device_id, math.inf) <= self._model_at)
+                  and self.rounds.devices[device_id].joined_at <= self._model_at)
         return RoundTask(
             receiver=device_id, round=cur.index, attempt=cur.attempt if attempt is None else attempt,
             blob=b"" if shared else self._blob, manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,

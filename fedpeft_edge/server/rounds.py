@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import math
 from collections import Counter
 from typing import Any
 
@@ -44,6 +45,7 @@ class DeviceState:
     data_stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     declared_samples: int = 0  # num_samples at join: updates may not claim more (robust aggregation)
     joins: collections.deque[float] = dataclasses.field(default_factory=collections.deque)  # recent join times
+    joined_at: float = math.inf  # its last join (shared delivery: a model sent before it reached the device)
     resends: int = 0  # round tasks re-sent to it in the current round
 
 
