@@ -395,7 +395,6 @@ class SharedModel(ProtocolMessage):
         )
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Finish(ProtocolMessage):
     """The run is over: the device stops."""

@@ -647,4 +647,3 @@ class RoundEngine:
         except Exception:
             log.exception("recording async round %d failed; the run goes on", cur.index)
         self._next(cur, ok=False)
-
