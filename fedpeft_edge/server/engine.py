@@ -212,9 +212,8 @@ class RoundEngine:
                             f"more than train_args.join_rate_per_min={self.args.join_rate_per_min} joins a minute")
             return
         reason = self._refusal(msg)
-        dev = self.rounds.device(msg.sender)
+        dev = self.rounds.admit(msg.sender, reason is None, msg.exhausted)
         dev.joins.append(now)
-        dev.accepted, dev.exhausted = reason is None, msg.exhausted
         dev.profile, dev.data_stats = msg.profile or {}, msg.data_stats or {}
         dev.declared_samples = msg.num_samples
         dev.joined_at = now
@@ -269,7 +268,7 @@ class RoundEngine:
         dev = self.rounds.devices.get(msg.sender)
         if dev is None or not msg.exhausted:
             return
-        dev.exhausted = True
+        self.rounds.mark_exhausted(msg.sender)
         self.runlog.write("device_status", device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
                           round=self._round_index())
         self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
@@ -321,7 +320,7 @@ class RoundEngine:
     def _on_join_timeout(self) -> None:
         if self.rounds.started or self.finished:
             return
-        n = len(self.rounds.eligible())
+        n = self.rounds.eligible_count()
         if n >= max(1, self.args.min_updates):
             log.warning("join timeout (train_args.join_timeout_s=%gs): starting with the %d device(s) that joined "
                         "(train_args.min_devices=%d)", self.args.join_timeout_s, n, self.args.min_devices)
@@ -494,7 +493,7 @@ class RoundEngine:
         self.records.round(
             cur.index, cur.attempt, ok, [a.device_id for a in accepted] if self.mode == "async" else cur.selected,
             len(accepted), dict(cur.dropped), self.clock.now() - cur.opened_at, aggregate_s, eval_res,
-            sum(1 for d in self.rounds.devices.values() if d.online and d.accepted),
+            self.rounds.online_count(),
             dropped_messages=self.drops.total, dropped_messages_coalesced=self.drops.coalesced,
         )
         keep = self.args.max_staleness + 1 if self.mode == "async" else 0
@@ -642,7 +641,7 @@ class RoundEngine:
         try:
             self.records.round(cur.index, cur.attempt, False, sorted(self._busy), 0, dict(cur.dropped),
                                now - cur.opened_at, 0.0, None,
-                               sum(1 for d in self.rounds.devices.values() if d.online and d.accepted))
+                               self.rounds.online_count())
             self.runlog.sync()
         except Exception:
             log.exception("recording async round %d failed; the run goes on", cur.index)

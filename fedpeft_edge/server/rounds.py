@@ -35,18 +35,36 @@ class DropReason(str, enum.Enum):
 
 @dataclasses.dataclass
 class DeviceState:
-    """What the server knows about one device."""
+    """What the server knows about one device. Its accepted/online/exhausted flags are read-only here: the
+    `RoundController` sets them (`admit`, `set_online`, `mark_exhausted`) and keeps its eligible set with them."""
 
     device_id: str
-    accepted: bool = False
-    online: bool = False
-    exhausted: bool = False  # privacy budget spent: never sampled again
     profile: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     declared_samples: int = 0  # num_samples at join: updates may not claim more (robust aggregation)
     joins: collections.deque[float] = dataclasses.field(default_factory=collections.deque)  # recent join times
     joined_at: float = math.inf  # its last join (shared delivery: a model sent before it reached the device)
     resends: int = 0  # round tasks re-sent to it in the current round
+    _accepted: bool = dataclasses.field(default=False, repr=False)
+    _online: bool = dataclasses.field(default=False, repr=False)
+    _exhausted: bool = dataclasses.field(default=False, repr=False)  # privacy budget spent: never sampled again
+
+    @property
+    def accepted(self) -> bool:
+        return self._accepted
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted
+
+    @property
+    def eligible(self) -> bool:
+        """May be sampled: admitted, online, privacy budget left."""
+        return self._accepted and self._online and not self._exhausted
 
 
 @dataclasses.dataclass
@@ -82,6 +100,12 @@ class RoundController:
         self._seed = seed
         self.next_round = next_round
         self.devices: dict[str, DeviceState] = {}
+        # Kept as flags change, so that a join or a presence costs O(1), not a scan of every device:
+        self._eligible: set[str] = set()  # admitted, online, budget left
+        self._eligible_sorted: tuple[str, ...] | None = ()  # sampling's order, sorted once per change
+        self._admitted: set[str] = set()
+        self._spent: set[str] = set()  # admitted with the privacy budget spent
+        self._present: set[str] = set()  # admitted and online
         self.current: OpenRound | None = None
         self._attempt = 0
         self._started = False
@@ -91,19 +115,52 @@ class RoundController:
     def device(self, device_id: str) -> DeviceState:
         return self.devices.setdefault(device_id, DeviceState(device_id))
 
-    def eligible(self) -> list[str]:
-        return sorted(d.device_id for d in self.devices.values() if d.accepted and d.online and not d.exhausted)
+    def admit(self, device_id: str, accepted: bool, exhausted: bool) -> DeviceState:
+        """A join was judged: the device is admitted (or refused), with its privacy budget spent or not."""
+        dev = self.device(device_id)
+        dev._accepted, dev._exhausted = accepted, exhausted
+        self._refresh(dev)
+        return dev
+
+    def mark_exhausted(self, device_id: str) -> None:
+        """The device spent its privacy budget: never sampled again."""
+        dev = self.device(device_id)
+        dev._exhausted = True
+        self._refresh(dev)
+
+    def _refresh(self, dev: DeviceState) -> None:
+        name = dev.device_id
+        for group, member in ((self._eligible, dev.eligible), (self._admitted, dev.accepted),
+                              (self._spent, dev.accepted and dev.exhausted),
+                              (self._present, dev.accepted and dev.online)):
+            if member:
+                group.add(name)
+            else:
+                group.discard(name)
+        self._eligible_sorted = None
+
+    def eligible(self) -> tuple[str, ...]:
+        """The devices that may be sampled, sorted (sampling's order): sorted once after a change, not per call."""
+        if self._eligible_sorted is None:
+            self._eligible_sorted = tuple(sorted(self._eligible))
+        return self._eligible_sorted
+
+    def eligible_count(self) -> int:
+        return len(self._eligible)
+
+    def online_count(self) -> int:
+        """Admitted devices online now."""
+        return len(self._present)
 
     def can_open(self) -> bool:
         """min_devices must be online for this server's first round (also after a resume); later rounds need
         only min_updates of them, so a device that drops out does not stall the run."""
         need = self._args.min_updates if self._started or self.join_timed_out else self._args.min_devices
-        return self.current is None and len(self.eligible()) >= need
+        return self.current is None and len(self._eligible) >= need
 
     def all_spent(self) -> bool:
         """Every admitted device has spent its privacy budget: no round can ever run again."""
-        admitted = [d for d in self.devices.values() if d.accepted]
-        return bool(admitted) and all(d.exhausted for d in admitted)
+        return bool(self._admitted) and len(self._spent) == len(self._admitted)
 
     @property
     def attempt(self) -> int:
@@ -181,7 +238,9 @@ class RoundController:
 
     def set_online(self, device_id: str, online: bool) -> None:
         """Presence changed: an offline device is not waited for; one back online is again, if still due."""
-        self.device(device_id).online = online
+        dev = self.device(device_id)
+        dev._online = online
+        self._refresh(dev)
         cur = self.current
         if cur is None or not cur.selects(device_id):
             return
