@@ -64,7 +64,8 @@ def build_device_state(runtime: SharedRuntime, identity: AgentIdentity) -> Devic
         data = build_local_data(cfg.data_args, runtime.input_spec, seed)
     else:
         data = build_client_data(cfg.data_args, runtime.input_spec, cfg.train_args.client_num_in_total, seed,
-                                 identity.client_index, source=runtime.source())
+                                 identity.client_index, source=runtime.source(),
+                                 partition=runtime.partition())
     rng = torch.Generator().manual_seed(seed * 1_000_003 + (identity.client_index or 0)).get_state()
     state = DeviceState(
         identity=identity, data=data, peft={k: v.clone() for k, v in runtime.initial_state.items()},

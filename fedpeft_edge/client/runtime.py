@@ -35,7 +35,7 @@ from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
 
 if TYPE_CHECKING:
     from fedpeft_edge.client.device import DeviceState
-    from fedpeft_edge.data import Source
+    from fedpeft_edge.data import PoolPartition, Source
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class SharedRuntime:
         self._active: dict[int, tuple[DeviceState, TrainingSlot]] = {}
         self._released_at = -math.inf
         self._source: Source | None = None
+        self._partition: PoolPartition | None = None
         log.info("runtime ready in %.1fs: %s, method %s (%d shared params), shared backbone %.1f MB",
                  time.perf_counter() - t0, backbone.name, self.manifest.method, self.manifest.num_params,
                  self.shared_bytes() / 2**20)
@@ -160,6 +161,16 @@ class SharedRuntime:
 
             self._source = load_source(self.cfg.data_args)
         return self._source
+
+    def partition(self) -> PoolPartition:
+        """The partition of the shared data set across train_args.client_num_in_total, computed once."""
+        if self._partition is None:
+            from fedpeft_edge.data import partition_source
+
+            cfg = self.cfg
+            self._partition = partition_source(self.source(), cfg.data_args, cfg.train_args.client_num_in_total,
+                                               cfg.common_args.random_seed)
+        return self._partition
 
     def shared_bytes(self) -> int:
         """Bytes of the frozen backbone (every parameter and buffer not in the manifest): shared by all devices."""

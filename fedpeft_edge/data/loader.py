@@ -1,8 +1,10 @@
 """Each device's own data as deterministic DataLoaders, and the server's held-out test loader.
 
 API
-- `build_client_data(data_args, input_spec, num_clients, seed, client_index, source=None) -> ClientData`:
-  this client's part of the partition (`partition.client_indices`), its local train/test split, loaders.
+- `build_client_data(data_args, input_spec, num_clients, seed, client_index, source=None, partition=None)
+  -> ClientData`: this client's part of the partition (`partition.client_indices`), its local train/test
+  split, loaders; `partition_source(src, data_args, num_clients, seed) -> PoolPartition` computes the
+  partition once for many clients.
 - `build_local_data(data_args, input_spec, seed, source=None) -> ClientData`: deployment on a device that
   holds its own data (`dataset: imagefolder`, `data_cache_dir` = the device's directory); no partitioning;
   its `test` sub-tree is the local test set, else a seeded `test_fraction` of it.
@@ -190,19 +192,40 @@ def _client_data(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolPartition:
+    """Every client's part of a source's training pool and its digest, computed once for all the clients one
+    process builds (a fleet of K would otherwise partition the whole pool K times)."""
+
+    num_clients: int
+    parts: tuple[np.ndarray, ...]
+    digest: str
+
+
+def partition_source(src: Source, data_args: DataArgs, num_clients: int, seed: int) -> PoolPartition:
+    """The partition of `src`'s training pool across `num_clients` (`partition.partition_pool`)."""
+    parts = tuple(partition_pool(src.train.labels, data_args, num_clients, seed, src.num_classes))
+    return PoolPartition(num_clients, parts, partition_digest(parts))
+
+
 def build_client_data(
     data_args: DataArgs, input_spec: InputSpecLike, num_clients: int, seed: int, client_index: int,
-    source: Source | None = None,
+    source: Source | None = None, partition: PoolPartition | None = None,
 ) -> ClientData:
-    """Client `client_index` of `num_clients`: its partition part, local train/test split, and loaders."""
+    """Client `client_index` of `num_clients`: its partition part, local train/test split, and loaders.
+    `partition` (of `source`, from `partition_source`) spares computing it again for every client."""
     check_client_index(client_index, num_clients)
     src = source if source is not None else load_source(data_args)
-    parts = partition_pool(src.train.labels, data_args, num_clients, seed, src.num_classes)
-    train_idx, test_idx = split_train_test(parts[client_index], data_args.test_fraction, seed, client_index)
+    if partition is None:
+        partition = partition_source(src, data_args, num_clients, seed)
+    elif partition.num_clients != num_clients:
+        raise DataError(f"a partition across {partition.num_clients} clients was given for client {client_index} "
+                        f"of {num_clients}; partition the source with num_clients={num_clients}")
+    train_idx, test_idx = split_train_test(partition.parts[client_index], data_args.test_fraction, seed,
+                                           client_index)
     logger.info("client %d/%d: %d train, %d test", client_index, num_clients, len(train_idx), len(test_idx))
     train, test = src.train.subset(train_idx), src.train.subset(test_idx)
-    digest = partition_digest(parts)
-    return _client_data(src, train, test, data_args, input_spec, seed, client_index, digest)
+    return _client_data(src, train, test, data_args, input_spec, seed, client_index, partition.digest)
 
 
 def build_local_data(

@@ -18,6 +18,7 @@ from fedpeft_edge.data import (
     build_local_data,
     build_server_test_loader,
     load_source,
+    partition_source,
 )
 from fedpeft_edge.data.datasets import Split, hold_out
 from fedpeft_edge.data.loader import FileImages, TensorImages
@@ -53,6 +54,19 @@ def test_client_batches_have_backbone_shape_and_normalisation(digits) -> None:  
     assert stats["num_train"] == len(cd.train_loader.dataset)  # type: ignore[arg-type]
     assert sum(stats["label_hist"]) == stats["num_train"] and len(stats["label_hist"]) == 10
     assert stats["num_test"] == len(cd.test_loader.dataset) > 0  # type: ignore[arg-type]
+
+
+def test_a_partition_computed_once_gives_every_client_what_its_own_would(digits) -> None:  # type: ignore[no-untyped-def]
+    args = DataArgs(batch_size=8, partition_method="dirichlet", partition_alpha=0.3)
+    shared = partition_source(digits, args, 5, seed=3)
+    for i in range(5):
+        own = build_client_data(args, SPEC, 5, seed=3, client_index=i, source=digits)
+        reused = build_client_data(args, SPEC, 5, seed=3, client_index=i, source=digits, partition=shared)
+        assert own.partition_digest == reused.partition_digest == shared.digest
+        assert np.array_equal(own.train_labels, reused.train_labels)
+        assert np.array_equal(own.test_labels, reused.test_labels)
+    with pytest.raises(DataError, match="num_clients=4"):
+        build_client_data(args, SPEC, 4, seed=3, client_index=0, source=digits, partition=shared)
 
 
 def test_loaders_are_deterministic_for_a_seed(digits) -> None:  # type: ignore[no-untyped-def]
