@@ -38,6 +38,7 @@ from fedpeft_edge.protocol import (
     Finish,
     Join,
     JoinAck,
+    LocalEvent,
     Presence,
     ProtocolMessage,
     RoundTask,
@@ -94,7 +95,7 @@ class DeviceLogic:
         return self.state.identity.device_id
 
     # --- dispatch -------------------------------------------------------------------------------------------
-    def handle(self, msg: ProtocolMessage) -> list[ProtocolMessage]:
+    def handle(self, msg: ProtocolMessage | LocalEvent) -> list[ProtocolMessage]:
         """Every message inline (training included): the replies to send. The simulator's path."""
         if isinstance(msg, SharedModel):
             task = self.on_model(msg)
@@ -107,7 +108,7 @@ class DeviceLogic:
             return [reply] if reply is not None else []
         return self.handle_control(msg)
 
-    def handle_control(self, msg: ProtocolMessage) -> list[ProtocolMessage]:
+    def handle_control(self, msg: ProtocolMessage | LocalEvent) -> list[ProtocolMessage]:
         """Connection, presence, join-ack and finish: quick, on the receive loop's thread."""
         if isinstance(msg, ConnectionReady):
             # After a reconnect, announce again if the server is known to be up; at start-up wait for its

@@ -19,10 +19,10 @@ from typing import Any
 from fedpeft_edge.client.logic import EXIT_FINISHED, EXIT_REFUSED, DeviceLogic, SyncAction
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.protocol import (
-    ConnectionReady,
+    Channel,
     Finish,
     JoinAck,
-    Presence,
+    LocalEvent,
     ProtocolMessage,
     RoundTask,
     SharedModel,
@@ -60,12 +60,32 @@ class DeviceManager(FedPeftCommManager):
         return self.logic.refusal
 
     def register_message_receive_handlers(self) -> None:
-        for cls in (ConnectionReady, Presence, JoinAck, Finish, RoundTask, SharedModel, Timer):
-            self.register_message_receive_handler(cls.msg_type, guarded(self._dispatch))
+        for cls in (JoinAck, Finish, RoundTask):
+            self.register_message_receive_handler(cls.msg_type, guarded(self._dispatch_task))
+        self.register_message_receive_handler(SharedModel.msg_type, guarded(self._dispatch_model))
 
-    def _dispatch(self, msg: Any) -> None:
-        """Parse (a bad message raises ProtocolError: logged and dropped by `guarded`) and handle."""
-        typed = parse(msg)
+    def _dispatch_task(self, msg: Any) -> None:
+        """A server message on this device's s2d channel; a bad one raises ProtocolError (dropped by `guarded`)."""
+        self._dispatch(parse(msg, Channel.SERVER_TO_DEVICE))
+
+    def _dispatch_model(self, msg: Any) -> None:
+        """The round's shared model, from the run's model topic."""
+        self._dispatch(parse(msg, Channel.MODEL))
+
+    def on_local(self, event: LocalEvent) -> None:
+        """Connection state, the server's presence and our own model-wait timer (never from a frame)."""
+        try:
+            if isinstance(event, Timer):
+                if event.name == MODEL_WAIT and event.node == self.logic.device_id:
+                    self._send_all(self.logic.model_missing(event.round, event.attempt))
+                return
+            self._send_all(self.logic.handle_control(event))
+            if self.logic.finished:
+                self.finish()
+        except Exception:
+            log.exception("%s: handling local event %s failed", self.logic.device_id, event)
+
+    def _dispatch(self, typed: ProtocolMessage) -> None:
         if isinstance(typed, RoundTask):
             self._on_task(typed)
             return
@@ -73,10 +93,6 @@ class DeviceManager(FedPeftCommManager):
             ready = self.logic.on_model(typed)
             if ready is not None:
                 self._start(ready)
-            return
-        if isinstance(typed, Timer):
-            if typed.name == MODEL_WAIT and typed.node == self.logic.device_id:  # our own, posted locally
-                self._send_all(self.logic.model_missing(typed.round, typed.attempt))
             return
         self._send_all(self.logic.handle_control(typed))
         if self.logic.finished:
@@ -106,7 +122,7 @@ class DeviceManager(FedPeftCommManager):
         log.info("%s: round %d waits up to %.1f s for shared model %s", self.logic.device_id, task.round, wait,
                  task.model_id)
         timer = Timer(name=MODEL_WAIT, round=task.round, attempt=task.attempt, node=self.logic.device_id)
-        t = threading.Timer(wait, self.post_local, args=(timer.to_message(),))
+        t = threading.Timer(wait, self.post_local, args=(timer,))
         t.daemon = True
         t.start()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # --- message types ------------------------------------------------------------------------------------
 # FedML's ids (fedml/cross_silo/{client,server}/message_define.py, MyMessage), same values.
-MSG_TYPE_CONNECTION_IS_READY = 0  # posted locally by the transport on every (re)connect
+MSG_TYPE_CONNECTION_IS_READY = 0  # FedML's; ours is a local event (events.ConnectionReady), never a frame
 MSG_TYPE_S2C_INIT_CONFIG = 1
 MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT = 2
 MSG_TYPE_C2S_SEND_MODEL_TO_SERVER = 3
@@ -21,8 +21,8 @@ MSG_TYPE_C2S_FINISHED = 8
 MSG_TYPE_C2S_JOIN = 101  # device announces itself: profile, manifest, backbone fingerprint, data stats
 MSG_TYPE_S2C_JOIN_ACK = 102  # server accepts or refuses a join (MSG_ARG_KEY_ACCEPTED, MSG_ARG_KEY_REASON)
 MSG_TYPE_C2S_ERROR = 103  # a device failed a round; the round goes on without it
-MSG_TYPE_PRESENCE = 104  # posted locally by the transport when a peer's retained presence changes
-MSG_TYPE_LOCAL_TIMER = 105  # posted locally (post_local) for deadlines and timers
+MSG_TYPE_PRESENCE = 104  # never on the wire: a metering label for presence payloads (events.Presence)
+MSG_TYPE_LOCAL_TIMER = 105  # retired: timers are local events (events.Timer); a frame of it is dropped
 MSG_TYPE_S2C_MODEL = 106  # comm_args.model_delivery "shared": a round's global model, once, on the model topic
 
 # --- parameter keys -------------------------------------------------------------------------------------

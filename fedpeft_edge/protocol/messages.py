@@ -1,6 +1,6 @@
 """One frozen dataclass per protocol message, with its FedML `Message` form; `parse` checks every field.
 
-`to_message()` builds the FedML Message the transport sends; `from_message(msg)` (or `parse(msg)`, which
+`to_message()` builds the FedML Message the transport sends; `from_message(msg)` (or `parse(msg, channel)`, which
 dispatches on msg_type) turns a received one back into the typed object, raising ProtocolError naming the
 field, the value and the fix. No code outside this package reads or writes a message key.
 """
@@ -21,7 +21,6 @@ from fedpeft_edge.protocol.fields import (
     check_device_id,
     check_int,
     check_node_id,
-    check_number,
     check_opt_int,
     check_opt_mapping,
     check_opt_number,
@@ -34,6 +33,7 @@ from fedpeft_edge.protocol.fields import (
     is_int,
 )
 from fedpeft_edge.protocol.report import DeviceReport
+from fedpeft_edge.protocol.roles import WIRE_TYPES, Channel
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.wire.codec import TensorParts, blob_nbytes
 
@@ -414,88 +414,24 @@ class Finish(ProtocolMessage):
                    reason=check_opt_text(p.get(K.MSG_ARG_KEY_REASON), K.MSG_ARG_KEY_REASON))
 
 
-# --- local (posted by the transport or by the node itself) ----------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Presence(ProtocolMessage):
-    """A peer's retained presence changed (posted locally by the transport)."""
-
-    msg_type: ClassVar[int] = K.MSG_TYPE_PRESENCE
-    node: str
-    online: bool
-    since: float | None = None  # the peer's clock when it published that presence (a session id)
-    receiver: str = str(K.SERVER_ID)
-
-    def to_message(self) -> Any:
-        return _new(self.msg_type, self.node, self.receiver, **{
-            K.MSG_ARG_KEY_PRESENCE: K.PRESENCE_ONLINE if self.online else K.PRESENCE_OFFLINE,
-            K.MSG_ARG_KEY_PRESENCE_SINCE: self.since})
-
-    @classmethod
-    def from_message(cls, msg: Any) -> Presence:
-        p = _params(msg)
-        status = check_choice(p.get(K.MSG_ARG_KEY_PRESENCE), K.MSG_ARG_KEY_PRESENCE,
-                              (K.PRESENCE_ONLINE, K.PRESENCE_OFFLINE))
-        since = p.get(K.MSG_ARG_KEY_PRESENCE_SINCE)
-        return cls(node=check_node_id(p.get(K.MSG_ARG_KEY_SENDER)), online=status == K.PRESENCE_ONLINE,
-                   since=check_number(since, K.MSG_ARG_KEY_PRESENCE_SINCE) if since is not None else None,
-                   receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Timer(ProtocolMessage):
-    """A local timer fired (a round's deadline, the join timeout ...), posted to the node itself."""
-
-    msg_type: ClassVar[int] = K.MSG_TYPE_LOCAL_TIMER
-    name: str
-    round: int | None = None
-    attempt: int | None = None
-    node: str = str(K.SERVER_ID)
-
-    def to_message(self) -> Any:
-        return _new(self.msg_type, self.node, self.node, **{
-            K.MSG_ARG_KEY_TIMER: self.name, K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self.attempt})
-
-    @classmethod
-    def from_message(cls, msg: Any) -> Timer:
-        p = _params(msg)
-        return cls(name=check_text(p.get(K.MSG_ARG_KEY_TIMER), K.MSG_ARG_KEY_TIMER, 64),
-                   round=check_opt_round(p.get(K.MSG_ARG_KEY_ROUND)),
-                   attempt=check_opt_int(p.get(K.MSG_ARG_KEY_ATTEMPT), K.MSG_ARG_KEY_ATTEMPT, 0, 10**6),
-                   node=check_node_id(p.get(K.MSG_ARG_KEY_SENDER)))
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectionReady(ProtocolMessage):
-    """The transport (re)connected to the broker (posted locally on every connect)."""
-
-    msg_type: ClassVar[int] = K.MSG_TYPE_CONNECTION_IS_READY
-    node: str
-
-    def to_message(self) -> Any:
-        return _new(self.msg_type, self.node, self.node)
-
-    @classmethod
-    def from_message(cls, msg: Any) -> ConnectionReady:
-        return cls(node=check_node_id(_params(msg).get(K.MSG_ARG_KEY_SENDER)))
-
-
 MESSAGE_CLASSES: dict[int, type[ProtocolMessage]] = {
-    c.msg_type: c for c in (Join, Update, DeviceErrorReport, ClientStatus, JoinAck, RoundTask, SharedModel, Finish,
-                            Presence, Timer, ConnectionReady)
-}
+    c.msg_type: c for c in (Join, Update, DeviceErrorReport, ClientStatus, JoinAck, RoundTask, SharedModel, Finish)
+}  # wire messages only: local events (events.py) have no wire form
 DEVICE_MESSAGES = (Join, Update, DeviceErrorReport, ClientStatus)  # what a device may send the server
 SERVER_MESSAGES = (JoinAck, RoundTask, SharedModel, Finish)  # what the server may send a device
 
 
-def parse(msg: Any) -> ProtocolMessage:
-    """The typed form of a received FedML Message; ProtocolError (naming field, value, fix) if it is malformed."""
+def parse(msg: Any, channel: Channel) -> ProtocolMessage:
+    """The typed form of a FedML Message received on `channel`: only a type its sender's role may send there
+    (roles.WIRE_TYPES); ProtocolError (naming field, value, fix) if it is malformed or not allowed."""
     p = _params(msg)
     msg_type = p.get(K.MSG_ARG_KEY_TYPE)
     if isinstance(msg_type, str) and msg_type.isdigit():
         msg_type = int(msg_type)  # FedML's Message keeps str(type) in .type; the params keep the int
-    if not is_int(msg_type) or msg_type not in MESSAGE_CLASSES:
-        raise fail(K.MSG_ARG_KEY_TYPE, msg_type, "is not a known message type",
-                   f"send one of {sorted(MESSAGE_CLASSES)}")
+    allowed = WIRE_TYPES[channel]
+    if not is_int(msg_type) or msg_type not in allowed:
+        raise fail(K.MSG_ARG_KEY_TYPE, msg_type, f"is not a message type allowed on the {channel.value} channel",
+                   f"send one of {sorted(allowed)}")
     try:
         return MESSAGE_CLASSES[msg_type].from_message(msg)
     except ProtocolError:

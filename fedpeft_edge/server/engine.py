@@ -43,6 +43,7 @@ from fedpeft_edge.protocol import (
     Finish,
     Join,
     JoinAck,
+    LocalEvent,
     Presence,
     ProtocolMessage,
     RoundTask,
@@ -159,8 +160,8 @@ class RoundEngine:
         self.timers.schedule(self.args.join_timeout_s, Timer(name=JOIN_TIMEOUT))
         return self._flush()
 
-    def handle(self, event: ProtocolMessage) -> list[ProtocolMessage]:
-        """Apply one event; returns the messages to send, in order."""
+    def handle(self, event: ProtocolMessage | LocalEvent) -> list[ProtocolMessage]:
+        """Apply one event (a device's message, or a local Timer / Presence); returns the messages to send."""
         if self.finished:
             return []
         handler = {Join: self._on_join, Update: self._on_update, ClientStatus: self._on_status,

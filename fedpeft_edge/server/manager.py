@@ -1,7 +1,9 @@
 """The round engine on the wire: FedML's comm manager around a RoundEngine, as client/manager.py is for a device.
 
-Every received FedML Message is parsed into a typed event (protocol/); a message that fails to parse is
-recorded as dropped (a malformed join is answered with a refusal naming the field), never raised. The
+Every received FedML Message is parsed into a typed device message (protocol/: only the types a device may send
+on its d2s channel); a message that fails to parse is recorded as dropped (a malformed join is answered with a
+refusal naming the field), never raised. Timers, presence and connection state arrive apart from the wire, as
+local events (`on_local`), so no frame can fire a deadline or mark a device offline. The
 engine's answers are sent one by one; a failed send is logged and the round's deadline (armed before the
 first task) closes the round without that device. All of it runs on the receive loop's thread.
 """
@@ -17,8 +19,9 @@ from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.protocol import (
     MESSAGE_CLASSES,
     SERVER_ID,
-    SERVER_MESSAGES,
+    Channel,
     ConnectionReady,
+    LocalEvent,
     ProtocolMessage,
     Timer,
     parse,
@@ -60,7 +63,7 @@ class ServerManager(FedPeftCommManager):
         self.on_message(msg_params)
 
     def _post_timer(self, timer: Timer) -> None:
-        self.post_local(timer.to_message())
+        self.post_local(timer)
 
     def on_message(self, msg: Any) -> None:
         try:
@@ -68,13 +71,28 @@ class ServerManager(FedPeftCommManager):
         except Exception:  # nothing a peer sends may end the receive loop
             log.exception("handling a message from %s failed; dropped", sender_of(msg))
             out = []
+        self._answer(out)
+
+    def on_local(self, event: LocalEvent) -> None:
+        """A timer or a presence change (local events, never from a frame) goes to the engine."""
+        if isinstance(event, ConnectionReady):
+            log.info("server connected; waiting for %d devices", self.engine.args.min_devices)
+            return
+        try:
+            out = self.engine.handle(event)
+        except Exception:  # a bug in a timer's handling must not end the receive loop either
+            log.exception("handling local event %s failed", event)
+            out = []
+        self._answer(out)
+
+    def _answer(self, out: list[ProtocolMessage]) -> None:
         self.send_all(out)
         if self.engine.finished:
             self.finish()
 
     def _handle(self, msg: Any) -> list[ProtocolMessage]:
         try:
-            typed = parse(msg)
+            typed = parse(msg, Channel.DEVICE_TO_SERVER)
         except ProtocolError as exc:
             sender = sender_of(msg)
             params = msg.get_params() if hasattr(msg, "get_params") else {}
@@ -82,11 +100,6 @@ class ServerManager(FedPeftCommManager):
             if is_join and sender is not None and sender != str(SERVER_ID):
                 return self.engine.refuse_join(sender, str(exc))
             return self.engine.dropped(sender, "invalid", str(exc))
-        if isinstance(typed, ConnectionReady):
-            log.info("server connected; waiting for %d devices", self.engine.args.min_devices)
-            return []
-        if isinstance(typed, SERVER_MESSAGES):
-            return self.engine.dropped(sender_of(msg), "unexpected", f"{type(typed).__name__} sent to the server")
         return self.engine.handle(typed)
 
     def send_all(self, out: list[ProtocolMessage]) -> None:

@@ -12,6 +12,7 @@ from fedpeft_edge.transport.fedml import FedMLCommManager
 if TYPE_CHECKING:
     from fedpeft_edge.config import CommArgs
     from fedpeft_edge.metering.bandwidth import BandwidthMeter
+    from fedpeft_edge.protocol.events import LocalEvent
     from fedpeft_edge.transport.drops import DroppedMessage
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
     """FedML's comm manager on our MQTT backend; server and device managers subclass it.
 
     Subclasses implement `register_message_receive_handlers()` with `register_message_receive_handler(type,
-    fn)`; `run()` blocks in the receive loop and dispatches on the calling thread; `finish()` stops it and
-    disconnects (publishing OFFLINE presence).
+    fn)` for wire messages and `on_local(event)` for local events (timers, connection state, presence), which
+    the transport hands over typed and apart from the wire; `run()` blocks in the receive loop and dispatches on
+    the calling thread; `finish()` stops it and disconnects (publishing OFFLINE presence).
     """
 
     def __init__(
@@ -75,9 +77,16 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
             return
         handler(msg_params)
 
-    def post_local(self, message: Any) -> None:
-        """Enqueue a message to ourselves (timers, deadlines), dispatched on the receive loop's thread."""
-        self.com_manager.post_local(message)
+    def receive_local(self, event: LocalEvent) -> None:
+        """A local event from the transport (never from a frame): handed to `on_local`."""
+        self.on_local(event)
+
+    def on_local(self, event: LocalEvent) -> None:
+        """Handle a local event; subclasses override (the default ignores it)."""
+
+    def post_local(self, event: LocalEvent) -> None:
+        """Enqueue a local event to ourselves (timers, deadlines), dispatched on the receive loop's thread."""
+        self.com_manager.post_local(event)
 
     def finish(self) -> None:
         """Stop the receive loop and disconnect (publishing OFFLINE presence)."""

@@ -20,8 +20,9 @@ from typing import Any
 
 from fedpeft_edge.errors import CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
-from fedpeft_edge.protocol import ConnectionReady, Presence
+from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.protocol.roles import check_wire_type
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
 from fedpeft_edge.wire.codec import decode_message, message_parts
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 class _Delivery:
     receiver: str
     sender: str
-    frame: bytes | None  # an encoded message (None: a local message or a presence change)
-    message: Any = None  # a local message, or the presence Message
+    frame: bytes | None  # an encoded message (None: a local event)
+    event: LocalEvent | None = None  # a local event: a timer, ConnectionReady, a presence change
     bytes: int = 0  # metered size of a presence payload
     sent_at: float = 0.0
+    shared: bool = False  # sent to every device (the run's model topic)
 
 
 class MemoryBus:
@@ -60,7 +62,7 @@ class MemoryBus:
             for other, payload in sorted(self._presence.items()):
                 if _wants_presence(node, other):
                     self._queue.append(self._presence_delivery(key, other, payload))
-            self._queue.append(_Delivery(key, key, None, ConnectionReady(key).to_message()))
+            self._queue.append(_Delivery(key, key, None, ConnectionReady(key)))
             self._cond.notify_all()
         self.publish_presence(key, M.PRESENCE_ONLINE)
 
@@ -76,9 +78,9 @@ class MemoryBus:
 
     def _presence_delivery(self, receiver: str, sender: str, payload: bytes) -> _Delivery:
         body = json.loads(payload)
-        msg = Presence(node=sender, online=body["status"] == M.PRESENCE_ONLINE, since=float(body["time"]),
-                       receiver=receiver).to_message()
-        return _Delivery(receiver, sender, None, msg, len(payload), time.time())
+        event = Presence(node=sender, online=body["status"] == M.PRESENCE_ONLINE, since=float(body["time"]),
+                         receiver=receiver)
+        return _Delivery(receiver, sender, None, event, len(payload), time.time())
 
     def detach(self, node: MemoryCommManager) -> None:
         """Disconnect a node (publishing its OFFLINE presence, as its last will would)."""
@@ -95,10 +97,10 @@ class MemoryBus:
             self._cond.notify_all()
 
     def broadcast(self, sender: str, frame: bytes, sent_at: float) -> None:
-        """One delivery of `frame` to every node but the sender, in node-id order."""
+        """One delivery of `frame` to every node but the sender, in node-id order (the model topic)."""
         with self._cond:
             for key in sorted(k for k in self._nodes if k != sender):
-                self._queue.append(_Delivery(key, sender, frame, sent_at=sent_at))
+                self._queue.append(_Delivery(key, sender, frame, sent_at=sent_at, shared=True))
             self._cond.notify_all()
 
     def wake(self) -> None:
@@ -169,10 +171,12 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
         self.stopping = True
         self.bus.wake()
 
-    def post_local(self, message: Any) -> None:
-        """Thread-safe: enqueue a message to ourselves (timers), dispatched in order on the bus's thread."""
+    def post_local(self, event: LocalEvent) -> None:
+        """Thread-safe: enqueue a local event (a timer) to ourselves, dispatched in order on the bus's thread."""
+        if not isinstance(event, LocalEvent):
+            raise TypeError(f"post_local takes a protocol.events.LocalEvent, not {type(event).__name__}")
         key = str(self.node_id)
-        self.bus.put(_Delivery(key, key, None, message))
+        self.bus.put(_Delivery(key, key, None, event))
 
     def close(self, publish_offline: bool = True) -> None:
         """Leave the bus (OFFLINE presence, like a last will). Idempotent."""
@@ -217,21 +221,32 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
 
     # --- receiving -----------------------------------------------------------------------------------------
     def deliver(self, item: _Delivery) -> None:
-        """Decode one delivery (on the bus's thread) and hand it to the observers."""
-        message = item.message
-        if item.frame is not None:
-            message = self._decode(item.sender, item.frame, item.sent_at)
-        elif message is not None and message.get_type() == M.MSG_TYPE_PRESENCE:
-            self._record_in(item.sender, {M.MSG_ARG_KEY_TYPE: M.MSG_TYPE_PRESENCE}, item.bytes, item.sent_at)
+        """Decode one delivery (on the bus's thread) and hand it to the observers; a local event goes to those
+        that take local events (`receive_local`), never through the codec."""
+        if item.frame is None:
+            if isinstance(item.event, Presence):
+                self._record_in(item.sender, {M.MSG_ARG_KEY_TYPE: M.MSG_TYPE_PRESENCE}, item.bytes, item.sent_at)
+            for observer in list(self._observers):
+                receive_local = getattr(observer, "receive_local", None)
+                if receive_local is not None and item.event is not None:
+                    receive_local(item.event)
+            return
+        message = self._decode(item.sender, item.frame, item.sent_at, self._channel(item))
         if message is None:
             return
         for observer in list(self._observers):
             observer.receive_message(message.get_type(), message)
 
-    def _decode(self, sender: str, frame: bytes, sent_at: float) -> Any:
+    def _channel(self, item: _Delivery) -> Channel:
+        if self.is_server:
+            return Channel.DEVICE_TO_SERVER
+        return Channel.MODEL if item.shared else Channel.SERVER_TO_DEVICE
+
+    def _decode(self, sender: str, frame: bytes, sent_at: float, channel: Channel) -> Any:
         try:
             params, blob = decode_message(frame, self.bus.max_message_bytes)
             check_frame(sender, params)
+            check_wire_type(channel, params[M.MSG_ARG_KEY_TYPE], sender)  # roles.WIRE_TYPES
         except CodecError as exc:
             self._record_in(sender, {}, len(frame), sent_at)
             log.warning("dropped a message from %s: %s", sender, exc)

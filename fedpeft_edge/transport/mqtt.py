@@ -30,8 +30,9 @@ from paho.mqtt.properties import Properties
 from fedpeft_edge.config import CommArgs, read_password
 from fedpeft_edge.errors import AuthError, CodecError, ConfigError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
-from fedpeft_edge.protocol import ConnectionReady, Presence
+from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.protocol.roles import check_wire_type
 from fedpeft_edge.transport.drops import DropLog, DroppedMessage
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import (
@@ -85,7 +86,7 @@ class _Inbound:
 
 @dataclasses.dataclass
 class _Local:
-    message: Any
+    event: LocalEvent
 
 
 _STOP = object()
@@ -252,7 +253,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._connected.set()
         log.info("node %s %sconnected to %s:%s", self.node_id, "re" if reconnect else "",
                  self.args.broker_host, self.args.broker_port)
-        self._inbox.put(_Local(ConnectionReady(str(self.node_id)).to_message()))
+        self._inbox.put(_Local(ConnectionReady(str(self.node_id))))
         if self.on_connection_change is not None:
             self.on_connection_change(True)
 
@@ -303,9 +304,12 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     def remove_observer(self, observer: Any) -> None:
         self._observers.remove(observer)
 
-    def post_local(self, message: Any) -> None:
-        """Thread-safe: enqueue a message to ourselves; observers get it on the receive loop's thread."""
-        self._inbox.put(_Local(message))
+    def post_local(self, event: LocalEvent) -> None:
+        """Thread-safe: enqueue a local event (a timer) to ourselves; observers that take local events get it
+        through `receive_local(event)` on the receive loop's thread."""
+        if not isinstance(event, LocalEvent):
+            raise TypeError(f"post_local takes a protocol.events.LocalEvent, not {type(event).__name__}")
+        self._inbox.put(_Local(event))
 
     def stop_receive_message(self) -> None:
         """Make handle_receive_message() return (thread-safe; may be called from a handler)."""
@@ -335,13 +339,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             if self._overflow:
                 self._report_overflow()
             if isinstance(item, _Local):
-                message = item.message
+                message: Any = item.event
             else:
                 with self._inbound_lock:
                     self._inbound[0] -= 1
                     self._inbound[1] -= len(item.payload)
                 message = self._receive(item)
-            if message is not None:
+            if isinstance(message, LocalEvent):
+                self._dispatch_local(message)
+                done += 1
+            elif message is not None:
                 self._dispatch(message)
                 done += 1
 
@@ -362,6 +369,18 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             except Exception as exc:  # the edge: nothing a message causes may end the receive loop
                 log.debug("handler failed", exc_info=True)
                 self._drop(str(message.get_sender_id()), "", "handler_error", f"{type(exc).__name__}: {exc}", 0)
+
+    def _dispatch_local(self, event: LocalEvent) -> None:
+        """Hand a local event to the observers that take them (`receive_local`); it never passes the codec."""
+        for observer in list(self._observers):
+            receive_local = getattr(observer, "receive_local", None)
+            if receive_local is None:
+                continue
+            try:
+                receive_local(event)
+            except Exception as exc:  # the edge: nothing may end the receive loop
+                log.debug("local event handler failed", exc_info=True)
+                self._drop(str(self.node_id), "", "handler_error", f"{type(exc).__name__}: {exc}", 0)
 
     # --- sending -------------------------------------------------------------------------------------------
 
@@ -577,9 +596,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             return None
         if not self.is_server:
             node = str(M.SERVER_ID)  # a device's s2d topic names the device; the peer is the server
-        return self._decode(node, item, M.BROADCAST if shared else str(self.node_id))
+        return self._decode(node, item, M.BROADCAST if shared else str(self.node_id), Channel(kind))
 
-    def _decode(self, node: str, item: _Inbound, me: str) -> Any:
+    def _decode(self, node: str, item: _Inbound, me: str, channel: Channel) -> Any:
         payload, sizes, start = self._assemble(node, item)
         if payload is None:
             return None
@@ -590,7 +609,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._record_in(node, {}, sizes, start, item.arrived, len(payload))
             raise
         self._record_in(node, params, sizes, start, item.arrived, len(payload))
-        return self._to_message(node, params, blob, me)
+        return self._to_message(node, params, blob, me, channel)
 
     def _open(self, node: str, topic: str, payload: bytes | bytearray, replay: bool = True) -> memoryview:
         """The frame of a payload: a signed one verified (and checked against replay), an unsigned one only
@@ -644,8 +663,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             start=start, end=end,
         ))
 
-    def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None, me: str) -> Any:
-        check_frame(node, params, me)
+    def _to_message(self, node: str, params: dict[str, Any], blob: memoryview | None, me: str,
+                    channel: Channel) -> Any:
+        check_frame(node, params, me)  # malformed: a frame's own fields
+        check_wire_type(channel, params[M.MSG_ARG_KEY_TYPE], node)  # the trust boundary: roles.WIRE_TYPES
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         if msg_id is not None:
             if (node, str(msg_id)) in self._seen:
@@ -672,8 +693,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         online = body["status"] == M.PRESENCE_ONLINE
         if self.is_server and self.args.presence_echo and online:
             self._echo_due = True  # sent from poll(), so a burst of devices coming online costs one echo
-        return Presence(node=node, online=online, since=float(body["time"]),
-                        receiver=str(self.node_id)).to_message()
+        return Presence(node=node, online=online, since=float(body["time"]), receiver=str(self.node_id))
 
 
 def _presence_body(node: str, frame: memoryview) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import TransportError
-from fedpeft_edge.protocol import SharedModel, parse
+from fedpeft_edge.protocol import Channel, SharedModel, parse
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
 from fedpeft_edge.transport.drops import DroppedMessage
@@ -106,6 +106,9 @@ def test_signed_messages_over_tls_and_forgeries_dropped(tmp_path: Path) -> None:
             def receive_message(self, t: Any, m: Any) -> None:
                 got.append((t, m))
 
+            def receive_local(self, event: Any) -> None:
+                got.append((type(event).__name__, event))
+
         server.add_observer(Obs())
         try:
             msg = Message(M.MSG_TYPE_C2S_CLIENT_STATUS, "dev-a", M.SERVER_ID)
@@ -113,7 +116,7 @@ def test_signed_messages_over_tls_and_forgeries_dropped(tmp_path: Path) -> None:
             dev.send_message(msg)
             _serve_until(server, lambda: any(t == M.MSG_TYPE_C2S_CLIENT_STATUS for t, _ in got))
             assert [m.get(M.MSG_ARG_KEY_CLIENT_STATUS) for t, m in got if t == M.MSG_TYPE_C2S_CLIENT_STATUS] == ["OK"]
-            assert any(t == M.MSG_TYPE_PRESENCE and m.get_sender_id() == "dev-a" for t, m in got)
+            assert any(t == "Presence" and m.node == "dev-a" for t, m in got)
             # dev-b's credentials, but no valid signature: unsigned and forged messages are dropped
             b = _creds(prov.root, "dev-b")
             hostile = MqttCommManager(_args(broker.port, b, signing_key_file=str(prov.root / "dev-a/signing.key")),
@@ -152,7 +155,7 @@ def test_the_shared_model_reaches_every_device_signed_and_only_the_server_writes
 
                 def receive_message(self, t: Any, m: Any) -> None:
                     if t == M.MSG_TYPE_S2C_MODEL:
-                        self.sink.append(parse(m))
+                        self.sink.append(parse(m, Channel.MODEL))
 
             mgr.add_observer(Obs(got[d]))
         try:

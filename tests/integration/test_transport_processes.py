@@ -16,6 +16,7 @@ import torch
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.peft.base import Manifest, TensorSpec
+from fedpeft_edge.protocol import Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import start_broker
 from fedpeft_edge.transport.fedml import Message
@@ -40,9 +41,11 @@ class Inbox:
             self.joins.add(msg.get_sender_id())
         elif msg_type == M.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER:
             self.updates[msg.get_sender_id()] = msg
-        elif msg_type == M.MSG_TYPE_PRESENCE:
+
+    def receive_local(self, event: Any) -> None:
+        if isinstance(event, Presence):
             # presence names its node by the topic level it came on: always text, even for an int device id
-            self.presence.append((str(msg.get_sender_id()), msg.get(M.MSG_ARG_KEY_PRESENCE)))
+            self.presence.append((event.node, M.PRESENCE_ONLINE if event.online else M.PRESENCE_OFFLINE))
 
 
 def serve_until(mgr: MqttCommManager, done: Callable[[], bool], timeout_s: float, what: str) -> None:

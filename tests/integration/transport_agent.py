@@ -16,6 +16,7 @@ import torch
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.peft.base import Manifest, TensorSpec
+from fedpeft_edge.protocol import ConnectionReady
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.transport.mqtt import MqttCommManager
@@ -32,11 +33,13 @@ class Agent:
         self.mgr, self.device_id, self.encoding = mgr, device_id, encoding
         self.joined = False
 
-    def receive_message(self, msg_type: Any, msg: Any) -> None:
-        if msg_type == M.MSG_TYPE_CONNECTION_IS_READY and not self.joined:
+    def receive_local(self, event: Any) -> None:
+        if isinstance(event, ConnectionReady) and not self.joined:  # a local event: never a frame
             self.joined = True
             self.mgr.send_message(Message(M.MSG_TYPE_C2S_JOIN, self.device_id, M.SERVER_ID))
-        elif msg_type == M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT:
+
+    def receive_message(self, msg_type: Any, msg: Any) -> None:
+        if msg_type == M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT:
             self._reply(msg)
         elif msg_type == M.MSG_TYPE_S2C_FINISH:
             self.mgr.stop_receive_message()

@@ -12,14 +12,18 @@ from hypothesis import strategies as st
 
 from fedpeft_edge.errors import ProtocolError
 from fedpeft_edge.protocol import (
+    MESSAGE_CLASSES,
     ClientStatus,
+    ConnectionReady,
     DeviceErrorReport,
     DeviceReport,
     EvalReport,
     Finish,
     Join,
     JoinAck,
+    LocalEvent,
     Presence,
+    ProtocolMessage,
     RoundTask,
     SharedModel,
     Timer,
@@ -27,6 +31,7 @@ from fedpeft_edge.protocol import (
     parse,
 )
 from fedpeft_edge.protocol import keys as K
+from fedpeft_edge.protocol.roles import WIRE_TYPES, Channel
 from fedpeft_edge.transport.fedml import Message
 
 REPORT = DeviceReport(train_loss=0.5, train_acc=0.9, steps=3, samples_seen=48, train_s=1.5, epsilon=0.7,
@@ -42,14 +47,20 @@ SAMPLES = [
     RoundTask(receiver="dev1", round=1, blob=b"xyz", manifest_hash="h" * 64, encoding="fp32", deadline=5.0,
               attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0),
     Finish(receiver="dev1", reason="completed"),
-    Presence(node="dev1", online=False, since=3.5),
-    Timer(name="deadline", round=2, attempt=0),
 ]
+
+
+def _parse(msg: Any) -> Any:
+    """parse() on the channel its sender's role sends that type on (what the transports pass)."""
+    msg_type = msg.get_params().get(K.MSG_ARG_KEY_TYPE) if hasattr(msg, "get_params") else None
+    channel = next((c for c, types in WIRE_TYPES.items() if isinstance(msg_type, int) and msg_type in types),
+                   Channel.DEVICE_TO_SERVER)
+    return parse(msg, channel)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_every_message_round_trips_through_a_fedml_message(msg: Any) -> None:
-    assert parse(msg.to_message()) == msg
+    assert _parse(msg.to_message()) == msg
 
 
 def _update_params(**override: Any) -> Message:
@@ -81,7 +92,7 @@ def _update_params(**override: Any) -> Message:
 ])
 def test_a_bad_update_field_is_a_protocol_error_naming_it(key: str, value: Any, named: str) -> None:
     with pytest.raises(ProtocolError, match=named):
-        parse(_update_params(**{key: value}))
+        _parse(_update_params(**{key: value}))
 
 
 def test_deep_nesting_and_huge_values_are_refused() -> None:
@@ -89,18 +100,18 @@ def test_deep_nesting_and_huge_values_are_refused() -> None:
     for _ in range(50):
         deep = {"a": deep}
     with pytest.raises(ProtocolError, match="deeper"):
-        parse(_update_params(**{K.MSG_ARG_KEY_METRICS: {"resources": deep}}))
+        _parse(_update_params(**{K.MSG_ARG_KEY_METRICS: {"resources": deep}}))
     big = SAMPLES[0].to_message()
     big.add_params(K.MSG_ARG_KEY_PROFILE, {"blob": "x" * 100_000})
     with pytest.raises(ProtocolError, match="profile"):
-        parse(big)
+        _parse(big)
 
 
 def test_server_messages_must_come_from_the_server() -> None:
     msg = SAMPLES[4].to_message()
     msg.add_params(K.MSG_ARG_KEY_SENDER, "dev2")
     with pytest.raises(ProtocolError, match="not the server"):
-        parse(msg)
+        _parse(msg)
 
 
 def test_a_device_cannot_be_sent_to_as_the_server() -> None:
@@ -110,7 +121,7 @@ def test_a_device_cannot_be_sent_to_as_the_server() -> None:
 
 def test_non_finite_device_metrics_travel_as_null_and_are_named() -> None:
     report = DeviceReport(train_loss=math.nan, train_s=1.0)
-    got = parse(Update(sender="d", round=1, num_samples=1, blob=b"x", report=report).to_message())
+    got = _parse(Update(sender="d", round=1, num_samples=1, blob=b"x", report=report).to_message())
     assert isinstance(got, Update)
     assert got.report.train_loss is None and got.report.nonfinite == ("train_loss",)
 
@@ -133,7 +144,7 @@ def test_parsing_arbitrary_params_raises_only_protocol_errors(params: dict[str, 
     msg = Message()
     msg.msg_params = params
     with contextlib.suppress(ProtocolError):
-        parse(msg)
+        _parse(msg)
 
 
 def test_device_round_fields_keep_the_devices_timings() -> None:
@@ -148,11 +159,11 @@ def test_device_round_fields_keep_the_devices_timings() -> None:
 def test_shared_model_and_a_task_naming_it_round_trip() -> None:
     m = SharedModel(model_id="abc", round=3, blob=b"\x01\x02", manifest_hash="h", encoding="fp32", model_version=2)
     assert m.to_message().get_receiver_id() == K.BROADCAST
-    back = parse(m.to_message())
+    back = _parse(m.to_message())
     assert isinstance(back, SharedModel) and back.model_id == "abc" and bytes(back.blob) == b"\x01\x02"
     t = RoundTask(receiver="d1", round=3, blob=b"", manifest_hash="h", encoding="fp32", model_id="abc",
                   model_bytes=2)
-    got = parse(t.to_message())
+    got = _parse(t.to_message())
     assert isinstance(got, RoundTask) and got.awaits_model and got.model_id == "abc" and got.model_bytes == 2
     assert bytes(got.with_model(back).blob) == b"\x01\x02"
 
@@ -161,12 +172,37 @@ def test_a_task_with_both_or_neither_tensors_and_model_id_is_refused() -> None:
     t = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
     t.add_params(K.MSG_ARG_KEY_MODEL_ID, "abc")
     with pytest.raises(ProtocolError, match="model_id"):
-        parse(t)
+        _parse(t)
     bare = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
     del bare.get_params()[K.MSG_ARG_KEY_MODEL_PARAMS]
     with pytest.raises(ProtocolError, match="one of the two"):
-        parse(bare)
+        _parse(bare)
     m = SharedModel(model_id="abc", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
     m.add_params(K.MSG_ARG_KEY_RECEIVER, "d1")
     with pytest.raises(ProtocolError, match="broadcast"):
-        parse(m)
+        _parse(m)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_a_message_parses_only_on_the_channels_its_senders_role_may_use(msg: Any) -> None:
+    for channel, types in WIRE_TYPES.items():
+        if msg.msg_type in types:
+            assert parse(msg.to_message(), channel) == msg
+        else:
+            with pytest.raises(ProtocolError, match=f"not a message type allowed on the {channel.value} channel"):
+                parse(msg.to_message(), channel)
+
+
+@pytest.mark.parametrize("event", [Timer(name="deadline", round=2, attempt=0), ConnectionReady("dev1"),
+                                   Presence(node="dev1", online=False, since=3.5)], ids=lambda e: type(e).__name__)
+def test_local_events_have_no_wire_form(event: LocalEvent) -> None:
+    assert not isinstance(event, ProtocolMessage)
+    assert not hasattr(event, "to_message") and not hasattr(type(event), "from_message")
+    assert not hasattr(event, "msg_type")
+    for old_type in (K.MSG_TYPE_LOCAL_TIMER, K.MSG_TYPE_PRESENCE, K.MSG_TYPE_CONNECTION_IS_READY):
+        assert old_type not in MESSAGE_CLASSES
+        for channel in Channel:  # a frame claiming one of the old local ids parses on no channel
+            msg = Message(old_type, "dev1", K.SERVER_ID)
+            msg.add_params(K.MSG_ARG_KEY_TIMER, "deadline")
+            with pytest.raises(ProtocolError, match="not a message type allowed"):
+                parse(msg, channel)

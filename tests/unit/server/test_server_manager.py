@@ -9,7 +9,7 @@ from engine_harness import FINGERPRINT, MANIFEST, Harness
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
-from fedpeft_edge.protocol import Join, JoinAck, parse
+from fedpeft_edge.protocol import Channel, Join, JoinAck, parse
 from fedpeft_edge.protocol import keys as K
 from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import ThreadTimers
@@ -70,7 +70,7 @@ def test_a_malformed_join_is_answered_with_the_reason(tmp_path: Path) -> None:
     msg = join.to_message()
     msg.add_params(K.MSG_ARG_KEY_NUM_SAMPLES, -1)
     mgr.receive_message(K.MSG_TYPE_C2S_JOIN, msg)
-    ack = parse(backend.sent[0])
+    ack = parse(backend.sent[0], Channel.SERVER_TO_DEVICE)
     assert isinstance(ack, JoinAck) and not ack.accepted and "num_samples" in str(ack.reason)
 
 
@@ -78,6 +78,6 @@ def test_a_good_join_reaches_the_engine_and_is_acknowledged(tmp_path: Path) -> N
     mgr, backend, h = _manager(tmp_path)
     join = Join(sender="d1", backbone_fingerprint=FINGERPRINT, manifest_hash=MANIFEST.hash, num_samples=5)
     mgr.receive_message(K.MSG_TYPE_C2S_JOIN, join.to_message())
-    ack = parse(backend.sent[0])
+    ack = parse(backend.sent[0], Channel.SERVER_TO_DEVICE)
     assert isinstance(ack, JoinAck) and ack.accepted
     assert h.engine.rounds.devices["d1"].declared_samples == 5

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 
 RUN = "fuzz"
 REASONS = {"malformed", "unsigned", "bad_signature", "replayed", "stale", "unknown_sender", "chunk_refused",
-           "duplicate", "transfer_expired", "handler_error", "internal_error", "inbox_full"}
+           "duplicate", "transfer_expired", "handler_error", "internal_error", "inbox_full", "forbidden_type"}
 KEY = Ed25519PrivateKey.generate()
 
 

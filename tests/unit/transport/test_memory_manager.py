@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from fedpeft_edge.errors import TransportError
+from fedpeft_edge.protocol import LocalEvent, Presence, Timer
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.transport.memory import MemoryBus, MemoryCommManager
@@ -26,6 +27,9 @@ class Collector:
         self.log.append((self.name, msg_type))
         if len(self.log) >= self.stop_after:
             self.owner.stop_receive_message()
+
+    def receive_local(self, event: LocalEvent) -> None:
+        self.receive_message(type(event).__name__, event)
 
 
 def _update(sender: str, blob: bytes) -> Any:
@@ -79,26 +83,30 @@ def test_delivery_is_in_send_order_and_presence_is_retained() -> None:
     for i in (2, 0, 1):
         devices[i].send_message(_update(f"dev{i}", b"x" * (i + 1)))
     devices[1].close()
-    stop = Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID)
-    server.post_local(stop)
-    server.add_observer(_StopOn(server, M.MSG_TYPE_LOCAL_TIMER))
+    server.post_local(Timer(name="stop"))
+    server.add_observer(_StopOnTimer(server))
     server.handle_receive_message()
-    updates = [str(m.get_sender_id()) for m in seen["server"].got if m.get_type() == 3]
+    updates = [str(m.get_sender_id()) for m in seen["server"].got if not isinstance(m, LocalEvent)
+               and m.get_type() == 3]
     assert updates == ["dev2", "dev0", "dev1"]
-    presence = [(str(m.get_sender_id()), m.get(M.MSG_ARG_KEY_PRESENCE)) for m in seen["server"].got
-                if m.get_type() == M.MSG_TYPE_PRESENCE]
+    presence = [(m.node, "ONLINE" if m.online else "OFFLINE") for m in seen["server"].got if isinstance(m, Presence)]
     assert presence == [("dev0", "ONLINE"), ("dev1", "ONLINE"), ("dev2", "ONLINE"), ("late", "ONLINE"),
                         ("dev1", "OFFLINE")]
-    late_presence = [m for m in seen["late"].got if m.get_type() == M.MSG_TYPE_PRESENCE]
-    assert [str(m.get_sender_id()) for m in late_presence] == ["0"]  # devices hear only the server
+    late_presence = [m for m in seen["late"].got if isinstance(m, Presence)]
+    assert [m.node for m in late_presence] == ["0"]  # devices hear only the server
 
 
-class _StopOn:
-    def __init__(self, owner: MemoryCommManager, msg_type: int) -> None:
-        self.owner, self.msg_type = owner, msg_type
+class _StopOnTimer:
+    """Stops `owner`'s loop on its own local Timer (local events never reach receive_message)."""
 
-    def receive_message(self, msg_type: Any, _msg: Any) -> None:
-        if msg_type == self.msg_type:
+    def __init__(self, owner: MemoryCommManager) -> None:
+        self.owner = owner
+
+    def receive_message(self, _msg_type: Any, _msg: Any) -> None:
+        pass
+
+    def receive_local(self, event: LocalEvent) -> None:
+        if isinstance(event, Timer):
             self.owner.stop_receive_message()
 
 
@@ -123,9 +131,34 @@ def test_a_forged_sender_is_dropped_and_metered() -> None:
     log: list[tuple[str, Any]] = []
     got = Collector(server, 99, "server", log)
     server.add_observer(got)
-    server.add_observer(_StopOn(server, M.MSG_TYPE_LOCAL_TIMER))
+    server.add_observer(_StopOnTimer(server))
     device.send_message(_update("dev9", b"z"))  # claims to be another device
-    server.post_local(Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID))
+    server.post_local(Timer(name="stop"))
     server.handle_receive_message()
-    assert not [m for m in got.got if m.get_type() == 3]
+    assert not [m for m in got.got if not isinstance(m, LocalEvent) and m.get_type() == 3]
     assert [t.msg_type for t in server.meter.transfers() if not t.sent and t.peer == "dev0"][-1] == "dropped"
+
+
+@pytest.mark.parametrize("msg_type", [M.MSG_TYPE_LOCAL_TIMER, M.MSG_TYPE_PRESENCE, M.MSG_TYPE_CONNECTION_IS_READY,
+                                      M.MSG_TYPE_S2C_FINISH, M.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, M.MSG_TYPE_S2C_MODEL,
+                                      M.MSG_TYPE_S2C_JOIN_ACK])
+def test_a_device_frame_of_a_type_only_the_server_or_the_node_itself_makes_is_dropped(msg_type: int) -> None:
+    bus = MemoryBus()
+    server = MemoryCommManager(bus, M.SERVER_ID)
+    device = MemoryCommManager(bus, "dev0")
+    got = Collector(server, 99, "server", [])
+    server.add_observer(got)
+    server.add_observer(_StopOnTimer(server))
+    forged = Message(msg_type, "dev0", M.SERVER_ID)
+    forged.add_params(M.MSG_ARG_KEY_TIMER, "deadline")
+    device.send_message(forged)
+    server.post_local(Timer(name="stop"))
+    server.handle_receive_message()
+    assert sorted(type(m).__name__ for m in got.got) == ["ConnectionReady", "Presence", "Timer"]  # never the frame
+    assert [t.msg_type for t in server.meter.transfers() if not t.sent and t.peer == "dev0"][-1] == "dropped"
+
+
+def test_post_local_takes_only_local_events() -> None:
+    server = MemoryCommManager(MemoryBus(), M.SERVER_ID)
+    with pytest.raises(TypeError, match="LocalEvent"):
+        server.post_local(Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID))

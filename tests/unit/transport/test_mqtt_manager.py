@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import TransportError
 from fedpeft_edge.peft.base import Manifest, TensorSpec
+from fedpeft_edge.protocol import LocalEvent, Timer
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.transport.manager import FedPeftCommManager
@@ -37,6 +38,10 @@ class Collector:
         self.got.append((msg_type, msg, threading.current_thread().name))
         if len(self.got) >= self.stop_after:
             self.mgr.stop_receive_message()
+
+    def receive_local(self, event: LocalEvent) -> None:
+        """Local events come typed, apart from the wire; recorded under their class name."""
+        self.receive_message(type(event).__name__, event)
 
 
 def _args(broker: Any, **kw: Any) -> CommArgs:
@@ -110,7 +115,7 @@ def test_duplicates_dropped_local_posts_dispatched_and_junk_survived(mosquitto_b
     raw.connect(mosquitto_broker.host, mosquitto_broker.port)
     raw.loop_start()
     try:
-        types = (M.MSG_TYPE_C2S_CLIENT_STATUS, M.MSG_TYPE_LOCAL_TIMER)
+        types = (M.MSG_TYPE_C2S_CLIENT_STATUS, "Timer")
         obs = Collector(server, 3, types)
         server.add_observer(obs)
         for payload in (b"junk", b"FPM1" + b"\xff" * 40, b"FPC1" + b"\x00" * 100):
@@ -123,13 +128,13 @@ def test_duplicates_dropped_local_posts_dispatched_and_junk_survived(mosquitto_b
         raw.publish(server.topics.d2s(2), _frame(forged), qos=1).wait_for_publish(5)
         status2 = Message(M.MSG_TYPE_C2S_CLIENT_STATUS, 2, M.SERVER_ID)
         device.send_message(status2)
-        server.post_local(Message(M.MSG_TYPE_LOCAL_TIMER, M.SERVER_ID, M.SERVER_ID))
+        server.post_local(Timer(name="tick"))
         _serve(server)
         time.sleep(0.3)
         server.poll(0.2)  # anything still queued would be a duplicate
-        types_got = sorted(t for t, _m, _th in obs.got)
-        status_t, timer_t = M.MSG_TYPE_C2S_CLIENT_STATUS, M.MSG_TYPE_LOCAL_TIMER
-        assert types_got == [status_t, status_t, timer_t]
+        types_got = sorted(str(t) for t, _m, _th in obs.got)
+        status_t = str(M.MSG_TYPE_C2S_CLIENT_STATUS)
+        assert types_got == sorted([status_t, status_t, "Timer"])
         ids = [m.get(M.MSG_ARG_KEY_MSG_ID) for t, m, _th in obs.got if t == M.MSG_TYPE_C2S_CLIENT_STATUS]
         assert ids[0] == "fixed-id" and ids[1] != "fixed-id"
         assert server.meter.totals()["messages_up"] >= 6  # junk is metered too
@@ -149,13 +154,13 @@ def _frame(msg: Message) -> bytes:
 def test_presence_online_then_offline_on_close(mosquitto_broker: Any) -> None:
     server = MqttCommManager(_args(mosquitto_broker), "r4", M.SERVER_ID)
     try:
-        obs = Collector(server, 2, (M.MSG_TYPE_PRESENCE,))
+        obs = Collector(server, 2, ("Presence",))
         server.add_observer(obs)
         device = MqttCommManager(_args(mosquitto_broker), "r4", "jetson-1")
         device.close()
         _serve(server)
-        states = [(m.get_sender_id(), m.get(M.MSG_ARG_KEY_PRESENCE)) for _t, m, _th in obs.got]
-        assert states == [("jetson-1", M.PRESENCE_ONLINE), ("jetson-1", M.PRESENCE_OFFLINE)]
+        states = [(m.node, m.online) for _t, m, _th in obs.got]
+        assert states == [("jetson-1", True), ("jetson-1", False)]
     finally:
         server.close()
 
@@ -168,13 +173,12 @@ def test_presence_echo_reannounces_the_same_server_session(mosquitto_broker: Any
     loop.start()
     device = MqttCommManager(_args(mosquitto_broker), f"echo{echo}", "late-1")
     try:
-        obs = Collector(device, 2, (M.MSG_TYPE_PRESENCE,))
+        obs = Collector(device, 2, ("Presence",))
         device.add_observer(obs)
         _serve(device, timeout_s=4.0)
-        seen = [(m.get_sender_id(), m.get(M.MSG_ARG_KEY_PRESENCE), m.get(M.MSG_ARG_KEY_PRESENCE_SINCE))
-                for _t, m, _th in obs.got]
+        seen = [(m.node, m.online, m.since) for _t, m, _th in obs.got]
         assert len(seen) == (2 if echo else 1), seen  # the retained copy, then (echo only) the re-announcement
-        assert all((str(s[0]), s[1]) == (str(M.SERVER_ID), M.PRESENCE_ONLINE) for s in seen), seen
+        assert all((str(s[0]), s[1]) == (str(M.SERVER_ID), True) for s in seen), seen
         assert len({s[2] for s in seen}) == 1, "an echo must keep the session, or joined devices re-join"
     finally:
         device.close()
@@ -223,7 +227,7 @@ def test_fedml_comm_manager_subclass_runs_handlers(mosquitto_broker: Any) -> Non
         join.add_params(M.MSG_ARG_KEY_PROFILE, json.dumps({"cpu": "x"}))
         device.send_message(join)
         threading.Timer(20, server.finish).start()
-        server.run()  # unregistered CONNECTION_IS_READY / PRESENCE are logged and dropped
+        server.run()  # ConnectionReady / Presence are local events: on_local's default ignores them
         assert server.seen == [{"cpu": "x"}]
     finally:
         device.close()
