@@ -115,7 +115,21 @@ def _type_cell(f: dataclasses.Field[Any]) -> str:
         return "one of " + ", ".join(f"`{v}`" for v in values)
     if text == "PeftMethodName":
         return "one of " + ", ".join(f"`{m}`" for m in config.PEFT_METHODS)
-    return f"`{text}`".replace("|", "\\|")
+    return " or ".join("`null`" if part == "None" else f"`{part}`" for part in _union_parts(text))
+
+
+def _union_parts(text: str) -> list[str]:
+    """`a | b[c | d] | None` -> [a, b[c | d], None]: the top-level members of a union annotation."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
 
 
 def _default_cell(f: dataclasses.Field[Any]) -> str:
@@ -127,7 +141,7 @@ def _default_cell(f: dataclasses.Field[Any]) -> str:
         return "required"
     if dataclasses.is_dataclass(value):
         return "(section)"
-    return f"`{_yaml(value)}`".replace("|", "\\|")
+    return f"`{_yaml(value)}`"
 
 
 def _yaml(value: Any) -> str:
