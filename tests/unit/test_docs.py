@@ -82,3 +82,13 @@ def test_docs_site_builds_strict(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "WARNING" not in proc.stderr, proc.stderr[-4000:]
     assert (tmp_path / "site" / "reference" / "config" / "index.html").exists()
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/architecture.md"])
+def test_layout_names_every_top_level_directory(page: str) -> None:
+    text = (ROOT / page).read_text()
+    layout = text.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    top = {line.split("/", 1)[0] for line in tracked.splitlines() if "/" in line}
+    missing = sorted(d for d in top if f"{d}/" not in layout)
+    assert not missing, f"the Layout of {page} does not name {missing}"
