@@ -39,7 +39,7 @@ def test_every_config_key_is_described() -> None:
 
 def test_reference_lists_every_section_key_type_and_default() -> None:
     text = _reference().render()
-    assert "## `peft_args.lora`" in text and "## `lab_args.outages[]`" in text
+    assert "### `peft_args.lora`" in text and "### `lab_args.outages[]`" in text
     assert "| `model_kwargs` | `Mapping[str, Any]` | `{}` | Passed to timm.create_model |" in text
     assert "| `encoding` | one of `fp32`, `fp16`, `bf16`, `int8`, `int8_row` | `\"fp32\"` |" in text
     assert "| `name` | `str` | required |" in text  # a study's name has no default
