@@ -25,8 +25,9 @@ T = TypeVar("T")
 class CommonArgs:
     """Run identity and seeding."""
 
-    training_type: Literal["cross_device"] = "cross_device"
-    run_id: str = "fedpeft"
+    training_type: Literal["cross_device"] = "cross_device"  # FedML's run kind; only cross-device federations
+    run_id: str = "fedpeft"  # names the run directory and the run's MQTT topics
+    # Seeds partitioning, sampling, initialisation and training.
     random_seed: int = 0
 
 
@@ -34,18 +35,19 @@ class CommonArgs:
 class DataArgs:
     """Where a device's data comes from and how the shared data set is split across devices."""
 
+    # Data set kind; imagefolder = one folder per class (a device's own data).
     dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
     data_cache_dir: str | None = None  # directory of the data set; None = the source's default
-    partition_method: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition_method: Literal["iid", "dirichlet", "shards"] = "iid"  # how the shared pool is split across clients
     partition_alpha: float = 0.5  # Dirichlet concentration (the paper uses 0.1 and 0.5)
     shards_per_client: int = 2  # classes per client for partition_method=shards
-    min_samples_per_client: int = 10
+    min_samples_per_client: int = 10  # smallest shard a partition may give a client
     test_fraction: float = 0.2  # per-client local test split
     max_train_samples: int | None = None  # cap on the shared training pool (quick runs)
     max_test_samples: int | None = None  # cap on the server's held-out test set
     image_size: int | None = None  # None = the backbone's own input size
-    batch_size: int = 32
-    num_workers: int = 0
+    batch_size: int = 32  # local training and evaluation batch size
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training thread)
     cache_max_mb: int = 1024  # keep a client's resized float images in memory up to this size, else per batch
 
 
@@ -53,8 +55,9 @@ class DataArgs:
 class ModelArgs:
     """The frozen backbone and where its weights come from."""
 
-    model: str = "tf_efficientnet_lite0"
-    num_classes: int = 10
+    model: str = "tf_efficientnet_lite0"  # timm model name of the frozen backbone
+    num_classes: int = 10  # classes of the new head
+    # Where pretrained weights come from (none = random init).
     weights: Literal["none", "file", "efficientnet_lite0_package"] = "efficientnet_lite0_package"
     checkpoint_path: str | None = None  # local file with timm key names, for weights=file
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # passed to timm.create_model
@@ -64,7 +67,7 @@ class ModelArgs:
 class AdapterArgs:
     """Bottleneck adapter after each block's MLP."""
 
-    width: int = 64
+    width: int = 64  # bottleneck width
     shared_across_blocks: bool = False  # True reproduces the paper's single shared adapter
 
 
@@ -72,8 +75,9 @@ class AdapterArgs:
 class PromptArgs:
     """Visual prompt tuning for timm VisionTransformer."""
 
-    num_tokens: int = 10
-    depth: Literal["deep", "shallow"] = "deep"
+    num_tokens: int = 10  # prompt tokens per layer
+    depth: Literal["deep", "shallow"] = "deep"  # deep: tokens at every layer; shallow: at the input only
+    # Standard deviation of the prompt tokens' normal init.
     init_std: float = 0.02
 
 
@@ -81,9 +85,9 @@ class PromptArgs:
 class LoraArgs:
     """LoRA through Hugging Face peft."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = 8  # rank of the low-rank update
+    alpha: int = 16  # scaling numerator (the update is scaled by alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA branch's input
     target_modules: tuple[str, ...] | None = None  # None = the method's default for the backbone
 
 
@@ -96,7 +100,7 @@ PEFT_METHODS: tuple[str, ...] = get_args(PeftMethodName)
 class PeftArgs:
     """Which PEFT method trains and shares which tensors."""
 
-    method: PeftMethodName = "bias"
+    method: PeftMethodName = "bias"  # which tensors are trained and sent each round
     adapter: AdapterArgs = dataclasses.field(default_factory=AdapterArgs)
     prompt: PromptArgs = dataclasses.field(default_factory=PromptArgs)
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
@@ -106,33 +110,34 @@ class PeftArgs:
 class TrainArgs:
     """Local training on the device and the round schedule on the server (FedML's names where it has them)."""
 
+    # Server aggregation rule.
     federated_optimizer: Literal["FedAvg", "FedAdam", "FedYogi", "FedMedian", "FedTrimmedAvg"] = "FedAvg"
     client_num_in_total: int = 4  # devices the data set is partitioned for
     client_num_per_round: int = 4  # devices sampled per round
-    comm_round: int = 5
+    comm_round: int = 5  # rounds in the run
     min_devices: int = 2  # devices online before round 1 starts
     min_updates: int = 1  # accepted updates needed to close a round at its deadline
-    round_timeout_s: float = 120.0
-    join_timeout_s: float = 300.0
-    epochs: int = 1
+    round_timeout_s: float = 120.0  # a round's deadline, from its opening
+    join_timeout_s: float = 300.0  # the server gives up if min_devices have not joined by then
+    epochs: int = 1  # local epochs per round
     max_steps: int | None = None  # if set, local training stops after this many steps
-    client_optimizer: Literal["sgd", "adamw"] = "sgd"
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    grad_clip_norm: float | None = None
-    server_learning_rate: float = 1.0  # FedAdam/FedYogi
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
+    client_optimizer: Literal["sgd", "adamw"] = "sgd"  # local optimizer on the device
+    learning_rate: float = 0.01  # local (client) learning rate
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum for SGD
+    weight_decay: float = 1e-4  # local weight decay
+    grad_clip_norm: float | None = None  # clip the local gradient norm (not under DP, which clips per sample)
+    server_learning_rate: float = 1.0  # FedAdam/FedYogi server learning rate
+    server_beta1: float = 0.9  # FedAdam/FedYogi first-moment decay
+    server_beta2: float = 0.99  # FedAdam/FedYogi second-moment decay
+    server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity (epsilon)
     trim_ratio: float = 0.2  # FedTrimmedAvg: fraction of updates cut from EACH end per coordinate
     send_delta: bool = False  # devices send (local - global) instead of local tensors
-    eval_every: int = 1
+    eval_every: int = 1  # the server evaluates the global model every this many rounds
     evaluate_on_devices: bool = False  # devices also evaluate each global model on their local test split
     mixed_precision: bool = True  # used only on CUDA
     # Round engine (server/engine.py): liveness, robust aggregation, asynchronous rounds.
-    round_mode: Literal["sync", "async"] = "sync"
+    round_mode: Literal["sync", "async"] = "sync"  # sync: rounds with a deadline; async: FedBuff-style buffered updates
     max_round_retries: int = 5  # failed attempts of one round before the run ends (end_reason says so)
     max_update_norm: float | None = None  # L2 bound on (update - global) over all tensors; None = unbounded
     update_norm_action: Literal["clip", "drop"] = "clip"  # what the bound does to an update above it
@@ -146,31 +151,31 @@ class TrainArgs:
 class CommArgs:
     """MQTT broker, topics, security and the wire encoding."""
 
-    backend: Literal["MQTT"] = "MQTT"
-    broker_host: str = "127.0.0.1"
-    broker_port: int = 1883
-    topic_prefix: str = "fedpeft"
-    username: str | None = None
+    backend: Literal["MQTT"] = "MQTT"  # FedML's backend name; only MQTT
+    broker_host: str = "127.0.0.1"  # MQTT broker host
+    broker_port: int = 1883  # MQTT broker port
+    topic_prefix: str = "fedpeft"  # first topic level; topics are <prefix>/<run_id>/...
+    username: str | None = None  # broker user name (provisioned snippets set it)
     password: str | None = None  # inline; a saved run config keeps it in a 0600 file beside it (password_file)
     password_file: str | None = None  # a file holding the broker password (first line), read at connect
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_insecure: bool = False
-    keepalive_s: int = 30
-    qos: Literal[0, 1] = 1
+    tls_ca_file: str | None = None  # CA certificate (PEM); set to connect with TLS
+    tls_cert_file: str | None = None  # client certificate (PEM) for brokers that require one
+    tls_key_file: str | None = None  # the client certificate's private key (PEM)
+    tls_insecure: bool = False  # skip the broker certificate's host name check (tests only)
+    keepalive_s: int = 30  # MQTT keepalive
+    qos: Literal[0, 1] = 1  # MQTT QoS of the run's messages
     max_message_bytes: int = 268_435_455  # MQTT's maximum packet size; lower for brokers that limit
-    chunk_timeout_s: float = 120.0
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_row"] = "fp32"
+    chunk_timeout_s: float = 120.0  # a chunked transfer not completed within this is dropped
+    reconnect_min_s: float = 0.5  # first reconnect delay after a lost connection
+    reconnect_max_s: float = 30.0  # reconnect delays double up to this
+    encoding: Literal["fp32", "fp16", "bf16", "int8", "int8_row"] = "fp32"  # how update tensors are encoded on the wire
     max_update_bytes: int = 2_000_000_000  # refuse any update claiming more than this
     mqtt_version: Literal["5", "3.1.1"] = "5"  # 3.1.1 for brokers without MQTT 5 (amqtt)
     # A send fails when a packet's PUBACK is later than publish_timeout_s plus the time the bytes ahead of it
     # take at min_link_rate_bps (the slowest uplink planned for; 100 kbit/s covers 2G EDGE's 118 kbit/s), so
     # a slow link is not mistaken for a dead broker however large the update.
     publish_timeout_s: float = 60.0
-    min_link_rate_bps: float = 100_000.0
+    min_link_rate_bps: float = 100_000.0  # slowest uplink planned for, in bit/s (see publish_timeout_s)
     # Messages above chunk_bytes go as chunks of at most that many bytes (0: chunk only above
     # max_message_bytes; the smaller of the two applies). A broker forwards a PUBLISH only once it holds all of
     # it, so a 13.5 MB update sent whole crossed the sender's hop to the broker and then the receiver's link one
@@ -210,10 +215,10 @@ class DeviceArgs:
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # mps: Apple silicon (explicit; auto = CUDA or cpu)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
-    eval_backend: Literal["torch", "onnxruntime"] = "torch"
-    metering_interval_s: float = 0.1
+    eval_backend: Literal["torch", "onnxruntime"] = "torch"  # runtime of the device's local evaluation
+    metering_interval_s: float = 0.1  # resource sampling period
     measure_latency: bool = True  # measure batch-1 ONNX inference latency at start-up (device profile)
-    latency_runs: int = 20
+    latency_runs: int = 20  # batch-1 inference runs timed for the latency figure
     state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
     slowdown_factor: float = 1.0  # tests only: local training takes this many times as long (a slow device)
 
@@ -222,14 +227,15 @@ class DeviceArgs:
 class TrackingArgs:
     """Where a run writes its directory and how much it logs."""
 
-    run_dir: str = "runs"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    checkpoint_every: int = 1
+    run_dir: str = "runs"  # parent directory of run directories (runs/<run_id>)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # logging level of the programs
+    checkpoint_every: int = 1  # the server checkpoints every this many rounds (and the last)
     # experiment tracking, as run-log sinks (fedpeft_edge/tracking/); the `tracking` extra installs both
-    enable_tensorboard: bool = False
+    enable_tensorboard: bool = False  # write TensorBoard event files
     tensorboard_dir: str | None = None  # default: <run dir>/tensorboard
-    enable_mlflow: bool = False
+    enable_mlflow: bool = False  # log the run to MLflow
     mlflow_tracking_uri: str | None = None  # default: sqlite:///<run dir>/mlflow/mlflow.db (a local store)
+    # MLflow experiment the run is logged under.
     mlflow_experiment_name: str = "fedpeft-edge"
 
 
@@ -237,13 +243,13 @@ class TrackingArgs:
 class DpArgs:
     """Differential privacy (DP-SGD via opacus) on the device."""
 
-    enabled: bool = False
+    enabled: bool = False  # train with DP-SGD on the trainable PEFT tensors
     noise_multiplier: float | None = None  # set this, or target_epsilon
-    target_epsilon: float | None = None
-    target_delta: float = 1e-3
-    max_grad_norm: float = 1.0
-    accountant: Literal["rdp", "prv"] = "rdp"
-    poisson_sampling: bool = True
+    target_epsilon: float | None = None  # epsilon the noise is calibrated to over the run
+    target_delta: float = 1e-3  # delta of the (epsilon, delta) guarantee
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound
+    accountant: Literal["rdp", "prv"] = "rdp"  # privacy accountant
+    poisson_sampling: bool = True  # sample each batch by Poisson sampling (what the accountant assumes)
     epsilon_budget: float | None = None  # device stops training past this; None = target_epsilon
 
 
@@ -256,14 +262,15 @@ class LinkProfile:
     a TCP segment is lost, which the relay turns into a retransmission stall (see fedpeft_edge/lab/relay.py).
     """
 
-    name: str = "unshaped"
-    down_mbit: float | None = None
-    up_mbit: float | None = None
+    name: str = "unshaped"  # the profile's name (configs/links/<name>.yaml)
+    down_mbit: float | None = None  # server -> device rate, Mbit/s
+    up_mbit: float | None = None  # device -> server rate, Mbit/s
     burst_kb: float | None = None  # tbf bucket; None = 4 ms of the rate, at least 4 full frames
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # one-way latency added in each direction
     jitter_ms: float = 0.0  # uniform in [-jitter, +jitter] per chunk, order kept
-    loss: float = 0.0
+    loss: float = 0.0  # probability a TCP segment is lost
     rto_ms: float = 200.0  # the stall one lost segment costs (Linux's minimum RTO)
+    # Free text.
     description: str = ""
 
 
@@ -277,15 +284,19 @@ class StudyConfig:
     matched against each run's resolved config, strings as shell patterns) whose runs are left out.
     """
 
-    name: str
+    name: str  # the study's name (its directory and run ids)
     base_config: str  # path, relative to the study file
+    # Dotted key -> values, or bundle name -> {label: {dotted key: value}}.
     grid: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # dotted key -> value, every run
+    # PEFT method -> {dotted key: value} for its runs.
     per_method: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    exclude: tuple[Mapping[str, Any], ...] = ()
+    exclude: tuple[Mapping[str, Any], ...] = ()  # partial assignments whose runs are left out
+    # simulate: all in one process; mqtt: a broker, the server and agent processes.
     executor: Literal["simulate", "mqtt"] = "simulate"
     study_dir: str | None = None  # default: <base's tracking_args.run_dir>/studies/<name>
     run_timeout_s: float = 3600.0  # a run taking longer is stopped and recorded as failed
+    # Free text.
     description: str = ""
 
 
@@ -294,9 +305,10 @@ class OutageArgs:
     """Device `device` (its id, e.g. "d1") loses its link for `duration_s`, `after_s` into round `at_round`
     (or, without `at_round`, `after_s` after the lab started)."""
 
-    device: str = ""
-    duration_s: float = 10.0
-    at_round: int | None = None
+    device: str = ""  # device id of the lab namespace, e.g. d1
+    duration_s: float = 10.0  # how long the link is cut
+    at_round: int | None = None  # round the outage starts in; None = counted from the lab's start
+    # Seconds into that round (or since start) the link goes down.
     after_s: float = 0.0
 
 
