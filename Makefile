@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint typecheck unit integration bench clean
+.PHONY: setup demo test test-slow lint typecheck unit integration bench clean docs config-reference
 
 setup:
 	@bash scripts/setup.sh
@@ -14,7 +14,7 @@ demo: setup
 	$(VENV)/bin/fedpeft-edge demo $(DEMO_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check fedpeft_edge device_agents server_app tests benchmarks
+	$(VENV)/bin/ruff check fedpeft_edge device_agents server_app tests benchmarks scripts
 
 typecheck: setup
 	$(VENV)/bin/mypy fedpeft_edge device_agents server_app
@@ -32,6 +32,16 @@ unit: setup
 
 integration: setup
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# The docs site (MkDocs + Material, offline): the config reference must match the dataclasses, and the build
+# must be warning-free (broken links and pages missing from the nav fail it).
+docs: setup
+	$(PY) scripts/config_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Regenerate docs/reference/config.md after adding or changing a config field.
+config-reference: setup
+	$(PY) scripts/config_reference.py
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
