@@ -14,24 +14,21 @@ import logging
 import threading
 import time
 from concurrent.futures import Executor
-from typing import Any
 
 from fedpeft_edge.client.logic import EXIT_FINISHED, EXIT_REFUSED, DeviceLogic, SyncAction
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.protocol import (
     Channel,
-    Finish,
-    JoinAck,
     LocalEvent,
     ProtocolMessage,
     RoundTask,
     SharedModel,
     Timer,
     Update,
-    parse,
 )
 from fedpeft_edge.transport.framing import ack_timeout_s
-from fedpeft_edge.transport.manager import BackendFactory, FedPeftCommManager, guarded
+from fedpeft_edge.transport.manager import BackendFactory, FedPeftCommManager
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +45,8 @@ class DeviceManager(FedPeftCommManager):
         self.logic = logic
         self.pool = pool
         self._comm = comm_args
-        super().__init__(comm_args, run_id, logic.device_id, meter=logic.meter, backend=backend)
-        self.register_message_receive_handlers()
+        super().__init__(comm_args, run_id, logic.device_id, (Channel.SERVER_TO_DEVICE, Channel.MODEL),
+                         meter=logic.meter, backend=backend)
 
     @property
     def exit_code(self) -> int:
@@ -59,18 +56,12 @@ class DeviceManager(FedPeftCommManager):
     def refusal(self) -> str | None:
         return self.logic.refusal
 
-    def register_message_receive_handlers(self) -> None:
-        for cls in (JoinAck, Finish, RoundTask):
-            self.register_message_receive_handler(cls.msg_type, guarded(self._dispatch_task))
-        self.register_message_receive_handler(SharedModel.msg_type, guarded(self._dispatch_model))
-
-    def _dispatch_task(self, msg: Any) -> None:
-        """A server message on this device's s2d channel; a bad one raises ProtocolError (dropped by `guarded`)."""
-        self._dispatch(parse(msg, Channel.SERVER_TO_DEVICE))
-
-    def _dispatch_model(self, msg: Any) -> None:
-        """The round's shared model, from the run's model topic."""
-        self._dispatch(parse(msg, Channel.MODEL))
+    def on_message(self, message: ProtocolMessage) -> None:
+        """A server message (parsed for the s2d channel or the model topic by the transport's adapter)."""
+        try:
+            self._dispatch(message)
+        except FedPeftError as exc:
+            log.warning("%s: dropped %s: %s", self.logic.device_id, type(message).__name__, exc)
 
     def on_local(self, event: LocalEvent) -> None:
         """Connection state, the server's presence and our own model-wait timer (never from a frame)."""
@@ -139,8 +130,7 @@ class DeviceManager(FedPeftCommManager):
             self.logic.runtime.release_heap()  # the window's freed buffers, once the update is on its way
 
     def _send_all(self, messages: list[ProtocolMessage]) -> None:
-        for out in messages:
-            rec = self.com_manager.send_message(out.to_message())
-            if isinstance(out, Update):
+        for out, rec in zip(messages, self.send_all(messages), strict=True):
+            if isinstance(out, Update) and not isinstance(rec, FedPeftError):
                 log.info("%s: round %d: sent %d bytes in %d packet(s)", self.logic.device_id, out.round,
                          rec.mqtt_bytes, rec.chunks)

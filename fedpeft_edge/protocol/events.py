@@ -1,7 +1,7 @@
 """Local events: a timer that fired, the connection coming up, a peer's broker-reported presence changing.
 
 They are built in-process (by a node's own timers or by its transport) and handed to the node through
-`receive_local`, never through a frame. They have no wire form at all (no message type, no `to_message`, no
+`receive_local`, never through a frame. They have no wire form at all (no message type, no `to_params`, no
 parser), so nothing a peer sends can ever become one: a signed frame from a provisioned device cannot fire the
 server's round deadline or mark another device offline.
 """

@@ -1,18 +1,21 @@
-"""One frozen dataclass per protocol message, with its FedML `Message` form; `parse` checks every field.
+"""One frozen dataclass per protocol message, with its params form; `parse` checks every field.
 
-`to_message()` builds the FedML Message the transport sends; `from_message(msg)` (or `parse(msg, channel)`, which
-dispatches on msg_type) turns a received one back into the typed object, raising ProtocolError naming the
-field, the value and the fix. No code outside this package reads or writes a message key.
+`to_params()` gives the message's FedML params (`msg_type`, `sender`, `receiver` and its fields: the dict a FedML
+`Message` carries, built into one only by transport/); `from_params(params)` (or `parse(params, channel)`, which
+dispatches on msg_type and refuses what the channel's sender may not send) turns received params back into the
+typed object, raising ProtocolError naming the field, the value and the fix. No code outside this package reads
+or writes a message key, and nothing here imports FedML.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
+import fedpeft_edge.protocol.keys as K
 from fedpeft_edge.errors import ProtocolError
-from fedpeft_edge.protocol import keys as K
 from fedpeft_edge.protocol.fields import (
     MAX_SAMPLES,
     check_blob,
@@ -34,7 +37,6 @@ from fedpeft_edge.protocol.fields import (
 )
 from fedpeft_edge.protocol.report import DeviceReport
 from fedpeft_edge.protocol.roles import WIRE_TYPES, Channel
-from fedpeft_edge.transport.fedml import Message
 from fedpeft_edge.wire.codec import TensorParts, blob_nbytes
 
 MAX_BLOB_BYTES = 2**40  # a size field's bound (the transport bounds what actually arrives)
@@ -52,25 +54,22 @@ class ProtocolMessage:
 
     msg_type: ClassVar[int]
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
-    def from_message(cls: type[T], msg: Any) -> T:
+    def from_params(cls: type[T], params: Mapping[str, Any]) -> T:
         raise NotImplementedError
 
 
-def _new(msg_type: int, sender: str | int, receiver: str | int, **params: Any) -> Any:
-    msg = Message(msg_type, sender, receiver)
-    for key, value in params.items():
-        msg.add_params(key, value)
-    return msg
+def _new(msg_type: int, sender: str | int, receiver: str | int, **params: Any) -> dict[str, Any]:
+    return {K.MSG_ARG_KEY_TYPE: msg_type, K.MSG_ARG_KEY_SENDER: sender, K.MSG_ARG_KEY_RECEIVER: receiver, **params}
 
 
-def _params(msg: Any) -> dict[str, Any]:
-    params = msg.get_params() if hasattr(msg, "get_params") else None
-    if not isinstance(params, dict):
-        raise fail("message", type(msg).__name__, "is not a FedML Message", "pass a fedml Message")
+def _params(params: Any) -> Mapping[str, Any]:
+    if not isinstance(params, Mapping):
+        raise fail("message", type(params).__name__, "is not a params mapping",
+                   "pass the received message's params (transport/ unwraps FedML's Message)")
     return params
 
 
@@ -101,7 +100,7 @@ class Join(ProtocolMessage):
     def exhausted(self) -> bool:
         return self.client_status == K.STATUS_BUDGET_EXHAUSTED
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **{
             K.MSG_ARG_KEY_DEVICE_ID: self.sender, K.MSG_ARG_KEY_CLIENT_INDEX: self.client_idx,
             K.MSG_ARG_KEY_BACKBONE_FINGERPRINT: self.backbone_fingerprint,
@@ -112,7 +111,7 @@ class Join(ProtocolMessage):
         })
 
     @classmethod
-    def from_message(cls, msg: Any) -> Join:
+    def from_params(cls, msg: Mapping[str, Any]) -> Join:
         p = _params(msg)
         return cls(
             sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
@@ -148,7 +147,7 @@ class Update(ProtocolMessage):
     msg_id: str | None = None
     sent_at: float | None = None
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
             K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_NUM_SAMPLES: self.num_samples,
             K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_ENCODING: self.encoding,
@@ -163,7 +162,7 @@ class Update(ProtocolMessage):
         return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **params)
 
     @classmethod
-    def from_message(cls, msg: Any) -> Update:
+    def from_params(cls, msg: Mapping[str, Any]) -> Update:
         p = _params(msg)
         blob = p.get(K.MSG_ARG_KEY_MODEL_PARAMS)
         if blob is None:
@@ -195,12 +194,12 @@ class DeviceErrorReport(ProtocolMessage):
     round: int | None
     error: str
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **{
             K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ERROR: self.error[:4000]})
 
     @classmethod
-    def from_message(cls, msg: Any) -> DeviceErrorReport:
+    def from_params(cls, msg: Mapping[str, Any]) -> DeviceErrorReport:
         p = _params(msg)
         return cls(sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
                    round=check_opt_round(p.get(K.MSG_ARG_KEY_ROUND)),
@@ -221,13 +220,13 @@ class ClientStatus(ProtocolMessage):
     def exhausted(self) -> bool:
         return self.status == K.STATUS_BUDGET_EXHAUSTED
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         return _new(self.msg_type, check_device_id(self.sender), K.SERVER_ID, **{
             K.MSG_ARG_KEY_CLIENT_STATUS: self.status, K.MSG_ARG_KEY_ROUND: self.round,
             K.MSG_ARG_KEY_EPSILON: self.epsilon})
 
     @classmethod
-    def from_message(cls, msg: Any) -> ClientStatus:
+    def from_params(cls, msg: Mapping[str, Any]) -> ClientStatus:
         p = _params(msg)
         return cls(sender=check_device_id(p.get(K.MSG_ARG_KEY_SENDER)),
                    status=check_choice(p.get(K.MSG_ARG_KEY_CLIENT_STATUS), K.MSG_ARG_KEY_CLIENT_STATUS,
@@ -246,12 +245,12 @@ class JoinAck(ProtocolMessage):
     accepted: bool
     reason: str | None = None
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         return _new(self.msg_type, _server_out(self.receiver), self.receiver, **{
             K.MSG_ARG_KEY_ACCEPTED: self.accepted, K.MSG_ARG_KEY_REASON: self.reason})
 
     @classmethod
-    def from_message(cls, msg: Any) -> JoinAck:
+    def from_params(cls, msg: Mapping[str, Any]) -> JoinAck:
         p = _params(msg)
         check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
         return cls(receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
@@ -287,7 +286,7 @@ class RoundTask(ProtocolMessage):
         """The tensors are not in this task but in the shared model message `model_id`."""
         return self.model_id is not None and not blob_nbytes(self.blob)
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
             K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self.attempt,
             K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_ENCODING: self.encoding,
@@ -317,7 +316,7 @@ class RoundTask(ProtocolMessage):
                                    encoding=model.encoding)
 
     @classmethod
-    def from_message(cls, msg: Any) -> RoundTask:
+    def from_params(cls, msg: Mapping[str, Any]) -> RoundTask:
         p = _params(msg)
         check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
         config = check_opt_mapping(p.get(K.MSG_ARG_KEY_CONFIG), K.MSG_ARG_KEY_CONFIG, 4096) or {}
@@ -363,7 +362,7 @@ class SharedModel(ProtocolMessage):
     encoding: str
     model_version: int | None = None
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
             K.MSG_ARG_KEY_MODEL_ID: check_text(self.model_id, K.MSG_ARG_KEY_MODEL_ID, 64),
             K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash,
@@ -374,7 +373,7 @@ class SharedModel(ProtocolMessage):
         return _new(self.msg_type, K.SERVER_ID, K.BROADCAST, **params)
 
     @classmethod
-    def from_message(cls, msg: Any) -> SharedModel:
+    def from_params(cls, msg: Mapping[str, Any]) -> SharedModel:
         p = _params(msg)
         check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
         if p.get(K.MSG_ARG_KEY_RECEIVER) != K.BROADCAST:
@@ -403,11 +402,11 @@ class Finish(ProtocolMessage):
     receiver: str
     reason: str | None = None
 
-    def to_message(self) -> Any:
+    def to_params(self) -> dict[str, Any]:
         return _new(self.msg_type, _server_out(self.receiver), self.receiver, **{K.MSG_ARG_KEY_REASON: self.reason})
 
     @classmethod
-    def from_message(cls, msg: Any) -> Finish:
+    def from_params(cls, msg: Mapping[str, Any]) -> Finish:
         p = _params(msg)
         check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
         return cls(receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
@@ -421,10 +420,10 @@ DEVICE_MESSAGES = (Join, Update, DeviceErrorReport, ClientStatus)  # what a devi
 SERVER_MESSAGES = (JoinAck, RoundTask, SharedModel, Finish)  # what the server may send a device
 
 
-def parse(msg: Any, channel: Channel) -> ProtocolMessage:
-    """The typed form of a FedML Message received on `channel`: only a type its sender's role may send there
+def parse(params: Any, channel: Channel) -> ProtocolMessage:
+    """The typed form of a message's params received on `channel`: only a type its sender's role may send there
     (roles.WIRE_TYPES); ProtocolError (naming field, value, fix) if it is malformed or not allowed."""
-    p = _params(msg)
+    p = _params(params)
     msg_type = p.get(K.MSG_ARG_KEY_TYPE)
     if isinstance(msg_type, str) and msg_type.isdigit():
         msg_type = int(msg_type)  # FedML's Message keeps str(type) in .type; the params keep the int
@@ -433,7 +432,7 @@ def parse(msg: Any, channel: Channel) -> ProtocolMessage:
         raise fail(K.MSG_ARG_KEY_TYPE, msg_type, f"is not a message type allowed on the {channel.value} channel",
                    f"send one of {sorted(allowed)}")
     try:
-        return MESSAGE_CLASSES[msg_type].from_message(msg)
+        return MESSAGE_CLASSES[msg_type].from_params(p)
     except ProtocolError:
         raise
     except (TypeError, ValueError, AttributeError) as exc:  # a shape no check anticipated: still a bad message
@@ -441,9 +440,9 @@ def parse(msg: Any, channel: Channel) -> ProtocolMessage:
                             "send the fields docs/design.md lists for it") from exc
 
 
-def sender_of(msg: Any) -> str | None:
-    """The claimed sender of a raw message if it is a plausible node id (for drop records), else None."""
+def sender_of(params: Any) -> str | None:
+    """The claimed sender of raw params if it is a plausible node id (for drop records), else None."""
     try:
-        return check_node_id(_params(msg).get(K.MSG_ARG_KEY_SENDER))
+        return check_node_id(_params(params).get(K.MSG_ARG_KEY_SENDER))
     except ProtocolError:
         return None

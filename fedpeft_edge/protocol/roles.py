@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 
+import fedpeft_edge.protocol.keys as K
 from fedpeft_edge.errors import AuthError
-from fedpeft_edge.protocol import keys as K
 
 
 class Channel(enum.Enum):

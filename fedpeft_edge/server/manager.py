@@ -1,30 +1,29 @@
 """The round engine on the wire: FedML's comm manager around a RoundEngine, as client/manager.py is for a device.
 
-Every received FedML Message is parsed into a typed device message (protocol/: only the types a device may send
-on its d2s channel); a message that fails to parse is recorded as dropped (a malformed join is answered with a
-refusal naming the field), never raised. Timers, presence and connection state arrive apart from the wire, as
+The transport's adapter (FedPeftCommManager) hands it typed device messages (only the types a device may send on
+its d2s channel); params that fail to parse are recorded as dropped (a malformed join is answered with a refusal
+naming the field), never raised. Timers, presence and connection state arrive apart from the wire, as
 local events (`on_local`), so no frame can fire a deadline or mark a device offline. The
-engine's answers are sent one by one; a failed send is logged and the round's deadline (armed before the
+engine's answers are sent in order; a failed send is logged and the round's deadline (armed before the
 first task) closes the round without that device. All of it runs on the receive loop's thread.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fedpeft_edge.config import CommArgs
-from fedpeft_edge.errors import FedPeftError, ProtocolError
+from fedpeft_edge.errors import ProtocolError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.protocol import (
-    MESSAGE_CLASSES,
     SERVER_ID,
     Channel,
     ConnectionReady,
     LocalEvent,
     ProtocolMessage,
     Timer,
-    parse,
     sender_of,
 )
 from fedpeft_edge.protocol.keys import MSG_ARG_KEY_TYPE, MSG_TYPE_C2S_JOIN
@@ -45,7 +44,8 @@ class ServerManager(FedPeftCommManager):
         self.meter = meter
         timers.bind(self._post_timer)
         self.drops = engine.drops  # receive-path drops go to the engine's record: one coalesced `dropped_message` log
-        super().__init__(comm_args, run_id, SERVER_ID, meter=meter, backend=backend, on_drop=self.drops)
+        super().__init__(comm_args, run_id, SERVER_ID, (Channel.DEVICE_TO_SERVER,), meter=meter, backend=backend,
+                         on_drop=self.drops)
         admit = getattr(self.com_manager, "set_admission", None)
         if admit is not None:  # chunked transfers only from admitted devices (bounded reassembly)
             admit(self._admitted)
@@ -54,77 +54,43 @@ class ServerManager(FedPeftCommManager):
         dev = self.engine.rounds.devices.get(device_id)
         return dev is not None and dev.accepted
 
-    def register_message_receive_handlers(self) -> None:
-        for msg_type in MESSAGE_CLASSES:
-            self.register_message_receive_handler(msg_type, self.on_message)
-
-    def receive_message(self, msg_type: Any, msg_params: Any) -> None:
-        """Every message goes through parse(), whatever its msg_type (an unknown or unhashable one is dropped)."""
-        self.on_message(msg_params)
-
     def _post_timer(self, timer: Timer) -> None:
         self.post_local(timer)
 
-    def on_message(self, msg: Any) -> None:
-        try:
-            out = self._handle(msg)
-        except Exception:  # nothing a peer sends may end the receive loop
-            log.exception("handling a message from %s failed; dropped", sender_of(msg))
-            out = []
-        self._answer(out)
+    def on_message(self, message: ProtocolMessage) -> None:
+        """A device's message (parsed for the d2s channel by the transport's adapter) goes to the engine."""
+        self._answer(lambda: self.engine.handle(message), getattr(message, "sender", None))
+
+    def on_invalid(self, params: dict[str, Any], error: ProtocolError) -> None:
+        """Params that did not parse: a join is refused with the reason (the device can fix it), the rest
+        recorded as dropped."""
+        sender = sender_of(params)
+        if params.get(MSG_ARG_KEY_TYPE) == MSG_TYPE_C2S_JOIN and sender is not None and sender != str(SERVER_ID):
+            self._answer(lambda: self.engine.refuse_join(sender, str(error)), sender)
+        else:
+            self._answer(lambda: self.engine.dropped(sender, "invalid", str(error)), sender)
 
     def on_local(self, event: LocalEvent) -> None:
         """A timer or a presence change (local events, never from a frame) goes to the engine."""
         if isinstance(event, ConnectionReady):
             log.info("server connected; waiting for %d devices", self.engine.args.min_devices)
             return
-        try:
-            out = self.engine.handle(event)
-        except Exception:  # a bug in a timer's handling must not end the receive loop either
-            log.exception("handling local event %s failed", event)
-            out = []
-        self._answer(out)
+        self._answer(lambda: self.engine.handle(event), None)
 
-    def _answer(self, out: list[ProtocolMessage]) -> None:
-        self.send_all(out)
+    def _answer(self, handle: Callable[[], list[ProtocolMessage]], sender: str | None) -> None:
+        try:
+            out = handle()
+        except Exception:  # nothing a peer (or a timer) causes may end the receive loop
+            log.exception("handling a message from %s failed; dropped", sender)
+            out = []
+        self.send_all(out, interleave=True)
         if self.engine.finished:
             self.finish()
-
-    def _handle(self, msg: Any) -> list[ProtocolMessage]:
-        try:
-            typed = parse(msg, Channel.DEVICE_TO_SERVER)
-        except ProtocolError as exc:
-            sender = sender_of(msg)
-            params = msg.get_params() if hasattr(msg, "get_params") else {}
-            is_join = isinstance(params, dict) and params.get(MSG_ARG_KEY_TYPE) == MSG_TYPE_C2S_JOIN
-            if is_join and sender is not None and sender != str(SERVER_ID):
-                return self.engine.refuse_join(sender, str(exc))
-            return self.engine.dropped(sender, "invalid", str(exc))
-        return self.engine.handle(typed)
-
-    def send_all(self, out: list[ProtocolMessage]) -> None:
-        send_many = getattr(self.com_manager, "send_messages", None)  # MQTT: a round's tasks interleaved
-        if send_many is not None and len(out) > 1:
-            try:
-                results = send_many([m.to_message() for m in out])
-            except FedPeftError as exc:  # one message could not even be framed: send them one by one
-                log.debug("interleaved send failed (%s); sending one by one", exc)
-            else:
-                for m, result in zip(out, results, strict=True):
-                    if isinstance(result, FedPeftError):
-                        log.warning("could not send %s to %s: %s", type(m).__name__, getattr(m, "receiver", "?"),
-                                    result)
-                return
-        for m in out:
-            try:
-                self.com_manager.send_message(m.to_message())
-            except FedPeftError as exc:
-                log.warning("could not send %s to %s: %s", type(m).__name__, getattr(m, "receiver", "?"), exc)
 
     def run_until_done(self) -> None:
         """Serve until the run ends (its run directory then holds summary.json)."""
         try:
-            self.send_all(self.engine.start())
+            self.send_all(self.engine.start(), interleave=True)
             self.run()
         finally:
             self.timers.cancel_all()

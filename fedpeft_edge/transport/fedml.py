@@ -66,3 +66,17 @@ def _load() -> tuple[Any, Any, Any, Any, Any]:
 
 
 Message, Observer, BaseCommunicationManager, FedMLCommManager, FedMLMyMessage = _load()
+
+
+def message_of(params: dict[str, Any]) -> Any:
+    """FedML's Message carrying a typed message's params (protocol's `to_params()`): the only place ours become
+    FedML's, on their way to a backend."""
+    message = Message()
+    message.init_from_json_object(params)
+    return message
+
+
+def params_of(message: Any) -> Any:
+    """The params of a received FedML Message (whatever a backend handed the observer; not checked here:
+    protocol.parse checks them)."""
+    return message.get_params() if hasattr(message, "get_params") else None

@@ -1,17 +1,26 @@
-"""FedPeftCommManager: FedML's comm manager on one of our backends (MQTT by default); nodes subclass it."""
+"""FedPeftCommManager: FedML's comm manager on one of our backends (MQTT by default), typed at its edge.
+
+It is the one adapter between FedML's `Message` and our protocol: a received Message is parsed into the typed
+message its sender may send on this node's inbound channels (`protocol.parse`) and handed to `on_message`;
+params that do not parse go to `on_invalid`; local events (timers, connection state, presence) come typed from
+the backend to `on_local`; `send_all` turns typed messages into FedML Messages for the backend. Nodes
+(server/manager.py, client/manager.py) subclass it and never see a FedML Message.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedpeft_edge.errors import FedPeftError, ProtocolError
-from fedpeft_edge.transport.fedml import FedMLCommManager
+from fedpeft_edge.protocol import Channel, ProtocolMessage, parse
+from fedpeft_edge.protocol.roles import WIRE_TYPES
+from fedpeft_edge.transport.fedml import FedMLCommManager, message_of, params_of
 
 if TYPE_CHECKING:
     from fedpeft_edge.config import CommArgs
-    from fedpeft_edge.metering.bandwidth import BandwidthMeter
+    from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
     from fedpeft_edge.protocol.events import LocalEvent
     from fedpeft_edge.transport.drops import DroppedMessage
 
@@ -31,12 +40,12 @@ def mqtt_backend(comm_args: CommArgs, run_id: str, node_id: str | int, meter: Ba
 
 
 class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
-    """FedML's comm manager on our MQTT backend; server and device managers subclass it.
+    """FedML's comm manager on our backend, typed: subclasses implement `on_message(typed)`, `on_invalid(params,
+    error)` and `on_local(event)`, and send with `send_all(messages)`.
 
-    Subclasses implement `register_message_receive_handlers()` with `register_message_receive_handler(type,
-    fn)` for wire messages and `on_local(event)` for local events (timers, connection state, presence), which
-    the transport hands over typed and apart from the wire; `run()` blocks in the receive loop and dispatches on
-    the calling thread; `finish()` stops it and disconnects (publishing OFFLINE presence).
+    `inbound` names the channels this node receives on (the server: d2s; a device: s2d and the model topic):
+    a message parses only to a type whose sender may send it on one of them. `run()` blocks in the receive loop
+    and dispatches on the calling thread; `finish()` stops it and disconnects (publishing OFFLINE presence).
     """
 
     def __init__(
@@ -44,6 +53,7 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         comm_args: CommArgs,
         run_id: str,
         node_id: str | int,
+        inbound: Sequence[Channel],
         meter: BandwidthMeter | None = None,
         connect_timeout_s: float = 10.0,
         backend: BackendFactory | None = None,
@@ -55,6 +65,7 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         self._run_id = run_id
         self._meter = meter
         self._connect_timeout_s = connect_timeout_s
+        self._inbound = tuple(inbound)
         self.node_id = node_id  # before FedML's __init__, which calls _init_manager()
         rank = node_id if isinstance(node_id, int) else 0
         super().__init__(args=None, comm=None, rank=rank, size=0, backend="MQTT_FEDPEFT")
@@ -67,15 +78,32 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
     def get_sender_id(self) -> str | int:
         return self.node_id
 
+    def register_message_receive_handlers(self) -> None:
+        """No per-type handlers: every message is parsed and typed in `receive_message`."""
+
     def receive_message(self, msg_type: Any, msg_params: Any) -> None:
-        """Dispatch to the registered handler; an unregistered type is a protocol error, logged, dropped."""
-        handler = self.message_handler_dict.get(msg_type)
-        if handler is None:
-            log.warning("%s", ProtocolError(
-                f"no handler for message type {msg_type!r} from {msg_params.get_sender_id()!r}; dropped "
-                "(register it in register_message_receive_handlers)"))
+        """FedML's observer entry: parse the Message's params for this node's inbound channels, then dispatch."""
+        params = params_of(msg_params)
+        try:
+            typed = parse(params, self._channel_for(params))
+        except ProtocolError as exc:
+            self.on_invalid(params if isinstance(params, dict) else {}, exc)
             return
-        handler(msg_params)
+        self.on_message(typed)
+
+    def _channel_for(self, params: Any) -> Channel:
+        msg_type = params.get("msg_type") if isinstance(params, dict) else None
+        for channel in self._inbound:
+            if isinstance(msg_type, int) and not isinstance(msg_type, bool) and msg_type in WIRE_TYPES[channel]:
+                return channel
+        return self._inbound[0]  # parse refuses it, naming what this channel takes
+
+    def on_message(self, message: ProtocolMessage) -> None:
+        """A typed message its sender may send this node; subclasses override."""
+
+    def on_invalid(self, params: dict[str, Any], error: ProtocolError) -> None:
+        """Params that did not parse (malformed, or a type its sender may not send here): logged and dropped."""
+        log.warning("dropped a message from %s: %s", params.get("sender"), error)
 
     def receive_local(self, event: LocalEvent) -> None:
         """A local event from the transport (never from a frame): handed to `on_local`."""
@@ -88,21 +116,34 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         """Enqueue a local event to ourselves (timers, deadlines), dispatched on the receive loop's thread."""
         self.com_manager.post_local(event)
 
+    def send_all(self, messages: Sequence[ProtocolMessage],
+                 interleave: bool = False) -> list[TransferRecord | FedPeftError]:
+        """Send in order, one after the other, or with `interleave` (a round's tasks to many devices) side by side
+        where the backend can; a message that could not be sent is logged and its error returned in its place,
+        never raised (the round's deadline copes)."""
+        if not messages:
+            return []
+        frames = [message_of(m.to_params()) for m in messages]
+        send_many = getattr(self.com_manager, "send_messages", None)  # MQTT: packets of many messages interleaved
+        results: list[TransferRecord | FedPeftError] | None = None
+        if interleave and send_many is not None and len(frames) > 1:
+            try:
+                results = send_many(frames)
+            except FedPeftError as exc:  # one message could not even be framed: send them one by one
+                log.debug("interleaved send failed (%s); sending one by one", exc)
+        if results is None:
+            results = []
+            for frame in frames:
+                try:
+                    results.append(self.com_manager.send_message(frame))
+                except FedPeftError as exc:
+                    results.append(exc)
+        for m, result in zip(messages, results, strict=True):
+            if isinstance(result, FedPeftError):
+                log.warning("could not send %s to %s: %s", type(m).__name__, getattr(m, "receiver", "?"), result)
+        return results
+
     def finish(self) -> None:
         """Stop the receive loop and disconnect (publishing OFFLINE presence)."""
         self.com_manager.stop_receive_message()
         self.com_manager.close()
-
-
-def guarded(handler: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Wrap a message handler so a bad message is logged and dropped instead of ending the receive loop."""
-
-    def handle(msg: Any) -> None:
-        try:
-            handler(msg)
-        except FedPeftError as exc:
-            log.warning("dropped message %s from %s: %s", msg.get_type(), msg.get_sender_id(), exc)
-        except Exception:
-            log.exception("handler for message %s from %s failed", msg.get_type(), msg.get_sender_id())
-
-    return handle

@@ -19,7 +19,7 @@ from fedpeft_edge.protocol import Channel, SharedModel, parse
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
 from fedpeft_edge.transport.drops import DroppedMessage
-from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.transport.fedml import Message, message_of
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.transport.provision import provision
 from fedpeft_edge.transport.topics import Topics
@@ -155,13 +155,13 @@ def test_the_shared_model_reaches_every_device_signed_and_only_the_server_writes
 
                 def receive_message(self, t: Any, m: Any) -> None:
                     if t == M.MSG_TYPE_S2C_MODEL:
-                        self.sink.append(parse(m, Channel.MODEL))
+                        self.sink.append(parse(m.get_params(), Channel.MODEL))
 
             mgr.add_observer(Obs(got[d]))
         try:
             blob = bytes(range(256)) * 40
             model = SharedModel(model_id="m1", round=1, blob=blob, manifest_hash="h" * 64, encoding="fp32")
-            rec = server.send_message(model.to_message())
+            rec = server.send_message(message_of(model.to_params()))
             assert rec.peer == M.BROADCAST and rec.chunks == 1
             for d, mgr in devs.items():
                 _serve_until(mgr, lambda d=d: bool(got[d]))

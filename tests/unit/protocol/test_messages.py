@@ -1,4 +1,4 @@
-"""Typed protocol messages: round trips through FedML's Message, and parsing refuses every bad field."""
+"""Typed protocol messages: round trips through their params, and parsing refuses every bad field."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from fedpeft_edge.protocol import (
 )
 from fedpeft_edge.protocol import keys as K
 from fedpeft_edge.protocol.roles import WIRE_TYPES, Channel
-from fedpeft_edge.transport.fedml import Message
 
 REPORT = DeviceReport(train_loss=0.5, train_acc=0.9, steps=3, samples_seen=48, train_s=1.5, epsilon=0.7,
                       resources={"cpu": {"user_s": 1.0}}, global_eval=EvalReport(0.4, 0.8, 20, "torch", 0.1))
@@ -52,7 +51,7 @@ SAMPLES = [
 
 def _parse(msg: Any) -> Any:
     """parse() on the channel its sender's role sends that type on (what the transports pass)."""
-    msg_type = msg.get_params().get(K.MSG_ARG_KEY_TYPE) if hasattr(msg, "get_params") else None
+    msg_type = msg.get(K.MSG_ARG_KEY_TYPE) if isinstance(msg, dict) else None
     channel = next((c for c, types in WIRE_TYPES.items() if isinstance(msg_type, int) and msg_type in types),
                    Channel.DEVICE_TO_SERVER)
     return parse(msg, channel)
@@ -60,13 +59,13 @@ def _parse(msg: Any) -> Any:
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_every_message_round_trips_through_a_fedml_message(msg: Any) -> None:
-    assert _parse(msg.to_message()) == msg
+    assert _parse(msg.to_params()) == msg
 
 
-def _update_params(**override: Any) -> Message:
-    msg = SAMPLES[1].to_message()
+def _update_params(**override: Any) -> dict[str, Any]:
+    msg = SAMPLES[1].to_params()
     for k, v in override.items():
-        msg.add_params(k, v)
+        msg[k] = v
     return msg
 
 
@@ -101,27 +100,27 @@ def test_deep_nesting_and_huge_values_are_refused() -> None:
         deep = {"a": deep}
     with pytest.raises(ProtocolError, match="deeper"):
         _parse(_update_params(**{K.MSG_ARG_KEY_METRICS: {"resources": deep}}))
-    big = SAMPLES[0].to_message()
-    big.add_params(K.MSG_ARG_KEY_PROFILE, {"blob": "x" * 100_000})
+    big = SAMPLES[0].to_params()
+    big[K.MSG_ARG_KEY_PROFILE] = {"blob": "x" * 100_000}
     with pytest.raises(ProtocolError, match="profile"):
         _parse(big)
 
 
 def test_server_messages_must_come_from_the_server() -> None:
-    msg = SAMPLES[4].to_message()
-    msg.add_params(K.MSG_ARG_KEY_SENDER, "dev2")
+    msg = SAMPLES[4].to_params()
+    msg[K.MSG_ARG_KEY_SENDER] = "dev2"
     with pytest.raises(ProtocolError, match="not the server"):
         _parse(msg)
 
 
 def test_a_device_cannot_be_sent_to_as_the_server() -> None:
     with pytest.raises(ProtocolError, match="reserved"):
-        JoinAck(receiver="0", accepted=True).to_message()
+        JoinAck(receiver="0", accepted=True).to_params()
 
 
 def test_non_finite_device_metrics_travel_as_null_and_are_named() -> None:
     report = DeviceReport(train_loss=math.nan, train_s=1.0)
-    got = _parse(Update(sender="d", round=1, num_samples=1, blob=b"x", report=report).to_message())
+    got = _parse(Update(sender="d", round=1, num_samples=1, blob=b"x", report=report).to_params())
     assert isinstance(got, Update)
     assert got.report.train_loss is None and got.report.nonfinite == ("train_loss",)
 
@@ -141,10 +140,8 @@ _json = st.recursive(
      K.MSG_ARG_KEY_PRESENCE, K.MSG_ARG_KEY_TIMER, K.MSG_ARG_KEY_ERROR, K.MSG_ARG_KEY_CLIENT_STATUS]),
     _json | st.binary(max_size=8) | st.sampled_from([0, 2, 3, 5, 7, 101, 102, 103, 104, 105]), max_size=12))
 def test_parsing_arbitrary_params_raises_only_protocol_errors(params: dict[str, Any]) -> None:
-    msg = Message()
-    msg.msg_params = params
     with contextlib.suppress(ProtocolError):
-        _parse(msg)
+        _parse(params)
 
 
 def test_device_round_fields_keep_the_devices_timings() -> None:
@@ -158,27 +155,27 @@ def test_device_round_fields_keep_the_devices_timings() -> None:
 
 def test_shared_model_and_a_task_naming_it_round_trip() -> None:
     m = SharedModel(model_id="abc", round=3, blob=b"\x01\x02", manifest_hash="h", encoding="fp32", model_version=2)
-    assert m.to_message().get_receiver_id() == K.BROADCAST
-    back = _parse(m.to_message())
+    assert m.to_params()[K.MSG_ARG_KEY_RECEIVER] == K.BROADCAST
+    back = _parse(m.to_params())
     assert isinstance(back, SharedModel) and back.model_id == "abc" and bytes(back.blob) == b"\x01\x02"
     t = RoundTask(receiver="d1", round=3, blob=b"", manifest_hash="h", encoding="fp32", model_id="abc",
                   model_bytes=2)
-    got = _parse(t.to_message())
+    got = _parse(t.to_params())
     assert isinstance(got, RoundTask) and got.awaits_model and got.model_id == "abc" and got.model_bytes == 2
     assert bytes(got.with_model(back).blob) == b"\x01\x02"
 
 
 def test_a_task_with_both_or_neither_tensors_and_model_id_is_refused() -> None:
-    t = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
-    t.add_params(K.MSG_ARG_KEY_MODEL_ID, "abc")
+    t = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_params()
+    t[K.MSG_ARG_KEY_MODEL_ID] = "abc"
     with pytest.raises(ProtocolError, match="model_id"):
         _parse(t)
-    bare = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
-    del bare.get_params()[K.MSG_ARG_KEY_MODEL_PARAMS]
+    bare = RoundTask(receiver="d1", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_params()
+    del bare[K.MSG_ARG_KEY_MODEL_PARAMS]
     with pytest.raises(ProtocolError, match="one of the two"):
         _parse(bare)
-    m = SharedModel(model_id="abc", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_message()
-    m.add_params(K.MSG_ARG_KEY_RECEIVER, "d1")
+    m = SharedModel(model_id="abc", round=3, blob=b"\x01", manifest_hash="h", encoding="fp32").to_params()
+    m[K.MSG_ARG_KEY_RECEIVER] = "d1"
     with pytest.raises(ProtocolError, match="broadcast"):
         _parse(m)
 
@@ -187,22 +184,22 @@ def test_a_task_with_both_or_neither_tensors_and_model_id_is_refused() -> None:
 def test_a_message_parses_only_on_the_channels_its_senders_role_may_use(msg: Any) -> None:
     for channel, types in WIRE_TYPES.items():
         if msg.msg_type in types:
-            assert parse(msg.to_message(), channel) == msg
+            assert parse(msg.to_params(), channel) == msg
         else:
             with pytest.raises(ProtocolError, match=f"not a message type allowed on the {channel.value} channel"):
-                parse(msg.to_message(), channel)
+                parse(msg.to_params(), channel)
 
 
 @pytest.mark.parametrize("event", [Timer(name="deadline", round=2, attempt=0), ConnectionReady("dev1"),
                                    Presence(node="dev1", online=False, since=3.5)], ids=lambda e: type(e).__name__)
 def test_local_events_have_no_wire_form(event: LocalEvent) -> None:
     assert not isinstance(event, ProtocolMessage)
-    assert not hasattr(event, "to_message") and not hasattr(type(event), "from_message")
+    assert not hasattr(event, "to_params") and not hasattr(type(event), "from_params")
     assert not hasattr(event, "msg_type")
     for old_type in (K.MSG_TYPE_LOCAL_TIMER, K.MSG_TYPE_PRESENCE, K.MSG_TYPE_CONNECTION_IS_READY):
         assert old_type not in MESSAGE_CLASSES
         for channel in Channel:  # a frame claiming one of the old local ids parses on no channel
-            msg = Message(old_type, "dev1", K.SERVER_ID)
-            msg.add_params(K.MSG_ARG_KEY_TIMER, "deadline")
+            msg = {K.MSG_ARG_KEY_TYPE: old_type, K.MSG_ARG_KEY_SENDER: "dev1", K.MSG_ARG_KEY_RECEIVER: K.SERVER_ID,
+                   K.MSG_ARG_KEY_TIMER: "deadline"}
             with pytest.raises(ProtocolError, match="not a message type allowed"):
                 parse(msg, channel)

@@ -13,7 +13,7 @@ from fedpeft_edge.protocol import Channel, Join, JoinAck, parse
 from fedpeft_edge.protocol import keys as K
 from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import ThreadTimers
-from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.transport.fedml import Message, message_of
 
 
 class LoopbackBackend:
@@ -67,17 +67,17 @@ def test_malformed_messages_are_recorded_and_the_loop_goes_on(tmp_path: Path) ->
 def test_a_malformed_join_is_answered_with_the_reason(tmp_path: Path) -> None:
     mgr, backend, _h = _manager(tmp_path)
     join = Join(sender="d1", backbone_fingerprint=FINGERPRINT, manifest_hash=MANIFEST.hash, num_samples=5)
-    msg = join.to_message()
+    msg = message_of(join.to_params())
     msg.add_params(K.MSG_ARG_KEY_NUM_SAMPLES, -1)
     mgr.receive_message(K.MSG_TYPE_C2S_JOIN, msg)
-    ack = parse(backend.sent[0], Channel.SERVER_TO_DEVICE)
+    ack = parse(backend.sent[0].get_params(), Channel.SERVER_TO_DEVICE)
     assert isinstance(ack, JoinAck) and not ack.accepted and "num_samples" in str(ack.reason)
 
 
 def test_a_good_join_reaches_the_engine_and_is_acknowledged(tmp_path: Path) -> None:
     mgr, backend, h = _manager(tmp_path)
     join = Join(sender="d1", backbone_fingerprint=FINGERPRINT, manifest_hash=MANIFEST.hash, num_samples=5)
-    mgr.receive_message(K.MSG_TYPE_C2S_JOIN, join.to_message())
-    ack = parse(backend.sent[0], Channel.SERVER_TO_DEVICE)
+    mgr.receive_message(K.MSG_TYPE_C2S_JOIN, message_of(join.to_params()))
+    ack = parse(backend.sent[0].get_params(), Channel.SERVER_TO_DEVICE)
     assert isinstance(ack, JoinAck) and ack.accepted
     assert h.engine.rounds.devices["d1"].declared_samples == 5

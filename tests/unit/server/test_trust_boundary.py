@@ -26,6 +26,7 @@ from fedpeft_edge.rundir import read_metrics
 from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import ThreadTimers
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
+from fedpeft_edge.transport.fedml import message_of
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.transport.provision import provision
 from fedpeft_edge.wire.auth import Signer, load_private_key
@@ -102,8 +103,9 @@ def test_signed_frames_of_local_or_server_types_from_a_device_change_nothing(tmp
         insider, signer = _insider(prov, broker.port)
         try:
             for d in devices:
-                d.send_message(Join(sender=str(d.node_id), backbone_fingerprint=FINGERPRINT,
-                                    manifest_hash=MANIFEST.hash, num_samples=5).to_message())
+                join = Join(sender=str(d.node_id), backbone_fingerprint=FINGERPRINT, manifest_hash=MANIFEST.hash,
+                            num_samples=5)
+                d.send_message(message_of(join.to_params()))
             _wait("round 1 to open", lambda: h.engine.rounds.current is not None)
             time.sleep(0.5)  # let the joins' records settle
             before = _engine_state(h)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any
@@ -15,9 +14,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.errors import TransportError
 from fedpeft_edge.peft.base import Manifest, TensorSpec
-from fedpeft_edge.protocol import LocalEvent, Timer
+from fedpeft_edge.protocol import Channel, Join, LocalEvent, Timer
 from fedpeft_edge.protocol import keys as M
-from fedpeft_edge.transport.fedml import Message
+from fedpeft_edge.transport.fedml import Message, message_of
 from fedpeft_edge.transport.manager import FedPeftCommManager
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
@@ -207,28 +206,34 @@ def test_device_cannot_address_another_device(mosquitto_broker: Any) -> None:
 
 
 class _Server(FedPeftCommManager):
+    """A node on the typed adapter: it sees protocol messages and invalid params, never a FedML Message."""
+
     def __init__(self, *a: Any, **kw: Any) -> None:
         self.seen: list[Any] = []
-        super().__init__(*a, **kw)
+        self.invalid: list[str] = []
+        super().__init__(*a, (Channel.DEVICE_TO_SERVER,), **kw)
 
-    def register_message_receive_handlers(self) -> None:
-        self.register_message_receive_handler(M.MSG_TYPE_C2S_JOIN, self._on_join)
-
-    def _on_join(self, msg: Any) -> None:
-        self.seen.append(json.loads(msg.get(M.MSG_ARG_KEY_PROFILE)))
+    def on_message(self, message: Any) -> None:
+        self.seen.append(message)
         self.finish()
 
+    def on_invalid(self, params: dict[str, Any], error: Any) -> None:
+        self.invalid.append(str(error))
 
-def test_fedml_comm_manager_subclass_runs_handlers(mosquitto_broker: Any) -> None:
+
+def test_fedml_comm_manager_subclass_gets_typed_messages(mosquitto_broker: Any) -> None:
     server = _Server(_args(mosquitto_broker), "r7", M.SERVER_ID)
-    device = MqttCommManager(_args(mosquitto_broker), "r7", 3)
+    device = MqttCommManager(_args(mosquitto_broker), "r7", "dev3")
     try:
-        join = Message(M.MSG_TYPE_C2S_JOIN, 3, M.SERVER_ID)
-        join.add_params(M.MSG_ARG_KEY_PROFILE, json.dumps({"cpu": "x"}))
-        device.send_message(join)
+        bad = Message(M.MSG_TYPE_C2S_JOIN, "dev3", M.SERVER_ID)  # no fingerprint: does not parse
+        device.send_message(bad)
+        join = Join(sender="dev3", backbone_fingerprint="f" * 64, manifest_hash="h" * 64, num_samples=4,
+                    profile={"cpu": "x"})
+        device.send_message(message_of(join.to_params()))
         threading.Timer(20, server.finish).start()
         server.run()  # ConnectionReady / Presence are local events: on_local's default ignores them
-        assert server.seen == [{"cpu": "x"}]
+        assert len(server.invalid) == 1 and "backbone_fingerprint" in server.invalid[0]
+        assert server.seen == [join]
     finally:
         device.close()
         server.com_manager.close()
