@@ -56,8 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dashboard is not None:
             dashboard.stop()
-    print(f"fedpeft-server: run finished; results in {run_dir}")
-    return 0
+    return report_end(app.engine.end_reason, cfg.train_args.comm_round, app.engine.version, run_dir)
+
+
+def report_end(end_reason: str | None, rounds: int, done: int, run_dir: Any) -> int:
+    """Say how the run ended; 0 only when it completed its rounds (scripts and CI rely on it)."""
+    if end_reason == "completed":
+        print(f"fedpeft-server: run finished ({done} rounds); results in {run_dir}")
+        return 0
+    print(f"fedpeft-server: error: the run ended after {done} of {rounds} rounds: {end_reason or 'stopped'}; "
+          f"records in {run_dir}", file=sys.stderr)
+    return 1
 
 
 def _observe(app: Any, cfg: Any, run_dir: Any, args: argparse.Namespace) -> Any:

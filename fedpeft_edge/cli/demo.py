@@ -130,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
         broker.stop()
     wall = time.monotonic() - t0
     if rc != 0:
-        print(f"demo: the server exited with code {rc}; see {logs / 'server.log'}", file=sys.stderr)
+        why = _end_reason(run_dir)
+        print(f"demo: error: the run did not complete (server exit code {rc}{'; ' + why if why else ''}); "
+              f"see {logs / 'server.log'}", file=sys.stderr)
         return rc
     _print_tables(run_dir, cfg, wall)
     if not args.no_report:
@@ -139,6 +141,14 @@ def run(args: argparse.Namespace) -> int:
         files = write_report([run_dir])
         print(f"report: {files.html}")
     return 0
+
+
+def _end_reason(run_dir: Path) -> str | None:
+    """Why the server ended the run, from its summary.json (None when it wrote none)."""
+    try:
+        return str(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("end_reason"))
+    except (OSError, ValueError):
+        return None
 
 
 def _dashboard_args(bind: str) -> tuple[list[str], str]:

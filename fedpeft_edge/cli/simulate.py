@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
@@ -33,4 +34,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulated {cfg.train_args.client_num_in_total} devices, {summary['rounds']} rounds in "
           f"{time.perf_counter() - t0:.1f} s; final top-1 {summary.get('final_top1')}; "
           f"{summary['bytes_total']} encoded bytes; results in {run_dir}")
+    reason = summary.get("end_reason")
+    if reason != "completed":
+        print(f"fedpeft-edge simulate: error: the run ended after {summary['rounds']} of "
+              f"{cfg.train_args.comm_round} rounds: {reason}", file=sys.stderr)
+        return 1
     return 0

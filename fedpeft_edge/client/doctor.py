@@ -102,7 +102,7 @@ def build_model_facts(cfg: RunConfig) -> ModelFacts:
     from fedpeft_edge.peft import build_method
 
     torch.manual_seed(cfg.common_args.random_seed)
-    backbone = build_backbone(cfg.model_args)
+    backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
     method = build_method(cfg.peft_args)
     model = method.apply(backbone.model)
     manifest = method.manifest(model)

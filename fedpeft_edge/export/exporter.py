@@ -97,7 +97,7 @@ def rebuild_model(cfg: RunConfig, ckpt: Checkpoint) -> _Rebuilt:
     the manifest hash and the frozen-backbone fingerprint against the checkpoint."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.common_args.random_seed)  # as the server builds it (matters for weights="none")
-        backbone = build_backbone(cfg.model_args)
+        backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
         method = build_method(cfg.peft_args)
         model = method.apply(backbone.model)
     manifest = method.manifest(model)

@@ -67,7 +67,7 @@ def build_server_model(cfg: RunConfig) -> ServerModel:
         torch.set_num_threads(cfg.device_args.num_threads)
     device = resolve_device(cfg.device_args.device)
     torch.manual_seed(cfg.common_args.random_seed)
-    backbone = build_backbone(cfg.model_args)
+    backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
     method = build_method(cfg.peft_args)
     return ServerModel(method, method.apply(backbone.model).to(device), backbone.data_config, device)
 

@@ -133,6 +133,10 @@ class RoundEngine:
         self._busy: dict[str, _Busy] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
         self._task_seq = 0
+        # fast failure: the errors the selected devices reported for the open attempt, and the last attempt's
+        # error when every selected device reported that same one (round, error)
+        self._errors: dict[str, str] = {}
+        self._common_error: tuple[int, str] | None = None
 
     # --- entry points ---------------------------------------------------------------------------------------
     @property
@@ -280,6 +284,7 @@ class RoundEngine:
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
         self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
         if msg.round == self._round_index() or (self.mode == "async" and msg.sender in self._busy):
+            self._errors[msg.sender] = msg.error
             self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
 
     def _fail_device(self, device_id: str, reason: DropReason) -> None:
@@ -506,6 +511,9 @@ class RoundEngine:
         self.runlog.sync()
 
     def _next(self, cur: OpenRound, ok: bool) -> None:
+        errors, self._errors = self._errors, {}
+        if not ok and self._same_error_again(cur, errors):
+            return
         if not ok and self.rounds.attempt > self.args.max_round_retries:
             self._finish(f"round {cur.index} failed {self.rounds.attempt} attempts (train_args.max_round_retries="
                          f"{self.args.max_round_retries}): fewer than train_args.min_updates="
@@ -515,6 +523,26 @@ class RoundEngine:
         self._maybe_open()
         if not self.finished and self.rounds.current is None and self.rounds.finished:
             self._finish()
+
+    def _same_error_again(self, cur: OpenRound, errors: Mapping[str, str]) -> bool:
+        """Every selected device failed this attempt with one and the same error: say so now (the attempt
+        closed at once, no deadline waited for); the second attempt in a row that does ends the run (a
+        deterministic failure, such as a wrong input size, is not cured by retrying)."""
+        selected = cur.selected if self.mode == "sync" else tuple(errors)
+        distinct = {errors.get(d) for d in selected}
+        if not selected or len(distinct) != 1 or None in distinct:
+            self._common_error = None
+            return False
+        error = str(next(iter(distinct)))
+        if self._common_error == (cur.index, error):
+            self._finish(f"round {cur.index} failed twice in a row on every selected device ({len(selected)}) with "
+                         f"the same error: {error}; retrying cannot help: fix what the error names (the devices' "
+                         "config, model or data) and start the run again")
+            return True
+        self._common_error = (cur.index, error)
+        log.error("round %d attempt %d: every selected device (%d) failed with the same error: %s; retrying once "
+                  "(the run ends if it repeats)", cur.index, cur.attempt, len(selected), error)
+        return False
 
     def _evaluate(self, round_idx: int, accepted: list[Accepted]) -> dict[str, Any] | None:
         t0 = time.perf_counter()
