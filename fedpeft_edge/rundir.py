@@ -53,3 +53,27 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
     return str(value)
+
+
+def started_run(run_dir: str | Path) -> str | None:
+    """What shows that a server already started a run in run_dir (its records, summary or checkpoint), or None
+    when it holds none: a directory a server created and then failed in (no connection) may be used again."""
+    root = Path(run_dir)
+    metrics = root / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size:
+        return f"{METRICS_FILE} with {sum(1 for _ in metrics.open('rb'))} records"
+    for name in ("summary.json", "checkpoint.json"):
+        if (root / name).is_file():
+            return name
+    return None
+
+
+def refuse_reuse(run_dir: str | Path, run_id: str) -> None:
+    """A new run never goes into a run directory that holds another run (it would append to its metrics)."""
+    found = started_run(run_dir)
+    if found is not None:
+        raise CheckpointError(
+            f"run directory {run_dir} already holds run {run_id!r} ({found}): a new run never reuses it; pick "
+            f"another common_args.run_id (or --run-id), or continue that run with `fedpeft-server --resume "
+            f"{run_dir}` (`fedpeft-edge simulate --resume`)"
+        )

@@ -86,6 +86,7 @@ def _free_port() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from fedpeft_edge.config import load_config
+    from fedpeft_edge.rundir import refuse_reuse
     from fedpeft_edge.transport.broker import start_broker
 
     overrides = _overrides(args)
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                       "comm_args.broker_host": "127.0.0.1"})
     cfg = load_config(args.config, overrides)
     run_dir = Path(cfg.tracking_args.run_dir) / run_id
+    refuse_reuse(run_dir, run_id)  # before anything is written into it
     run_dir.mkdir(parents=True, exist_ok=True)
     n = cfg.train_args.client_num_in_total
     devices = [f"device-{i}" for i in range(n)]

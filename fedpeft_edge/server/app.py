@@ -20,6 +20,7 @@ from fedpeft_edge.config import RunConfig, dump_config, load_config
 from fedpeft_edge.errors import CheckpointError, FedPeftError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.rundir import refuse_reuse
 from fedpeft_edge.server.engine import RoundEngine, RunSpec
 from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import DirCheckpoints, MeterTraffic, SystemClock, ThreadTimers, TimerScheduler
@@ -81,11 +82,11 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     method, device = parts.method, parts.device
     manifest = method.manifest(parts.model)
     fingerprint = fingerprint_backbone(parts.model, manifest)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_resumable(run_dir, manifest.hash, fingerprint)
     else:
-        dump_config(cfg, run_dir / "config.yaml")
+        refuse_reuse(run_dir, cfg.common_args.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
     evaluator = ModelEvaluator(method, parts.model, _server_test_loader(cfg, parts.input_spec, parts.source), device)
     engine = RoundEngine(
         RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(parts.model),
@@ -94,9 +95,17 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
         evaluator=evaluator, traffic=MeterTraffic(meter),
     )
+    return engine
+
+
+def start_run_dir(engine: RoundEngine, cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Once the server is connected: a new run writes its config.yaml, a resumed one rolls its records back to
+    its checkpoint. Nothing is written into the directory before (a server that cannot connect leaves it as
+    it was)."""
     if resume:
         engine.resume()
-    return engine
+    else:
+        dump_config(cfg, run_dir / "config.yaml")
 
 
 def _server_test_loader(cfg: RunConfig, input_spec: Any, source: Any) -> Any:
@@ -133,6 +142,7 @@ class ServerApp(ServerManager):
         timers = ThreadTimers()
         engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind, model)
         super().__init__(engine, timers, cfg.comm_args, cfg.common_args.run_id, meter, backend=backend)
+        start_run_dir(engine, cfg, self.run_dir, resume)
 
 
 def load_server_config(config: str | None, resume: str | None) -> tuple[RunConfig, Path]:
