@@ -47,6 +47,9 @@ class DataArgs:
     batch_size: int = 32
     num_workers: int = 0
     cache_max_mb: int = 1024  # keep a client's resized float images in memory up to this size, else per batch
+    # The run's label order (imagefolder): label i is class_names[i]; None = the server's data's sorted class
+    # folders. Sent to every device at join, which maps its own class folders by name.
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,6 +662,10 @@ def _check_run(cfg: RunConfig) -> None:
     if not 0.0 <= d.test_fraction < 1.0:
         raise ConfigError(f"data_args.test_fraction must be in [0, 1), got {d.test_fraction!r}")
     _positive("model_args.num_classes", m.num_classes)
+    if d.class_names is not None and (len(d.class_names) != m.num_classes
+                                      or len(set(d.class_names)) != len(d.class_names) or "" in d.class_names):
+        raise ConfigError(f"data_args.class_names lists {len(d.class_names)} names {list(d.class_names)[:10]} for "
+                          f"model_args.num_classes={m.num_classes}: give each class's name once, one per class")
     if m.weights == "file" and not m.checkpoint_path:
         raise ConfigError(
             "model_args.weights is 'file' but model_args.checkpoint_path is empty; "

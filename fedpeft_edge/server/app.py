@@ -87,9 +87,10 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     else:
         refuse_reuse(run_dir, cfg.common_args.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = ModelEvaluator(method, parts.model, _server_test_loader(cfg, parts.input_spec, parts.source), device)
+    loader, class_names = _server_data(cfg, parts.input_spec, parts.source)
+    evaluator = ModelEvaluator(method, parts.model, loader, device)
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(parts.model),
+        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind, class_names), method.get_state(parts.model),
         build_strategy(cfg.train_args),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
@@ -108,14 +109,33 @@ def start_run_dir(engine: RoundEngine, cfg: RunConfig, run_dir: Path, resume: bo
         dump_config(cfg, run_dir / "config.yaml")
 
 
-def _server_test_loader(cfg: RunConfig, input_spec: Any, source: Any) -> Any:
-    from fedpeft_edge.data import build_server_test_loader
+def _server_data(cfg: RunConfig, input_spec: Any, source: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """The server's test loader (None without data) and the run's class list: data_args.class_names, else the
+    server's data's classes (None when neither is known: devices' labels are then not checked by name)."""
+    from fedpeft_edge.data import build_server_test_loader, load_source
 
+    names = cfg.data_args.class_names
     try:
-        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source)
+        source = source if source is not None else load_source(cfg.data_args)
     except FedPeftError as exc:
         log.warning("no server-side evaluation: %s", exc)
-        return None
+        source = None
+    if names is None and source is not None:
+        names = tuple(source.class_names)
+        if len(names) != cfg.model_args.num_classes:
+            log.warning("the server's data has %d classes but model_args.num_classes=%d: its class list is not "
+                        "sent to devices; set data_args.class_names", len(names), cfg.model_args.num_classes)
+            names = None
+    if names is None:
+        log.warning("no class list for this run (set data_args.class_names, or give the server the data): devices' "
+                    "class folders are not mapped by name")
+    if source is None:
+        return None, names
+    try:
+        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source), names
+    except FedPeftError as exc:
+        log.warning("no server-side evaluation: %s", exc)
+        return None, names
 
 
 def _check_resumable(run_dir: Path, manifest_hash: str, fingerprint: str) -> None:

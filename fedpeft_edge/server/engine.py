@@ -52,6 +52,7 @@ from fedpeft_edge.protocol import (
 )
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
 from fedpeft_edge.server.drops import DropRecorder
+from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
@@ -79,14 +80,16 @@ class RunSpec:
     model_desc: str = ""  # "model X, weights Y" for refusal texts
     bytes_kind: str = "wire"  # what the traffic figures count: "wire" (MQTT) or "encoded" (in-process simulation)
     model_delivery: str = "per_device"  # comm_args.model_delivery: "shared" sends each round's model once
+    class_names: tuple[str, ...] | None = None  # the run's label order, sent at join (None: unknown, unchecked)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire") -> RunSpec:
+    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire",
+                    class_names: tuple[str, ...] | None = None) -> RunSpec:
         return cls(cfg.train_args, cfg.common_args.random_seed, cfg.common_args.run_id, manifest, fingerprint,
                    cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
                    cfg.tracking_args.checkpoint_every,
                    f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind,
-                   cfg.comm_args.model_delivery)
+                   cfg.comm_args.model_delivery, class_names)
 
 
 @dataclasses.dataclass
@@ -192,14 +195,11 @@ class RoundEngine:
 
     # --- devices --------------------------------------------------------------------------------------------
     def _refusal(self, msg: Join) -> str | None:
-        fp, mh = self.spec.fingerprint, self.spec.manifest.hash
-        if msg.backbone_fingerprint != fp:
-            return (f"backbone fingerprint {msg.backbone_fingerprint[:12]} differs from the server's {fp[:12]} "
-                    f"({self.spec.model_desc}): run the agent with the server's model_args")
-        if msg.manifest_hash != mh:
-            return (f"manifest {msg.manifest_hash[:12]} differs from the server's {mh[:12]} (method "
-                    f"{self.spec.manifest.method}): run the agent with the server's peft_args and model_args")
-        return None
+        spec = self.spec
+        return join_refusal(manifest=spec.manifest, fingerprint=spec.fingerprint, num_classes=spec.num_classes,
+                            model_desc=spec.model_desc, class_names=spec.class_names,
+                            device_manifest_hash=msg.manifest_hash, device_manifest=msg.manifest,
+                            device_fingerprint=msg.backbone_fingerprint, device_classes=msg.class_names)
 
     def _join_allowed(self, device_id: str, now: float) -> bool:
         dev = self.rounds.devices.get(device_id)
@@ -225,7 +225,8 @@ class RoundEngine:
         self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
                           client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
                           num_samples=msg.num_samples)
-        self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason))
+        self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason,
+                                 class_names=self.spec.class_names if reason is None else None))
         if reason is not None:
             log.warning("refused device %s: %s", msg.sender, reason)
             return
