@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -336,9 +336,27 @@ class RunConfig:
         _check_run(self)
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML file into a RunConfig; `overrides` maps dotted keys ("train_args.comm_round") to values."""
-    return config_from_dict(_read_yaml_mapping(Path(path)), overrides, source=str(path))
+def load_config(path: str | Path | Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file (or several: overlays, merged key by key, the later file winning) into a RunConfig;
+    `overrides` maps dotted keys ("train_args.comm_round") to values. Unknown keys are errors in any file."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths:
+        raise ConfigError("no config file given; pass --config CONFIG.yaml (repeat it to overlay files)")
+    merged: dict[str, Any] = {}
+    for p in paths:
+        merge_overlay(merged, _read_yaml_mapping(Path(p)))
+    return config_from_dict(merged, overrides, source=" + ".join(str(p) for p in paths))
+
+
+def merge_overlay(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `overlay` into `base` in place, key by key: sections merge recursively, any other value (a list
+    included) replaces the base's."""
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge_overlay(base[key], value)
+        else:
+            base[key] = _deep_copy(value) if isinstance(value, Mapping) else value
+    return base
 
 
 def _read_yaml_mapping(p: Path) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from fedpeft_edge.errors import FedPeftError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft-server", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="the run's YAML config")
+    src.add_argument("--config", action="append", metavar="CONFIG.yaml",
+                     help="the run's YAML config; repeat to overlay files (--config base.yaml --config "
+                     "server.yaml: later files win, key by key)")
     src.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
     p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -9,7 +9,9 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="the run's YAML config (the same a real run uses)")
+    parser.add_argument("--config", required=True, action="append", metavar="CONFIG.yaml",
+                        help="the run's YAML config (the same a real run uses); repeat to overlay files "
+                        "(later files win, key by key)")
     parser.add_argument("--devices", type=int, default=None,
                         help="devices in total (default: train_args.client_num_in_total)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (train_args.comm_round)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ class ServerApp(ServerManager):
         start_run_dir(engine, cfg, self.run_dir, resume)
 
 
-def load_server_config(config: str | None, resume: str | None) -> tuple[RunConfig, Path]:
+def load_server_config(config: str | Sequence[str] | None, resume: str | None) -> tuple[RunConfig, Path]:
     """The config to run (a resumed run uses its own saved config.yaml) and the run directory."""
     if resume:
         run_dir = Path(resume)
