@@ -200,6 +200,31 @@ def check_broker(probe: Any) -> list[Check]:
     return rows
 
 
+def check_run_topics(probe: Any) -> Check:
+    """Whether the broker lets this device use the run's own topics (its ACL), from the probe's SUBACK/PUBACK."""
+    from fedpeft_edge.transport.reasons import explain_topic_refusal
+
+    name = "run topics"
+    if not probe.connected:
+        return Check(name, "SKIP", "no MQTT connection")
+    if probe.node is None:
+        return Check(name, "SKIP", "pass --device-id to try the run's topics")
+    if probe.refused_subscriptions:
+        return Check(name, "FAIL", explain_topic_refusal(0x87, "subscribe", probe.refused_subscriptions[0],
+                                                         probe.user, probe.run_id))
+    if probe.publish_code is None:
+        return Check(name, "WARN", f"no PUBACK for a publish on {probe.publish_topic}: the broker may have dropped "
+                     "it; check its ACL for this user and run id")
+    if probe.publish_code >= 0x80:
+        return Check(name, "FAIL", explain_topic_refusal(probe.publish_code, "publish", str(probe.publish_topic),
+                                                         probe.user, probe.run_id))
+    if not probe.mqtt5:
+        return Check(name, "WARN", "MQTT 3.1.1 brokers do not say whether a publish was authorized: the run's "
+                     "topics could not be checked")
+    return Check(name, "OK", f"may subscribe to {probe.node}'s down-link and publish on {probe.publish_topic} "
+                 f"(run {probe.run_id!r})")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelClock:
     """The kernel's NTP discipline state (adjtimex): synchronised or not, and its estimated maximum error."""
@@ -421,8 +446,10 @@ def run_doctor(cfg: RunConfig, device_id: str | None, expected_fingerprint: str 
         error = str(exc)
     rows.append(check_fingerprint(facts, expected_fingerprint, error))
     rows.append(check_tls_files(cfg.comm_args))
-    probe = probe_broker(cfg.comm_args, cfg.common_args.run_id, timeout_s)
+    node = device_id or cfg.comm_args.username  # a provisioned device's user name is its id
+    probe = probe_broker(cfg.comm_args, cfg.common_args.run_id, timeout_s, node=node)
     rows.extend(check_broker(probe))
+    rows.append(check_run_topics(probe))
     rows.append(check_clock(probe if probe.connected else None, read_kernel_clock()))
     rows.append(check_sensors(roots))
     rows.append(check_memory(facts, cfg.train_args.client_optimizer))
