@@ -493,7 +493,11 @@ class RoundEngine:
             got = {a.device_id for a in accepted}
             for d in cur.selected:
                 if d not in got and d not in cur.failed:
-                    self._device_dropped(cur, d, DropReason.NO_UPDATE.value)
+                    dev = self.rounds.devices.get(d)
+                    if dev is not None and not dev.online:  # lost mid-round: counted in the round's `dropped`
+                        cur.dropped[DropReason.OFFLINE.value] += 1
+                    reason = DropReason.OFFLINE if dev is not None and not dev.online else DropReason.NO_UPDATE
+                    self._device_dropped(cur, d, reason.value)
         eval_res = self._evaluate(cur.index, accepted) if ok else None
         self.divergence.global_eval(cur.index, eval_res)
         self.records.round(

@@ -123,6 +123,8 @@ def test_a_device_vanishing_mid_round_closes_it_early(tmp_path: Path) -> None:
     h.send(Presence(node=sel[2], online=False))
     assert h.engine.version == 1  # no need to wait for the deadline
     assert {"device_id": sel[2], "online": False}.items() <= h.records("presence")[0].items()
+    assert h.records("round")[0]["dropped"] == {"went_offline": 1}  # the lost device is counted
+    assert {r["device_id"]: r["drop_reason"] for r in h.records("device_round")}[sel[2]] == "went_offline"
 
 
 def test_device_errors_and_spent_budgets_release_the_round(tmp_path: Path) -> None:
