@@ -77,3 +77,19 @@ def refuse_reuse(run_dir: str | Path, run_id: str) -> None:
             f"another common_args.run_id (or --run-id), or continue that run with `fedpeft-server --resume "
             f"{run_dir}` (`fedpeft-edge simulate --resume`)"
         )
+
+
+def describe_round(rec: dict[str, Any], rounds: int) -> str:
+    """One line for a `round` record (the demo's and the server console's progress line)."""
+    ev = rec.get("eval") or {}
+    acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
+    status = "" if rec.get("status", "aggregated") == "aggregated" else f" FAILED (attempt {rec.get('attempt')})"
+    dropped = rec.get("dropped") or {}
+    drops = f", dropped {dict(dropped)}" if dropped else ""
+    return (f"round {rec.get('round')}/{rounds}{status}: acc {acc}, {rec.get('accepted')} updates, "
+            f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / {_mb(rec.get('bytes_up'))} "
+            f"up, {float(rec.get('round_s') or 0):.1f}s, total {_mb(rec.get('cum_bytes'))}{drops}")
+
+
+def _mb(value: Any) -> str:
+    return f"{(value or 0) / 1e6:.3f} MB"

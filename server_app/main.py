@@ -71,10 +71,34 @@ def report_end(end_reason: str | None, rounds: int, done: int, run_dir: Any) -> 
     return 1
 
 
+class ConsoleRounds:
+    """A run-log sink printing one line per join and per round on the server's console (as the demo does)."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def write(self, record: dict[str, Any]) -> None:
+        from fedpeft_edge.rundir import describe_divergence, describe_round
+
+        kind = record.get("kind")
+        if kind == "round":
+            print(f"fedpeft-server: {describe_round(record, self.rounds)}", flush=True)
+        elif kind == "join":
+            state = "joined" if record.get("accepted") else f"REFUSED ({record.get('reason')})"
+            print(f"fedpeft-server: device {record.get('device_id')} {state}", flush=True)
+        elif kind == "divergence":
+            print(f"fedpeft-server: DIVERGENCE {describe_divergence(record)}", flush=True)
+
+    def close(self) -> None:
+        return None
+
+
 def _observe(app: Any, cfg: Any, run_dir: Any, args: argparse.Namespace) -> Any:
-    """Attach the trackers the config enables and, with --dashboard, start the live dashboard."""
+    """Attach the console's round lines and the trackers the config enables and, with --dashboard, start the
+    live dashboard."""
     from fedpeft_edge.tracking import attach_trackers
 
+    app.engine.runlog.add_sink(ConsoleRounds(cfg.train_args.comm_round))
     attach_trackers(app.engine.runlog, cfg, run_dir)
     if not args.dashboard:
         return None

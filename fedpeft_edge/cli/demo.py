@@ -238,21 +238,15 @@ def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
         state = "joined" if rec.get("accepted") else f"REFUSED ({rec.get('reason')})"
         print(f"  {rec.get('device_id')} {state}")
     elif kind == "round":
+        from fedpeft_edge.rundir import describe_round
+
         cum = int(rec.get("cum_bytes") or 0)
-        ev = rec.get("eval") or {}
-        acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
-        print(f"  round {rec['round']}/{rounds}: acc {acc}, {rec.get('accepted')} updates, "
-              f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / "
-              f"{_mb(rec.get('bytes_up'))} up, {rec.get('round_s', 0):.1f}s, total {_mb(cum)}")
+        print(f"  {describe_round(rec, rounds)}")
     elif kind == "divergence":
         from fedpeft_edge.rundir import describe_divergence
 
         print(f"  DIVERGENCE {describe_divergence(rec)}")
     return cum
-
-
-def _mb(value: Any) -> str:
-    return f"{(value or 0) / 1e6:.3f} MB"
 
 
 def _print_tables(run_dir: Path, cfg: Any, wall: float) -> None:
