@@ -16,6 +16,16 @@ from fedpeft_edge.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CLASSES_FILE = "classes.json"  # the run's class names in label order (written when the server knows them)
+
+
+def read_class_names(run_dir: str | Path) -> tuple[str, ...] | None:
+    """The run's class names from its classes.json, or None when it has none (or it is unreadable)."""
+    try:
+        names = json.loads((Path(run_dir) / CLASSES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) else None
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ and deadlines arrive as local timer messages, so no lock guards the round state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from fedpeft_edge.config import RunConfig, dump_config, load_config
 from fedpeft_edge.errors import CheckpointError, FedPeftError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.peft import build_method
-from fedpeft_edge.rundir import refuse_reuse
+from fedpeft_edge.rundir import CLASSES_FILE, refuse_reuse
 from fedpeft_edge.server.engine import RoundEngine, RunSpec
 from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import DirCheckpoints, MeterTraffic, SystemClock, ThreadTimers, TimerScheduler
@@ -105,8 +106,10 @@ def start_run_dir(engine: RoundEngine, cfg: RunConfig, run_dir: Path, resume: bo
     it was)."""
     if resume:
         engine.resume()
-    else:
-        dump_config(cfg, run_dir / "config.yaml")
+        return
+    dump_config(cfg, run_dir / "config.yaml")
+    if engine.spec.class_names is not None:  # the run's label order, for exports and reports
+        (run_dir / CLASSES_FILE).write_text(json.dumps(list(engine.spec.class_names)) + "\n", encoding="utf-8")
 
 
 def _server_data(cfg: RunConfig, input_spec: Any, source: Any) -> tuple[Any, tuple[str, ...] | None]:

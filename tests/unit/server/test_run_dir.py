@@ -12,7 +12,7 @@ import yaml
 from fedpeft_edge.cli import main as fedpeft_edge
 from fedpeft_edge.config import load_config
 from fedpeft_edge.errors import CheckpointError, TransportError
-from fedpeft_edge.rundir import refuse_reuse, started_run
+from fedpeft_edge.rundir import read_class_names, refuse_reuse, started_run
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -43,6 +43,7 @@ def test_an_existing_run_id_is_refused_unless_resumed(tmp_path: Path, capsys: An
     run_dir = tmp_path / "runs" / "reuse"
     metrics, saved = (run_dir / "metrics.jsonl").read_bytes(), (run_dir / "config.yaml").read_bytes()
     assert started_run(run_dir) is not None
+    assert read_class_names(run_dir) == tuple(str(i) for i in range(10))  # the run's label order (digits)
 
     assert fedpeft_edge(["simulate", "--config", str(cfg), "--rounds", "2"]) == 2
     err = capsys.readouterr().err
