@@ -533,9 +533,9 @@ class RoundEngine:
         """Every selected device failed this attempt with one and the same error: say so now (the attempt
         closed at once, no deadline waited for); the second attempt in a row that does ends the run (a
         deterministic failure, such as a wrong input size, is not cured by retrying)."""
-        selected = cur.selected if self.mode == "sync" else tuple(errors)
+        selected = cur.selected
         distinct = {errors.get(d) for d in selected}
-        if not selected or len(distinct) != 1 or None in distinct:
+        if self.mode != "sync" or not selected or len(distinct) != 1 or None in distinct:
             self._common_error = None
             return False
         error = str(next(iter(distinct)))
