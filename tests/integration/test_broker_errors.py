@@ -60,6 +60,7 @@ def test_doctor_tries_the_run_topics(tmp_path: Path) -> None:
     assert allowed.status == "OK", allowed.detail
 
 
+@pytest.mark.slow  # a real agent builds its model first (~45 s on a loaded machine)
 def test_an_agent_outside_the_acl_exits_non_zero_saying_why(tmp_path: Path) -> None:
     prov = provision(tmp_path / "prov", ["dev-a"], run_id="run1")
     with start_broker(secure_dir=prov.root) as broker:

@@ -13,7 +13,7 @@ from browser import start_chromium
 
 from fedpeft_edge.dashboard.server import DashboardServer, load_runs
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 T0 = 1_700_000_000.0
 

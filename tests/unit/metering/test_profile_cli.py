@@ -26,6 +26,7 @@ def test_a_bad_link_is_refused_before_any_table(capsys: pytest.CaptureFixture[st
     assert out == "" and "link 'warp9' is not understood" in err
 
 
+@pytest.mark.slow  # measures every method twice on a tiny ViT
 def test_profile_of_a_config_as_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
