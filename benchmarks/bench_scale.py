@@ -212,8 +212,9 @@ def _figures(recs: list[dict[str, Any]], cpu_marks: dict[int, float], hosts: int
             "dropped": sum(1 for r in recs if r["kind"] == "dropped_message"), "server_rss_mb": server_rss}
 
 
-def fleet_memory(work: Path, k: int, before: Path) -> dict[str, Any]:
-    """Peak RSS of one agent and of a fleet of K (code of `before` and of this tree), and the bound."""
+def fleet_memory(work: Path, k: int, before: Path | None) -> dict[str, Any]:
+    """Peak RSS of one agent and of a fleet of K (code of `before`, when given, and of this tree), and the
+    bound."""
     from bench_simulate import _config as sim_config
     from bench_simulate import device_state_bytes
 
@@ -250,7 +251,8 @@ def fleet_memory(work: Path, k: int, before: Path) -> dict[str, Any]:
     big_cfg = sim_config(work / "big.yaml", "mem-big", k, 1, 3, min_devices=1)
     one_big = run("one-big", big_cfg, ["--device-id", f"dev{big}", "--client-index", str(big)], REPO)
     fleet_args = ["--fleet", str(k)]
-    before_rss = run("fleet-before", sim_config(work / "fleet-b.yaml", "mem-fleet-b", k, 8, 3), fleet_args, before)
+    before_rss = (run("fleet-before", sim_config(work / "fleet-b.yaml", "mem-fleet-b", k, 8, 3), fleet_args, before)
+                  if before is not None else None)
     after_rss = run("fleet-after", sim_config(work / "fleet-a.yaml", "mem-fleet-a", k, 8, 3), fleet_args, REPO)
     own = device_state_bytes(work / "fleet-a.yaml", k)
     own_mb = (own["peft"] + own["optimizer"] + own["data"]) / 2**20
@@ -284,7 +286,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--hosts", type=int, default=4)
     p.add_argument("--fleet", type=int, default=100, help="K of the fleet memory bound")
-    p.add_argument("--before", type=Path, default=Path("/work/main"), help="code to measure 'before' with")
+    p.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                   help="another checkout of the project (e.g. a worktree of the previous commit) to measure the "
+                   "fleet's memory 'before' with; without it only this tree is measured")
     p.add_argument("--skip-fleet-memory", action="store_true")
     p.add_argument("--profile-server", action="store_true", help="run the server under cProfile (server.prof)")
     p.add_argument("--model-delivery", nargs="*", choices=["per_device", "shared"], default=["per_device", "shared"],
@@ -319,6 +323,9 @@ def _fleet_memory_report(work: Path, args: argparse.Namespace) -> None:
         print(f"  one agent on the largest shard (dev{m['big']}, {m['big_n']} training samples: the fleet's largest "
               f"batches) {m['one_big']:.1f} MB; bound with it {m['bound_big']:.1f} MB")
         for name in ("before", "after"):
+            if m[name] is None:
+                print(f"  fleet peak RSS, {name:6s}: not measured (pass --before CHECKOUT)")
+                continue
             print(f"  fleet peak RSS, {name:6s}: {m[name]:8.1f} MB ({(m[name] - m['one']) / args.fleet:.2f} MB a "
                   f"device beyond dev0's agent): vs dev0 bound {_verdict(m[name] <= m['bound'])}, vs "
                   f"largest-shard bound {_verdict(m[name] <= m['bound_big'])}")

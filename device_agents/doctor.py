@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft-agent doctor", description=__doc__)
-    p.add_argument("--config", required=True, help="the run's YAML config (same as the server's)")
+    p.add_argument("--config", required=True, action="append", metavar="CONFIG.yaml",
+                   help="the run's YAML config (same as the server's); repeat to overlay a per-device file "
+                   "(--config base.yaml --config node.yaml: later files win, key by key)")
     p.add_argument("--device-id", default=None, help="this device's id (for its state directory)")
     p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")
     p.add_argument("--state-dir", default=None, help="where the agent will keep its state")

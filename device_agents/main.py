@@ -16,7 +16,9 @@ from fedpeft_edge.errors import FedPeftError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft-agent", description=__doc__)
-    p.add_argument("--config", required=True, help="the run's YAML config (same as the server's)")
+    p.add_argument("--config", required=True, action="append", metavar="CONFIG.yaml",
+                   help="the run's YAML config (same as the server's); repeat to overlay a per-device file "
+                   "(--config base.yaml --config node.yaml: later files win, key by key)")
     p.add_argument("--device-id", default=None, help="this device's id (letters, digits, '-', '_')")
     p.add_argument("--client-index", type=int, default=None,
                    help="which partition shard of the shared data set to use (experiments); "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedpeft_edge.config import ModelArgs
-from fedpeft_edge.errors import BackboneError
+from fedpeft_edge.errors import BackboneError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,12 @@ class Backbone:
     weights_source: str
 
 
-def build_backbone(model_args: ModelArgs, device: torch.device | str | None = None) -> Backbone:
-    """Build `model_args.model` with a new head; weights from nothing, a local file or the Lite0 package."""
+def build_backbone(model_args: ModelArgs, device: torch.device | str | None = None,
+                   image_size: int | None = None) -> Backbone:
+    """Build `model_args.model` with a new head; weights from nothing, a local file or the Lite0 package.
+    `image_size` (data_args.image_size) is checked against a model with a fixed input size first."""
     _refuse_hub_request(model_args)
+    check_input_size(model_args, image_size)
     model = create_timm_model(model_args.model, model_args.num_classes, model_args.model_kwargs, device)
     if model_args.weights != "none":
         _zero_head(model)
@@ -64,6 +67,34 @@ def build_backbone(model_args: ModelArgs, device: torch.device | str | None = No
     log.info("backbone %s (%d classes) weights=%s input=%s", model_args.model, model_args.num_classes,
              source, spec.input_size)
     return Backbone(model=model, name=model_args.model, data_config=spec, weights_source=source)
+
+
+def check_input_size(model_args: ModelArgs, image_size: int | None) -> None:
+    """A model with a fixed input size (ViT, DeiT, Swin: timm's `fixed_input_size`) fed `image_size` px images
+    of another size fails on every batch of every device: refuse the config instead, before anything runs."""
+    kwargs = model_args.model_kwargs
+    if image_size is None or kwargs.get("dynamic_img_size"):
+        return
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_args.model)
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return
+    img = kwargs.get("img_size")
+    if isinstance(img, int):
+        expected: tuple[int, ...] = (img, img)
+    elif isinstance(img, (tuple, list)) and len(img) == 2:
+        expected = (int(img[0]), int(img[1]))
+    else:
+        expected = tuple(int(v) for v in cfg.input_size[1:])
+    if (image_size, image_size) == expected:
+        return
+    shown = "x".join(str(v) for v in expected) if expected[0] != expected[-1] else str(expected[0])
+    raise ConfigError(
+        f"data_args.image_size is {image_size} but model_args.model {model_args.model} takes a fixed input of "
+        f"{shown} px: set data_args.image_size: {expected[0]} (or leave it out to use the model's own size), or "
+        f"build the model for {image_size} px with model_args.model_kwargs: {{img_size: {image_size}}}"
+    )
 
 
 def create_timm_model(

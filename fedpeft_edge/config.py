@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -49,6 +49,9 @@ class DataArgs:
     batch_size: int = 32  # local training and evaluation batch size
     num_workers: int = 0  # DataLoader worker processes (0: load in the training thread)
     cache_max_mb: int = 1024  # keep a client's resized float images in memory up to this size, else per batch
+    # The run's label order (imagefolder): label i is class_names[i]; None = the server's data's sorted class
+    # folders. Sent to every device at join, which maps its own class folders by name.
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,9 +348,27 @@ class RunConfig:
         _check_run(self)
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML file into a RunConfig; `overrides` maps dotted keys ("train_args.comm_round") to values."""
-    return config_from_dict(_read_yaml_mapping(Path(path)), overrides, source=str(path))
+def load_config(path: str | Path | Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file (or several: overlays, merged key by key, the later file winning) into a RunConfig;
+    `overrides` maps dotted keys ("train_args.comm_round") to values. Unknown keys are errors in any file."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths:
+        raise ConfigError("no config file given; pass --config CONFIG.yaml (repeat it to overlay files)")
+    merged: dict[str, Any] = {}
+    for p in paths:
+        merge_overlay(merged, _read_yaml_mapping(Path(p)))
+    return config_from_dict(merged, overrides, source=" + ".join(str(p) for p in paths))
+
+
+def merge_overlay(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `overlay` into `base` in place, key by key: sections merge recursively, any other value (a list
+    included) replaces the base's."""
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge_overlay(base[key], value)
+        else:
+            base[key] = _deep_copy(value) if isinstance(value, Mapping) else value
+    return base
 
 
 def _read_yaml_mapping(p: Path) -> dict[str, Any]:
@@ -671,6 +692,10 @@ def _check_run(cfg: RunConfig) -> None:
     if not 0.0 <= d.test_fraction < 1.0:
         raise ConfigError(f"data_args.test_fraction must be in [0, 1), got {d.test_fraction!r}")
     _positive("model_args.num_classes", m.num_classes)
+    if d.class_names is not None and (len(d.class_names) != m.num_classes
+                                      or len(set(d.class_names)) != len(d.class_names) or "" in d.class_names):
+        raise ConfigError(f"data_args.class_names lists {len(d.class_names)} names {list(d.class_names)[:10]} for "
+                          f"model_args.num_classes={m.num_classes}: give each class's name once, one per class")
     if m.weights == "file" and not m.checkpoint_path:
         raise ConfigError(
             "model_args.weights is 'file' but model_args.checkpoint_path is empty; "

@@ -16,6 +16,16 @@ from fedpeft_edge.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CLASSES_FILE = "classes.json"  # the run's class names in label order (written when the server knows them)
+
+
+def read_class_names(run_dir: str | Path) -> tuple[str, ...] | None:
+    """The run's class names from its classes.json, or None when it has none (or it is unreadable)."""
+    try:
+        names = json.loads((Path(run_dir) / CLASSES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) else None
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -53,3 +63,43 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
     return str(value)
+
+
+def started_run(run_dir: str | Path) -> str | None:
+    """What shows that a server already started a run in run_dir (its records, summary or checkpoint), or None
+    when it holds none: a directory a server created and then failed in (no connection) may be used again."""
+    root = Path(run_dir)
+    metrics = root / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size:
+        return f"{METRICS_FILE} with {sum(1 for _ in metrics.open('rb'))} records"
+    for name in ("summary.json", "checkpoint.json"):
+        if (root / name).is_file():
+            return name
+    return None
+
+
+def refuse_reuse(run_dir: str | Path, run_id: str) -> None:
+    """A new run never goes into a run directory that holds another run (it would append to its metrics)."""
+    found = started_run(run_dir)
+    if found is not None:
+        raise CheckpointError(
+            f"run directory {run_dir} already holds run {run_id!r} ({found}): a new run never reuses it; pick "
+            f"another common_args.run_id (or --run-id), or continue that run with `fedpeft-server --resume "
+            f"{run_dir}` (`fedpeft-edge simulate --resume`)"
+        )
+
+
+def describe_round(rec: dict[str, Any], rounds: int) -> str:
+    """One line for a `round` record (the demo's and the server console's progress line)."""
+    ev = rec.get("eval") or {}
+    acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
+    status = "" if rec.get("status", "aggregated") == "aggregated" else f" FAILED (attempt {rec.get('attempt')})"
+    dropped = rec.get("dropped") or {}
+    drops = f", dropped {dict(dropped)}" if dropped else ""
+    return (f"round {rec.get('round')}/{rounds}{status}: acc {acc}, {rec.get('accepted')} updates, "
+            f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / {_mb(rec.get('bytes_up'))} "
+            f"up, {float(rec.get('round_s') or 0):.1f}s, total {_mb(rec.get('cum_bytes'))}{drops}")
+
+
+def _mb(value: Any) -> str:
+    return f"{(value or 0) / 1e6:.3f} MB"

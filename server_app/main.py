@@ -14,7 +14,9 @@ from fedpeft_edge.errors import FedPeftError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft-server", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="the run's YAML config")
+    src.add_argument("--config", action="append", metavar="CONFIG.yaml",
+                     help="the run's YAML config; repeat to overlay files (--config base.yaml --config "
+                     "server.yaml: later files win, key by key)")
     src.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
     p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides comm_args)")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -56,14 +58,47 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dashboard is not None:
             dashboard.stop()
-    print(f"fedpeft-server: run finished; results in {run_dir}")
-    return 0
+    return report_end(app.engine.end_reason, cfg.train_args.comm_round, app.engine.version, run_dir)
+
+
+def report_end(end_reason: str | None, rounds: int, done: int, run_dir: Any) -> int:
+    """Say how the run ended; 0 only when it completed its rounds (scripts and CI rely on it)."""
+    if end_reason == "completed":
+        print(f"fedpeft-server: run finished ({done} rounds); results in {run_dir}")
+        return 0
+    print(f"fedpeft-server: error: the run ended after {done} of {rounds} rounds: {end_reason or 'stopped'}; "
+          f"records in {run_dir}", file=sys.stderr)
+    return 1
+
+
+class ConsoleRounds:
+    """A run-log sink printing one line per join and per round on the server's console (as the demo does)."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def write(self, record: dict[str, Any]) -> None:
+        from fedpeft_edge.rundir import describe_divergence, describe_round
+
+        kind = record.get("kind")
+        if kind == "round":
+            print(f"fedpeft-server: {describe_round(record, self.rounds)}", flush=True)
+        elif kind == "join":
+            state = "joined" if record.get("accepted") else f"REFUSED ({record.get('reason')})"
+            print(f"fedpeft-server: device {record.get('device_id')} {state}", flush=True)
+        elif kind == "divergence":
+            print(f"fedpeft-server: DIVERGENCE {describe_divergence(record)}", flush=True)
+
+    def close(self) -> None:
+        return None
 
 
 def _observe(app: Any, cfg: Any, run_dir: Any, args: argparse.Namespace) -> Any:
-    """Attach the trackers the config enables and, with --dashboard, start the live dashboard."""
+    """Attach the console's round lines and the trackers the config enables and, with --dashboard, start the
+    live dashboard."""
     from fedpeft_edge.tracking import attach_trackers
 
+    app.engine.runlog.add_sink(ConsoleRounds(cfg.train_args.comm_round))
     attach_trackers(app.engine.runlog, cfg, run_dir)
     if not args.dashboard:
         return None

@@ -4,7 +4,9 @@ until Ctrl-C; `--secure` runs mosquitto with a provisioned directory's password 
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +35,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"{handle.kind} broker listening on {handle.host}:{handle.port}{mode} (Ctrl-C to stop)", flush=True)
     if handle.kind == "rabbitmq":
         print('RabbitMQ speaks MQTT 3.1.1 only: set comm_args.mqtt_version: "3.1.1"', flush=True)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        print(f"{signal.Signals(signum).name}: stopping the broker", flush=True)
+        stopping.set()
+
+    # SIGTERM (systemd, `kill`, a supervisor) stops the broker like Ctrl-C does: its process is ended and its
+    # temporary directory removed, never left listening behind this process.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stopping.wait(1.0):
+            pass
     finally:
         handle.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0

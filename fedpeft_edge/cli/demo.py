@@ -86,6 +86,7 @@ def _free_port() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from fedpeft_edge.config import load_config
+    from fedpeft_edge.rundir import refuse_reuse
     from fedpeft_edge.transport.broker import start_broker
 
     overrides = _overrides(args)
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                       "comm_args.broker_host": "127.0.0.1"})
     cfg = load_config(args.config, overrides)
     run_dir = Path(cfg.tracking_args.run_dir) / run_id
+    refuse_reuse(run_dir, run_id)  # before anything is written into it
     run_dir.mkdir(parents=True, exist_ok=True)
     n = cfg.train_args.client_num_in_total
     devices = [f"device-{i}" for i in range(n)]
@@ -130,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         broker.stop()
     wall = time.monotonic() - t0
     if rc != 0:
-        print(f"demo: the server exited with code {rc}; see {logs / 'server.log'}", file=sys.stderr)
+        why = _end_reason(run_dir)
+        print(f"demo: error: the run did not complete (server exit code {rc}{'; ' + why if why else ''}); "
+              f"see {logs / 'server.log'}", file=sys.stderr)
         return rc
     _print_tables(run_dir, cfg, wall)
     if not args.no_report:
@@ -139,6 +143,14 @@ def run(args: argparse.Namespace) -> int:
         files = write_report([run_dir])
         print(f"report: {files.html}")
     return 0
+
+
+def _end_reason(run_dir: Path) -> str | None:
+    """Why the server ended the run, from its summary.json (None when it wrote none)."""
+    try:
+        return str(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("end_reason"))
+    except (OSError, ValueError):
+        return None
 
 
 def _dashboard_args(bind: str) -> tuple[list[str], str]:
@@ -226,21 +238,15 @@ def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
         state = "joined" if rec.get("accepted") else f"REFUSED ({rec.get('reason')})"
         print(f"  {rec.get('device_id')} {state}")
     elif kind == "round":
+        from fedpeft_edge.rundir import describe_round
+
         cum = int(rec.get("cum_bytes") or 0)
-        ev = rec.get("eval") or {}
-        acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
-        print(f"  round {rec['round']}/{rounds}: acc {acc}, {rec.get('accepted')} updates, "
-              f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / "
-              f"{_mb(rec.get('bytes_up'))} up, {rec.get('round_s', 0):.1f}s, total {_mb(cum)}")
+        print(f"  {describe_round(rec, rounds)}")
     elif kind == "divergence":
         from fedpeft_edge.rundir import describe_divergence
 
         print(f"  DIVERGENCE {describe_divergence(rec)}")
     return cum
-
-
-def _mb(value: Any) -> str:
-    return f"{(value or 0) / 1e6:.3f} MB"
 
 
 def _print_tables(run_dir: Path, cfg: Any, wall: float) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="the run's YAML config (the same a real run uses)")
+    parser.add_argument("--config", required=True, action="append", metavar="CONFIG.yaml",
+                        help="the run's YAML config (the same a real run uses); repeat to overlay files "
+                        "(later files win, key by key)")
     parser.add_argument("--devices", type=int, default=None,
                         help="devices in total (default: train_args.client_num_in_total)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (train_args.comm_round)")
@@ -33,4 +36,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulated {cfg.train_args.client_num_in_total} devices, {summary['rounds']} rounds in "
           f"{time.perf_counter() - t0:.1f} s; final top-1 {summary.get('final_top1')}; "
           f"{summary['bytes_total']} encoded bytes; results in {run_dir}")
+    reason = summary.get("end_reason")
+    if reason != "completed":
+        print(f"fedpeft-edge simulate: error: the run ended after {summary['rounds']} of "
+              f"{cfg.train_args.comm_round} rounds: {reason}", file=sys.stderr)
+        return 1
     return 0

@@ -2,7 +2,8 @@
 
 Checks: torch and the accelerator, the backbone weights and their fingerprint against the run's, broker
 reachability, the MQTT connect with the run's credentials and TLS, clock skew, the energy and battery sensors
-this board can read, free memory and disk against what the model and the agent's state need. A row whose
+this board can read, free memory against the peak RSS of one measured training step (the backbone built and
+trained once at data_args.batch_size), free disk against what the model and the agent's state need. A row whose
 status is FAIL blocks a join (the program exits non-zero); WARN rows degrade a run but do not block it.
 
 Each check takes its inputs explicitly (paths, a probe result, a clock reading) so a unit test can make it fail.
@@ -92,6 +93,9 @@ class ModelFacts:
     weights_source: str
     model_mb: float  # every parameter and buffer
     trainable_mb: float  # the PEFT method's shared tensors
+    peak_rss_mb: float | None = None  # this process's peak RSS after one training step (None: not measured)
+    step_s: float | None = None  # that step's time
+    step_error: str | None = None  # why the step failed
 
 
 def build_model_facts(cfg: RunConfig) -> ModelFacts:
@@ -102,14 +106,47 @@ def build_model_facts(cfg: RunConfig) -> ModelFacts:
     from fedpeft_edge.peft import build_method
 
     torch.manual_seed(cfg.common_args.random_seed)
-    backbone = build_backbone(cfg.model_args)
+    backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
     method = build_method(cfg.peft_args)
     model = method.apply(backbone.model)
     manifest = method.manifest(model)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return ModelFacts(fingerprint_backbone(model, manifest), backbone.weights_source, total / MB, trainable / MB)
+    facts = ModelFacts(fingerprint_backbone(model, manifest), backbone.weights_source, total / MB, trainable / MB)
+    return _measure_step(facts, model, cfg, backbone.data_config.input_size)
+
+
+def _measure_step(facts: ModelFacts, model: Any, cfg: RunConfig, input_size: Sequence[int]) -> ModelFacts:
+    """One training step of the agent's own loop at data_args.batch_size on random images of the run's input
+    size, with the configured optimizer: the peak RSS it leaves is what the agent needs (less its data)."""
+    import time
+
+    import torch
+
+    from fedpeft_edge.training import LocalTrainer
+
+    c, h, w = input_size
+    if cfg.data_args.image_size:
+        h = w = cfg.data_args.image_size
+    n = cfg.data_args.batch_size
+    batch = (torch.rand(n, c, h, w), torch.randint(0, cfg.model_args.num_classes, (n,)))
+    t0 = time.perf_counter()
+    try:
+        LocalTrainer(model, cfg.train_args, cfg.device_args.device, [batch]).train(max_steps=1)
+    except (FedPeftError, RuntimeError, ValueError, MemoryError) as exc:
+        return dataclasses.replace(facts, step_error=f"{type(exc).__name__}: {exc}", peak_rss_mb=peak_rss_mb())
+    return dataclasses.replace(facts, peak_rss_mb=peak_rss_mb(), step_s=time.perf_counter() - t0)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size so far (MB), from getrusage; None where it is unavailable."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 
 
 def check_weights_file(cfg: RunConfig) -> Check:
@@ -198,6 +235,31 @@ def check_broker(probe: Any) -> list[Check]:
     rtt = f", round trip {probe.rtt_s * 1000:.1f} ms" if probe.rtt_s is not None else ", no round trip"
     rows.append(Check("MQTT connect", "OK", f"{'TLS, ' if probe.tls else ''}credentials accepted{rtt}"))
     return rows
+
+
+def check_run_topics(probe: Any) -> Check:
+    """Whether the broker lets this device use the run's own topics (its ACL), from the probe's SUBACK/PUBACK."""
+    from fedpeft_edge.transport.reasons import explain_topic_refusal
+
+    name = "run topics"
+    if not probe.connected:
+        return Check(name, "SKIP", "no MQTT connection")
+    if probe.node is None:
+        return Check(name, "SKIP", "pass --device-id to try the run's topics")
+    if probe.refused_subscriptions:
+        return Check(name, "FAIL", explain_topic_refusal(0x87, "subscribe", probe.refused_subscriptions[0],
+                                                         probe.user, probe.run_id))
+    if probe.publish_code is None:
+        return Check(name, "WARN", f"no PUBACK for a publish on {probe.publish_topic}: the broker may have dropped "
+                     "it; check its ACL for this user and run id")
+    if probe.publish_code >= 0x80:
+        return Check(name, "FAIL", explain_topic_refusal(probe.publish_code, "publish", str(probe.publish_topic),
+                                                         probe.user, probe.run_id))
+    if not probe.mqtt5:
+        return Check(name, "WARN", "MQTT 3.1.1 brokers do not say whether a publish was authorized: the run's "
+                     "topics could not be checked")
+    return Check(name, "OK", f"may subscribe to {probe.node}'s down-link and publish on {probe.publish_topic} "
+                 f"(run {probe.run_id!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,14 +437,30 @@ def memory_needed_mb(facts: ModelFacts, optimizer: str) -> float:
     return facts.model_mb + slots * facts.trainable_mb + RUNTIME_OVERHEAD_MB
 
 
-def check_memory(facts: ModelFacts | None, optimizer: str, available_mb: float | None = None) -> Check:
+def check_memory(facts: ModelFacts | None, optimizer: str, available_mb: float | None = None,
+                 batch_size: int | None = None) -> Check:
+    """Free memory against the peak RSS of one measured training step (an estimate only if it was not measured).
+    The doctor holds that memory itself now, so what it holds counts as available to the agent."""
     if facts is None:
         return Check("free memory", "SKIP", "the model did not build")
-    need = memory_needed_mb(facts, optimizer)
-    have = available_mb if available_mb is not None else psutil.virtual_memory().available / MB
-    detail = f"{have:.0f} MB available, about {need:.0f} MB needed (model {facts.model_mb:.0f} MB)"
+    if facts.step_error is not None:
+        return Check("free memory", "FAIL", f"one training step at data_args.batch_size={batch_size} failed: "
+                     f"{facts.step_error}; lower data_args.batch_size or fix what the error names")
+    if available_mb is not None:
+        have = available_mb
+    else:
+        have = (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / MB
+    if facts.peak_rss_mb is not None:
+        need = facts.peak_rss_mb
+        how = (f"measured: peak RSS {need:.0f} MB after one training step at batch size {batch_size}"
+               + (f" ({facts.step_s:.1f} s)" if facts.step_s is not None else "") + ", plus the device's data")
+    else:
+        need = memory_needed_mb(facts, optimizer)
+        how = f"estimated: model {facts.model_mb:.0f} MB"
+    detail = f"{have:.0f} MB available, {need:.0f} MB needed ({how})"
     if have < need:
-        return Check("free memory", "FAIL", detail + "; close other programs, add swap or pick a smaller model")
+        return Check("free memory", "FAIL", detail + "; lower data_args.batch_size, close other programs, add swap "
+                     "or pick a smaller model")
     return Check("free memory", "OK", detail)
 
 
@@ -421,11 +499,13 @@ def run_doctor(cfg: RunConfig, device_id: str | None, expected_fingerprint: str 
         error = str(exc)
     rows.append(check_fingerprint(facts, expected_fingerprint, error))
     rows.append(check_tls_files(cfg.comm_args))
-    probe = probe_broker(cfg.comm_args, cfg.common_args.run_id, timeout_s)
+    node = device_id or cfg.comm_args.username  # a provisioned device's user name is its id
+    probe = probe_broker(cfg.comm_args, cfg.common_args.run_id, timeout_s, node=node)
     rows.extend(check_broker(probe))
+    rows.append(check_run_topics(probe))
     rows.append(check_clock(probe if probe.connected else None, read_kernel_clock()))
     rows.append(check_sensors(roots))
-    rows.append(check_memory(facts, cfg.train_args.client_optimizer))
+    rows.append(check_memory(facts, cfg.train_args.client_optimizer, batch_size=cfg.data_args.batch_size))
     state = cfg.device_args.state_dir or "."
     rows.append(check_disk(facts, Path(state) / device_id if device_id and cfg.device_args.state_dir else state))
     return rows

@@ -27,7 +27,8 @@ from typing import Any
 
 from fedpeft_edge.client.device import DeviceState
 from fedpeft_edge.client.runtime import SharedRuntime, TrainingSlot
-from fedpeft_edge.errors import BudgetExhaustedError, FedPeftError, ProtocolError
+from fedpeft_edge.data import align_labels
+from fedpeft_edge.errors import BudgetExhaustedError, DataError, FedPeftError, ProtocolError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.protocol import (
     SERVER_ID,
@@ -132,6 +133,7 @@ class DeviceLogic:
             manifest_hash=rt.manifest.hash, manifest=rt.manifest.to_json(), num_samples=st.num_samples,
             profile=rt.profile, data_stats=st.data.stats(), epsilon=st.epsilon(),
             client_status=STATUS_BUDGET_EXHAUSTED if st.exhausted else STATUS_ONLINE,
+            class_names=tuple(st.data.class_names) or None,
         )
 
     def _on_presence(self, msg: Presence) -> list[ProtocolMessage]:
@@ -146,6 +148,11 @@ class DeviceLogic:
         return out
 
     def _on_ack(self, msg: JoinAck) -> None:
+        if msg.accepted and msg.class_names is not None:
+            try:  # the run's label order: this device's classes are mapped to it by name
+                self.state.data = align_labels(self.state.data, msg.class_names)
+            except DataError as exc:
+                msg = dataclasses.replace(msg, accepted=False, reason=str(exc))
         if msg.accepted:
             log.info("%s joined the run", self.device_id)
             return

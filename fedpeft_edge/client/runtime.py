@@ -86,7 +86,7 @@ class SharedRuntime:
         # The run's seed: randomly initialised frozen tensors must be identical on every device and on the
         # server, or the backbone fingerprints differ.
         torch.manual_seed(cfg.common_args.random_seed)
-        backbone = build_backbone(cfg.model_args)
+        backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
         self.backbone_name = backbone.name
         self.input_spec = backbone.data_config
         self.method = build_method(cfg.peft_args)

@@ -59,12 +59,17 @@ class FederationState:
             return delta
 
     def mark_finished(self, summary: dict[str, Any] | None) -> dict[str, Any]:
+        """The run ended: no round is open and no device is online in it any more (whatever their last
+        presence said: a device's agent stops at FINISH, and a finished run has nobody left to train)."""
         with self._lock:
             self.run["finished"] = True
             self.run["summary"] = summary
             self.current = None
+            for dev in self.devices.values():
+                dev["online"] = False
             self.seq += 1
-            return {"seq": self.seq, "run": {"finished": True, "summary": summary}, "current": None}
+            return {"seq": self.seq, "run": {"finished": True, "summary": summary}, "current": None,
+                    "devices": {k: dict(v) for k, v in self.devices.items()}}
 
     def _device(self, device_id: str) -> dict[str, Any]:
         dev = self.devices.get(device_id)

@@ -129,15 +129,16 @@ def _load_cifar(data_args: DataArgs) -> _Loaded:
 
 def _load_image_folder(data_args: DataArgs) -> _Loaded:
     root = _data_dir(data_args, None)
+    fixed = data_args.class_names  # the run's label order, when the config gives it
     if (root / "train").is_dir():
-        files, labels, names = list_image_folder(root / "train")
+        files, labels, names = list_image_folder(root / "train", fixed)
         test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
         test = None
         if test_root is not None:
             test_files, test_labels, _ = list_image_folder(test_root, names)
             test = Split(test_labels, files=tuple(test_files))
         return Split(labels, files=tuple(files)), test, names, str(root)
-    files, labels, names = list_image_folder(root)
+    files, labels, names = list_image_folder(root, fixed)
     return Split(labels, files=tuple(files)), None, names, str(root)
 
 

@@ -49,7 +49,8 @@ def list_image_folder(
         if found and d.name not in index:
             raise DataError(
                 f"class directory {d} is not among the training classes {list(names)[:10]}; the label is "
-                f"outside [0, {len(names)}): add the class to the training tree or remove the directory"
+                f"outside [0, {len(names)}): add the class to the training tree (or to data_args.class_names), or "
+                "rename or remove the directory"
             )
         files.extend(found)
         labels.extend([index.get(d.name, -1)] * len(found))

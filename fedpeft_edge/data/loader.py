@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -170,6 +171,32 @@ class ClientData:
         out = data_stats(self.train_labels, self.test_labels, self.num_classes)
         out["partition_digest"] = self.partition_digest
         return out
+
+
+def align_labels(data: ClientData, run_classes: Sequence[str]) -> ClientData:
+    """`data` relabelled to the run's label order: each of its classes maps to the run's class of that name (a
+    device holding a subset of the classes numbers its folders from 0 by itself). The loaders' datasets are
+    relabelled in place, so a loader already built (or wrapped, by DP) sees the run's labels."""
+    run = tuple(run_classes)
+    if tuple(data.class_names) == run:
+        return data
+    index = {name: i for i, name in enumerate(run)}
+    missing = [n for n in data.class_names if n not in index]
+    if missing:
+        raise DataError(f"this device's classes {missing[:10]} are not among the run's classes {list(run)[:10]}: "
+                        "rename the class folders to the run's names, or add the classes to the server's "
+                        "data_args.class_names (and model_args.num_classes)")
+    mapping = np.asarray([index[n] for n in data.class_names], dtype=np.int64)
+    table = torch.from_numpy(mapping)
+    for loader in (data.train_loader, data.test_loader):
+        dataset = loader.dataset
+        labels = getattr(dataset, "labels", None)
+        if isinstance(labels, torch.Tensor):
+            dataset.labels = table[labels]  # type: ignore[attr-defined]
+    logger.info("labels mapped to the run's %d classes by name: %s", len(run),
+                {n: int(i) for n, i in zip(data.class_names, mapping, strict=True)})
+    return dataclasses.replace(data, train_labels=mapping[data.train_labels], test_labels=mapping[data.test_labels],
+                               num_classes=len(run), class_names=run)
 
 
 def _client_data(

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from fedpeft_edge.export.parity import (
 )
 from fedpeft_edge.peft.base import Manifest, PeftMethod
 from fedpeft_edge.peft.registry import build_method
+from fedpeft_edge.rundir import read_class_names
 from fedpeft_edge.server.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def export_run(
     rebuilt = rebuild_model(cfg, ckpt)
     start = time.perf_counter()
     exportable = rebuilt.method.export_model(rebuilt.model)
-    metadata = export_metadata(cfg, ckpt, rebuilt)
+    metadata = export_metadata(cfg, ckpt, rebuilt, read_class_names(root) or cfg.data_args.class_names)
     data = export_onnx(exportable, rebuilt.input_size, metadata, opset=opset)
     export_s = time.perf_counter() - start
     inputs = parity_inputs(rebuilt.input_size, rebuilt.mean, rebuilt.std, n=parity_samples)
@@ -97,7 +99,7 @@ def rebuild_model(cfg: RunConfig, ckpt: Checkpoint) -> _Rebuilt:
     the manifest hash and the frozen-backbone fingerprint against the checkpoint."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.common_args.random_seed)  # as the server builds it (matters for weights="none")
-        backbone = build_backbone(cfg.model_args)
+        backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
         method = build_method(cfg.peft_args)
         model = method.apply(backbone.model)
     manifest = method.manifest(model)
@@ -127,9 +129,12 @@ def rebuild_model(cfg: RunConfig, ckpt: Checkpoint) -> _Rebuilt:
                     tuple(spec.mean), tuple(spec.std))
 
 
-def export_metadata(cfg: RunConfig, ckpt: Checkpoint, rebuilt: _Rebuilt) -> dict[str, str]:
-    """The metadata_props written into the ONNX file (all values are strings; lists as JSON)."""
-    return {
+def export_metadata(cfg: RunConfig, ckpt: Checkpoint, rebuilt: _Rebuilt,
+                    class_names: Sequence[str] | None = None) -> dict[str, str]:
+    """The metadata_props written into the ONNX file (all values are strings; lists as JSON); `class_names`
+    (the run's, label i = class_names[i]) as `class_names` when known."""
+    names = {METADATA_PREFIX + "class_names": json.dumps(list(class_names))} if class_names else {}
+    return {**names,
         METADATA_PREFIX + "backbone": rebuilt.backbone_name,
         METADATA_PREFIX + "backbone_fingerprint": rebuilt.fingerprint,
         METADATA_PREFIX + "method": rebuilt.manifest.method,

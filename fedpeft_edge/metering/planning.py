@@ -66,33 +66,60 @@ def measure_updates(
     return out
 
 
-# Named links: (down, up) in bits per second, as typical figures to plan with.
-LINKS: dict[str, tuple[float, float]] = {
-    "lte": (30e6, 10e6),
-    "3g": (2e6, 0.5e6),
-    "wifi": (100e6, 100e6),
-    "ethernet": (1e9, 1e9),
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A link to plan a round on: rates in bit/s each way and the round-trip time (seconds)."""
+
+    name: str
+    down_bps: float
+    up_bps: float
+    rtt_s: float = 0.0
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.down_bps / 1e6:g} Mbit/s down, {self.up_bps / 1e6:g} Mbit/s up, "
+                f"{self.rtt_s * 1000:g} ms round trip")
+
+
+# Named links: typical figures to plan with (down, up in bit/s; round-trip time in s).
+LINKS: dict[str, Link] = {
+    "lte": Link("lte", 30e6, 10e6, 0.050),
+    "3g": Link("3g", 2e6, 0.5e6, 0.150),
+    "wifi": Link("wifi", 100e6, 100e6, 0.005),
+    "ethernet": Link("ethernet", 1e9, 1e9, 0.001),
 }
 
 
-def parse_link(spec: str) -> tuple[str, float, float]:
-    """'lte', '10mbit' (both ways) or '50mbit/10mbit' (down/up) -> (label, down bit/s, up bit/s)."""
+def parse_link(spec: str) -> Link:
+    """'lte', '10mbit' (both ways) or '50mbit/10mbit' (down/up), each optionally '@40ms' (round-trip time; a
+    named link has its own, a bare rate none)."""
     from fedpeft_edge.errors import ConfigError
 
     name = spec.strip().lower()
-    if name in LINKS:
-        return name, *LINKS[name]
-    parts = name.split("/")
+    rates_part, _, rtt_part = name.partition("@")
     try:
-        rates = [_rate(p) for p in parts]
+        rtt = _duration(rtt_part) if rtt_part else None
+        if rates_part in LINKS:
+            link = LINKS[rates_part]
+            return dataclasses.replace(link, name=name, rtt_s=link.rtt_s if rtt is None else rtt)
+        rates = [_rate(p) for p in rates_part.split("/")]
     except ValueError as exc:
         raise ConfigError(
             f"link {spec!r} is not understood ({exc}); use a name ({', '.join(LINKS)}), '10mbit', '1gbit' "
-            "or 'DOWN/UP' such as '50mbit/10mbit'"
+            "or 'DOWN/UP' such as '50mbit/10mbit', optionally with a round-trip time: '50mbit/10mbit@40ms'"
         ) from exc
     if len(rates) not in (1, 2):
         raise ConfigError(f"link {spec!r}: give one rate or DOWN/UP")
-    return name, rates[0], rates[-1]
+    return Link(name, rates[0], rates[-1], rtt or 0.0)
+
+
+def _duration(text: str) -> float:
+    for unit, factor in (("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            value = float(text[: -len(unit)])
+            if value < 0:
+                raise ValueError("a round-trip time must be >= 0")
+            return value * factor
+    raise ValueError(f"no unit (ms or s) in round-trip time {text!r}")
 
 
 def _rate(text: str) -> float:
@@ -119,10 +146,11 @@ def link_bytes(mqtt_bytes: int) -> int:
     return mqtt_bytes + -(-mqtt_bytes // TCP_SEGMENT_BYTES) * FRAME_OVERHEAD_BYTES
 
 
-def round_seconds(size: UpdateSize, down_bps: float, up_bps: float) -> float:
+def round_seconds(size: UpdateSize, down_bps: float, up_bps: float, rtt_s: float = 0.0) -> float:
     """Seconds a device spends moving one round's update down and its own up on a link (no contention):
-    the MQTT packets with their TCP/IP framing at the link's rate."""
-    return 8 * link_bytes(size.mqtt_bytes) / down_bps + 8 * link_bytes(size.mqtt_bytes) / up_bps
+    the MQTT packets with their TCP/IP framing at the link's rate, plus one round trip each way (the
+    message's delivery and its PUBACK)."""
+    return 8 * link_bytes(size.mqtt_bytes) / down_bps + 8 * link_bytes(size.mqtt_bytes) / up_bps + 2 * rtt_s
 
 
 def packet_sizes(topic: str, frame_bytes: int, comm_args: CommArgs) -> list[int]:

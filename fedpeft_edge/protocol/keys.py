@@ -73,6 +73,7 @@ MSG_ARG_KEY_DEVICE_ID = "device_id"
 MSG_ARG_KEY_MODEL_VERSION = "model_version"  # the global model's version a task carries (async staleness)
 MSG_ARG_KEY_MODE = "round_mode"  # "sync" | "async"
 MSG_ARG_KEY_MODEL_ID = "model_id"  # shared delivery: the model message a task's tensors come in
+MSG_ARG_KEY_CLASS_NAMES = "class_names"  # optional: a device's class list at join, the run's in its JoinAck
 MSG_ARG_KEY_MODEL_BYTES = "model_bytes"  # shared delivery: that model's encoded size (how long to wait for it)
 BROADCAST = "*"  # the receiver of a shared model message: every device of the run
 

@@ -44,6 +44,8 @@ MAX_PROFILE_CHARS = 64 * 1024  # a join's device profile (join spam must not fil
 MAX_DATA_STATS_CHARS = 256 * 1024
 MAX_MANIFEST_CHARS = 4 * 1024 * 1024
 ROUND_MODES = ("sync", "async")
+MAX_CLASSES = 100_000  # class names in a join or join ack
+MAX_CLASS_NAME_CHARS = 256
 _HASH_CHARS = 128
 
 T = TypeVar("T", bound="ProtocolMessage")
@@ -73,6 +75,24 @@ def _params(params: Any) -> Mapping[str, Any]:
     return params
 
 
+def check_opt_class_names(value: Any, field: str = K.MSG_ARG_KEY_CLASS_NAMES) -> tuple[str, ...] | None:
+    """An optional list of distinct, non-empty class names (a data set's label order)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= MAX_CLASSES:
+        raise fail(field, value, f"is not a list of 1 to {MAX_CLASSES} class names", "send the class names in "
+                   "label order")
+    names = tuple(check_text(v, field, MAX_CLASS_NAME_CHARS) for v in value)
+    if "" in names or len(set(names)) != len(names):
+        raise fail(field, value, "holds an empty or repeated class name", "send each class name once")
+    return names
+
+
+def _optional(key: str, value: Any) -> dict[str, Any]:
+    """A parameter sent only when set, so that a peer of an earlier version sees the message it knows."""
+    return {} if value is None else {key: value}
+
+
 def _server_out(receiver: str | int) -> int:
     """Server -> device messages go from SERVER_ID to a device (int ids stay ints, as FedML ranks)."""
     check_device_id(receiver, "receiver")
@@ -95,6 +115,7 @@ class Join(ProtocolMessage):
     data_stats: dict[str, Any] | None = None
     epsilon: float | None = None
     client_status: str = K.STATUS_ONLINE
+    class_names: tuple[str, ...] | None = None  # the device's label order (its data's class names)
 
     @property
     def exhausted(self) -> bool:
@@ -108,6 +129,7 @@ class Join(ProtocolMessage):
             K.MSG_ARG_KEY_NUM_SAMPLES: self.num_samples, K.MSG_ARG_KEY_PROFILE: self.profile,
             K.MSG_ARG_KEY_DATA_STATS: self.data_stats, K.MSG_ARG_KEY_EPSILON: self.epsilon,
             K.MSG_ARG_KEY_CLIENT_STATUS: self.client_status,
+            **_optional(K.MSG_ARG_KEY_CLASS_NAMES, None if self.class_names is None else list(self.class_names)),
         })
 
     @classmethod
@@ -127,6 +149,7 @@ class Join(ProtocolMessage):
             epsilon=check_opt_number(p.get(K.MSG_ARG_KEY_EPSILON), K.MSG_ARG_KEY_EPSILON, 0.0),
             client_status=check_choice(p.get(K.MSG_ARG_KEY_CLIENT_STATUS, K.STATUS_ONLINE),
                                        K.MSG_ARG_KEY_CLIENT_STATUS, (K.STATUS_ONLINE, K.STATUS_BUDGET_EXHAUSTED)),
+            class_names=check_opt_class_names(p.get(K.MSG_ARG_KEY_CLASS_NAMES)),
         )
 
 
@@ -244,10 +267,12 @@ class JoinAck(ProtocolMessage):
     receiver: str
     accepted: bool
     reason: str | None = None
+    class_names: tuple[str, ...] | None = None  # the run's label order: a device maps its classes by name
 
     def to_params(self) -> dict[str, Any]:
         return _new(self.msg_type, _server_out(self.receiver), self.receiver, **{
-            K.MSG_ARG_KEY_ACCEPTED: self.accepted, K.MSG_ARG_KEY_REASON: self.reason})
+            K.MSG_ARG_KEY_ACCEPTED: self.accepted, K.MSG_ARG_KEY_REASON: self.reason,
+            **_optional(K.MSG_ARG_KEY_CLASS_NAMES, None if self.class_names is None else list(self.class_names))})
 
     @classmethod
     def from_params(cls, msg: Mapping[str, Any]) -> JoinAck:
@@ -255,7 +280,8 @@ class JoinAck(ProtocolMessage):
         check_server_id(p.get(K.MSG_ARG_KEY_SENDER))
         return cls(receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
                    accepted=check_bool(p.get(K.MSG_ARG_KEY_ACCEPTED), K.MSG_ARG_KEY_ACCEPTED),
-                   reason=check_opt_text(p.get(K.MSG_ARG_KEY_REASON), K.MSG_ARG_KEY_REASON))
+                   reason=check_opt_text(p.get(K.MSG_ARG_KEY_REASON), K.MSG_ARG_KEY_REASON),
+                   class_names=check_opt_class_names(p.get(K.MSG_ARG_KEY_CLASS_NAMES)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,9 @@ and deadlines arrive as local timer messages, so no lock guards the round state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fedpeft_edge.config import RunConfig, dump_config, load_config
 from fedpeft_edge.errors import CheckpointError, FedPeftError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.peft import build_method
+from fedpeft_edge.rundir import CLASSES_FILE, refuse_reuse
 from fedpeft_edge.server.engine import RoundEngine, RunSpec
 from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import DirCheckpoints, MeterTraffic, SystemClock, ThreadTimers, TimerScheduler
@@ -67,7 +69,7 @@ def build_server_model(cfg: RunConfig) -> ServerModel:
         torch.set_num_threads(cfg.device_args.num_threads)
     device = resolve_device(cfg.device_args.device)
     torch.manual_seed(cfg.common_args.random_seed)
-    backbone = build_backbone(cfg.model_args)
+    backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
     method = build_method(cfg.peft_args)
     return ServerModel(method, method.apply(backbone.model).to(device), backbone.data_config, device)
 
@@ -81,32 +83,62 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     method, device = parts.method, parts.device
     manifest = method.manifest(parts.model)
     fingerprint = fingerprint_backbone(parts.model, manifest)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_resumable(run_dir, manifest.hash, fingerprint)
     else:
-        dump_config(cfg, run_dir / "config.yaml")
-    evaluator = ModelEvaluator(method, parts.model, _server_test_loader(cfg, parts.input_spec, parts.source), device)
+        refuse_reuse(run_dir, cfg.common_args.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loader, class_names = _server_data(cfg, parts.input_spec, parts.source)
+    evaluator = ModelEvaluator(method, parts.model, loader, device)
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(parts.model),
+        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind, class_names), method.get_state(parts.model),
         build_strategy(cfg.train_args),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
         evaluator=evaluator, traffic=MeterTraffic(meter),
     )
-    if resume:
-        engine.resume()
     return engine
 
 
-def _server_test_loader(cfg: RunConfig, input_spec: Any, source: Any) -> Any:
-    from fedpeft_edge.data import build_server_test_loader
+def start_run_dir(engine: RoundEngine, cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Once the server is connected: a new run writes its config.yaml, a resumed one rolls its records back to
+    its checkpoint. Nothing is written into the directory before (a server that cannot connect leaves it as
+    it was)."""
+    if resume:
+        engine.resume()
+        return
+    dump_config(cfg, run_dir / "config.yaml")
+    if engine.spec.class_names is not None:  # the run's label order, for exports and reports
+        (run_dir / CLASSES_FILE).write_text(json.dumps(list(engine.spec.class_names)) + "\n", encoding="utf-8")
 
+
+def _server_data(cfg: RunConfig, input_spec: Any, source: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """The server's test loader (None without data) and the run's class list: data_args.class_names, else the
+    server's data's classes (None when neither is known: devices' labels are then not checked by name)."""
+    from fedpeft_edge.data import build_server_test_loader, load_source
+
+    names = cfg.data_args.class_names
     try:
-        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source)
+        source = source if source is not None else load_source(cfg.data_args)
     except FedPeftError as exc:
         log.warning("no server-side evaluation: %s", exc)
-        return None
+        source = None
+    if names is None and source is not None:
+        names = tuple(source.class_names)
+        if len(names) != cfg.model_args.num_classes:
+            log.warning("the server's data has %d classes but model_args.num_classes=%d: its class list is not "
+                        "sent to devices; set data_args.class_names", len(names), cfg.model_args.num_classes)
+            names = None
+    if names is None:
+        log.warning("no class list for this run (set data_args.class_names, or give the server the data): devices' "
+                    "class folders are not mapped by name")
+    if source is None:
+        return None, names
+    try:
+        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source), names
+    except FedPeftError as exc:
+        log.warning("no server-side evaluation: %s", exc)
+        return None, names
 
 
 def _check_resumable(run_dir: Path, manifest_hash: str, fingerprint: str) -> None:
@@ -133,9 +165,10 @@ class ServerApp(ServerManager):
         timers = ThreadTimers()
         engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind, model)
         super().__init__(engine, timers, cfg.comm_args, cfg.common_args.run_id, meter, backend=backend)
+        start_run_dir(engine, cfg, self.run_dir, resume)
 
 
-def load_server_config(config: str | None, resume: str | None) -> tuple[RunConfig, Path]:
+def load_server_config(config: str | Sequence[str] | None, resume: str | None) -> tuple[RunConfig, Path]:
     """The config to run (a resumed run uses its own saved config.yaml) and the run directory."""
     if resume:
         run_dir = Path(resume)

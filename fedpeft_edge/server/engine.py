@@ -53,6 +53,7 @@ from fedpeft_edge.protocol import (
 )
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
 from fedpeft_edge.server.drops import DropRecorder
+from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
@@ -80,14 +81,16 @@ class RunSpec:
     model_desc: str = ""  # "model X, weights Y" for refusal texts
     bytes_kind: str = "wire"  # what the traffic figures count: "wire" (MQTT) or "encoded" (in-process simulation)
     model_delivery: str = "per_device"  # comm_args.model_delivery: "shared" sends each round's model once
+    class_names: tuple[str, ...] | None = None  # the run's label order, sent at join (None: unknown, unchecked)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire") -> RunSpec:
+    def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire",
+                    class_names: tuple[str, ...] | None = None) -> RunSpec:
         return cls(cfg.train_args, cfg.common_args.random_seed, cfg.common_args.run_id, manifest, fingerprint,
                    cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
                    cfg.tracking_args.checkpoint_every,
                    f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind,
-                   cfg.comm_args.model_delivery)
+                   cfg.comm_args.model_delivery, class_names)
 
 
 @dataclasses.dataclass
@@ -134,6 +137,10 @@ class RoundEngine:
         self._busy: dict[str, _Busy] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
         self._task_seq = 0
+        # fast failure: the errors the selected devices reported for the open attempt, and the last attempt's
+        # error when every selected device reported that same one (round, error)
+        self._errors: dict[str, str] = {}
+        self._common_error: tuple[int, str] | None = None
 
     # --- entry points ---------------------------------------------------------------------------------------
     @property
@@ -189,14 +196,11 @@ class RoundEngine:
 
     # --- devices --------------------------------------------------------------------------------------------
     def _refusal(self, msg: Join) -> str | None:
-        fp, mh = self.spec.fingerprint, self.spec.manifest.hash
-        if msg.backbone_fingerprint != fp:
-            return (f"backbone fingerprint {msg.backbone_fingerprint[:12]} differs from the server's {fp[:12]} "
-                    f"({self.spec.model_desc}): run the agent with the server's model_args")
-        if msg.manifest_hash != mh:
-            return (f"manifest {msg.manifest_hash[:12]} differs from the server's {mh[:12]} (method "
-                    f"{self.spec.manifest.method}): run the agent with the server's peft_args and model_args")
-        return None
+        spec = self.spec
+        return join_refusal(manifest=spec.manifest, fingerprint=spec.fingerprint, num_classes=spec.num_classes,
+                            model_desc=spec.model_desc, class_names=spec.class_names,
+                            device_manifest_hash=msg.manifest_hash, device_manifest=msg.manifest,
+                            device_fingerprint=msg.backbone_fingerprint, device_classes=msg.class_names)
 
     def _join_allowed(self, device_id: str, now: float) -> bool:
         dev = self.rounds.devices.get(device_id)
@@ -222,7 +226,8 @@ class RoundEngine:
         self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
                           client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
                           num_samples=msg.num_samples)
-        self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason))
+        self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason,
+                                 class_names=self.spec.class_names if reason is None else None))
         if reason is not None:
             log.warning("refused device %s: %s", msg.sender, reason)
             return
@@ -281,6 +286,7 @@ class RoundEngine:
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
         self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
         if msg.round == self._round_index() or (self.mode == "async" and msg.sender in self._busy):
+            self._errors[msg.sender] = msg.error
             self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
 
     def _fail_device(self, device_id: str, reason: DropReason) -> None:
@@ -488,7 +494,11 @@ class RoundEngine:
             got = {a.device_id for a in accepted}
             for d in cur.selected:
                 if d not in got and d not in cur.failed:
-                    self._device_dropped(cur, d, DropReason.NO_UPDATE.value)
+                    dev = self.rounds.devices.get(d)
+                    if dev is not None and not dev.online:  # lost mid-round: counted in the round's `dropped`
+                        cur.dropped[DropReason.OFFLINE.value] += 1
+                    reason = DropReason.OFFLINE if dev is not None and not dev.online else DropReason.NO_UPDATE
+                    self._device_dropped(cur, d, reason.value)
         eval_res = self._evaluate(cur.index, accepted) if ok else None
         self.divergence.global_eval(cur.index, eval_res)
         self.records.round(
@@ -507,6 +517,9 @@ class RoundEngine:
         self.runlog.sync()
 
     def _next(self, cur: OpenRound, ok: bool) -> None:
+        errors, self._errors = self._errors, {}
+        if not ok and self._same_error_again(cur, errors):
+            return
         if not ok and self.rounds.attempt > self.args.max_round_retries:
             self._finish(f"round {cur.index} failed {self.rounds.attempt} attempts (train_args.max_round_retries="
                          f"{self.args.max_round_retries}): fewer than train_args.min_updates="
@@ -516,6 +529,26 @@ class RoundEngine:
         self._maybe_open()
         if not self.finished and self.rounds.current is None and self.rounds.finished:
             self._finish()
+
+    def _same_error_again(self, cur: OpenRound, errors: Mapping[str, str]) -> bool:
+        """Every selected device failed this attempt with one and the same error: say so now (the attempt
+        closed at once, no deadline waited for); the second attempt in a row that does ends the run (a
+        deterministic failure, such as a wrong input size, is not cured by retrying)."""
+        selected = cur.selected
+        distinct = {errors.get(d) for d in selected}
+        if self.mode != "sync" or not selected or len(distinct) != 1 or None in distinct:
+            self._common_error = None
+            return False
+        error = str(next(iter(distinct)))
+        if self._common_error == (cur.index, error):
+            self._finish(f"round {cur.index} failed twice in a row on every selected device ({len(selected)}) with "
+                         f"the same error: {error}; retrying cannot help: fix what the error names (the devices' "
+                         "config, model or data) and start the run again")
+            return True
+        self._common_error = (cur.index, error)
+        log.error("round %d attempt %d: every selected device (%d) failed with the same error: %s; retrying once "
+                  "(the run ends if it repeats)", cur.index, cur.attempt, len(selected), error)
+        return False
 
     def _evaluate(self, round_idx: int, accepted: list[Accepted]) -> dict[str, Any] | None:
         t0 = time.perf_counter()

@@ -31,6 +31,7 @@ class DropReason(str, enum.Enum):
     NORM_BOUND = "norm_bound"  # the update's distance from the global model exceeds train_args.max_update_norm
     TOO_STALE = "too_stale"  # async: trained on a global model more than train_args.max_staleness versions old
     NO_UPDATE = "no_update_by_deadline"
+    OFFLINE = "went_offline"  # a selected device lost mid-round (its presence went offline) and never sent one
 
 
 @dataclasses.dataclass

@@ -43,6 +43,7 @@ from fedpeft_edge.transport.framing import (
     pop_blob,
     round_of,
 )
+from fedpeft_edge.transport.reasons import explain_connect_refusal, explain_topic_refusal
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import (
     ENVELOPE_BYTES,
@@ -158,6 +159,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._broker_max_packet: int | None = None
         self._sub_topics: list[str] = []
         self._sub_mid: int | None = None
+        self._presence_mid, self._presence_seq = -1, 0  # this connection's presence PUBLISH (its PUBACK is awaited)
         most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
         self._reassembler = Reassembler(
             most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
@@ -212,12 +214,18 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 f"no connection to MQTT broker {self.args.broker_host}:{self.args.broker_port} within "
                 f"{timeout_s:g} s; check comm_args.broker_host/broker_port and that the broker runs"
             )
+        try:  # a broker grants any subscription but refuses a publish outside the ACL: say so now, not never
+            self._wait_ack(self._presence_mid, self._presence_seq, timeout_s, "this node's presence",
+                           raise_on_timeout=False, topic=self.topics.presence(self.node_id))
+        except TransportError:
+            self.close(publish_offline=False)
+            raise
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self._connect_error = TransportError(
                 f"broker {self.args.broker_host}:{self.args.broker_port} refused the connection: {reason}; "
-                "check comm_args.username/password/TLS", reason_code=int(reason.value))
+                f"{explain_connect_refusal(int(reason.value))}", reason_code=int(reason.value))
             self._connected.set()
             return
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
@@ -232,7 +240,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         # on a broker cluster where a subscription takes a moment to spread to the other nodes.
         _rc, self._sub_mid = client.subscribe([(t, 1) for t in self._sub_topics])
         self._online_payload = self._presence_payload(M.PRESENCE_ONLINE)
-        client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
+        with self._ack_cond:
+            self._presence_seq = self._ack_counter
+        self._presence_mid = client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True).mid
 
     def _on_subscribe(self, _client: mqtt.Client, _u: Any, mid: int, reasons: Any, _props: Any) -> None:
         if mid != self._sub_mid:
@@ -291,7 +301,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if publish_offline and self.state is State.CONNECTED:
             info = self._client.publish(self.topics.presence(self.node_id),
                                         self._presence_payload(M.PRESENCE_OFFLINE), 1, True)
-            self._wait_ack(info.mid, -1, timeout_s=2.0, what="OFFLINE presence", raise_on_timeout=False)
+            self._wait_ack(info.mid, -1, timeout_s=2.0, what="OFFLINE presence", raise_on_timeout=False,
+                           topic=self.topics.presence(self.node_id))
         self.state = State.CLOSED
         self._client.disconnect()
         self._client.loop_stop()
@@ -489,7 +500,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         so what must cross before its PUBACK can come is the packet itself."""
         mid, seq0, index, size, out = window.popleft()
         timeout = ack_timeout_s(self.args, size)
-        self._wait_ack(mid, seq0, timeout, f"packet {index} ({size} bytes) on {out.topic}",
+        self._wait_ack(mid, seq0, timeout, f"packet {index} ({size} bytes) on {out.topic}", topic=out.topic,
                        why=f"comm_args.publish_timeout_s {self.args.publish_timeout_s:g} s + {size} bytes at "
                            f"comm_args.min_link_rate_bps {self.args.min_link_rate_bps:g}")
         out.acked += 1
@@ -498,7 +509,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         return size
 
     def _wait_ack(
-        self, mid: int, seq0: int, timeout_s: float, what: str, raise_on_timeout: bool = True, why: str = ""
+        self, mid: int, seq0: int, timeout_s: float, what: str, raise_on_timeout: bool = True, why: str = "",
+        topic: str | None = None,
     ) -> None:
         deadline = time.monotonic() + timeout_s
         with self._ack_cond:
@@ -520,8 +532,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 self._ack_cond.wait(remaining)
         if got[1] >= 0x80:
             raise TransportError(
-                f"broker refused {what} with reason code {got[1]:#x}; if it is 0x95 (packet too large) "
-                "or 0x97, lower comm_args.max_message_bytes to the broker's limit", reason_code=got[1],
+                f"broker refused {what}: "
+                f"{explain_topic_refusal(got[1], 'publish', topic or what, self.args.username, self.topics.run_id)}",
+                reason_code=got[1],
             )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _props: Any) -> None:

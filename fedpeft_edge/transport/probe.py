@@ -1,8 +1,11 @@
 """A join-free broker probe for `fedpeft-agent doctor`: TCP reachability, a real MQTT connect with the run's
 credentials and TLS, a timestamped round trip, and the server's retained presence.
 
-The probe never publishes presence and never subscribes to a device topic, so the server does not see a
-device join. It publishes one message, to `<root>/doctor/<random id>`, a topic no node of the run reads.
+The probe never publishes presence, so the server does not see a device join. It publishes one message to
+`<root>/doctor/<random id>`, a topic no node of the run reads, and, given the device's id, tries the run's own
+topics as the agent will use them: it subscribes to the device's down-link and publishes one EMPTY message on
+its up-link (a running server drops it as malformed), so that a broker ACL refusing them (reason code 0x87:
+a run id or device id outside the provisioning) is found now rather than as a silent wait after joining.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ class BrokerProbe:
     rtt_s: float | None = None  # publish -> own message back through the broker (QoS 1)
     server_presence: dict[str, Any] | None = None  # the server's retained presence payload, if any
     server_presence_received_at: float | None = None  # local wall clock when it arrived
+    node: str | None = None  # the device whose run topics were tried (None: not tried)
+    run_id: str = ""
+    user: str | None = None
+    publish_topic: str | None = None
+    publish_code: int | None = None  # the PUBACK's reason code on the device's up-link (None: no answer)
+    refused_subscriptions: tuple[str, ...] = ()  # run topics the broker refused in its SUBACK
+    mqtt5: bool = True  # MQTT 3.1.1 brokers give no reason code for a refused publish
 
     @property
     def reachable(self) -> bool:
@@ -48,8 +58,9 @@ class BrokerProbe:
         return self.reachable and self.connect_error is None
 
 
-def probe_broker(comm_args: CommArgs, run_id: str, timeout_s: float = 5.0) -> BrokerProbe:
-    """Connect to the run's broker as the agent would (same credentials and TLS settings), then leave."""
+def probe_broker(comm_args: CommArgs, run_id: str, timeout_s: float = 5.0, node: str | None = None) -> BrokerProbe:
+    """Connect to the run's broker as the agent would (same credentials and TLS settings), then leave; with
+    `node`, try that device's run topics too."""
     host, port = comm_args.broker_host, comm_args.broker_port
     tls = bool(comm_args.tls_ca_file or comm_args.tls_cert_file)
     try:
@@ -57,7 +68,7 @@ def probe_broker(comm_args: CommArgs, run_id: str, timeout_s: float = 5.0) -> Br
             pass
     except OSError as exc:
         return BrokerProbe(host, port, tls, tcp_error=f"{type(exc).__name__}: {exc}")
-    return _mqtt_probe(comm_args, Topics(comm_args.topic_prefix, run_id), tls, timeout_s)
+    return _mqtt_probe(comm_args, Topics(comm_args.topic_prefix, run_id), tls, timeout_s, node)
 
 
 class _Session:
@@ -69,9 +80,14 @@ class _Session:
         self.echo_at: float | None = None
         self.presence_body: dict[str, Any] | None = None
         self.presence_at: float | None = None
+        self.subscribed = threading.Event()
+        self.suback: list[Any] = []
+        self.pubacks: dict[int, int] = {}  # mid -> reason code
+        self.puback = threading.Condition()
 
 
-def _client(comm_args: CommArgs, session: _Session, topics: Topics, echo_topic: str) -> mqtt.Client:
+def _client(comm_args: CommArgs, session: _Session, topics: Topics, echo_topic: str,
+            run_topics: list[str]) -> mqtt.Client:
     a = comm_args
     v5 = a.mqtt_version == "5"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fedpeft-doctor-{uuid.uuid4().hex[:8]}",
@@ -82,8 +98,17 @@ def _client(comm_args: CommArgs, session: _Session, topics: Topics, echo_topic: 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         session.reason = reason
         if not reason.is_failure:
-            c.subscribe([(echo_topic, 1), (server_presence, 1)])
+            c.subscribe([(t, 1) for t in (echo_topic, server_presence, *run_topics)])
         session.connected.set()
+
+    def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        session.suback = list(reasons)
+        session.subscribed.set()
+
+    def on_publish(_c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with session.puback:
+            session.pubacks[mid] = int(getattr(reason, "value", 0) or 0)
+            session.puback.notify_all()
 
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         now = time.time()
@@ -101,15 +126,19 @@ def _client(comm_args: CommArgs, session: _Session, topics: Topics, echo_topic: 
 
     client.on_connect = on_connect
     client.on_message = on_message
+    client.on_subscribe = on_subscribe
+    client.on_publish = on_publish
     return client
 
 
-def _mqtt_probe(comm_args: CommArgs, topics: Topics, tls: bool, timeout_s: float) -> BrokerProbe:
+def _mqtt_probe(comm_args: CommArgs, topics: Topics, tls: bool, timeout_s: float, node: str | None) -> BrokerProbe:
     host, port = comm_args.broker_host, comm_args.broker_port
     echo_topic = f"{topics.root}/doctor/{uuid.uuid4().hex}"
     session = _Session()
-    client = _client(comm_args, session, topics, echo_topic)
-    base = BrokerProbe(host, port, tls)
+    run_topics = [topics.s2d(node)] if node else []
+    client = _client(comm_args, session, topics, echo_topic, run_topics)
+    base = BrokerProbe(host, port, tls, node=node, run_id=topics.run_id, user=comm_args.username,
+                       mqtt5=comm_args.mqtt_version == "5")
     try:
         client.connect(host, port, keepalive=max(5, int(timeout_s)))
     except (OSError, ssl.SSLError, ValueError) as exc:
@@ -125,8 +154,27 @@ def _mqtt_probe(comm_args: CommArgs, topics: Topics, tls: bool, timeout_s: float
         client.publish(echo_topic, json.dumps({"sent_at": t0}).encode(), qos=1)
         rtt = session.echo_at - t0 if session.echo.wait(timeout_s) and session.echo_at is not None else None
         session.presence.wait(min(1.0, timeout_s))  # a retained message arrives right after SUBACK
-        return dataclasses.replace(base, rtt_s=rtt, server_presence=session.presence_body,
-                                   server_presence_received_at=session.presence_at)
+        probed = dataclasses.replace(base, rtt_s=rtt, server_presence=session.presence_body,
+                                     server_presence_received_at=session.presence_at)
+        return _try_run_topics(client, session, probed, topics, timeout_s) if node else probed
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _try_run_topics(client: mqtt.Client, session: _Session, probe: BrokerProbe, topics: Topics,
+                    timeout_s: float) -> BrokerProbe:
+    """The SUBACK of the device's down-link and the PUBACK of one empty message on its up-link."""
+    node = str(probe.node)
+    session.subscribed.wait(timeout_s)
+    subscribed = [topics.s2d(node)]
+    codes = session.suback[-len(subscribed):] if session.suback else []
+    refused = tuple(t for t, r in zip(subscribed, codes, strict=False) if getattr(r, "is_failure", False))
+    up = topics.d2s(node)
+    info = client.publish(up, b"", qos=1)
+    deadline = time.monotonic() + timeout_s
+    with session.puback:
+        while info.mid not in session.pubacks and time.monotonic() < deadline:
+            session.puback.wait(max(0.0, deadline - time.monotonic()))
+    return dataclasses.replace(probe, publish_topic=up, publish_code=session.pubacks.get(info.mid),
+                               refused_subscriptions=refused)

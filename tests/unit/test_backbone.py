@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -214,3 +215,17 @@ def test_canonical_names_strip_wrappers() -> None:
     assert canonical_name("blocks.0.attn.qkv.lora_A.default.weight") == "blocks.0.attn.qkv.lora_A.weight"
     assert canonical_name("head.weight") == "head.weight"
     assert "head.weight" in named_tensors(tiny_vit())
+
+
+def test_a_fixed_size_model_fed_another_image_size_is_a_config_error() -> None:
+    from fedpeft_edge.backbone import check_input_size
+    from fedpeft_edge.errors import ConfigError
+
+    vit = ModelArgs(model="vit_tiny_patch16_224", weights="none")
+    with pytest.raises(ConfigError, match=r"image_size is 64 .* fixed input of 224 px: set data_args.image_size: 224"):
+        check_input_size(vit, 64)
+    check_input_size(vit, 224)
+    check_input_size(vit, None)  # the model's own size
+    check_input_size(dataclasses.replace(vit, model_kwargs={"img_size": 64}), 64)
+    check_input_size(dataclasses.replace(vit, model_kwargs={"dynamic_img_size": True}), 64)
+    check_input_size(ModelArgs(model="resnet18", weights="none"), 64)  # a CNN takes any size

@@ -200,8 +200,8 @@ class RunView {
     const acc = ok.map((r) => (r.top1 == null ? null : 100 * r.top1));
     const mb = ok.map((r) => (r.cum_bytes || 0) / 1e6);
     const line = (label, stroke) => ({ label, stroke, width: 2, points: { size: 6, fill: stroke } });
-    this.chart("acc-round", [rnd, acc], [line("top-1 %", "#3461d1")], { x: "round", y: "%", rounds: true });
-    this.chart("acc-mb", [mb, acc], [line("top-1 %", "#7a4fd1")], { x: "MB on the wire (cumulative)", y: "%" });
+    this.chart("acc-round", [rnd, acc], [line("top-1 %", "#3461d1")], { x: "round", y: "%", rounds: true, pct: true });
+    this.chart("acc-mb", [mb, acc], [line("top-1 %", "#7a4fd1")], { x: "MB on the wire (cumulative)", y: "%", pct: true });
     const x = rows.map((r) => r.round + 0.1 * Math.min(9, r.attempt || 0)); // a retried round sits just after
     const bars = (align) => (uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.32, 36], align }) : undefined);
     this.chart("bytes", [x, rows.map((r) => (r.bytes_down || 0) / 1e6), rows.map((r) => (r.bytes_up || 0) / 1e6)],
@@ -232,6 +232,7 @@ class RunView {
     if (o.pad) xs.range = (u, lo, hi) => [(lo == null ? 1 : lo) - 0.6, (hi == null ? 1 : hi) + 0.6];
     const ys = {};
     if (o.zero) ys.range = (u, lo, hi) => [0, hi > 0 ? hi * 1.15 : 1];
+    if (o.pct) ys.range = () => [0, 100]; // accuracy: always the whole 0-100% scale
     const grid = { stroke: "#eef1f6" };
     const opts = {
       width, height: 210, legend: { live: false },
@@ -263,7 +264,7 @@ function renderCompare() {
     if (!xs.length) continue;
     compare.charts[name] = new uPlot({
       width: Math.max(260, box.clientWidth || 400), height: 230, legend: { live: false },
-      scales: { x: { time: false } },
+      scales: { x: { time: false }, y: { range: () => [0, 100] } },
       axes: [{ label: name === "cmp-mb" ? "MB on the wire (cumulative)" : "round", grid: { stroke: "#eef1f6" },
                ...(name === "cmp-round" ? { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] } : {}) },
              { label: "top-1 %", grid: { stroke: "#eef1f6" }, size: 56 }],

@@ -244,6 +244,19 @@ def test_nvml_counts_as_an_energy_sensor(tmp_path: Path) -> None:
 # --- memory and disk ------------------------------------------------------------------------------------
 
 
+def test_memory_is_measured_by_one_training_step(facts: D.ModelFacts) -> None:
+    import psutil
+
+    assert facts.step_error is None and facts.step_s is not None
+    assert facts.peak_rss_mb is not None and facts.peak_rss_mb >= psutil.Process().memory_info().rss / D.MB * 0.5
+    assert facts.peak_rss_mb > D.memory_needed_mb(facts, "sgd") - D.RUNTIME_OVERHEAD_MB  # more than the tensors
+    row = D.check_memory(facts, "sgd", available_mb=facts.peak_rss_mb - 1, batch_size=32)
+    assert row.status == "FAIL" and "measured: peak RSS" in row.detail and "batch size 32" in row.detail
+    failed = D.check_memory(dataclasses.replace(facts, step_error="RuntimeError: out of memory"), "sgd",
+                            available_mb=100_000, batch_size=256)
+    assert failed.status == "FAIL" and "batch_size=256 failed" in failed.detail
+
+
 def test_too_little_memory_fails(facts: D.ModelFacts) -> None:
     assert D.check_memory(facts, "sgd", available_mb=100_000).status == "OK"
     row = D.check_memory(facts, "adamw", available_mb=100.0)

@@ -169,3 +169,16 @@ def test_a_shared_model_of_another_size_is_refused(runtime: SharedRuntime) -> No
     task, model = _shared(runtime, 1, model_bytes=12)
     assert logic.handle(task) == []
     assert logic.handle(model) == [], "the task names 12 bytes: this model is not its model"
+
+
+def test_the_run_class_list_in_the_join_ack_relabels_the_device_by_name(runtime: SharedRuntime) -> None:
+    logic = DeviceLogic(runtime, build_device_state(runtime, AgentIdentity("c0", 0)))
+    own = logic.state.data.class_names
+    assert logic.join().class_names == own  # digits: "0".."9"
+    before = logic.state.data.train_labels.copy()
+    run = tuple(reversed(own))  # the run numbers the same classes the other way round
+    logic.handle(JoinAck(receiver="c0", accepted=True, class_names=run))
+    assert not logic.finished and logic.state.data.class_names == run
+    assert (logic.state.data.train_labels == 9 - before).all()
+    logic.handle(JoinAck(receiver="c0", accepted=True, class_names=("cat", "dog")))
+    assert logic.finished and "not among the run's classes" in str(logic.refusal)

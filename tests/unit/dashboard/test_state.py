@@ -73,6 +73,9 @@ def test_deltas_rebuild_the_snapshot() -> None:
     server = s.snapshot()
     for key in ("devices", "rounds", "current", "dropped_messages", "seq"):
         assert client[key] == server[key], key
+    assert any(d["online"] for d in client["devices"].values())
     fin = s.mark_finished({"rounds": 1})
     _merge(client, fin)
     assert client["run"]["finished"] and client["run"]["summary"] == {"rounds": 1}
+    assert not any(d["online"] for d in client["devices"].values())  # a finished run has no device online
+    assert client["devices"] == s.snapshot()["devices"]

@@ -147,6 +147,15 @@ def test_metadata_is_present_and_correct(tmp_path: Path) -> None:
     spec = build_backbone(cfg.model_args).data_config
     assert json.loads(meta[p + "mean"]) == pytest.approx(list(spec.mean))
     assert json.loads(meta[p + "std"]) == pytest.approx(list(spec.std))
+    assert p + "class_names" not in meta  # the run wrote no class list
+
+
+def test_the_run_class_names_travel_in_the_onnx_metadata(tmp_path: Path) -> None:
+    write_run(tmp_path / "run", run_config("vit", "head"))
+    names = [f"class-{i}" for i in range(10)]
+    (tmp_path / "run" / "classes.json").write_text(json.dumps(names))  # as the server writes it
+    export_run(tmp_path / "run", tmp_path / "m.onnx", num_threads=1)
+    assert json.loads(read_metadata(tmp_path / "m.onnx")[METADATA_PREFIX + "class_names"]) == names
 
 
 def test_export_of_an_earlier_round(tmp_path: Path) -> None:

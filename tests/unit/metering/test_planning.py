@@ -37,7 +37,18 @@ def test_chunked_packets_sum_to_frame_plus_headers() -> None:
 @pytest.mark.parametrize(("spec", "down", "up"), [("lte", 30e6, 10e6), ("10mbit", 1e7, 1e7),
                                                    ("50mbit/10mbit", 5e7, 1e7), ("1gbit", 1e9, 1e9)])
 def test_parse_link(spec: str, down: float, up: float) -> None:
-    assert parse_link(spec)[1:] == (down, up)
+    link = parse_link(spec)
+    assert (link.down_bps, link.up_bps) == (down, up)
+
+
+def test_links_carry_a_round_trip_time() -> None:
+    assert parse_link("lte").rtt_s == pytest.approx(0.05) and parse_link("10mbit").rtt_s == 0.0
+    assert parse_link("lte@80ms").rtt_s == pytest.approx(0.08)
+    link = parse_link("50mbit/10mbit@0.2s")
+    assert (link.down_bps, link.up_bps, link.rtt_s) == (5e7, 1e7, pytest.approx(0.2))
+    assert "30 Mbit/s down, 10 Mbit/s up, 50 ms round trip" in parse_link("lte").describe()
+    with pytest.raises(ConfigError, match="round-trip"):
+        parse_link("lte@fast")
 
 
 @pytest.mark.parametrize("spec", ["fast", "10", "-5mbit", "1mbit/2mbit/3mbit"])
@@ -51,6 +62,7 @@ def test_round_seconds() -> None:
     framed = size.mqtt_bytes + math.ceil(size.mqtt_bytes / 1448) * 66  # TCP/IP/Ethernet headers per segment
     assert round_seconds(size, 8e6, 8e6) == pytest.approx(2 * framed / 1e6)
     assert round_seconds(size, 8e6, 4e6) == pytest.approx(3 * framed / 1e6)
+    assert round_seconds(size, 8e6, 8e6, rtt_s=0.1) == pytest.approx(2 * framed / 1e6 + 0.2)  # a trip each way
 
 
 def test_link_bytes_add_tcp_ip_framing() -> None:

@@ -43,6 +43,9 @@ SAMPLES = [
     DeviceErrorReport(sender="dev1", round=2, error="TrainingError: boom"),
     ClientStatus(sender="dev1", status=K.STATUS_BUDGET_EXHAUSTED, round=4, epsilon=3.0),
     JoinAck(receiver="dev1", accepted=False, reason="different backbone"),
+    Join(sender="dev2", backbone_fingerprint="f" * 64, manifest_hash="h" * 64, num_samples=3,
+         class_names=("cat", "dog")),
+    JoinAck(receiver="dev2", accepted=True, class_names=("bird", "cat", "dog")),
     RoundTask(receiver="dev1", round=1, blob=b"xyz", manifest_hash="h" * 64, encoding="fp32", deadline=5.0,
               attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0),
     Finish(receiver="dev1", reason="completed"),
@@ -104,6 +107,18 @@ def test_deep_nesting_and_huge_values_are_refused() -> None:
     big[K.MSG_ARG_KEY_PROFILE] = {"blob": "x" * 100_000}
     with pytest.raises(ProtocolError, match="profile"):
         _parse(big)
+
+
+def test_class_names_are_optional_on_the_wire_and_checked() -> None:
+    """A join or ack without class names is what an earlier version sends (and gets); bad lists are refused."""
+    plain = SAMPLES[0].to_message()
+    assert K.MSG_ARG_KEY_CLASS_NAMES not in plain.get_params()
+    assert parse(plain).class_names is None
+    for bad in ("cat", [], ["cat", "cat"], ["cat", ""], [1, 2], ["x" * 300]):
+        msg = SAMPLES[0].to_message()
+        msg.add_params(K.MSG_ARG_KEY_CLASS_NAMES, bad)
+        with pytest.raises(ProtocolError, match="class_names"):
+            parse(msg)
 
 
 def test_server_messages_must_come_from_the_server() -> None:

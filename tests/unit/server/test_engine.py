@@ -123,6 +123,8 @@ def test_a_device_vanishing_mid_round_closes_it_early(tmp_path: Path) -> None:
     h.send(Presence(node=sel[2], online=False))
     assert h.engine.version == 1  # no need to wait for the deadline
     assert {"device_id": sel[2], "online": False}.items() <= h.records("presence")[0].items()
+    assert h.records("round")[0]["dropped"] == {"went_offline": 1}  # the lost device is counted
+    assert {r["device_id"]: r["drop_reason"] for r in h.records("device_round")}[sel[2]] == "went_offline"
 
 
 def test_device_errors_and_spent_budgets_release_the_round(tmp_path: Path) -> None:
@@ -132,6 +134,28 @@ def test_device_errors_and_spent_budgets_release_the_round(tmp_path: Path) -> No
     h.send(ClientStatus(sender=sel[2], status=K.STATUS_BUDGET_EXHAUSTED, round=1, epsilon=8.0))
     assert h.records("round")[0]["status"] == "failed"  # 1 < min_updates, closed early (all in)
     assert h.engine.rounds.devices[sel[2]].exhausted
+
+
+def test_the_same_error_on_every_device_ends_the_run_when_it_repeats(tmp_path: Path) -> None:
+    h, sel = _open(tmp_path, max_round_retries=5)
+    err = "RuntimeError: Input height (64) doesn't match model (224)."
+    for d in sel:
+        h.send(DeviceErrorReport(sender=d, round=1, error=err))
+    cur = h.engine.rounds.current  # closed at once, no deadline waited for; retried once
+    assert not h.engine.finished and cur is not None and cur.attempt == 1
+    for d in h.selected():
+        h.send(DeviceErrorReport(sender=d, round=1, error=err))
+    assert h.engine.finished  # the second attempt in a row with that error: no more retries
+    assert err in str(h.engine.end_reason) and "round_timeout_s" not in str(h.engine.end_reason)
+    assert len(h.records("round")) == 2
+
+
+def test_different_errors_are_retried_as_usual(tmp_path: Path) -> None:
+    h, sel = _open(tmp_path, max_round_retries=5)
+    for attempt in range(2):
+        for i, d in enumerate(h.selected()):
+            h.send(DeviceErrorReport(sender=d, round=1, error=f"OSError: disk {i} {attempt}"))
+    assert not h.engine.finished and h.engine.rounds.current is not None
 
 
 def test_resume_after_a_crash_continues_from_the_checkpoint(tmp_path: Path) -> None:
