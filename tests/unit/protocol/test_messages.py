@@ -111,14 +111,14 @@ def test_deep_nesting_and_huge_values_are_refused() -> None:
 
 def test_class_names_are_optional_on_the_wire_and_checked() -> None:
     """A join or ack without class names is what an earlier version sends (and gets); bad lists are refused."""
-    plain = SAMPLES[0].to_message()
-    assert K.MSG_ARG_KEY_CLASS_NAMES not in plain.get_params()
-    assert parse(plain).class_names is None
+    plain = SAMPLES[0].to_params()
+    assert K.MSG_ARG_KEY_CLASS_NAMES not in plain
+    assert _parse(plain).class_names is None
     for bad in ("cat", [], ["cat", "cat"], ["cat", ""], [1, 2], ["x" * 300]):
-        msg = SAMPLES[0].to_message()
-        msg.add_params(K.MSG_ARG_KEY_CLASS_NAMES, bad)
+        msg = SAMPLES[0].to_params()
+        msg[K.MSG_ARG_KEY_CLASS_NAMES] = bad
         with pytest.raises(ProtocolError, match="class_names"):
-            parse(msg)
+            _parse(msg)
 
 
 def test_server_messages_must_come_from_the_server() -> None:
