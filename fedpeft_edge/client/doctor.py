@@ -258,8 +258,8 @@ def check_run_topics(probe: Any) -> Check:
     if not probe.mqtt5:
         return Check(name, "WARN", "MQTT 3.1.1 brokers do not say whether a publish was authorized: the run's "
                      "topics could not be checked")
-    return Check(name, "OK", f"may subscribe to {probe.node}'s down-link and publish on {probe.publish_topic} "
-                 f"(run {probe.run_id!r})")
+    return Check(name, "OK", f"may subscribe to {probe.node}'s down-link and publish its presence on "
+                 f"{probe.publish_topic} (run {probe.run_id!r})")
 
 
 @dataclasses.dataclass(frozen=True)

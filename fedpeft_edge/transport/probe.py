@@ -1,11 +1,12 @@
 """A join-free broker probe for `fedpeft-agent doctor`: TCP reachability, a real MQTT connect with the run's
 credentials and TLS, a timestamped round trip, and the server's retained presence.
 
-The probe never publishes presence, so the server does not see a device join. It publishes one message to
+The probe never publishes a presence, so the server does not see a device join. It publishes one message to
 `<root>/doctor/<random id>`, a topic no node of the run reads, and, given the device's id, tries the run's own
-topics as the agent will use them: it subscribes to the device's down-link and publishes one EMPTY message on
-its up-link (a running server drops it as malformed), so that a broker ACL refusing them (reason code 0x87:
-a run id or device id outside the provisioning) is found now rather than as a silent wait after joining.
+topics as the agent will use them: it subscribes to the device's down-link and publishes one EMPTY, not
+retained message on the device's presence topic (every node ignores an empty presence, and a retained one is
+left as it is), so that a broker ACL refusing them (reason code 0x87: a run id or device id outside the
+provisioning) is found now rather than as a silent wait after joining.
 """
 
 from __future__ import annotations
@@ -164,14 +165,15 @@ def _mqtt_probe(comm_args: CommArgs, topics: Topics, tls: bool, timeout_s: float
 
 def _try_run_topics(client: mqtt.Client, session: _Session, probe: BrokerProbe, topics: Topics,
                     timeout_s: float) -> BrokerProbe:
-    """The SUBACK of the device's down-link and the PUBACK of one empty message on its up-link."""
+    """The SUBACK of the device's down-link and the PUBACK of one empty, not retained message on its presence
+    topic (a topic the device writes, whose empty messages every node ignores)."""
     node = str(probe.node)
     session.subscribed.wait(timeout_s)
     subscribed = [topics.s2d(node)]
     codes = session.suback[-len(subscribed):] if session.suback else []
     refused = tuple(t for t, r in zip(subscribed, codes, strict=False) if getattr(r, "is_failure", False))
-    up = topics.d2s(node)
-    info = client.publish(up, b"", qos=1)
+    up = topics.presence(node)
+    info = client.publish(up, b"", qos=1, retain=False)
     deadline = time.monotonic() + timeout_s
     with session.puback:
         while info.mid not in session.pubacks and time.monotonic() < deadline:
