@@ -271,10 +271,16 @@ class DeviceLogic:
         # Shared with the received payload, not copied: activate() copies it into the model, send_delta reads it.
         global_state = decode_tensors(task.blob, rt.manifest, rt.manifest.hash, self._comm.max_update_bytes,
                                       copy=False)
+        layout = rt.layout(task.rank)  # a per-device rank (LoRA flexlora): train from and send its part only
+        if layout is not None:
+            global_state = layout.start(global_state)
         with rt.activate(st, peft=global_state) as slot:
             report, local = self._train_window(task, slot, global_state, t0)
         t_enc = time.perf_counter()
-        blob = encode_update(local, rt.manifest, self._comm.encoding)  # `local` is this round's own copy
+        manifest = layout.manifest if layout is not None else rt.manifest
+        if layout is not None:
+            local = layout.narrow(local)
+        blob = encode_update(local, manifest, self._comm.encoding)  # `local` is this round's own copy
         encode_s = time.perf_counter() - t_enc
         epsilon = float(st.privatizer.end_round(task.round)) if st.privatizer is not None else None
         download_s = transfer_seconds(self.meter.transfers(round=task.round), task.sent_at)
@@ -282,7 +288,7 @@ class DeviceLogic:
         log.info("%s: round %d trained, loss %s", self.device_id, task.round, report.train_loss)
         return Update(
             sender=self.device_id, round=task.round, num_samples=st.num_samples, blob=blob, report=report,
-            manifest_hash=rt.manifest.hash, encoding=self._comm.encoding, is_delta=self._train_args.send_delta,
+            manifest_hash=manifest.hash, encoding=self._comm.encoding, is_delta=self._train_args.send_delta,
             model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
         )
 

@@ -74,6 +74,7 @@ MSG_ARG_KEY_MODEL_VERSION = "model_version"  # the global model's version a task
 MSG_ARG_KEY_MODE = "round_mode"  # "sync" | "async"
 MSG_ARG_KEY_MODEL_ID = "model_id"  # shared delivery: the model message a task's tensors come in
 MSG_ARG_KEY_MODEL_BYTES = "model_bytes"  # shared delivery: that model's encoded size (how long to wait for it)
+MSG_ARG_KEY_RANK = "rank"  # a task's per-device rank (LoRA flexlora): train and send the first `rank` components
 BROADCAST = "*"  # the receiver of a shared model message: every device of the run
 
 STATUS_ONLINE = "ONLINE"
