@@ -223,6 +223,9 @@ class DeviceArgs:
     latency_runs: int = 20
     state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
     slowdown_factor: float = 1.0  # tests only: local training takes this many times as long (a slow device)
+    # Studies on one host: device with client index i declares emulate_memory_mb[i % len] MB in its join profile
+    # instead of the measured RAM, marked `memory_emulated` (ranks by capability, docs/lora.md). Empty: measured.
+    emulate_memory_mb: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -713,6 +716,9 @@ def _check_run(cfg: RunConfig) -> None:
     if not 0.0 < dp.target_delta < 1.0:
         raise ConfigError(f"dp_args.target_delta must be in (0, 1), got {dp.target_delta!r}")
     _check_lora(cfg.peft_args.lora, t)
+    if any(m <= 0 for m in cfg.device_args.emulate_memory_mb):
+        raise ConfigError(f"device_args.emulate_memory_mb must hold MB > 0, got "
+                          f"{list(cfg.device_args.emulate_memory_mb)}")
 
 
 def _check_lora(lora: LoraArgs, t: TrainArgs) -> None:

@@ -74,6 +74,7 @@ class DeviceLogic:
         self._train_args, self._comm = cfg.train_args, cfg.comm_args
         self._max_resends = cfg.train_args.resend_rate_per_round
         self._slowdown = cfg.device_args.slowdown_factor
+        self._emulated_memory = cfg.device_args.emulate_memory_mb
         self.finished = False
         self.refusal: str | None = None
         self.exit_code = EXIT_FINISHED
@@ -129,9 +130,19 @@ class DeviceLogic:
         return Join(
             sender=self.device_id, client_idx=st.identity.client_index, backbone_fingerprint=rt.fingerprint,
             manifest_hash=rt.manifest.hash, manifest=rt.manifest.to_json(), num_samples=st.num_samples,
-            profile=rt.profile, data_stats=st.data.stats(), epsilon=st.epsilon(),
+            profile=self._profile(), data_stats=st.data.stats(), epsilon=st.epsilon(),
             client_status=STATUS_BUDGET_EXHAUSTED if st.exhausted else STATUS_ONLINE,
         )
+
+    def _profile(self) -> dict[str, Any]:
+        """The runtime's measured profile; a study's emulated memory (device_args.emulate_memory_mb) replaces the
+        RAM figure, marked as emulated."""
+        emulated = self._emulated_memory
+        if not emulated:
+            return self.runtime.profile
+        idx = self.state.identity.client_index or 0
+        return {**self.runtime.profile, "ram_total_mb": emulated[idx % len(emulated)], "cuda_available": False,
+                "memory_emulated": True}
 
     def _on_presence(self, msg: Presence) -> list[ProtocolMessage]:
         """Join whenever a new server session comes online (first sight, server restart, broker restart)."""

@@ -491,8 +491,10 @@ class RoundEngine:
 
     def _after_close(self, cur: OpenRound, ok: bool, aggregate_s: float, accepted: list[Accepted]) -> None:
         for acc in accepted:
+            rank = self.shapes.rank(acc.device_id)  # the rank it trained at (before observe() may change it)
+            shape: dict[str, Any] = {"rank": rank} if rank is not None else {}
             self.records.device(cur.index, cur.attempt, cur.opened_at, acc.device_id, "accepted", None, acc=acc,
-                                traffic_round=acc.round)
+                                traffic_round=acc.round, **shape)
             self.divergence.device(cur.index, acc.device_id, acc.report)
             self._assigned(acc.device_id, self.shapes.observe(acc.device_id, acc.report.train_s,
                                                               self.args.round_timeout_s), cur.index)

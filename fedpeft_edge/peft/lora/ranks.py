@@ -75,7 +75,8 @@ def profile_memory(profile: Mapping[str, Any]) -> tuple[float | None, str]:
     if profile.get("cuda_available") and isinstance(cuda, (int, float)) and cuda > 0:
         return float(cuda), "cuda_mem_total_mb"
     ram = profile.get("ram_total_mb")
-    return (float(ram), "ram_total_mb") if isinstance(ram, (int, float)) and ram > 0 else (None, "unknown")
+    source = "ram_total_mb, emulated" if profile.get("memory_emulated") else "ram_total_mb"
+    return (float(ram), source) if isinstance(ram, (int, float)) and ram > 0 else (None, "unknown")
 
 
 def rank_for_memory(memory_mb: float | None, low: int, high: int, bounds_mb: tuple[float, ...]) -> int:

@@ -40,7 +40,7 @@ SAMPLES = [
     ClientStatus(sender="dev1", status=K.STATUS_BUDGET_EXHAUSTED, round=4, epsilon=3.0),
     JoinAck(receiver="dev1", accepted=False, reason="different backbone"),
     RoundTask(receiver="dev1", round=1, blob=b"xyz", manifest_hash="h" * 64, encoding="fp32", deadline=5.0,
-              attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0),
+              attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0, rank=2),
     Finish(receiver="dev1", reason="completed"),
     Presence(node="dev1", online=False, since=3.5),
     Timer(name="deadline", round=2, attempt=0),
