@@ -60,16 +60,17 @@ def per_round(runs: dict[str, list[Path]]) -> None:
 
 
 def finals(runs: dict[str, list[Path]]) -> None:
-    print("| mode | final top-1 % per seed | mean | total MB (mean) | shared params |")
-    print("|---|---|---|---|---|")
+    print("| mode | final top-1 % per seed | mean | total MB (mean) | shared params | server aggregate s per round |")
+    print("|---|---|---|---|---|---|")
     for mode, paths in runs.items():
         sums = [json.loads((p / "summary.json").read_text()) for p in paths]
         seeds = [load_config(p / "config.yaml").common_args.random_seed for p in paths]
         tops = [100 * s["final_top1"] for s in sums if s.get("final_top1") is not None]
         per_seed = ", ".join(f"seed {sd}: {_fmt(100 * s['final_top1'])}" for sd, s in zip(seeds, sums, strict=True)
                              if s.get("final_top1") is not None)
+        agg = _mean(r["aggregate_s"] for p in paths for r in read_metrics(p, "round") if r.get("aggregate_s"))
         print(f"| {mode} | {per_seed} | {_fmt(_mean(tops))} | {_fmt(_mean(s['bytes_total'] / MB for s in sums), 2)} "
-              f"| {sums[0].get('shared_params', 'n/a')} |")
+              f"| {sums[0].get('shared_params', 'n/a')} | {_fmt(agg, 3)} |")
 
 
 def device_bytes(runs: dict[str, list[Path]]) -> None:
