@@ -27,11 +27,14 @@ MB = 1e6
 
 
 def _runs(study_dir: Path) -> dict[str, list[Path]]:
-    """Finished run directories by aggregation mode."""
+    """Finished run directories by aggregation mode (flexlora also by its rank range)."""
     out: dict[str, list[Path]] = defaultdict(list)
     for run in sorted((study_dir / "runs").iterdir()):
         if (run / "summary.json").is_file() and (run / "config.yaml").is_file():
-            out[load_config(run / "config.yaml").peft_args.lora.aggregation].append(run)
+            lora = load_config(run / "config.yaml").peft_args.lora
+            low = lora.r if lora.rank_min is None else lora.rank_min
+            label = f"flexlora {low}..{lora.r}" if lora.aggregation == "flexlora" else lora.aggregation
+            out[label].append(run)
     return out
 
 
@@ -114,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     finals(runs)
     print("\n## Bytes per device per round\n")
     device_bytes(runs)
-    if runs.get("flexlora"):
-        print("\n## flexlora: the rank each device was given\n")
-        flexlora_ranks(runs["flexlora"])
+    for label, paths in runs.items():
+        if label.startswith("flexlora"):
+            print(f"\n## {label}: the rank each device was given\n")
+            flexlora_ranks(paths)
     return 0
 
 
