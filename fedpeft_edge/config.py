@@ -92,6 +92,13 @@ class LoraArgs:
     alpha: int = 16  # scaling numerator (the update is scaled by alpha / r)
     dropout: float = 0.0  # dropout on the LoRA branch's input
     target_modules: tuple[str, ...] | None = None  # None = the method's default for the backbone
+    # How the server merges the devices' LoRA factors (docs/lora.md): "fedit" averages A and B separately (the
+    # FedIT baseline, inexact), "ffa" freezes A (derived from the run's seed) and shares B only (exact), "flexlora"
+    # averages the products B @ A and hands each device the truncated SVD at its own rank (exact before the SVD).
+    aggregation: Literal["fedit", "ffa", "flexlora"] = "fedit"
+    rank_min: int | None = None  # flexlora: the smallest rank a device is given (None: r, every device at r)
+    rank_memory_mb: tuple[float, ...] = (1024.0, 16384.0)  # flexlora: memory given rank_min .. r (log scale)
+    rank_time_fraction: float = 0.5  # flexlora: a round's training above this share of the deadline halves the rank
 
 
 # The PEFT method names, defined once: peft/registry.py registers exactly these, the CLI offers them.
@@ -224,6 +231,9 @@ class DeviceArgs:
     latency_runs: int = 20  # batch-1 inference runs timed for the latency figure
     state_dir: str | None = None  # where an agent keeps its own state (privacy ledger ...)
     slowdown_factor: float = 1.0  # tests only: local training takes this many times as long (a slow device)
+    # Studies on one host: device with client index i declares emulate_memory_mb[i % len] MB in its join profile
+    # instead of the measured RAM, marked `memory_emulated` (ranks by capability, docs/lora.md). Empty: measured.
+    emulate_memory_mb: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -742,3 +752,25 @@ def _check_run(cfg: RunConfig) -> None:
     _positive("dp_args.noise_multiplier", dp.noise_multiplier, allow_zero=True)
     if not 0.0 < dp.target_delta < 1.0:
         raise ConfigError(f"dp_args.target_delta must be in (0, 1), got {dp.target_delta!r}")
+    _check_lora(cfg.peft_args.lora, t)
+    if any(m <= 0 for m in cfg.device_args.emulate_memory_mb):
+        raise ConfigError(f"device_args.emulate_memory_mb must hold MB > 0, got "
+                          f"{list(cfg.device_args.emulate_memory_mb)}")
+
+
+def _check_lora(lora: LoraArgs, t: TrainArgs) -> None:
+    """LoRA aggregation settings (peft/lora/aggregation.py): flexlora merges products, so it needs the plain mean."""
+    low = lora.r if lora.rank_min is None else lora.rank_min
+    if not 1 <= low <= lora.r:
+        raise ConfigError(f"peft_args.lora.rank_min must be in 1..r={lora.r}, got {lora.rank_min}")
+    if len(lora.rank_memory_mb) != 2 or not 0 < lora.rank_memory_mb[0] < lora.rank_memory_mb[1]:
+        raise ConfigError(f"peft_args.lora.rank_memory_mb must be [low, high] MB with 0 < low < high, got "
+                          f"{list(lora.rank_memory_mb)}")
+    if not 0.0 < lora.rank_time_fraction <= 1.0:
+        raise ConfigError(f"peft_args.lora.rank_time_fraction must be in (0, 1], got {lora.rank_time_fraction}")
+    if lora.aggregation == "flexlora" and (t.federated_optimizer != "FedAvg" or t.send_delta
+                                           or t.round_mode != "sync"):
+        raise ConfigError(
+            f"peft_args.lora.aggregation 'flexlora' averages the devices' products B @ A: it needs "
+            f"train_args.federated_optimizer FedAvg (got {t.federated_optimizer}), send_delta false (got "
+            f"{t.send_delta}) and round_mode sync (got {t.round_mode}); use 'ffa' or 'fedit' otherwise")

@@ -76,6 +76,7 @@ class DeviceLogic:
         self._train_args, self._comm = cfg.train_args, cfg.comm_args
         self._max_resends = cfg.train_args.resend_rate_per_round
         self._slowdown = cfg.device_args.slowdown_factor
+        self._emulated_memory = cfg.device_args.emulate_memory_mb
         self.finished = False
         self.refusal: str | None = None
         self.exit_code = EXIT_FINISHED
@@ -131,10 +132,20 @@ class DeviceLogic:
         return Join(
             sender=self.device_id, client_idx=st.identity.client_index, backbone_fingerprint=rt.fingerprint,
             manifest_hash=rt.manifest.hash, manifest=rt.manifest.to_json(), num_samples=st.num_samples,
-            profile=rt.profile, data_stats=st.data.stats(), epsilon=st.epsilon(),
+            profile=self._profile(), data_stats=st.data.stats(), epsilon=st.epsilon(),
             client_status=STATUS_BUDGET_EXHAUSTED if st.exhausted else STATUS_ONLINE,
             class_names=tuple(st.data.class_names) or None,
         )
+
+    def _profile(self) -> dict[str, Any]:
+        """The runtime's measured profile; a study's emulated memory (device_args.emulate_memory_mb) replaces the
+        RAM figure, marked as emulated."""
+        emulated = self._emulated_memory
+        if not emulated:
+            return self.runtime.profile
+        idx = self.state.identity.client_index or 0
+        return {**self.runtime.profile, "ram_total_mb": emulated[idx % len(emulated)], "cuda_available": False,
+                "memory_emulated": True}
 
     def _on_presence(self, msg: Presence) -> list[ProtocolMessage]:
         """Join whenever a new server session comes online (first sight, server restart, broker restart)."""
@@ -279,10 +290,16 @@ class DeviceLogic:
         # Shared with the received payload, not copied: activate() copies it into the model, send_delta reads it.
         global_state = decode_tensors(task.blob, rt.manifest, rt.manifest.hash, self._comm.max_update_bytes,
                                       copy=False)
+        layout = rt.layout(task.rank)  # a per-device rank (LoRA flexlora): train from and send its part only
+        if layout is not None:
+            global_state = layout.start(global_state)
         with rt.activate(st, peft=global_state) as slot:
             report, local = self._train_window(task, slot, global_state, t0)
         t_enc = time.perf_counter()
-        blob = encode_update(local, rt.manifest, self._comm.encoding)  # `local` is this round's own copy
+        manifest = layout.manifest if layout is not None else rt.manifest
+        if layout is not None:
+            local = layout.narrow(local)
+        blob = encode_update(local, manifest, self._comm.encoding)  # `local` is this round's own copy
         encode_s = time.perf_counter() - t_enc
         epsilon = float(st.privatizer.end_round(task.round)) if st.privatizer is not None else None
         download_s = transfer_seconds(self.meter.transfers(round=task.round), task.sent_at)
@@ -290,7 +307,7 @@ class DeviceLogic:
         log.info("%s: round %d trained, loss %s", self.device_id, task.round, report.train_loss)
         return Update(
             sender=self.device_id, round=task.round, num_samples=st.num_samples, blob=blob, report=report,
-            manifest_hash=rt.manifest.hash, encoding=self._comm.encoding, is_delta=self._train_args.send_delta,
+            manifest_hash=manifest.hash, encoding=self._comm.encoding, is_delta=self._train_args.send_delta,
             model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
         )
 

@@ -30,6 +30,7 @@ from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
 from fedpeft_edge.peft import build_method
 from fedpeft_edge.peft.base import StateBinding
+from fedpeft_edge.peft.shapes import DeviceLayout
 from fedpeft_edge.protocol import EvalReport
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
 
@@ -112,6 +113,7 @@ class SharedRuntime:
             self._free.put(TrainingSlot(i, replica, LocalTrainer(replica, cfg.train_args, self.device, ()),
                                         self.method.bind(replica)))
         self._active: dict[int, tuple[DeviceState, TrainingSlot]] = {}
+        self._layouts: dict[int, DeviceLayout] = {}
         self._released_at = -math.inf
         self._source: Source | None = None
         self._partition: PoolPartition | None = None
@@ -171,6 +173,14 @@ class SharedRuntime:
             self._partition = partition_source(self.source(), cfg.data_args, cfg.train_args.client_num_in_total,
                                                cfg.common_args.random_seed)
         return self._partition
+
+    def layout(self, rank: int | None) -> DeviceLayout | None:
+        """The method's layout at a task's `rank` (built once per rank); None for a task that names none."""
+        if rank is None:
+            return None
+        if rank not in self._layouts:
+            self._layouts[rank] = self.method.layout_at(self.manifest, rank)
+        return self._layouts[rank]
 
     def shared_bytes(self) -> int:
         """Bytes of the frozen backbone (every parameter and buffer not in the manifest): shared by all devices."""

@@ -99,6 +99,14 @@ class FederationState:
                    client_idx=r.get("client_idx"))
         return {"devices": {dev["device_id"]: dict(dev)}}
 
+    def _on_assignment(self, r: dict[str, Any]) -> dict[str, Any] | None:
+        """What the server's shape plan gave a device (LoRA flexlora: its rank and why)."""
+        dev = self._touch(r)
+        if dev is None:
+            return None
+        dev.update(rank=r.get("rank"), rank_reason=r.get("reason"))
+        return {"devices": {dev["device_id"]: dict(dev)}}
+
     def _on_presence(self, r: dict[str, Any]) -> dict[str, Any] | None:
         dev = self._touch(r)
         if dev is None:
@@ -182,6 +190,7 @@ class FederationState:
 _HANDLERS = {
     "join": FederationState._on_join,
     "presence": FederationState._on_presence,
+    "assignment": FederationState._on_assignment,
     "device_round": FederationState._on_device_round,
     "device_status": FederationState._on_device_status,
     "device_error": FederationState._on_device_error,

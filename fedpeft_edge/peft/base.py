@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from fedpeft_edge.backbone import classifier, named_tensors
 from fedpeft_edge.errors import PeftMethodError
 from fedpeft_edge.wire.codec import all_finite
+
+if TYPE_CHECKING:
+    from fedpeft_edge.peft.shapes import DeviceLayout, ShapePlan
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
@@ -172,6 +175,17 @@ class PeftMethod(abc.ABC):
     def describe(self) -> str:
         """The method's settings in a few words, for tables and logs."""
         return ""
+
+    def shape_plan(self, manifest: Manifest) -> ShapePlan:
+        """The server's per-device shapes and merge (peft/shapes.py); the default: the manifest for every device."""
+        from fedpeft_edge.peft.shapes import ShapePlan
+
+        return ShapePlan()
+
+    def layout_at(self, manifest: Manifest, rank: int) -> DeviceLayout:
+        """A device's layout when its task names `rank`; a method without ranks refuses."""
+        raise PeftMethodError(f"the server named rank {rank} but method {self.name!r} has no rank; run the agent "
+                              "with the server's peft_args")
 
     # --- what each method provides ---
 

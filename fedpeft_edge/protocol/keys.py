@@ -75,6 +75,7 @@ MSG_ARG_KEY_MODE = "round_mode"  # "sync" | "async"
 MSG_ARG_KEY_MODEL_ID = "model_id"  # shared delivery: the model message a task's tensors come in
 MSG_ARG_KEY_CLASS_NAMES = "class_names"  # optional: a device's class list at join, the run's in its JoinAck
 MSG_ARG_KEY_MODEL_BYTES = "model_bytes"  # shared delivery: that model's encoded size (how long to wait for it)
+MSG_ARG_KEY_RANK = "rank"  # a task's per-device rank (LoRA flexlora): train and send the first `rank` components
 BROADCAST = "*"  # the receiver of a shared model message: every device of the run
 
 STATUS_ONLINE = "ONLINE"

@@ -306,6 +306,7 @@ class RoundTask(ProtocolMessage):
     sent_at: float | None = None
     model_id: str | None = None  # shared delivery: the SharedModel message that carries the tensors
     model_bytes: int | None = None  # ... and its encoded size
+    rank: int | None = None  # the rank the device trains and sends at (peft/shapes.py); None: the manifest's
 
     @property
     def awaits_model(self) -> bool:
@@ -327,6 +328,8 @@ class RoundTask(ProtocolMessage):
             params[K.MSG_ARG_KEY_MODEL_PARAMS] = self.blob
         if self.model_version is not None:
             params[K.MSG_ARG_KEY_MODEL_VERSION] = self.model_version
+        if self.rank is not None:
+            params[K.MSG_ARG_KEY_RANK] = self.rank
         return _new(self.msg_type, _server_out(self.receiver), self.receiver, **params)
 
     def with_model(self, model: SharedModel) -> RoundTask:
@@ -369,6 +372,7 @@ class RoundTask(ProtocolMessage):
                                         10**9),
             mode=check_choice(p.get(K.MSG_ARG_KEY_MODE, "sync"), K.MSG_ARG_KEY_MODE, ROUND_MODES),
             sent_at=check_opt_number(p.get(K.MSG_ARG_KEY_SENT_AT), K.MSG_ARG_KEY_SENT_AT, 0.0),
+            rank=check_opt_int(p.get(K.MSG_ARG_KEY_RANK), K.MSG_ARG_KEY_RANK, 1, 2**20),
         )
 
 

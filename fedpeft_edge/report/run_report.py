@@ -45,11 +45,11 @@ DEVICE_ROUND_COLUMNS = ("run", "round", "device_id", "status", "drop_reason", "n
                         "train_loss", "train_acc", "epsilon", "wall_s", "cpu_s", "cpu_util_pct",
                         "rss_mean_mb", "rss_peak_mb", "gpu_mem_peak_allocated_mb", "gpu_mem_peak_reserved_mb",
                         "energy_j", "energy_source", "power_mean_w", "net_bytes_sent", "net_bytes_recv",
-                        "net_loopback_bytes")
+                        "net_loopback_bytes", "rank")
 DEVICE_COLUMNS = ("run", "device_id", "accepted", "reason", "hostname", "device_model", "cpu_model",
                   "ram_total_mb", "accelerator", "l4t_version", "num_train", "num_test", "rounds_accepted",
                   "bytes_up_total", "bytes_down_total", "rss_peak_mb", "gpu_mem_peak_reserved_mb",
-                  "energy_j_total", "energy_rounds", "epsilon_last")
+                  "energy_j_total", "energy_rounds", "epsilon_last", "rank", "rank_reason")
 DIVERGENCE_COLUMNS = ("run", "round", "device_id", "learning_rate", "metric", "value", "threshold", "flag")
 _PROFILE_KEYS = ("hostname", "device_model", "cpu_model", "ram_total_mb", "accelerator", "l4t_version")
 _RESOURCE_KEYS = ("wall_s", "cpu_s", "cpu_util_pct", "rss_mean_mb", "rss_peak_mb",
@@ -69,6 +69,7 @@ class RunData:
     device_rounds: list[dict[str, Any]]
     rounds: list[dict[str, Any]]
     summary: dict[str, Any]
+    assignments: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # LoRA ranks given (flexlora)
 
     @property
     def label(self) -> str:
@@ -104,7 +105,7 @@ def load_run(path: str | Path) -> RunData:
         name=run_dir.resolve().name, path=run_dir, method=cfg.peft_args.method if cfg else None, config=cfg,
         joins=by_kind["join"], device_rounds=sorted(by_kind["device_round"], key=_round_device_key),
         rounds=sorted(by_kind["round"], key=lambda r: _num(r.get("round")) or 0.0),
-        summary=_read_summary(run_dir / "summary.json"),
+        summary=_read_summary(run_dir / "summary.json"), assignments=by_kind["assignment"],
     )
 
 
@@ -214,6 +215,7 @@ def device_rows(run: RunData) -> list[dict[str, Any]]:
     for d in run.device_rounds:
         per_dev[str(d.get("device_id"))].append(d)
     latest = {str(j.get("device_id")): j for j in run.joins}  # a device that re-joined: its last join
+    ranks = {str(a.get("device_id")): a for a in run.assignments}
     rows = []
     for dev, j in latest.items():
         prof, stats = j.get("profile") or {}, j.get("data_stats") or {}
@@ -223,6 +225,8 @@ def device_rows(run: RunData) -> list[dict[str, Any]]:
             "num_train": stats.get("num_train"), "num_test": stats.get("num_test"),
         }
         row.update(_device_totals(per_dev.get(dev, [])))
+        given = ranks.get(dev, {})  # the last rank the server gave it, and why
+        row.update(rank=given.get("rank"), rank_reason=given.get("reason"))
         rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@ import torch
 
 from fedpeft_edge.errors import CodecError
 from fedpeft_edge.peft.base import Manifest
+from fedpeft_edge.peft.shapes import DeviceLayout
 from fedpeft_edge.protocol import Update
 from fedpeft_edge.server.strategy import ClientUpdate
 from fedpeft_edge.wire.codec import decode_tensors
@@ -44,10 +45,16 @@ class UpdateAdmission:
         self.norm_action = norm_action
 
     def admit(self, msg: Update, base: Mapping[str, torch.Tensor], declared_samples: int,
-              as_delta: bool = False) -> Admitted:
-        """The update relative to `base` (the global model it trained from); `as_delta` returns a delta."""
+              as_delta: bool = False, layout: DeviceLayout | None = None) -> Admitted:
+        """The update relative to `base` (the global model it trained from); `as_delta` returns a delta.
+
+        `layout`: the device's own shapes (peft/shapes.py): its update is decoded against the layout's manifest
+        and widened to the run's shapes, and `base` is what the device started from (layout.start(base))."""
+        manifest = layout.manifest if layout is not None else self.manifest
         # Shared with the received payload (copy=False): aggregation only reads an update.
-        tensors = decode_tensors(msg.blob, self.manifest, self.manifest.hash, self.max_update_bytes, copy=False)
+        tensors = decode_tensors(msg.blob, manifest, manifest.hash, self.max_update_bytes, copy=False)
+        if layout is not None:
+            tensors, base = layout.widen(tensors), layout.start(base)
         samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
         if self.max_norm is None and not as_delta:  # nothing to bound (decode_tensors refused NaN/inf already)
             return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,

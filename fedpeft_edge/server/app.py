@@ -27,6 +27,7 @@ from fedpeft_edge.server.manager import ServerManager
 from fedpeft_edge.server.ports import DirCheckpoints, MeterTraffic, SystemClock, ThreadTimers, TimerScheduler
 from fedpeft_edge.server.runlog import RunLog
 from fedpeft_edge.server.strategy import build_strategy
+from fedpeft_edge.server.strategy.merge import with_plan
 from fedpeft_edge.training import evaluate, resolve_device
 from fedpeft_edge.transport.manager import BackendFactory
 
@@ -90,12 +91,13 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     run_dir.mkdir(parents=True, exist_ok=True)
     loader, class_names = _server_data(cfg, parts.input_spec, parts.source)
     evaluator = ModelEvaluator(method, parts.model, loader, device)
+    shapes = method.shape_plan(manifest)  # per-device shapes and merge (LoRA flexlora); else the plain manifest
     engine = RoundEngine(
         RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind, class_names), method.get_state(parts.model),
-        build_strategy(cfg.train_args),
+        with_plan(build_strategy(cfg.train_args), shapes),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
-        evaluator=evaluator, traffic=MeterTraffic(meter),
+        evaluator=evaluator, traffic=MeterTraffic(meter), shapes=shapes,
     )
     return engine
 

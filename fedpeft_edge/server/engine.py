@@ -35,6 +35,7 @@ import torch
 from fedpeft_edge.config import RunConfig, TrainArgs
 from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.peft.base import Manifest
+from fedpeft_edge.peft.shapes import ShapePlan
 from fedpeft_edge.protocol import (
     SERVER_ID,
     ClientStatus,
@@ -108,9 +109,10 @@ class RoundEngine:
     def __init__(
         self, spec: RunSpec, global_state: Mapping[str, torch.Tensor], strategy: Strategy, *, clock: Clock,
         timers: TimerScheduler, runlog: RunLogWriter, checkpoints: CheckpointStore, evaluator: Evaluator,
-        traffic: Traffic,
+        traffic: Traffic, shapes: ShapePlan | None = None,
     ) -> None:
         self.spec = spec
+        self.shapes = shapes or ShapePlan()  # per-device shapes (LoRA ranks); the default: the manifest for all
         self.args = spec.train_args
         self.mode = self.args.round_mode
         self.global_state: dict[str, torch.Tensor] = dict(global_state)
@@ -232,10 +234,17 @@ class RoundEngine:
             log.warning("refused device %s: %s", msg.sender, reason)
             return
         log.info("device %s joined", msg.sender)
+        self._assigned(msg.sender, self.shapes.assign(msg.sender, dev.profile))
         self._resend_if_due(msg.sender, now)
         if self.mode == "async":
             self._fill(now)
         self._maybe_open()
+
+    def _assigned(self, device_id: str, assignment: dict[str, Any] | None, after_round: int | None = None) -> None:
+        """Record what the shape plan gave a device (its LoRA rank and why), if anything: at join, or after a
+        round (`after_round`) from what the device measured in it."""
+        if assignment is not None:
+            self.runlog.write("assignment", device_id=device_id, after_round=after_round, **assignment)
 
     def _resend_if_due(self, device_id: str, now: float) -> None:
         """A device that rejoins mid-round (reconnect, restart) gets its task again, a bounded number of times."""
@@ -399,6 +408,7 @@ class RoundEngine:
             deadline=cur.deadline if self.mode == "sync" else now + self.args.round_timeout_s,
             evaluate=self._device_eval(cur.index), model_version=self.version, mode=self.mode, sent_at=now,
             model_id=self._model_id if shared else None, model_bytes=blob_nbytes(self._blob) if shared else None,
+            rank=self.shapes.rank(device_id),
         )
 
     def _device_eval(self, round_idx: int) -> bool:
@@ -431,7 +441,8 @@ class RoundEngine:
         """Decode, cap and bound an update and add it to the running aggregation; None if it was dropped."""
         dev = self.rounds.devices[msg.sender]
         try:
-            adm = self.admission.admit(msg, base, dev.declared_samples, as_delta=staleness is not None)
+            adm = self.admission.admit(msg, base, dev.declared_samples, as_delta=staleness is not None,
+                                       layout=self.shapes.layout(msg.sender))
         except NormBoundExceeded as exc:
             cur.dropped[DropReason.NORM_BOUND.value] += 1
             log.warning("dropped update from %s: %s", msg.sender, exc)
@@ -487,9 +498,13 @@ class RoundEngine:
 
     def _after_close(self, cur: OpenRound, ok: bool, aggregate_s: float, accepted: list[Accepted]) -> None:
         for acc in accepted:
+            rank = self.shapes.rank(acc.device_id)  # the rank it trained at (before observe() may change it)
+            shape: dict[str, Any] = {"rank": rank} if rank is not None else {}
             self.records.device(cur.index, cur.attempt, cur.opened_at, acc.device_id, "accepted", None, acc=acc,
-                                traffic_round=acc.round)
+                                traffic_round=acc.round, **shape)
             self.divergence.device(cur.index, acc.device_id, acc.report)
+            self._assigned(acc.device_id, self.shapes.observe(acc.device_id, acc.report.train_s,
+                                                              self.args.round_timeout_s), cur.index)
         if self.mode == "sync":
             got = {a.device_id for a in accepted}
             for d in cur.selected:

@@ -124,7 +124,9 @@ class RunView {
       if (d.last_status === "BUDGET_EXHAUSTED") state.append(el("span", "pill dropped", "budget spent"));
       const last = d.last_round == null ? "–" : "#" + d.last_round + " " + (d.last_status || "");
       const drops = Object.entries(d.drops || {}).map(([k, v]) => k + " ×" + v).join(", ") || "–";
-      tr.append(name, state, el("td", "", fmt.ago(d.last_seen, now)), el("td", "muted", d.profile || "–"),
+      const profile = el("td", "muted", (d.profile || "–") + (d.rank == null ? "" : " · LoRA rank " + d.rank));
+      if (d.rank_reason) profile.title = d.rank_reason;
+      tr.append(name, state, el("td", "", fmt.ago(d.last_seen, now)), profile,
         el("td", "", last), el("td", "num", fmt.num(d.cpu_s, d.cpu_s != null && d.cpu_s < 10 ? 2 : 1)), el("td", "num", fmt.num(d.cpu_util_pct, 0)),
         el("td", "num", fmt.num(d.rss_peak_mb, 0)), el("td", "num", d.energy_j == null ? "n/a" : fmt.num(d.energy_j, 1)),
         el("td", "num", d.epsilon == null ? "–" : fmt.num(d.epsilon, 2)),

@@ -7,12 +7,15 @@ import logging
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from fedpeft_edge.backbone import classifier, named_tensors, unwrap
 from fedpeft_edge.config import LoraArgs
 from fedpeft_edge.errors import PeftMethodError
-from fedpeft_edge.peft.base import PeftMethod, head_names
+from fedpeft_edge.peft.base import Manifest, PeftMethod, head_names
+from fedpeft_edge.peft.lora.ffa import freeze_lora_a
+from fedpeft_edge.peft.shapes import DeviceLayout, ShapePlan
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,21 @@ class LoraMethod(PeftMethod):
             raise PeftMethodError(f"peft_args.lora.dropout must be in [0, 1), got {self.args.dropout}")
 
     def describe(self) -> str:
-        return f"r={self.args.r} alpha={self.args.alpha}"
+        agg = f" {self.args.aggregation}" if self.args.aggregation != "fedit" else ""
+        return f"r={self.args.r} alpha={self.args.alpha}{agg}"
+
+    def shape_plan(self, manifest: Manifest) -> ShapePlan:
+        """flexlora: per-device ranks and the product merge (ranks.py); fedit and ffa: the plain mean."""
+        if self.args.aggregation != "flexlora":
+            return ShapePlan()
+        from fedpeft_edge.peft.lora.ranks import LoraRankPlan
+
+        return LoraRankPlan(manifest, self.args)
+
+    def layout_at(self, manifest: Manifest, rank: int) -> DeviceLayout:
+        from fedpeft_edge.peft.lora.ranks import LoraLayout
+
+        return LoraLayout(manifest, rank)
 
     def _insert(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model  # heavy import (transformers): only for LoRA
@@ -51,6 +68,8 @@ class LoraMethod(PeftMethod):
         except (ValueError, TypeError, RuntimeError) as exc:
             raise PeftMethodError(f"peft could not inject LoRA into {targets[:3]}... ({len(targets)} modules): "
                                   f"{exc}; name other modules in peft_args.lora.target_modules") from exc
+        if self.args.aggregation == "ffa":  # the caller seeded torch with the run's seed (runtime, server)
+            freeze_lora_a(model, torch.initial_seed())
         return model
 
     def export_model(self, model: nn.Module) -> nn.Module:
@@ -82,8 +101,9 @@ class LoraMethod(PeftMethod):
         return names
 
     def _select(self, model: nn.Module) -> Iterable[str]:
+        shared = (".lora_B.",) if self.args.aggregation == "ffa" else (".lora_A.", ".lora_B.")
         lora = [k for k, t in named_tensors(model).items()
-                if isinstance(t, nn.Parameter) and (".lora_A." in k or ".lora_B." in k)]
+                if isinstance(t, nn.Parameter) and any(s in k for s in shared)]
         if not lora:
             raise PeftMethodError("the model has no LoRA layers; call LoraMethod.apply(model) first")
         return lora + head_names(model)

@@ -38,6 +38,13 @@ def test_defaults_and_frozen() -> None:
         ({"train_args": {"client_num_per_round": 9, "client_num_in_total": 4}}, "client_num_per_round"),
         ({"model_args": {"weights": "file"}}, "checkpoint_path"),
         ({"dp_args": {"enabled": True}}, "noise_multiplier"),
+        ({"peft_args": {"lora": {"aggregation": "hetlora"}}}, "peft_args.lora.aggregation"),
+        ({"peft_args": {"lora": {"r": 4, "rank_min": 5}}}, "peft_args.lora.rank_min"),
+        ({"peft_args": {"lora": {"rank_memory_mb": [4096, 1024]}}}, "peft_args.lora.rank_memory_mb"),
+        ({"peft_args": {"lora": {"aggregation": "flexlora"}}, "train_args": {"federated_optimizer": "FedMedian"}},
+         "flexlora"),
+        ({"peft_args": {"lora": {"aggregation": "flexlora"}}, "train_args": {"round_mode": "async"}}, "round_mode"),
+        ({"device_args": {"emulate_memory_mb": [0]}}, "device_args.emulate_memory_mb"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, needle: str) -> None:

@@ -79,3 +79,12 @@ def test_deltas_rebuild_the_snapshot() -> None:
     assert client["run"]["finished"] and client["run"]["summary"] == {"rounds": 1}
     assert not any(d["online"] for d in client["devices"].values())  # a finished run has no device online
     assert client["devices"] == s.snapshot()["devices"]
+
+
+def test_an_assignment_shows_the_devices_rank_and_reason() -> None:
+    s = FederationState("r", "/runs/r")
+    s.apply(RECORDS[0])
+    delta = s.apply({"kind": "assignment", "time": T0 + 1, "device_id": "dev0", "after_round": None, "rank": 4,
+                     "reason": "memory: 4096 MB"})
+    assert delta is not None and delta["devices"]["dev0"]["rank"] == 4
+    assert s.snapshot()["devices"]["dev0"]["rank_reason"] == "memory: 4096 MB"

@@ -188,3 +188,16 @@ def test_divergence_records_are_listed_with_the_rate(tmp_path: Path) -> None:
     assert [(r["round"], r["device_id"], r["learning_rate"]) for r in rows] == [("1", "dev-2", "0.03")]
     assert "train_loss 2.92 (chance-level threshold 2.303)" in rows[0]["flag"]
     assert "learning_rate=0.03" in files.html.read_text()
+
+
+def test_devices_csv_names_the_lora_rank_given_and_why(tmp_path: Path) -> None:
+    run = make_run_dir(tmp_path, "lora", 5000, rounds=1)
+    with (run / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        for rec in ({"kind": "assignment", "device_id": "dev-0", "after_round": None, "rank": 4, "reason": "memory"},
+                    {"kind": "assignment", "device_id": "dev-0", "after_round": 1, "rank": 2, "reason": "deadline"}):
+            fh.write(json.dumps(rec) + "\n")
+    out = tmp_path / "report"
+    write_report([run], out)
+    rows = {r["device_id"]: r for r in _csv(out / "devices.csv")}
+    assert (rows["dev-0"]["rank"], rows["dev-0"]["rank_reason"]) == ("2", "deadline")  # the latest assignment
+    assert rows["dev-1"]["rank"] == ""

@@ -47,7 +47,7 @@ SAMPLES = [
          class_names=("cat", "dog")),
     JoinAck(receiver="dev2", accepted=True, class_names=("bird", "cat", "dog")),
     RoundTask(receiver="dev1", round=1, blob=b"xyz", manifest_hash="h" * 64, encoding="fp32", deadline=5.0,
-              attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0),
+              attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0, rank=2),
     Finish(receiver="dev1", reason="completed"),
 ]
 
