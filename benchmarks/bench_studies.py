@@ -213,6 +213,18 @@ def claim_compression(args: argparse.Namespace, scale: dict[str, Any], root: Pat
              f"{fp32 - int8:+.2f} ({int8:.1f} vs {fp32:.1f})", fp32 - int8 <= 0.5)
 
 
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {pair!r}: expected section.key=value, e.g. data_args.max_train_samples=150")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--scale", choices=list(SCALES), default="reduced")
@@ -224,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cnn: the EfficientNet-Lite0 studies; vit: the vit_*.yaml studies (DINOv2 ViT-S/14, "
                         "DP at epsilon 1/5/10)")
     p.add_argument("--methods", default=",".join(METHODS), help="the methods to run (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                   help="override a dotted config key in every run, e.g. data_args.max_train_samples=150")
     p.add_argument("--report-only", action="store_true", help="print the claims from the finished runs only")
     p.add_argument("--only", action="append", metavar="RUN_ID", help="run only these run ids (repeatable)")
     args = p.parse_args(argv)
@@ -235,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "vit":
         SUITE.update(prefix="vit_", privacy=["no_dp", "eps1", "eps5", "eps10"])
     scale = SCALES[args.scale]
+    if args.set:
+        scale = {**scale, "overrides": {**scale["overrides"], **_parse_sets(args.set)}}
     root = Path(args.study_dir or f"runs/bench_studies-{args.scale}")
     print(f"bench_studies: suite {args.suite}, scale {args.scale} ({scale['rounds'] or 'the studies'} rounds, seeds "
           f"{scale['seeds'] or 'the studies'}), executor {args.executor}, directory {root}")
