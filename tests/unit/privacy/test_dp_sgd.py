@@ -95,15 +95,35 @@ def test_noise_std_of_the_update_is_noise_multiplier_times_clip_over_batch(tmp_p
     assert abs(float(update.mean())) < 4 * expected / math.sqrt(update.numel())
 
 
-def test_trainable_batchnorm_is_refused_with_the_fix_named(tmp_path: Path) -> None:
+def test_trainable_batchnorm_in_eval_mode_trains_and_in_train_mode_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     for p in model.parameters():
         p.requires_grad_(False)
     model[1].bias.requires_grad_(True)  # CNN bias tuning trains BatchNorm's bias
     x, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    with pytest.raises(PrivacyError, match="BatchNorm.*lora"):
-        _privatizer(tmp_path, 10, 5).attach(model, opt, _loader(x, y, 5))
+    opt = torch.optim.SGD([model[1].bias], lr=0.1)
+    model, dp_opt, _ = _privatizer(tmp_path, 10, 5, noise=1.0).attach(model, opt, _loader(x, y, 5))
+    model.train()
+    model[1].eval()
+    before = model[1].bias.detach().clone()
+    _step(model, dp_opt, x[:5], y[:5])
+    assert not torch.equal(before, model[1].bias)
+    model[1].train()
+    with pytest.raises(PrivacyError, match="eval mode"):
+        model(x[:5])
+
+
+def test_batchnorm_without_running_statistics_is_refused(tmp_path: Path) -> None:
+    # eval mode without running statistics still normalises with the batch's own: samples would mix
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3))
+    x, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, _, _ = _privatizer(tmp_path, 10, 5).attach(model, opt, _loader(x, y, 5))
+    model.eval()
+    with pytest.raises(PrivacyError, match="running statistics"):
+        model(x[:5])
 
 
 def test_frozen_batchnorm_in_eval_mode_trains_and_train_mode_is_refused(tmp_path: Path) -> None:
