@@ -45,7 +45,9 @@ async def _through_relay(profile: LinkProfile, payload: bytes, log: Path | None 
 def test_latency_is_added_in_each_direction() -> None:
     _, base, _ = asyncio.run(_through_relay(LinkProfile(), b"ping"))
     _, slow, _ = asyncio.run(_through_relay(LinkProfile(latency_ms=100), b"ping"))
-    assert 0.2 <= slow - base < 0.35, (base, slow)  # 100 ms out, 100 ms back
+    # 100 ms out, 100 ms back, one after the other: at least 0.2 s end to end. The relay's own overhead (base)
+    # overlaps those waits, so it is not added to the lower bound (it was: 0.2016 - 0.0050 failed on a busy day).
+    assert slow >= 0.2 and slow - base < 0.35, (base, slow)
 
 
 def test_bytes_arrive_whole_and_in_order_and_are_logged(tmp_path: Path) -> None:
