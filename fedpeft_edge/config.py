@@ -140,6 +140,16 @@ class TrainArgs:
     resend_rate_per_round: int = 3  # round tasks re-sent to one device per round (reconnects)
     async_buffer_size: int = 2  # async: aggregate every this many accepted updates (FedBuff's K)
     max_staleness: int = 4  # async: updates trained on a global model older than this many versions: dropped
+    # Insider robustness (docs/security.md). A device's declared sample count is fixed at its first accepted
+    # join (a re-join may lower it, never raise it) and capped at max_declared_samples; an update weighs at
+    # most sample_weight_clip x the lower median of the admitted devices' declared counts.
+    max_declared_samples: int | None = None  # None: no cap
+    sample_weight_clip: float | None = None  # None: no clip (robust runs: 2.0)
+    # "auto": robust where the run is provisioned (comm_args.require_signatures): FedAvg aggregates as a
+    # trimmed mean, the norm bound is derived from the first rounds when max_update_norm is unset, weights clip.
+    robust: Literal["auto", "on", "off"] = "auto"
+    norm_bound_rounds: int = 2  # robust without max_update_norm: rounds whose update norms fix the bound
+    norm_bound_factor: float = 3.0  # ... the bound is this x the median norm of those rounds' updates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -631,6 +641,8 @@ def _check_run(cfg: RunConfig) -> None:
         _positive(f"train_args.{name}", getattr(t, name))
     _positive("train_args.max_round_retries", t.max_round_retries, allow_zero=True)
     _positive("train_args.max_staleness", t.max_staleness, allow_zero=True)
+    for name in ("max_declared_samples", "sample_weight_clip", "norm_bound_rounds", "norm_bound_factor"):
+        _positive(f"train_args.{name}", getattr(t, name))
     if t.round_mode == "async" and t.async_buffer_size > t.client_num_per_round:
         raise ConfigError(
             f"train_args.async_buffer_size ({t.async_buffer_size}) exceeds client_num_per_round "

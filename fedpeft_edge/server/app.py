@@ -87,9 +87,9 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     else:
         dump_config(cfg, run_dir / "config.yaml")
     evaluator = ModelEvaluator(method, parts.model, _server_test_loader(cfg, parts.input_spec, parts.source), device)
+    spec = RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind)
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(parts.model),
-        build_strategy(cfg.train_args),
+        spec, method.get_state(parts.model), build_strategy(spec.train_args),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
         evaluator=evaluator, traffic=MeterTraffic(meter),
