@@ -145,9 +145,10 @@ class TrainArgs:
     # most sample_weight_clip x the lower median of the admitted devices' declared counts.
     max_declared_samples: int | None = None  # None: no cap
     sample_weight_clip: float | None = None  # None: no clip (robust runs: 2.0)
-    # "auto": robust where the run is provisioned (comm_args.require_signatures): FedAvg aggregates as a
-    # trimmed mean, the norm bound is derived from the first rounds when max_update_norm is unset, weights clip.
-    robust: Literal["auto", "on", "off"] = "auto"
+    # Robust aggregation; null (the default): robust where the run is provisioned (comm_args.require_signatures):
+    # FedAvg aggregates as a trimmed mean, the norm bound is derived from the first rounds when max_update_norm
+    # is unset, weights clip. true / false force it on or off.
+    robust: bool | None = None
     norm_bound_rounds: int = 2  # robust without max_update_norm: rounds whose update norms fix the bound
     norm_bound_factor: float = 3.0  # ... the bound is this x the median norm of those rounds' updates
 

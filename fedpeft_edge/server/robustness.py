@@ -23,8 +23,8 @@ ROBUST_WEIGHT_CLIP = 2.0  # sample_weight_clip of a robust run that sets none
 
 
 def is_robust(train_args: TrainArgs, require_signatures: bool) -> bool:
-    """Whether the run aggregates robustly: `robust: on`, or `auto` in a provisioned run."""
-    return train_args.robust == "on" or (train_args.robust == "auto" and require_signatures)
+    """Whether the run aggregates robustly: `robust: true`, or unset in a provisioned run."""
+    return train_args.robust if train_args.robust is not None else require_signatures
 
 
 def effective_train_args(cfg: RunConfig) -> TrainArgs:

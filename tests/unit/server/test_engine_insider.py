@@ -79,9 +79,9 @@ def test_robust_defaults_apply_where_the_run_is_provisioned(tmp_path: Path) -> N
     assert isinstance(build_strategy(t), FedTrimmedAvg)
     plain = config_from_dict({})
     assert effective_train_args(plain) == plain.train_args
-    off = config_from_dict({**secure, "train_args": {"robust": "off"}})
+    off = config_from_dict({**secure, "train_args": {"robust": False}})
     assert effective_train_args(off).federated_optimizer == "FedAvg"
-    on = config_from_dict({"train_args": {"robust": "on", "federated_optimizer": "FedMedian"}})
+    on = config_from_dict({"train_args": {"robust": True, "federated_optimizer": "FedMedian"}})
     assert effective_train_args(on).federated_optimizer == "FedMedian"
 
 
@@ -100,7 +100,7 @@ def test_an_insider_with_an_inflated_count_cannot_steer_a_robust_round(tmp_path:
     g = state(0)
     results = {}
     for mode in ("off", "on"):
-        h = Harness(tmp_path / mode, robust=mode, sample_weight_clip=2.0 if mode == "on" else None,
+        h = Harness(tmp_path / mode, sample_weight_clip=2.0 if mode == "on" else None,
                     federated_optimizer="FedTrimmedAvg" if mode == "on" else "FedAvg")
         h.join("d1", "d2", samples=10)
         h.join("evil", samples=10**9)
