@@ -213,6 +213,10 @@ class CommArgs:
     # the tensors). The server then sends one copy instead of one per device, and every connected device,
     # selected or not, receives each round's model: for runs that select most devices each round.
     model_delivery: Literal["per_device", "shared"] = "per_device"
+    # Packets one sender may make this node check per second (a token bucket, before any signature is verified
+    # or chunk buffered); burst 0: derived from the run's largest message (wire/limits.py).
+    sender_rate_per_s: float = 20.0
+    sender_burst: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -651,6 +655,7 @@ def _check_run(cfg: RunConfig) -> None:
         )
     if cfg.device_args.slowdown_factor < 1.0:
         raise ConfigError(f"device_args.slowdown_factor must be >= 1, got {cfg.device_args.slowdown_factor!r}")
+    _positive("comm_args.sender_burst", c.sender_burst, allow_zero=True)
     _positive("train_args.grad_clip_norm", t.grad_clip_norm)
     _positive("train_args.weight_decay", t.weight_decay, allow_zero=True)
     if t.client_num_per_round > t.client_num_in_total:
@@ -690,7 +695,8 @@ def _check_run(cfg: RunConfig) -> None:
             f"got {c.chunk_bytes}"
         )
     for name in ("replay_window_s", "inbox_max_messages", "inbox_max_bytes", "max_pending_transfers",
-                 "max_update_bytes", "chunk_timeout_s", "publish_timeout_s", "min_link_rate_bps", "inflight_bytes"):
+                 "max_update_bytes", "chunk_timeout_s", "publish_timeout_s", "min_link_rate_bps", "inflight_bytes",
+                 "sender_rate_per_s"):
         _positive(f"comm_args.{name}", getattr(c, name))
     if c.require_signatures and not c.signing_key_file:
         raise ConfigError(

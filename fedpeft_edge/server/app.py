@@ -27,6 +27,7 @@ from fedpeft_edge.server.runlog import RunLog
 from fedpeft_edge.server.strategy import build_strategy
 from fedpeft_edge.training import evaluate, resolve_device
 from fedpeft_edge.transport.manager import BackendFactory
+from fedpeft_edge.wire.limits import receive_limits
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class ServerApp(ServerManager):
         meter = BandwidthMeter()
         timers = ThreadTimers()
         engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind, model)
-        super().__init__(engine, timers, cfg.comm_args, cfg.common_args.run_id, meter, backend=backend)
+        comm = receive_limits(cfg.comm_args, engine.spec.manifest)  # bounds from the manifest, not gigabytes
+        super().__init__(engine, timers, comm, cfg.common_args.run_id, meter, backend=backend)
 
 
 def load_server_config(config: str | None, resume: str | None) -> tuple[RunConfig, Path]:

@@ -45,6 +45,7 @@ from fedpeft_edge.transport.framing import (
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import (
     ENVELOPE_BYTES,
+    SenderRate,
     Signer,
     Verifier,
     is_sealed,
@@ -53,7 +54,7 @@ from fedpeft_edge.wire.auth import (
     load_public_key,
 )
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, Expired, Reassembler, chunk_count, is_chunk, split_payload
-from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
+from fedpeft_edge.wire.codec import FRAME_HEADER_BYTES, MAX_HEADER_BYTES, decode_message, message_parts
 from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._inbound_lock = threading.Lock()
         self._inbound = [0, 0]  # packets, payload bytes queued
         self._overflow: dict[str, tuple[int, int]] = {}  # topic -> (packets, bytes) dropped by a full inbox
-        self._inbound_max_bytes = max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET))
+        self._inbound_max_bytes = _inbox_bytes(comm_args)
+        self._rate = _sender_rate(comm_args)
         self.drops = DropLog(on_drop)
         self._signer, self._verifier = _build_auth(comm_args, self.is_server)
         self._presence_seen: dict[str, tuple[float, int]] = {}
@@ -568,6 +570,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             log.debug("ignoring a message on foreign topic %s", item.topic)
             return None
         kind, node = parsed
+        self._check_rate(node, item.topic)
         if kind == "presence":
             return self._presence(node, item)
         shared = kind == "model" and not self.is_server
@@ -578,6 +581,12 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if not self.is_server:
             node = str(M.SERVER_ID)  # a device's s2d topic names the device; the peer is the server
         return self._decode(node, item, M.BROADCAST if shared else str(self.node_id))
+
+    def _check_rate(self, node: str, topic: str) -> None:
+        """The sender's packet rate, before anything is verified, buffered or parsed (comm_args.sender_rate_per_s)."""
+        if node != str(self.node_id) and not self._rate.allow(node):
+            raise AuthError(f"{node!r} sends more than comm_args.sender_rate_per_s={self.args.sender_rate_per_s:g} "
+                            f"packets a second (burst {self._rate.burst}) on {topic}", "rate_limited")
 
     def _decode(self, node: str, item: _Inbound, me: str) -> Any:
         payload, sizes, start = self._assemble(node, item)
@@ -715,6 +724,18 @@ def _build_auth(comm_args: CommArgs, is_server: bool) -> tuple[Signer | None, Ve
             + ("peer_keys_dir to provisioning's keys/ directory" if is_server else "server_public_key_file")
         )
     return signer, (Verifier(keys, a.replay_window_s) if keys else None)
+
+
+def _inbox_bytes(comm_args: CommArgs) -> int:
+    """Queued inbound bytes: inbox_max_bytes, raised only as far as one largest legitimate packet needs (the run's
+    largest message, not MQTT's 256 MB maximum)."""
+    largest = comm_args.max_update_bytes + FRAME_HEADER_BYTES + MAX_HEADER_BYTES + ENVELOPE_BYTES
+    return max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET, largest))
+
+
+def _sender_rate(comm_args: CommArgs) -> SenderRate:
+    burst = comm_args.sender_burst or 256  # receive_limits() derives it from the run's manifest
+    return SenderRate(comm_args.sender_rate_per_s, burst)
 
 
 def _set_nodelay(client: mqtt.Client) -> None:

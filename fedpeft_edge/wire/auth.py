@@ -172,3 +172,27 @@ class Verifier:
                 break
             del seen.nonces[old]
             seen.floor = max(seen.floor, old_ts)
+
+
+class SenderRate:
+    """A token bucket per sender, checked before any signature is verified or any chunk buffered: a sender
+    holding broker credentials cannot make this node hash and verify faster than `rate_per_s` packets a
+    second (after a burst of `burst`). Memory is bounded: past `max_senders` the least recent is forgotten."""
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_senders: int = 65_536) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._clock = clock
+        self._max = max_senders
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def allow(self, sender: str) -> bool:
+        """Take one packet's token from `sender`'s bucket; False when it is empty (drop the packet)."""
+        now = self._clock()
+        tokens, at = self._buckets.pop(sender, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
+        ok = tokens >= 1.0
+        self._buckets[sender] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return ok
