@@ -134,6 +134,8 @@ class ServerApp(ServerManager):
         timers = ThreadTimers()
         engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind, model)
         comm = receive_limits(cfg.comm_args, engine.spec.manifest)  # bounds from the manifest, not gigabytes
+        if comm.replay_journal_file is None and (comm.peer_keys_dir or comm.require_signatures):
+            comm = dataclasses.replace(comm, replay_journal_file=str(self.run_dir / "replay.journal"))
         super().__init__(engine, timers, comm, cfg.common_args.run_id, meter, backend=backend)
 
 

@@ -723,7 +723,7 @@ def _build_auth(comm_args: CommArgs, is_server: bool) -> tuple[Signer | None, Ve
             "comm_args.require_signatures is on but no peer public key was loaded; set "
             + ("peer_keys_dir to provisioning's keys/ directory" if is_server else "server_public_key_file")
         )
-    return signer, (Verifier(keys, a.replay_window_s) if keys else None)
+    return signer, (Verifier(keys, a.replay_window_s, journal=a.replay_journal_file) if keys else None)
 
 
 def _inbox_bytes(comm_args: CommArgs) -> int:
