@@ -57,6 +57,79 @@ def crypto_cost(size: int = 1 << 20, runs: int = 30) -> dict[str, float]:
     return {"sign_ms": 1e3 * statistics.median(sign), "verify_ms": 1e3 * statistics.median(verify)}
 
 
+def insider_frame_cost(runs: int = 20) -> dict[str, float]:
+    """Server receive-path CPU (ms, median of `runs`, thread CPU time) per insider frame of each class issue 25
+    closes, as the server's receive thread meets it: signature check, then the frame's bounds. `old_*`: what the
+    same frame cost before the bounds (the 4 MiB header parsed; the 200 MB chunk buffered)."""
+    import json
+    import struct
+    import uuid
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedpeft_edge.errors import FedPeftError
+    from fedpeft_edge.wire.auth import SenderRate, Signer, Verifier
+    from fedpeft_edge.wire.chunk import Reassembler
+    from fedpeft_edge.wire.codec import decode_message
+
+    key = Ed25519PrivateKey.generate()
+    topic = "fedpeft/bench/d2s/d2"
+    signer, verifier = Signer(key), Verifier({"d2": key.public_key()})
+
+    def signed_header(nbytes: int) -> bytes:
+        header = b"[" + b"{}," * (nbytes // 3 - 1) + b"{}]"
+        frame = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
+        return signer.envelope(topic, [frame]) + frame
+
+    size, total, tid, digest = 512 * 1024 - 80, 256_000_000, uuid.uuid4().bytes, os.urandom(32)
+    index = iter(range(10**6))
+
+    def chunk() -> bytes:  # the next chunk of one 256 MB transfer that never completes (the issue's attack)
+        i = next(index)
+        return struct.pack("<4sBBH16sIIQQ32s", b"FPC1", 1, 0, 0, tid, i, -(-total // size), total, i * size,
+                           digest) + bytes(size)
+
+    def cost(make: Any, handle: Any) -> float:
+        times = []
+        for _ in range(runs):
+            payload = make()
+            t0 = time.thread_time()
+            with contextlib.suppress(FedPeftError):
+                handle(payload)
+            times.append(time.thread_time() - t0)
+        return 1e3 * statistics.median(times)
+
+    def receive(payload: bytes) -> None:
+        decode_message(verifier.open("d2", topic, payload))
+
+    derived = Reassembler(600_000, max_pending_bytes=1_200_000)  # a 0.22 MB bias update's bounds
+    old = Reassembler(2_000_000_000, max_pending_bytes=4_000_000_000)  # the former gigabyte defaults
+    for _ in range(60):  # 30 MB of chunks
+        for r in (derived, old):
+            with contextlib.suppress(FedPeftError):
+                r.add(chunk(), "d2")
+    rate = SenderRate(20.0, 64)
+    for _ in range(64):
+        rate.allow("d2")
+    big = b"[" + b"{}," * (4 * 1024 * 1024 // 3 - 1) + b"{}]"
+    return {
+        "header_flood_200k": cost(lambda: signed_header(200 * 1024), receive),
+        "header_4mib": cost(lambda: signed_header(4 * 1024 * 1024), receive),
+        "old_header_4mib_parse": cost(lambda: big, lambda b: json.loads(b)),
+        "chunk_flood_256mb": cost(chunk, lambda c: derived.add(c, "d2")),
+        "chunk_flood_held_mb": derived.pending_bytes / 1e6,
+        "old_chunk_flood_held_mb": old.pending_bytes / 1e6,
+        "rate_limited": 1e3 * min(timeit_ns(lambda: rate.allow("d2")) for _ in range(5)) / 1e9,
+    }
+
+
+def timeit_ns(fn: Any, n: int = 1000) -> float:
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter_ns() - t0) / n
+
+
 def transfer_cost(port: int, prov: Any, runs: int = 10) -> dict[str, float]:
     """Median ms for a 1 MB update from a device to the server through the broker, signed and unsigned."""
     return {"unsigned_ms": _transfer_ms(port, prov, False, runs), "signed_ms": _transfer_ms(port, prov, True, runs)}
@@ -191,6 +264,14 @@ def main() -> None:
 
     c = crypto_cost()
     print(f"Ed25519 + SHA-256, 1 MB frame: sign {c['sign_ms']:.2f} ms, verify {c['verify_ms']:.2f} ms (median of 30)")
+    f = insider_frame_cost()
+    print("server receive CPU per insider frame (signed with the device's own key), ms:")
+    for name, ms in f.items():
+        print(f"  {name:<24} {ms:10.3f}")
+    print(f"  4 MiB JSON-bomb header: {f['header_4mib']:.3f} ms now (refused by its length), "
+          f"{f['old_header_4mib_parse']:.0f} ms parsed before   [target: < 1 ms per frame]")
+    print(f"  30 MB of one 256 MB transfer's chunks: {f['chunk_flood_held_mb']:.1f} MB held now, "
+          f"{f['old_chunk_flood_held_mb']:.1f} MB before   [target: <= 2 x the largest update]")
     prov = provision(Path(tempfile.mkdtemp(prefix="bench-prov-")) / "prov", ["d1", "d2"])
     # The attacker shares d2's credentials while d2 runs: with client ids bound to user names they would knock
     # each other off in turn (what a device's own credentials allow); this one is about packet classes.
