@@ -28,8 +28,9 @@ from fedpeft_edge.wire.codec import encode_message
 KINDS = ("random", "truncated", "wrong_types", "nested", "huge_chunk", "forged", "replayed", "other_topic",
          "false_presence")
 # With the victim's own signing key (an insider, issue 25): frames that verify but whose headers are JSON bombs
-# (200 KiB of empty objects: seconds of parsing each before the container bound), and partial chunk transfers
-# claiming 200 MB (buffered up to ~2 GB per sender before the manifest bounded them).
+# (more empty objects than the container bound; 4 MiB of them cost seconds of parsing each before it), and
+# partial chunk transfers claiming 200 MB (buffered up to ~2 GB per sender before the manifest bounded them).
+# Small packets on purpose: a flood of large ones fills the server's inbox (`inbox_full`), a different class.
 INSIDER_KINDS = ("header_flood", "chunk_flood")
 
 
@@ -121,11 +122,11 @@ class HostileClient:
                 struct.pack_into("<IIQ", chunk, 24, 0, 2, 1_900_000_000)  # count too small for the claim
             return up, bytes(chunk), False
         if kind == "header_flood" and self.insider is not None:
-            header = b"[" + b"{}," * (200 * 1024 // 3) + b"{}]"
+            header = b"[" + b"{}," * 3000 + b"{}]"
             f = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
             return up, self.insider.envelope(up, [f]) + f, False
         if kind == "chunk_flood":  # the first chunk of a 200 MB transfer that never goes on
-            size, total = 512 * 1024 - 80, 200_000_000
+            size, total = 16 * 1024, 200_000_000
             head = struct.pack("<4sBBH16sIIQQ32s", b"FPC1", 1, 0, 0, uuid.uuid4().bytes, 0, -(-total // size), total,
                                0, os.urandom(32))
             return up, head + bytes(size), False
