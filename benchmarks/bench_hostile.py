@@ -258,20 +258,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds-per-phase", type=int, default=4)
     ap.add_argument("--rates", default="0,0,100,300,1000,-1,0", help="attack packets/s per phase; 0 = clean, -1 = max")
+    ap.add_argument("--frames-only", action="store_true", help="only the per-frame costs of the insider classes")
     args = ap.parse_args()
     from fedpeft_edge.transport.broker import start_broker
     from fedpeft_edge.transport.provision import provision
 
-    c = crypto_cost()
-    print(f"Ed25519 + SHA-256, 1 MB frame: sign {c['sign_ms']:.2f} ms, verify {c['verify_ms']:.2f} ms (median of 30)")
+    c = crypto_cost() if not args.frames_only else {}
+    if c:
+        print(f"Ed25519 + SHA-256, 1 MB frame: sign {c['sign_ms']:.2f} ms, verify {c['verify_ms']:.2f} ms "
+              "(median of 30)")
     f = insider_frame_cost()
     print("server receive CPU per insider frame (signed with the device's own key), ms:")
     for name, ms in f.items():
         print(f"  {name:<24} {ms:10.3f}")
-    print(f"  4 MiB JSON-bomb header: {f['header_4mib']:.3f} ms now (refused by its length), "
-          f"{f['old_header_4mib_parse']:.0f} ms parsed before   [target: < 1 ms per frame]")
+    worst = max(f["header_flood_200k"], f["header_4mib"], f["chunk_flood_256mb"], f["rate_limited"])
+    print(f"  4 MiB JSON-bomb header: {f['header_4mib']:.3f} ms now (refused by its length after its signature "
+          f"check), {f['old_header_4mib_parse']:.0f} ms parsed before; worst class {worst:.3f} ms   "
+          f"[target: < 5 ms per frame: {'met' if worst < 5 else 'MISSED'}]")
     print(f"  30 MB of one 256 MB transfer's chunks: {f['chunk_flood_held_mb']:.1f} MB held now, "
-          f"{f['old_chunk_flood_held_mb']:.1f} MB before   [target: <= 2 x the largest update]")
+          f"{f['old_chunk_flood_held_mb']:.1f} MB before   [target: <= 1.2 MB, 2 x a 0.6 MB update: "
+          f"{'met' if f['chunk_flood_held_mb'] <= 1.2 else 'MISSED'}]")
+    if args.frames_only:
+        return
     prov = provision(Path(tempfile.mkdtemp(prefix="bench-prov-")) / "prov", ["d1", "d2"])
     # The attacker shares d2's credentials while d2 runs: with client ids bound to user names they would knock
     # each other off in turn (what a device's own credentials allow); this one is about packet classes.

@@ -1,7 +1,8 @@
 """An insider for integration tests: a provisioned device (its own broker password and signing key) that
 follows the protocol but poisons: it joins honestly, re-joins claiming 1e9 samples, and answers every round
-task with -4 x the global model claiming 1e9 samples (issue 25's attack). It speaks through the library's own
-MQTT transport, so everything it sends is correctly signed on its own channel."""
+task with -4 x the global model shifted by `shift` claiming 1e9 samples (issue 25's attack; the shift keeps it
+strong where the global tensors start near zero, as a random-init backbone's biases do). It speaks through
+the library's own MQTT transport, so everything it sends is correctly signed on its own channel."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ INFLATED = 10**9
 class InsiderDevice:
     """`start()` connects and serves on a thread until the server's Finish (or `stop()`)."""
 
-    def __init__(self, config: Path, device_id: str, honest_samples: int = 50, factor: float = -4.0) -> None:
+    def __init__(self, config: Path, device_id: str, honest_samples: int = 50, factor: float = -4.0,
+                 shift: float = -5.0) -> None:
         cfg = load_config(config)
         model = build_server_model(cfg)  # the run's backbone and method: the same fingerprint and manifest
         self.manifest = model.method.manifest(model.model)
         self.fingerprint = fingerprint_backbone(model.model, self.manifest)
-        self.device_id, self.honest, self.factor = device_id, honest_samples, factor
+        self.device_id, self.honest, self.factor, self.shift = device_id, honest_samples, factor, shift
         self.comm = MqttCommManager(cfg.comm_args, cfg.common_args.run_id, device_id)
         self.comm.add_observer(self)
         self.joins = 0
@@ -71,7 +73,7 @@ class InsiderDevice:
             self._join()
         elif isinstance(typed, RoundTask) and typed.blob:
             g = decode_tensors(typed.blob, self.manifest, self.manifest.hash)
-            evil = {k: self.factor * v.float() for k, v in g.items()}
+            evil = {k: self.factor * v.float() + self.shift for k, v in g.items()}
             self.updates += 1
             self._send(Update(sender=self.device_id, round=typed.round, num_samples=INFLATED,
                               blob=encode_update(evil, self.manifest, "fp32"), manifest_hash=self.manifest.hash,
