@@ -456,19 +456,43 @@ def redacted_config_dict(cfg: RunConfig) -> dict[str, Any]:
     return data
 
 
+KEYSTORE_ENV = "FEDPEFT_KEYSTORE"  # where dump_config puts an inline password (default: default_keystore())
+
+
+def default_keystore() -> Path:
+    """The user's keystore for secrets a run config named inline: $FEDPEFT_KEYSTORE, else
+    $XDG_DATA_HOME/fedpeft-edge/keystore (~/.local/share/...). Never inside a run directory."""
+    import os
+
+    if os.environ.get(KEYSTORE_ENV):
+        return Path(os.environ[KEYSTORE_ENV])
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "fedpeft-edge" / "keystore"
+
+
 def dump_config(cfg: RunConfig, path: str | Path, keep_secrets: bool = False) -> None:
     """Write the resolved configuration as YAML.
 
-    A run directory's config.yaml is read by reports, dashboards and trackers (MLflow logs it as an artefact),
-    so unless `keep_secrets` an inline broker password goes to `<name>.password` beside it (mode 0600) and the
-    YAML names that file in comm_args.password_file: the run stays resumable from its own config.
+    A run directory's config.yaml is read by reports, dashboards and trackers (MLflow logs it as an artefact)
+    and copied with the run, so unless `keep_secrets` an inline broker password goes to a 0600 file in the
+    user's keystore (default_keystore(), a 0700 directory outside the run directory) and the YAML names that
+    file in comm_args.password_file: the run stays resumable from its own config, and a copy of the run
+    directory holds no secret.
     """
+    import hashlib
+    import os
+
     path = Path(path)
     if not keep_secrets and cfg.comm_args.password is not None:
-        secret = path.with_suffix(".password")
-        secret.touch(mode=0o600)
-        secret.chmod(0o600)
-        secret.write_text(cfg.comm_args.password + "\n", encoding="utf-8")
+        store = default_keystore()
+        store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store.chmod(0o700)
+        tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        secret = store / f"{path.parent.name or 'run'}-{path.stem}-{tag}.password"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(cfg.comm_args.password + "\n")
         cfg = replace_in(cfg, **{"comm_args.password": None, "comm_args.password_file": str(secret.resolve())})
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
