@@ -122,7 +122,7 @@ class HostileClient:
                 struct.pack_into("<IIQ", chunk, 24, 0, 2, 1_900_000_000)  # count too small for the claim
             return up, bytes(chunk), False
         if kind == "header_flood" and self.insider is not None:
-            header = b"[" + b"{}," * 3000 + b"{}]"
+            header = b"[" + b"{}," * 10_000 + b"{}]"
             f = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
             return up, self.insider.envelope(up, [f]) + f, False
         if kind == "chunk_flood":  # the first chunk of a 200 MB transfer that never goes on
