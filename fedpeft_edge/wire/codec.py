@@ -30,11 +30,12 @@ MESSAGE_MAGIC = b"FPM1"
 TENSORS_MAGIC = b"FPT1"
 VERSION = 1
 BLOB_KEY_PARAM = "_blob_key"  # reserved header key: which message param held the blob
-# A message's JSON header: reports and profiles are a few KiB; a join carries the manifest (two `[` per tensor:
-# ~900 for LoRA on every linear layer of a 32-layer LLM). Both bounds are checked before the JSON is parsed:
-# 4 MiB of empty objects cost seconds of server CPU to parse (issue 25); 8192 containers cost about a millisecond.
-MAX_HEADER_BYTES = 1024 * 1024
-MAX_HEADER_CONTAINERS = 8192  # `{` and `[` bytes in a header (inside strings too: an over-count, never under)
+# A message's JSON header: reports and profiles are a few KiB; a join carries the manifest (two `[` and ~60 bytes
+# per tensor: ~900 containers for LoRA on every linear layer of a 32-layer LLM). Both bounds are checked before
+# the JSON is parsed: 4 MiB of empty objects cost seconds of server CPU (issue 25); the worst header within
+# them costs a few ms, signature check included (benchmarks/bench_hostile.py --frames-only).
+MAX_HEADER_BYTES = 256 * 1024
+MAX_HEADER_CONTAINERS = 4096  # `{` and `[` bytes in a header (inside strings too: an over-count, never under)
 DEFAULT_MAX_BLOB_BYTES = 2_000_000_000  # CommArgs.max_update_bytes
 
 # decode_tensors(copy=False) shares paho's read-only payload with the tensors it returns, on purpose (they are
