@@ -54,7 +54,7 @@ from fedpeft_edge.wire.auth import (
     load_public_key,
 )
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, Expired, Reassembler, chunk_count, is_chunk, split_payload
-from fedpeft_edge.wire.codec import FRAME_HEADER_BYTES, MAX_HEADER_BYTES, decode_message, message_parts
+from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
 from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
@@ -735,10 +735,9 @@ def _build_auth(comm_args: CommArgs, is_server: bool) -> tuple[Signer | None, Ve
 
 
 def _inbox_bytes(comm_args: CommArgs) -> int:
-    """Queued inbound bytes: inbox_max_bytes, raised only as far as one largest legitimate packet needs (the run's
-    largest message, not MQTT's 256 MB maximum)."""
-    largest = comm_args.max_update_bytes + FRAME_HEADER_BYTES + MAX_HEADER_BYTES + ENVELOPE_BYTES
-    return max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET, largest))
+    """Queued inbound bytes: inbox_max_bytes, at least one largest packet. The inbox is shared by every sender;
+    what bounds one sender's share of it is its packet rate (`_rate_ok`, checked before a packet is queued)."""
+    return max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET))
 
 
 def _sender_rate(comm_args: CommArgs) -> SenderRate:
