@@ -30,7 +30,8 @@ KINDS = ("random", "truncated", "wrong_types", "nested", "huge_chunk", "forged",
 # With the victim's own signing key (an insider, issue 25): frames that verify but whose headers are JSON bombs
 # (more empty objects than the container bound; 4 MiB of them cost seconds of parsing each before it), and
 # partial chunk transfers claiming 200 MB (buffered up to ~2 GB per sender before the manifest bounded them).
-# Small packets on purpose: a flood of large ones fills the server's inbox (`inbox_full`), a different class.
+# Small packets on purpose: at thousands a second, large ones overflow the broker's queue for the server (its
+# max_queued_messages drops them unseen), a different class.
 INSIDER_KINDS = ("header_flood", "chunk_flood")
 
 
@@ -122,11 +123,11 @@ class HostileClient:
                 struct.pack_into("<IIQ", chunk, 24, 0, 2, 1_900_000_000)  # count too small for the claim
             return up, bytes(chunk), False
         if kind == "header_flood" and self.insider is not None:
-            header = b"[" + b"{}," * 10_000 + b"{}]"
+            header = b"[" * 5000 + b"]" * 5000  # over the container bound in 10 KB
             f = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
             return up, self.insider.envelope(up, [f]) + f, False
         if kind == "chunk_flood":  # the first chunk of a 200 MB transfer that never goes on
-            size, total = 16 * 1024, 200_000_000
+            size, total = 1024, 200_000_000
             head = struct.pack("<4sBBH16sIIQQ32s", b"FPC1", 1, 0, 0, uuid.uuid4().bytes, 0, -(-total // size), total,
                                0, os.urandom(32))
             return up, head + bytes(size), False
