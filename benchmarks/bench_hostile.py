@@ -57,6 +57,88 @@ def crypto_cost(size: int = 1 << 20, runs: int = 30) -> dict[str, float]:
     return {"sign_ms": 1e3 * statistics.median(sign), "verify_ms": 1e3 * statistics.median(verify)}
 
 
+def insider_frame_cost(runs: int = 20) -> dict[str, float]:
+    """Server receive-path CPU (ms, median of `runs`, thread CPU time) per insider frame of each class issue 25
+    closes, as the server's receive thread meets it: signature check, then the frame's bounds. `old_*`: what the
+    same frame cost before the bounds (the 4 MiB header parsed; the 200 MB chunk buffered)."""
+    import json
+    import struct
+    import uuid
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedpeft_edge.errors import FedPeftError
+    from fedpeft_edge.wire.auth import SenderRate, Signer, Verifier
+    from fedpeft_edge.wire.chunk import Reassembler
+    from fedpeft_edge.wire.codec import decode_message
+
+    key = Ed25519PrivateKey.generate()
+    topic = "fedpeft/bench/d2s/d2"
+    signer, verifier = Signer(key), Verifier({"d2": key.public_key()})
+
+    def signed_header(nbytes: int) -> bytes:
+        header = b"[" + b"{}," * (nbytes // 3 - 1) + b"{}]"
+        frame = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
+        return signer.envelope(topic, [frame]) + frame
+
+    size, total, tid, digest = 512 * 1024 - 80, 256_000_000, uuid.uuid4().bytes, os.urandom(32)
+    index = iter(range(10**6))
+
+    def worst_legal() -> bytes:  # the most parsing an insider can still ask for: the largest header, 4000 containers
+        from fedpeft_edge.wire.codec import MAX_HEADER_BYTES
+
+        body = b'{"x":[' + b"{}," * 3999 + b'{}],"s":"'
+        header = body + b"a" * (MAX_HEADER_BYTES - len(body) - 2) + b'"}'
+        frame = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
+        return signer.envelope(topic, [frame]) + frame
+
+    def chunk() -> bytes:  # the next chunk of one 256 MB transfer that never completes (the issue's attack)
+        i = next(index)
+        return struct.pack("<4sBBH16sIIQQ32s", b"FPC1", 1, 0, 0, tid, i, -(-total // size), total, i * size,
+                           digest) + bytes(size)
+
+    def cost(make: Any, handle: Any) -> float:
+        times = []
+        for _ in range(runs):
+            payload = make()
+            t0 = time.thread_time()
+            with contextlib.suppress(FedPeftError):
+                handle(payload)
+            times.append(time.thread_time() - t0)
+        return 1e3 * statistics.median(times)
+
+    def receive(payload: bytes) -> None:
+        decode_message(verifier.open("d2", topic, payload))
+
+    derived = Reassembler(600_000, max_pending_bytes=1_200_000)  # a 0.22 MB bias update's bounds
+    old = Reassembler(2_000_000_000, max_pending_bytes=4_000_000_000)  # the former gigabyte defaults
+    for _ in range(60):  # 30 MB of chunks
+        for r in (derived, old):
+            with contextlib.suppress(FedPeftError):
+                r.add(chunk(), "d2")
+    rate = SenderRate(20.0, 64)
+    for _ in range(64):
+        rate.allow("d2")
+    big = b"[" + b"{}," * (4 * 1024 * 1024 // 3 - 1) + b"{}]"
+    return {
+        "header_flood_200k": cost(lambda: signed_header(200 * 1024), receive),
+        "header_4mib": cost(lambda: signed_header(4 * 1024 * 1024), receive),
+        "header_worst_legal": cost(worst_legal, receive),
+        "old_header_4mib_parse": cost(lambda: big, lambda b: json.loads(b)),
+        "chunk_flood_256mb": cost(chunk, lambda c: derived.add(c, "d2")),
+        "chunk_flood_held_mb": derived.pending_bytes / 1e6,
+        "old_chunk_flood_held_mb": old.pending_bytes / 1e6,
+        "rate_limited": 1e3 * min(timeit_ns(lambda: rate.allow("d2")) for _ in range(5)) / 1e9,
+    }
+
+
+def timeit_ns(fn: Any, n: int = 1000) -> float:
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter_ns() - t0) / n
+
+
 def transfer_cost(port: int, prov: Any, runs: int = 10) -> dict[str, float]:
     """Median ms for a 1 MB update from a device to the server through the broker, signed and unsigned."""
     return {"unsigned_ms": _transfer_ms(port, prov, False, runs), "signed_ms": _transfer_ms(port, prov, True, runs)}
@@ -71,7 +153,7 @@ def _transfer_ms(port: int, prov: Any, signed: bool, runs: int) -> float:
     def comm(node: str) -> CommArgs:
         c = yaml.safe_load((prov.node_dir(node) / "comm_args.yaml").read_text())["comm_args"]
         if not signed:
-            c = {k: c[k] for k in ("username", "password")}
+            c = {k: c[k] for k in ("username", "password_file")}
         return CommArgs(broker_port=port, **c)
 
     server = MqttCommManager(comm("0"), "bench-xfer", M.SERVER_ID)
@@ -139,7 +221,7 @@ def hostile_run(prov: Any, port: int, rates: list[float], per_phase: int) -> lis
         return int(cache["n"])
 
     creds = yaml.safe_load((prov.node_dir("d2") / "comm_args.yaml").read_text())["comm_args"]
-    hostile = HostileClient(port, "bench-hostile", "d2", "d1", creds["username"], creds["password"])
+    hostile = HostileClient(port, "bench-hostile", "d2", "d1", creds["username"], prov.password("d2"))
     hostile.connect()
     sent_at: dict[int, list[float]] = {}  # phase -> [start time, packets at start]
     state = {"phase": 0, "n": 0}
@@ -185,14 +267,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds-per-phase", type=int, default=4)
     ap.add_argument("--rates", default="0,0,100,300,1000,-1,0", help="attack packets/s per phase; 0 = clean, -1 = max")
+    ap.add_argument("--frames-only", action="store_true", help="only the per-frame costs of the insider classes")
     args = ap.parse_args()
     from fedpeft_edge.transport.broker import start_broker
     from fedpeft_edge.transport.provision import provision
 
-    c = crypto_cost()
-    print(f"Ed25519 + SHA-256, 1 MB frame: sign {c['sign_ms']:.2f} ms, verify {c['verify_ms']:.2f} ms (median of 30)")
+    c = crypto_cost() if not args.frames_only else {}
+    if c:
+        print(f"Ed25519 + SHA-256, 1 MB frame: sign {c['sign_ms']:.2f} ms, verify {c['verify_ms']:.2f} ms "
+              "(median of 30)")
+    f = insider_frame_cost()
+    print("server receive CPU per insider frame (signed with the device's own key), ms:")
+    for name, ms in f.items():
+        print(f"  {name:<24} {ms:10.3f}")
+    worst = max(f["header_flood_200k"], f["header_4mib"], f["header_worst_legal"], f["chunk_flood_256mb"],
+                f["rate_limited"])
+    print(f"  4 MiB JSON-bomb header: {f['header_4mib']:.3f} ms now (refused by its length after its signature "
+          f"check), {f['old_header_4mib_parse']:.0f} ms parsed before; worst class {worst:.3f} ms   "
+          f"[target: < 5 ms per frame: {'met' if worst < 5 else 'MISSED'}]")
+    print(f"  30 MB of one 256 MB transfer's chunks: {f['chunk_flood_held_mb']:.1f} MB held now, "
+          f"{f['old_chunk_flood_held_mb']:.1f} MB before   [target: <= 1.2 MB, 2 x a 0.6 MB update: "
+          f"{'met' if f['chunk_flood_held_mb'] <= 1.2 else 'MISSED'}]")
+    if args.frames_only:
+        return
     prov = provision(Path(tempfile.mkdtemp(prefix="bench-prov-")) / "prov", ["d1", "d2"])
-    with start_broker(secure_dir=prov.root) as broker:
+    # The attacker shares d2's credentials while d2 runs: with client ids bound to user names they would knock
+    # each other off in turn (what a device's own credentials allow); this one is about packet classes.
+    with start_broker(secure_dir=prov.root, bind_client_ids=False) as broker:
         x = transfer_cost(broker.port, prov)
         print(f"1 MB update device->server over loopback mosquitto: unsigned {x['unsigned_ms']:.1f} ms, signed "
               f"{x['signed_ms']:.1f} ms (+{x['signed_ms'] - x['unsigned_ms']:.1f} ms)")

@@ -158,6 +158,17 @@ class TrainArgs:
     resend_rate_per_round: int = 3  # round tasks re-sent to one device per round (reconnects)
     async_buffer_size: int = 2  # async: aggregate every this many accepted updates (FedBuff's K)
     max_staleness: int = 4  # async: updates trained on a global model older than this many versions: dropped
+    # Insider robustness (docs/security.md). A device's declared sample count is fixed at its first accepted
+    # join (a re-join may lower it, never raise it) and capped at max_declared_samples; an update weighs at
+    # most sample_weight_clip x the lower median of the admitted devices' declared counts.
+    max_declared_samples: int | None = None  # None: no cap
+    sample_weight_clip: float | None = None  # None: no clip (robust runs: 2.0)
+    # Robust aggregation; null (the default): robust where the run is provisioned (comm_args.require_signatures):
+    # FedAvg aggregates as a trimmed mean, the norm bound is derived from the first rounds when max_update_norm
+    # is unset, weights clip. true / false force it on or off.
+    robust: bool | None = None
+    norm_bound_rounds: int = 2  # robust without max_update_norm: rounds whose update norms fix the bound
+    norm_bound_factor: float = 3.0  # ... the bound is this x the median norm of those rounds' updates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +231,13 @@ class CommArgs:
     # the tensors). The server then sends one copy instead of one per device, and every connected device,
     # selected or not, receives each round's model: for runs that select most devices each round.
     model_delivery: Literal["per_device", "shared"] = "per_device"
+    # Packets one sender may make this node check per second (a token bucket, before any signature is verified
+    # or chunk buffered); burst 0: derived from the run's largest message (wire/limits.py).
+    sender_rate_per_s: float = 20.0
+    sender_burst: int = 0
+    # The replay window on disk (wire/auth.py ReplayJournal); the server keeps it in its run directory
+    # (replay.journal) unless set, so a frame accepted before `fedpeft-server --resume` is refused after it.
+    replay_journal_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,19 +502,43 @@ def redacted_config_dict(cfg: RunConfig) -> dict[str, Any]:
     return data
 
 
+KEYSTORE_ENV = "FEDPEFT_KEYSTORE"  # where dump_config puts an inline password (default: default_keystore())
+
+
+def default_keystore() -> Path:
+    """The user's keystore for secrets a run config named inline: $FEDPEFT_KEYSTORE, else
+    $XDG_DATA_HOME/fedpeft-edge/keystore (~/.local/share/...). Never inside a run directory."""
+    import os
+
+    if os.environ.get(KEYSTORE_ENV):
+        return Path(os.environ[KEYSTORE_ENV])
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "fedpeft-edge" / "keystore"
+
+
 def dump_config(cfg: RunConfig, path: str | Path, keep_secrets: bool = False) -> None:
     """Write the resolved configuration as YAML.
 
-    A run directory's config.yaml is read by reports, dashboards and trackers (MLflow logs it as an artefact),
-    so unless `keep_secrets` an inline broker password goes to `<name>.password` beside it (mode 0600) and the
-    YAML names that file in comm_args.password_file: the run stays resumable from its own config.
+    A run directory's config.yaml is read by reports, dashboards and trackers (MLflow logs it as an artefact)
+    and copied with the run, so unless `keep_secrets` an inline broker password goes to a 0600 file in the
+    user's keystore (default_keystore(), a 0700 directory outside the run directory) and the YAML names that
+    file in comm_args.password_file: the run stays resumable from its own config, and a copy of the run
+    directory holds no secret.
     """
+    import hashlib
+    import os
+
     path = Path(path)
     if not keep_secrets and cfg.comm_args.password is not None:
-        secret = path.with_suffix(".password")
-        secret.touch(mode=0o600)
-        secret.chmod(0o600)
-        secret.write_text(cfg.comm_args.password + "\n", encoding="utf-8")
+        store = default_keystore()
+        store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store.chmod(0o700)
+        tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        secret = store / f"{path.parent.name or 'run'}-{path.stem}-{tag}.password"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(cfg.comm_args.password + "\n")
         cfg = replace_in(cfg, **{"comm_args.password": None, "comm_args.password_file": str(secret.resolve())})
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
@@ -677,6 +719,8 @@ def _check_run(cfg: RunConfig) -> None:
         _positive(f"train_args.{name}", getattr(t, name))
     _positive("train_args.max_round_retries", t.max_round_retries, allow_zero=True)
     _positive("train_args.max_staleness", t.max_staleness, allow_zero=True)
+    for name in ("max_declared_samples", "sample_weight_clip", "norm_bound_rounds", "norm_bound_factor"):
+        _positive(f"train_args.{name}", getattr(t, name))
     if t.round_mode == "async" and t.async_buffer_size > t.client_num_per_round:
         raise ConfigError(
             f"train_args.async_buffer_size ({t.async_buffer_size}) exceeds client_num_per_round "
@@ -684,6 +728,7 @@ def _check_run(cfg: RunConfig) -> None:
         )
     if cfg.device_args.slowdown_factor < 1.0:
         raise ConfigError(f"device_args.slowdown_factor must be >= 1, got {cfg.device_args.slowdown_factor!r}")
+    _positive("comm_args.sender_burst", c.sender_burst, allow_zero=True)
     _positive("train_args.grad_clip_norm", t.grad_clip_norm)
     _positive("train_args.weight_decay", t.weight_decay, allow_zero=True)
     if t.client_num_per_round > t.client_num_in_total:
@@ -727,7 +772,8 @@ def _check_run(cfg: RunConfig) -> None:
             f"got {c.chunk_bytes}"
         )
     for name in ("replay_window_s", "inbox_max_messages", "inbox_max_bytes", "max_pending_transfers",
-                 "max_update_bytes", "chunk_timeout_s", "publish_timeout_s", "min_link_rate_bps", "inflight_bytes"):
+                 "max_update_bytes", "chunk_timeout_s", "publish_timeout_s", "min_link_rate_bps", "inflight_bytes",
+                 "sender_rate_per_s"):
         _positive(f"comm_args.{name}", getattr(c, name))
     if c.require_signatures and not c.signing_key_file:
         raise ConfigError(

@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--dashboard", metavar="[HOST:]PORT", help="serve the live dashboard (host default 127.0.0.1; "
                    "any other host requires a token)")
-    p.add_argument("--dashboard-token", metavar="TOKEN", help="token the dashboard requires (default: none on "
-                   "127.0.0.1, a random one printed with the URL otherwise)")
+    p.add_argument("--dashboard-token-file", metavar="FILE", help="a file whose first line is the token the dashboard "
+                   "requires (or set $FEDPEFT_DASHBOARD_TOKEN; default: none on 127.0.0.1, a random one printed "
+                   "with the URL otherwise); never a token on the command line")
     return p
 
 
@@ -102,10 +103,10 @@ def _observe(app: Any, cfg: Any, run_dir: Any, args: argparse.Namespace) -> Any:
     attach_trackers(app.engine.runlog, cfg, run_dir)
     if not args.dashboard:
         return None
-    from fedpeft_edge.dashboard.server import run_info, serve_live
+    from fedpeft_edge.dashboard.server import read_token, run_info, serve_live
 
     dashboard = serve_live(app.engine.runlog, cfg.common_args.run_id, run_info(cfg), args.dashboard,
-                           args.dashboard_token)
+                           read_token(args.dashboard_token_file))
     print(f"fedpeft-server: dashboard at {dashboard.url}", flush=True)
     return dashboard
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the server serves the live dashboard (default: a free port on 127.0.0.1; "
                         "another host gets a token)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
+    parser.add_argument("--keystore", metavar="DIR", default=None,
+                        help="where the run's keys and broker passwords go, outside the run directory (default: a "
+                        "fresh private temporary directory, deleted when the demo ends)")
     parser.add_argument("--insecure", action="store_true",
                         help="skip provisioning: anonymous broker, unsigned messages (default: provision the run)")
 
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     n = cfg.train_args.client_num_in_total
     devices = [f"device-{i}" for i in range(n)]
-    prov = None if args.insecure else _provision(run_dir, devices, run_id, cfg.comm_args.topic_prefix)
+    keystore = Path(args.keystore) if args.keystore else Path(tempfile.mkdtemp(prefix="fedpeft-keystore-"))
+    prov = None if args.insecure else _provision(keystore, devices, run_id, cfg.comm_args.topic_prefix)
     configs = {node: _node_config(args.config, overrides, run_dir, node, prov) for node in ["0", *devices]}
     cfg_path = configs["0"]
     print(f"fedpeft-edge demo: {cfg.model_args.model} ({cfg.model_args.weights}), method {method}, "
@@ -116,11 +122,12 @@ def run(args: argparse.Namespace) -> int:
     logs.mkdir(exist_ok=True)
     try:
         server_cmd = [sys.executable, "-m", "server_app.main", "--config", str(cfg_path)]
+        server_env: dict[str, str] = {}
         if not args.no_dashboard:
-            dash_args, url = _dashboard_args(args.dashboard)
+            dash_args, url, server_env = _dashboard_args(args.dashboard)
             server_cmd += dash_args
             print(f"dashboard: {url}  (while the run lasts; afterwards: fedpeft-edge dashboard {run_dir})")
-        procs.append(_spawn(server_cmd, logs / "server.log"))
+        procs.append(_spawn(server_cmd, logs / "server.log", server_env))
         for i, dev in enumerate(devices):
             procs.append(_spawn([sys.executable, "-m", "device_agents.main", "--config", str(configs[dev]),
                                  "--device-id", dev, "--client-index", str(i)],
@@ -130,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         for p in procs:
             _stop(p)
         broker.stop()
+        if not args.keystore:  # a demo's keys are never reused
+            shutil.rmtree(keystore, ignore_errors=True)
     wall = time.monotonic() - t0
     if rc != 0:
         why = _end_reason(run_dir)
@@ -153,29 +162,34 @@ def _end_reason(run_dir: Path) -> str | None:
         return None
 
 
-def _dashboard_args(bind: str) -> tuple[list[str], str]:
-    """The server's --dashboard flags and the URL to print: a free port when none is given, a token off-host."""
+def _dashboard_args(bind: str) -> tuple[list[str], str, dict[str, str]]:
+    """The server's --dashboard flags, the URL to print and the server's environment: a free port when none is
+    given, a token off-host (in the environment: a command line is visible to every user)."""
     import secrets
 
     from fedpeft_edge.dashboard.server import is_loopback, parse_bind
 
     host, port = parse_bind(bind)
     port = port or _free_port()
+    from fedpeft_edge.dashboard.server import TOKEN_ENV
+
     flags = ["--dashboard", f"{host}:{port}"]
+    env: dict[str, str] = {}
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}/"
     if not is_loopback(host):
         token = secrets.token_urlsafe(18)
-        flags += ["--dashboard-token", token]
+        env[TOKEN_ENV] = token
         url += f"?token={token}"
-    return flags, url
+    return flags, url, env
 
 
-def _provision(run_dir: Path, devices: list[str], run_id: str, prefix: str) -> Any:
-    """Fresh credentials, keys and ACL for this run only (under the run directory)."""
+def _provision(keystore: Path, devices: list[str], run_id: str, prefix: str) -> Any:
+    """Fresh credentials, keys and ACL for this run only, in a keystore outside the run directory (a run
+    directory is copied and shared; its configs name the keystore's files and hold no secret)."""
     from fedpeft_edge.transport.provision import provision
 
-    return provision(run_dir / "security", devices, topic_prefix=prefix, run_id=run_id)
+    return provision(keystore / run_id, devices, topic_prefix=prefix, run_id=run_id)
 
 
 def _node_config(config: str, overrides: dict[str, Any], run_dir: Path, node: str, prov: Any) -> Path:
@@ -186,15 +200,14 @@ def _node_config(config: str, overrides: dict[str, Any], run_dir: Path, node: st
     if prov is not None:
         mine.update(prov.comm_overrides(node))
     path = run_dir / ("demo-config.yaml" if node == "0" else f"demo-config-{node}.yaml")
-    dump_config(load_config(config, mine), path, keep_secrets=True)  # the node's own config
-    if prov is not None:
-        path.chmod(0o600)  # holds the node's broker password
+    dump_config(load_config(config, mine), path)  # names the keystore's files; holds no secret
     return path
 
 
-def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("wb")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _spawn(cmd: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # 0600: a node's log names its broker client and its peers; only this user reads it
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

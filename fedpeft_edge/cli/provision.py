@@ -1,4 +1,5 @@
-"""`fedpeft-edge provision --devices N | --device-ids a,b,c --out DIR [--tls]`: a run's security material."""
+"""`fedpeft-edge provision --devices N | --device-ids a,b,c --out DIR [--tls]`: a run's security material;
+`--revoke DEVICE --out DIR` takes one device out, `--rotate DEVICE --out DIR` renews one device's secrets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--devices", type=int, help="provision device-0 .. device-(N-1)")
     who.add_argument("--device-ids", help="comma-separated device ids")
-    parser.add_argument("--out", required=True, help="directory to create (never reused)")
+    who.add_argument("--revoke", metavar="DEVICE", help="remove DEVICE from the provisioned --out directory")
+    who.add_argument("--rotate", metavar="DEVICE",
+                     help="new password, signing key (and certificate) for DEVICE in the provisioned --out directory")
+    parser.add_argument("--out", required=True,
+                        help="directory to create (never reused): a keystore, keep it outside run directories")
     parser.add_argument("--tls", action="store_true", help="also a CA, a broker certificate and node certificates")
     parser.add_argument("--topic-prefix", default="fedpeft", help="comm_args.topic_prefix (default fedpeft)")
     parser.add_argument("--run-id", default="+", help="restrict the ACL to one run id (default: any run)")
@@ -18,8 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedpeft_edge.errors import ConfigError
-    from fedpeft_edge.transport.provision import provision
+    from fedpeft_edge.transport.provision import provision, revoke, rotate
 
+    if args.revoke or args.rotate:
+        device = args.revoke or args.rotate
+        prov = (revoke if args.revoke else rotate)(args.out, device)
+        if args.revoke:
+            print(f"revoked {device} in {prov.root}: its password, ACL entry, public key and keystore directory are "
+                  "gone" + (" and its certificate is in broker/tls/crl.pem" if prov.tls else ""))
+        else:
+            print(f"rotated {device}'s secrets in {prov.root}: hand it {prov.node_dir(device)}")
+        print("  apply: send SIGHUP to the broker (or restart it) and restart the server with "
+              "`fedpeft-server --resume RUN_DIR`")
+        return 0
     if args.devices is not None:
         if args.devices < 1:
             raise ConfigError(f"--devices must be at least 1, got {args.devices}")

@@ -228,6 +228,40 @@ def check_tls_files(comm_args: CommArgs) -> Check:
     return Check("TLS files", "OK", ", ".join(f"{k}={v}" for k, v in named.items()))
 
 
+def check_secrets(comm_args: CommArgs) -> Check:
+    """FAIL on a key or password file others may read, and, with a broker off loopback, on unsigned messages
+    (require_signatures: false), an inline password or tls_insecure (docs/security.md)."""
+    problems = []
+    for key in ("signing_key_file", "tls_key_file", "password_file"):
+        path = getattr(comm_args, key)
+        if path and Path(path).exists() and Path(path).stat().st_mode & 0o077:
+            problems.append(f"comm_args.{key} {path} is readable by others (chmod 600 it)")
+    if not _is_loopback(comm_args.broker_host):
+        where = f"broker {comm_args.broker_host} is off loopback"
+        if not comm_args.require_signatures:
+            problems.append(f"require_signatures is false and the {where}: anyone with broker access steers the "
+                            "run (provision it: fedpeft-edge provision)")
+        if comm_args.password is not None:
+            problems.append(f"comm_args.password is inline and the {where}: use password_file (0600)")
+        if comm_args.tls_insecure:
+            problems.append(f"tls_insecure is true and the {where}: the broker's certificate is not checked")
+    if problems:
+        return Check("secrets", "FAIL", "; ".join(problems))
+    signed = "signed messages" if comm_args.require_signatures else "unsigned messages (loopback broker)"
+    return Check("secrets", "OK", f"key files private, {signed}")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_broker(probe: Any) -> list[Check]:
     """Two rows from a transport.probe.BrokerProbe: TCP reachability; MQTT connect with credentials/TLS."""
     where = f"{probe.host}:{probe.port}"
@@ -508,6 +542,7 @@ def run_doctor(cfg: RunConfig, device_id: str | None, expected_fingerprint: str 
         error = str(exc)
     rows.append(check_fingerprint(facts, expected_fingerprint, error))
     rows.append(check_tls_files(cfg.comm_args))
+    rows.append(check_secrets(cfg.comm_args))
     node = device_id or cfg.comm_args.username  # a provisioned device's user name is its id
     probe = probe_broker(cfg.comm_args, cfg.common_args.run_id, timeout_s, node=node)
     rows.extend(check_broker(probe))

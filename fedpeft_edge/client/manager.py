@@ -29,6 +29,7 @@ from fedpeft_edge.protocol import (
 )
 from fedpeft_edge.transport.framing import ack_timeout_s
 from fedpeft_edge.transport.manager import BackendFactory, FedPeftCommManager
+from fedpeft_edge.wire.limits import receive_limits
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class DeviceManager(FedPeftCommManager):
                  backend: BackendFactory | None = None) -> None:
         self.logic = logic
         self.pool = pool
+        comm_args = receive_limits(comm_args, logic.runtime.manifest)  # bounds from the manifest, not gigabytes
         self._comm = comm_args
         super().__init__(comm_args, run_id, logic.device_id, (Channel.SERVER_TO_DEVICE, Channel.MODEL),
                          meter=logic.meter, backend=backend)

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -87,8 +87,10 @@ def _end(q: asyncio.Queue[str | None]) -> None:
     q.put_nowait(None)
 
 
-def build_app(hub: Hub, token: str | None = None) -> Starlette:
-    """The ASGI app; with a token, every request must carry it (?token=, or Authorization: Bearer)."""
+def build_app(hub: Hub, token: str | None = None, allowed_hosts: Sequence[str] | None = None) -> Starlette:
+    """The ASGI app; with a token, every request must carry it (?token=, or Authorization: Bearer); with
+    `allowed_hosts`, a request whose Host header names another host is refused (a page under DNS rebinding
+    reaches a loopback dashboard with its own name in Host)."""
 
     def _run(request: Request) -> int:
         try:
@@ -143,6 +145,8 @@ def build_app(hub: Hub, token: str | None = None) -> Starlette:
     )
     if token:
         app.add_middleware(_TokenMiddleware, token=token)
+    if allowed_hosts is not None:
+        app.add_middleware(_HostMiddleware, allowed=allowed_hosts)  # outermost: checked before the token
     return app
 
 
@@ -205,6 +209,30 @@ class _NotFound(Exception):
 
 async def _not_found(_request: Request, exc: Exception) -> Response:
     return PlainTextResponse(str(exc), status_code=404)
+
+
+class _HostMiddleware:
+    """Refuses (421) any request whose Host header (port aside) is not one of `allowed`."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and host_of(Request(scope).headers.get("host", "")) not in self.allowed:
+            response = PlainTextResponse("this dashboard answers only to its own host names (Host header refused)",
+                                         status_code=421)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def host_of(header: str) -> str:
+    """The host of a Host header, without its port ("[::1]:80" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class _TokenMiddleware:

@@ -11,7 +11,9 @@ import contextlib  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import secrets  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -52,6 +54,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+TOKEN_ENV = "FEDPEFT_DASHBOARD_TOKEN"  # a token is never taken from a command line (ps shows it to every user)
+
+
+def read_token(token_file: str | Path | None) -> str | None:
+    """The dashboard token: the first line of `token_file`, else $FEDPEFT_DASHBOARD_TOKEN, else None."""
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DashboardError(f"cannot read the dashboard token file {token_file}: {exc}") from exc
+        token = text.splitlines()[0].strip() if text.strip() else ""
+        if not token:
+            raise DashboardError(f"the dashboard token file {token_file} is empty; write the token on its first line")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def allowed_hosts(host: str) -> list[str] | None:
+    """Host header values the dashboard answers: loopback names, and off loopback this machine's own names and
+    address; None (any) for a wildcard bind, where the token (always required off loopback) is the guard."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    names = ["localhost", "127.0.0.1", "::1", host]
+    if not is_loopback(host):
+        names += [socket.gethostname(), socket.getfqdn()]
+    return names
+
+
 def run_info(cfg: Any) -> dict[str, Any]:
     """What the page's header says about a run, from its RunConfig."""
     return {"comm_round": cfg.train_args.comm_round, "method": cfg.peft_args.method, "model": cfg.model_args.model,
@@ -89,7 +119,8 @@ class DashboardServer:
         if token is None and not is_loopback(host):
             token = secrets.token_urlsafe(18)  # never serve a federation's view off-host without a token
         self.hub, self.host, self.token = hub, host, token
-        config = uvicorn.Config(build_app(hub, token), host=host, port=port, log_level="warning", access_log=False,
+        config = uvicorn.Config(build_app(hub, token, allowed_hosts(host)), host=host, port=port, log_level="warning",
+                                access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=2, ws="none",
                                 date_header=False)
         self._server = _QuietServer(config)

@@ -37,12 +37,13 @@ class UpdateAdmission:
     """Checks and normalises updates for one run (its manifest, encoding limits and robustness settings)."""
 
     def __init__(self, manifest: Manifest, max_update_bytes: int, send_delta: bool, max_norm: float | None,
-                 norm_action: str) -> None:
+                 norm_action: str, measure: bool = False) -> None:
         self.manifest = manifest
         self.max_update_bytes = max_update_bytes
         self.send_delta = send_delta  # from train_args, never from the message
         self.max_norm = max_norm
         self.norm_action = norm_action
+        self.measure = measure  # compute every update's norm (a bound applies or is being derived)
 
     def admit(self, msg: Update, base: Mapping[str, torch.Tensor], declared_samples: int,
               as_delta: bool = False, layout: DeviceLayout | None = None) -> Admitted:
@@ -56,7 +57,8 @@ class UpdateAdmission:
         if layout is not None:
             tensors, base = layout.widen(tensors), layout.start(base)
         samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
-        if self.max_norm is None and not as_delta:  # nothing to bound (decode_tensors refused NaN/inf already)
+        # nothing to bound or measure (decode_tensors refused NaN/inf already)
+        if self.max_norm is None and not as_delta and not self.measure:
             return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,
                             None)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))

@@ -30,6 +30,7 @@ from fedpeft_edge.server.strategy import build_strategy
 from fedpeft_edge.server.strategy.merge import with_plan
 from fedpeft_edge.training import evaluate, resolve_device
 from fedpeft_edge.transport.manager import BackendFactory
+from fedpeft_edge.wire.limits import receive_limits
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,9 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     loader, class_names = _server_data(cfg, parts.input_spec, parts.source)
     evaluator = ModelEvaluator(method, parts.model, loader, device)
     shapes = method.shape_plan(manifest)  # per-device shapes and merge (LoRA flexlora); else the plain manifest
+    spec = RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind, class_names)
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind, class_names), method.get_state(parts.model),
-        with_plan(build_strategy(cfg.train_args), shapes),
+        spec, method.get_state(parts.model), with_plan(build_strategy(spec.train_args), shapes),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
         evaluator=evaluator, traffic=MeterTraffic(meter), shapes=shapes,
@@ -166,7 +167,10 @@ class ServerApp(ServerManager):
         meter = BandwidthMeter()
         timers = ThreadTimers()
         engine = build_engine(cfg, self.run_dir, resume, meter, timers, bytes_kind, model)
-        super().__init__(engine, timers, cfg.comm_args, cfg.common_args.run_id, meter, backend=backend)
+        comm = receive_limits(cfg.comm_args, engine.spec.manifest)  # bounds from the manifest, not gigabytes
+        if comm.replay_journal_file is None and (comm.peer_keys_dir or comm.require_signatures):
+            comm = dataclasses.replace(comm, replay_journal_file=str(self.run_dir / "replay.journal"))
+        super().__init__(engine, timers, comm, cfg.common_args.run_id, meter, backend=backend)
         start_run_dir(engine, cfg, self.run_dir, resume)
 
 

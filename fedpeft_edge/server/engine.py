@@ -57,6 +57,7 @@ from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
+from fedpeft_edge.server.robustness import NormBound, effective_train_args, is_robust, weight_cap
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
 from fedpeft_edge.server.strategy import Aggregation, Strategy
 from fedpeft_edge.wire.codec import TensorParts, blob_nbytes, encode_update
@@ -83,15 +84,17 @@ class RunSpec:
     bytes_kind: str = "wire"  # what the traffic figures count: "wire" (MQTT) or "encoded" (in-process simulation)
     model_delivery: str = "per_device"  # comm_args.model_delivery: "shared" sends each round's model once
     class_names: tuple[str, ...] | None = None  # the run's label order, sent at join (None: unknown, unchecked)
+    robust: bool = False  # server/robustness.py: derive a norm bound from the first rounds if none is set
 
     @classmethod
     def from_config(cls, cfg: RunConfig, manifest: Manifest, fingerprint: str, bytes_kind: str = "wire",
                     class_names: tuple[str, ...] | None = None) -> RunSpec:
-        return cls(cfg.train_args, cfg.common_args.random_seed, cfg.common_args.run_id, manifest, fingerprint,
-                   cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
+        return cls(effective_train_args(cfg), cfg.common_args.random_seed, cfg.common_args.run_id, manifest,
+                   fingerprint, cfg.comm_args.encoding, cfg.comm_args.max_update_bytes, cfg.model_args.num_classes,
                    cfg.tracking_args.checkpoint_every,
                    f"{cfg.model_args.model}, weights {cfg.model_args.weights}", bytes_kind,
-                   cfg.comm_args.model_delivery, class_names)
+                   cfg.comm_args.model_delivery, class_names=class_names,
+                   robust=is_robust(cfg.train_args, cfg.comm_args.require_signatures))
 
 
 @dataclasses.dataclass
@@ -122,8 +125,12 @@ class RoundEngine:
         self.rounds = RoundController(self.args, spec.seed)
         self.records = RoundRecords(runlog, traffic, self.mode, spec.bytes_kind)
         self.divergence = DivergenceWatch(runlog, spec.num_classes, self.args.learning_rate)
+        self.norm_bound = NormBound(self.args.max_update_norm, spec.robust, self.args.norm_bound_rounds,
+                                    self.args.norm_bound_factor)
         self.admission = UpdateAdmission(spec.manifest, spec.max_update_bytes, self.args.send_delta,
-                                         self.args.max_update_norm, self.args.update_norm_action)
+                                         self.args.max_update_norm, self.args.update_norm_action,
+                                         measure=self.norm_bound.measuring)
+        self._weight_cap: int | None = None  # sample_weight_clip's cap, fixed when a round opens
         self.drops = DropRecorder(runlog, clock=clock.now)  # the run's one record of drops (with the transport's)
         self.finished = False
         self.end_reason: str | None = None
@@ -160,6 +167,10 @@ class RoundEngine:
         self.rounds.next_round = ck.round + 1
         self.runlog.truncate_after(ck.round)
         self.records.cum_bytes = int(ck.extra.get("cum_bytes", 0))
+        self.norm_bound.restore(ck.extra.get("norm_bound"))
+        self.admission.max_norm = self.norm_bound.bound
+        for device_id, declared in dict(ck.extra.get("declared_samples") or {}).items():
+            self.rounds.device(str(device_id)).declared_samples = int(declared)
         self.runlog.write("resume", round=ck.round, next_round=ck.round + 1)
         log.info("resuming after round %d", ck.round)
         return ck.round
@@ -222,7 +233,7 @@ class RoundEngine:
         dev = self.rounds.admit(msg.sender, reason is None, msg.exhausted)
         dev.joins.append(now)
         dev.profile, dev.data_stats = msg.profile or {}, msg.data_stats or {}
-        dev.declared_samples = msg.num_samples
+        dev.declared_samples = self._declared(dev.declared_samples, msg.num_samples, reason is None)
         dev.joined_at = now
         self.rounds.set_online(msg.sender, True)
         self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
@@ -245,6 +256,15 @@ class RoundEngine:
         round (`after_round`) from what the device measured in it."""
         if assignment is not None:
             self.runlog.write("assignment", device_id=device_id, after_round=after_round, **assignment)
+
+    def _declared(self, before: int, claimed: int, accepted: bool) -> int:
+        """A device's sample count is fixed at its first accepted join for the run: a re-join may lower it,
+        never raise it; max_declared_samples caps it."""
+        cap = self.args.max_declared_samples
+        claimed = min(claimed, cap) if cap is not None else claimed
+        if before > 0:
+            return min(before, claimed) if claimed > 0 else before
+        return claimed if accepted else 0
 
     def _resend_if_due(self, device_id: str, now: float) -> None:
         """A device that rejoins mid-round (reconnect, restart) gets its task again, a bounded number of times."""
@@ -368,6 +388,8 @@ class RoundEngine:
             return
         now = self.clock.now()
         cur = self.rounds.open_round(now)
+        self._weight_cap = weight_cap((d.declared_samples for d in self.rounds.devices.values() if d.accepted),
+                                      self.args.sample_weight_clip)
         if self._agg is None:  # an async round retried after a failed attempt keeps its buffer
             self._agg = self.strategy.begin(self.global_state)
             self._accepted = []
@@ -456,18 +478,24 @@ class RoundEngine:
             return None
         weight = 1.0 / math.sqrt(1.0 + staleness) if staleness is not None else 1.0
         update = dataclasses.replace(adm.update, scale=weight) if weight != 1.0 else adm.update
+        samples = adm.num_samples
+        if self._weight_cap is not None and samples > self._weight_cap:
+            samples = self._weight_cap
+            update = dataclasses.replace(update, num_samples=samples)
         if self._agg is None:  # an open round always has an aggregation
             return None
         self._agg.add(update)
         rnd = task_round if task_round is not None else cur.index
-        acc = Accepted(msg.sender, rnd, msg.report, adm.num_samples, dev.declared_samples, now,
+        acc = Accepted(msg.sender, rnd, msg.report, samples, dev.declared_samples, now,
                        self.traffic.upload_seconds(rnd, msg.sender, msg.msg_id, msg.sent_at), adm.norm,
                        adm.norm_action, staleness, weight)
         self._accepted.append(acc)
         return acc
 
     def _maybe_close_early(self) -> None:
-        if self.rounds.all_in():
+        # Only a round that has its quorum closes before its deadline: fewer than min_updates close a round
+        # only through its own timer, never through what a device sent (an error report, a status).
+        if self.rounds.all_in() and self.rounds.quorum():
             self._close_round()
 
     # --- closing rounds -------------------------------------------------------------------------------------
@@ -525,6 +553,7 @@ class RoundEngine:
         keep = self.args.max_staleness + 1 if self.mode == "async" else 0
         self.traffic.forget(up_to_round=cur.index - keep)
         if ok:
+            self.admission.max_norm = self.norm_bound.observe(a.update_norm for a in accepted)
             self._checkpoint(cur.index)
         else:
             log.warning("round %d attempt %d closed with %d of %d required updates; retrying it", cur.index,
@@ -584,8 +613,10 @@ class RoundEngine:
     def _checkpoint(self, round_idx: int) -> None:
         if round_idx % self.spec.checkpoint_every and round_idx != self.args.comm_round:
             return
+        declared = {d: s.declared_samples for d, s in self.rounds.devices.items() if s.declared_samples > 0}
         self.checkpoints.save(round_idx, self.global_state, self.strategy.state_dict(),
-                              {"cum_bytes": self.records.cum_bytes, "seed": self.spec.seed})
+                              {"cum_bytes": self.records.cum_bytes, "seed": self.spec.seed,
+                               "norm_bound": self.norm_bound.state(), "declared_samples": declared})
 
     def _finish(self, reason: str = "completed") -> None:
         if self.finished:

@@ -84,12 +84,15 @@ def start_broker(
     kind: BrokerKind = "auto",
     timeout_s: float = 10.0,
     secure_dir: str | Path | None = None,
+    bind_client_ids: bool = True,
 ) -> BrokerHandle:
     """Start a broker on host:port (port None = a free one); mosquitto if installed, else embedded amqtt.
 
     `message_size_limit` (mosquitto only) caps a PUBLISH payload, like a cloud broker does, to prove chunking.
     `secure_dir` (mosquitto only): a `fedpeft-edge provision` directory; anonymous access off, its password
-    file and ACL on, and a TLS listener when it was provisioned with TLS.
+    file and ACL on, and a TLS listener when it was provisioned with TLS; a client id is its user name
+    (`bind_client_ids`; tests that share one device's credentials between two clients turn it off), connections
+    are bounded and PUBLISH payloads limited to SECURE_MESSAGE_SIZE_LIMIT unless `message_size_limit` says.
     """
     if kind == "rabbitmq":
         if secure_dir is not None:
@@ -103,48 +106,62 @@ def start_broker(
     if secure_dir is not None and (exe is None or kind == "amqtt"):
         raise BrokerError("a secure broker (password file, ACL, TLS) needs mosquitto: apt-get install mosquitto")
     if exe is not None and kind != "amqtt":
-        return _start_mosquitto(exe, host, port, message_size_limit, timeout_s, secure_dir)
+        return _start_mosquitto(exe, host, port, message_size_limit, timeout_s, secure_dir, bind_client_ids)
     if message_size_limit is not None:
         log.warning("amqtt has no message size limit; message_size_limit=%s is ignored", message_size_limit)
     return _start_amqtt(host, port, timeout_s)
 
 
 def _mosquitto_config(
-    host: str, port: int, message_size_limit: int | None, secure_dir: str | Path | None = None
+    host: str, port: int, message_size_limit: int | None, secure_dir: str | Path | None = None,
+    bind_client_ids: bool = True,
 ) -> str:
-    lines = [f"listener {port} {host}", "max_connections -1", "persistence false", "log_dest stderr",
+    lines = [f"listener {port} {host}", "persistence false", "log_dest stderr",
              "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 10000"]
     if secure_dir is None:
-        lines.append("allow_anonymous true")
+        lines += ["max_connections -1", "allow_anonymous true"]
     else:
-        lines += _secure_lines(Path(secure_dir))
+        lines += _secure_lines(Path(secure_dir), bind_client_ids)
+        if message_size_limit is None:
+            message_size_limit = SECURE_MESSAGE_SIZE_LIMIT
     if message_size_limit is not None:
         lines.append(f"message_size_limit {message_size_limit}")
     return "\n".join(lines) + "\n"
 
 
-def _secure_lines(secure_dir: Path) -> list[str]:
+def _secure_lines(secure_dir: Path, bind_client_ids: bool = True) -> list[str]:
     from fedpeft_edge.transport.provision import load_provisioned
 
     prov = load_provisioned(secure_dir)
     broker = prov.root / "broker"
     # Started as root, mosquitto drops to user `mosquitto`, which cannot read the 0600 secrets provisioning
     # wrote as us: it stays the user that owns them (a no-op for a non-root user).
+    # A client id is its user name (a device cannot knock another off by reusing its id); connections are
+    # bounded (a device and a reconnect each, the server, a margin), not unlimited.
     lines = [f"user {getpass.getuser()}", "allow_anonymous false", f"password_file {broker / 'passwd'}",
-             f"acl_file {broker / 'acl'}"]
+             f"acl_file {broker / 'acl'}", f"use_username_as_clientid {str(bind_client_ids).lower()}",
+             f"max_connections {2 * (len(prov.devices) + 1) + 16}"]
     if prov.tls:
         tls = broker / "tls"
         lines += [f"cafile {tls / 'ca.crt'}", f"certfile {tls / 'broker.crt'}", f"keyfile {tls / 'broker.key'}",
-                  "require_certificate true", "tls_version tlsv1.2"]
+                  "require_certificate true", "tls_version tlsv1.2", "use_identity_as_username true"]
+        if (tls / "crl.pem").exists():
+            lines.append(f"crlfile {tls / 'crl.pem'}")
     return lines
 
 
+#: A provisioned broker's PUBLISH payload limit without --message-size-limit: a chunk of comm_args.chunk_bytes'
+#: default (1 MiB) with its signature envelope and headers; larger messages travel as chunks.
+SECURE_MESSAGE_SIZE_LIMIT = 1024 * 1024 + 4096
+
+
 def _start_mosquitto(
-    exe: str, host: str, port: int, limit: int | None, timeout_s: float, secure_dir: str | Path | None = None
+    exe: str, host: str, port: int, limit: int | None, timeout_s: float, secure_dir: str | Path | None = None,
+    bind_client_ids: bool = True,
 ) -> BrokerHandle:
     workdir = Path(tempfile.mkdtemp(prefix="fedpeft-mosquitto-"))
     conf = workdir / "mosquitto.conf"
-    conf.write_text(_mosquitto_config(host, port, limit, secure_dir))
+    conf.write_text(_mosquitto_config(host, port, limit, secure_dir, bind_client_ids))
     logfile = (workdir / "mosquitto.log").open("wb")
     proc = subprocess.Popen(with_nofile([exe, "-c", str(conf)]), stdout=logfile, stderr=subprocess.STDOUT)
     logfile.close()

@@ -47,6 +47,7 @@ from fedpeft_edge.transport.reasons import explain_connect_refusal, explain_topi
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import (
     ENVELOPE_BYTES,
+    SenderRate,
     Signer,
     Verifier,
     is_sealed,
@@ -147,8 +148,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._inbox: queue.Queue[Any] = queue.Queue()  # local items never wait; inbound ones take a slot
         self._inbound_lock = threading.Lock()
         self._inbound = [0, 0]  # packets, payload bytes queued
-        self._overflow: dict[str, tuple[int, int]] = {}  # topic -> (packets, bytes) dropped by a full inbox
-        self._inbound_max_bytes = max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET))
+        # (topic, reason) -> (packets, bytes) dropped on paho's thread: a full inbox, a sender over its rate
+        self._overflow: dict[tuple[str, str], tuple[int, int]] = {}
+        self._inbound_max_bytes = _inbox_bytes(comm_args)
+        self._rate = _sender_rate(comm_args)
         self.drops = DropLog(on_drop)
         self._signer, self._verifier = _build_auth(comm_args, self.is_server)
         self._presence_seen: dict[str, tuple[float, int]] = {}
@@ -557,14 +560,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         # (from the receive thread) wait for, so waiting here would stall both. Bounded in packets and bytes.
         n = len(msg.payload)
         with self._inbound_lock:
+            limited = not self._rate_ok(msg.topic)  # before the inbox: a flood takes neither its room nor CPU
             full = self._inbound[0] >= self.args.inbox_max_messages or self._inbound[1] + n > self._inbound_max_bytes
-            if not full:
+            if not full and not limited:
                 self._inbound[0] += 1
                 self._inbound[1] += n
-            if full:  # reported from the receive thread (sinks are not thread-safe)
-                count, nbytes = self._overflow.get(msg.topic, (0, 0))
+            else:  # reported from the receive thread (sinks are not thread-safe)
+                key = (msg.topic, "rate_limited" if limited else "inbox_full")
+                count, nbytes = self._overflow.get(key, (0, 0))
                 if count or len(self._overflow) < 256:
-                    self._overflow[msg.topic] = (count + 1, nbytes + n)
+                    self._overflow[key] = (count + 1, nbytes + n)
                 return
         self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), size, time.time()))
 
@@ -574,10 +579,14 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     def _report_overflow(self) -> None:
         with self._inbound_lock:
             overflow, self._overflow = self._overflow, {}
-        for topic, (count, nbytes) in overflow.items():
-            self._drop(_topic_node(topic), topic, "inbox_full",
-                       f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
-                       f"{self.args.inbox_max_messages} / inbox_max_bytes {self._inbound_max_bytes})", nbytes, count)
+        for (topic, reason), (count, nbytes) in overflow.items():
+            if reason == "rate_limited":
+                detail = (f"{count} packets over comm_args.sender_rate_per_s={self.args.sender_rate_per_s:g} (burst "
+                          f"{self._rate.burst}), dropped before any check")
+            else:
+                detail = (f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
+                          f"{self.args.inbox_max_messages} / inbox_max_bytes {self._inbound_max_bytes})")
+            self._drop(_topic_node(topic), topic, reason, detail, nbytes, count)
 
     def _receive(self, item: _Inbound) -> Any:
         """Decode one inbound packet; every failure is recorded as a drop with its reason, never raised."""
@@ -610,6 +619,14 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if not self.is_server:
             node = str(M.SERVER_ID)  # a device's s2d topic names the device; the peer is the server
         return self._decode(node, item, M.BROADCAST if shared else str(self.node_id), Channel(kind))
+
+    def _rate_ok(self, topic: str) -> bool:
+        """The sender's packet rate (comm_args.sender_rate_per_s), on paho's thread, before the packet is queued,
+        verified, buffered or parsed; our own packets (presence echoes) are not counted."""
+        node = _topic_node(topic)
+        if node == str(self.node_id) and not self.is_server and "/s2d/" in topic:
+            node = str(M.SERVER_ID)  # a device's down-link names the device; the sender is the server
+        return node == str(self.node_id) or self._rate.allow(node)
 
     def _decode(self, node: str, item: _Inbound, me: str, channel: Channel) -> Any:
         payload, sizes, start = self._assemble(node, item)
@@ -747,7 +764,18 @@ def _build_auth(comm_args: CommArgs, is_server: bool) -> tuple[Signer | None, Ve
             "comm_args.require_signatures is on but no peer public key was loaded; set "
             + ("peer_keys_dir to provisioning's keys/ directory" if is_server else "server_public_key_file")
         )
-    return signer, (Verifier(keys, a.replay_window_s) if keys else None)
+    return signer, (Verifier(keys, a.replay_window_s, journal=a.replay_journal_file) if keys else None)
+
+
+def _inbox_bytes(comm_args: CommArgs) -> int:
+    """Queued inbound bytes: inbox_max_bytes, at least one largest packet. The inbox is shared by every sender;
+    what bounds one sender's share of it is its packet rate (`_rate_ok`, checked before a packet is queued)."""
+    return max(comm_args.inbox_max_bytes, min(comm_args.max_message_bytes, MQTT_MAX_PACKET))
+
+
+def _sender_rate(comm_args: CommArgs) -> SenderRate:
+    burst = comm_args.sender_burst or 256  # receive_limits() derives it from the run's manifest
+    return SenderRate(comm_args.sender_rate_per_s, burst)
 
 
 def _set_nodelay(client: mqtt.Client) -> None:

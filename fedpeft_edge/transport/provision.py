@@ -7,7 +7,12 @@ Layout of the output directory (the server's node directory is `server/`):
     broker/passwd, broker/acl mosquitto's password file (PBKDF2-SHA512, `$7$`) and ACL
     broker/tls/               ca.crt, broker.crt, broker.key (with --tls)
     peers/<device>.pub        every device's public key: the server's comm_args.peer_keys_dir
-    server/, <device>/        signing.key, server.pub, tls/ (ca.crt, node.crt, node.key), comm_args.yaml
+    server/, <device>/        signing.key, broker.password, server.pub, tls/ (ca.crt, node.crt, node.key),
+                              comm_args.yaml (names the files; no secret is ever written inline into it)
+
+The directory is a keystore: every directory 0700, every secret 0600. Keep it outside any run directory (a
+run directory is copied, shared and read by reports and dashboards). `revoke` and `rotate` change one
+device without touching the rest of the fleet.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from fedpeft_edge.transport.topics import Topics
 
 SERVER_USER = "fedpeft-server"
 SERVER_DIR = "server"
+PASSWORD_FILE = "broker.password"
 _PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for `$7$` (PBKDF2-SHA512)
 
 
@@ -57,6 +64,10 @@ class Provisioned:
         """Dotted `comm_args.*` overrides for load_config: this node's credentials, keys and TLS files."""
         snippet = yaml.safe_load((self.node_dir(node) / "comm_args.yaml").read_text())
         return {f"comm_args.{k}": v for k, v in snippet["comm_args"].items()}
+
+    def password(self, node: str | int) -> str:
+        """This node's broker password (from its 0600 broker.password file)."""
+        return (self.node_dir(node) / PASSWORD_FILE).read_text(encoding="utf-8").splitlines()[0]
 
 
 def hash_password(password: str, salt: bytes | None = None, iterations: int = _PBKDF2_ITERATIONS) -> str:
@@ -93,9 +104,10 @@ def provision(
     _check_ids(devices)
     if (root / "provision.json").exists():
         raise ConfigError(f"{root} is already provisioned; use a new --out directory (keys are never reused)")
-    topic_root = Topics(topic_prefix, "any" if run_id == "+" else run_id).root.rsplit("/", 1)[0] + "/" + run_id
+    topic_root = _topic_root(topic_prefix, run_id)
+    _private_dir(root)
     for sub in ("broker", "peers", SERVER_DIR, *devices):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        _private_dir(root / sub)
     passwords = {name: secrets.token_urlsafe(24) for name in (SERVER_USER, *devices)}
     _write(root / "broker/passwd", "".join(f"{u}:{hash_password(p)}\n" for u, p in passwords.items()), secret=True)
     _write(root / "broker/acl", acl_text(topic_root, devices))
@@ -111,6 +123,59 @@ def provision(
     meta = {"devices": list(devices), "topic_prefix": topic_prefix, "run_id": run_id, "tls": tls}
     _write(root / "provision.json", json.dumps(meta, indent=1))
     return Provisioned(root, devices, topic_prefix, run_id, tls)
+
+
+def _topic_root(topic_prefix: str, run_id: str) -> str:
+    return Topics(topic_prefix, "any" if run_id == "+" else run_id).root.rsplit("/", 1)[0] + "/" + run_id
+
+
+def revoke(directory: str | Path, device: str) -> Provisioned:
+    """Take one device out of a provisioned fleet: its broker password and ACL entry, its public key (the
+    server's peer_keys_dir) and its keystore directory go; with TLS its certificate joins the CRL. The broker
+    applies it on SIGHUP (or restart), the server on restart (`fedpeft-server --resume`)."""
+    prov = load_provisioned(directory)
+    if device not in prov.devices:
+        raise ConfigError(f"device {device!r} is not provisioned in {prov.root} (devices: {', '.join(prov.devices)})")
+    remaining = tuple(d for d in prov.devices if d != device)
+    root = prov.root
+    _set_password_line(root, device, None)
+    _write(root / "broker/acl", acl_text(_topic_root(prov.topic_prefix, prov.run_id), remaining))
+    (root / "peers" / f"{device}.pub").unlink(missing_ok=True)
+    if prov.tls:
+        _revoke_cert(root, root / device / "tls/node.crt")
+    shutil.rmtree(root / device, ignore_errors=True)
+    meta = json.loads((root / "provision.json").read_text())
+    meta["devices"] = list(remaining)
+    meta["revoked"] = [*meta.get("revoked", []), device]
+    _write(root / "provision.json", json.dumps(meta, indent=1))
+    return load_provisioned(root)
+
+
+def rotate(directory: str | Path, device: str) -> Provisioned:
+    """New broker password and signing key (and, with TLS, certificate) for one device; the rest of the fleet
+    keeps its own. Hand the device its new directory; the old key stops working once the server restarts
+    (`--resume`) and the broker reloads (SIGHUP)."""
+    prov = load_provisioned(directory)
+    if device not in prov.devices:
+        raise ConfigError(f"device {device!r} is not provisioned in {prov.root} (devices: {', '.join(prov.devices)})")
+    root, node_dir = prov.root, prov.root / device
+    password = secrets.token_urlsafe(24)
+    _set_password_line(root, device, password)
+    (root / "peers" / f"{device}.pub").write_bytes(_write_keys(node_dir))
+    if prov.tls:
+        _revoke_cert(root, node_dir / "tls/node.crt")
+        ca, ca_key = _load_ca(root)
+        _write_leaf(node_dir / "tls", "node", ca, ca_key, common_name=device)
+    _write_snippet(root, device, device, password, prov.tls)
+    return prov
+
+
+def _set_password_line(root: Path, user: str, password: str | None) -> None:
+    """Replace (None: remove) one user's line of broker/passwd."""
+    lines = [ln for ln in (root / "broker/passwd").read_text().splitlines() if ln and not ln.startswith(f"{user}:")]
+    if password is not None:
+        lines.append(f"{user}:{hash_password(password)}")
+    _write(root / "broker/passwd", "".join(ln + "\n" for ln in lines), secret=True)
 
 
 def load_provisioned(directory: str | Path) -> Provisioned:
@@ -136,9 +201,16 @@ def _check_ids(devices: Sequence[str]) -> None:
             raise ConfigError(f"device id {d!r} may hold only letters, digits, '-' and '_'")
 
 
+def _private_dir(path: Path) -> None:
+    """A keystore directory: created 0700 (and made so if it existed)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
 def _write(path: Path, text: str | bytes, secret: bool = False) -> None:
     data = text.encode() if isinstance(text, str) else text
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    os.fchmod(fd, 0o600 if secret else 0o644)  # an existing file (a rotation) keeps no wider mode
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 
@@ -155,7 +227,8 @@ def _write_keys(node_dir: Path) -> bytes:
 
 def _write_snippet(root: Path, node: str, user: str, password: str, tls: bool) -> None:
     node_dir = root / (SERVER_DIR if node == str(M.SERVER_ID) else node)
-    comm: dict[str, Any] = {"username": user, "password": password,
+    _write(node_dir / PASSWORD_FILE, password + "\n", secret=True)
+    comm: dict[str, Any] = {"username": user, "password_file": str(node_dir / PASSWORD_FILE),
                             "signing_key_file": str(node_dir / "signing.key"), "require_signatures": True}
     if node == str(M.SERVER_ID):
         comm["peer_keys_dir"] = str(root / "peers")
@@ -164,7 +237,7 @@ def _write_snippet(root: Path, node: str, user: str, password: str, tls: bool) -
     if tls:
         comm.update(tls_ca_file=str(node_dir / "tls/ca.crt"), tls_cert_file=str(node_dir / "tls/node.crt"),
                     tls_key_file=str(node_dir / "tls/node.key"))
-    _write(node_dir / "comm_args.yaml", yaml.safe_dump({"comm_args": comm}, sort_keys=False), secret=True)
+    _write(node_dir / "comm_args.yaml", yaml.safe_dump({"comm_args": comm}, sort_keys=False))
 
 
 # --- TLS -------------------------------------------------------------------------------------------------
@@ -177,11 +250,45 @@ def _write_tls(root: Path, devices: Sequence[str], broker_host: str) -> None:
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     (root / "broker/tls").mkdir(exist_ok=True)
     _write(root / "broker/tls/ca.crt", ca_pem)
+    _write(root / "broker/tls/ca.key", ca_key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()), secret=True)
+    _write_crl(root, ca, ca_key, [])
     _write_leaf(root / "broker/tls", "broker", ca, ca_key, server_host=broker_host)
     for node_dir, cn in ((root / SERVER_DIR, SERVER_USER), *((root / d, d) for d in devices)):
         (node_dir / "tls").mkdir(exist_ok=True)
         _write(node_dir / "tls/ca.crt", ca_pem)
         _write_leaf(node_dir / "tls", "node", ca, ca_key, common_name=cn)
+
+
+def _load_ca(root: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    tls = root / "broker/tls"
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((tls / "ca.key").read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{tls / 'ca.key'} is not the provisioning CA's EC key")
+    return ca, key
+
+
+def _write_crl(root: Path, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, serials: Sequence[int]) -> None:
+    """broker/tls/crl.pem: the revoked node certificates (mosquitto's crlfile)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(now)
+               .next_update(now + datetime.timedelta(days=825)))
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    _write(root / "broker/tls/crl.pem", builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def _revoke_cert(root: Path, cert_path: Path) -> None:
+    if not cert_path.exists():
+        return
+    ca, ca_key = _load_ca(root)
+    crl_path = root / "broker/tls/crl.pem"
+    old = [r.serial_number for r in x509.load_pem_x509_crl(crl_path.read_bytes())] if crl_path.exists() else []
+    serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    _write_crl(root, ca, ca_key, [*old, serial])
 
 
 def _write_leaf(

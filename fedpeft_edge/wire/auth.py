@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import math
 import os
 import struct
@@ -118,12 +119,14 @@ class Verifier:
         window_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         max_nonces: int = _MAX_NONCES,
+        journal: str | Path | None = None,
     ) -> None:
         self._keys = dict(keys)
         self.window_s = window_s
         self._clock = clock
         self._max_nonces = max_nonces
         self._seen: dict[str, _Seen] = {}
+        self._journal = ReplayJournal(Path(journal), self) if journal is not None else None
 
     def knows(self, sender: str) -> bool:
         return sender in self._keys
@@ -164,6 +167,14 @@ class Verifier:
         seen = self._seen.setdefault(sender, _Seen())
         if nonce in seen.nonces or ts <= seen.floor:
             raise AuthError(f"message from {sender!r} was already received (replay)", "replayed")
+        self.remember(sender, ts, nonce, now)
+        if self._journal is not None:
+            self._journal.append(sender, ts, nonce)
+
+    def remember(self, sender: str, ts: float, nonce: bytes, now: float | None = None) -> None:
+        """Count (sender, ts, nonce) as received: accepted once, never again within the window."""
+        now = self._clock() if now is None else now
+        seen = self._seen.setdefault(sender, _Seen())
         seen.nonces[nonce] = ts
         horizon = now - self.window_s
         while seen.nonces:
@@ -172,3 +183,78 @@ class Verifier:
                 break
             del seen.nonces[old]
             seen.floor = max(seen.floor, old_ts)
+
+
+class SenderRate:
+    """A token bucket per sender, checked before any signature is verified or any chunk buffered: a sender
+    holding broker credentials cannot make this node hash and verify faster than `rate_per_s` packets a
+    second (after a burst of `burst`). Memory is bounded: past `max_senders` the least recent is forgotten."""
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_senders: int = 65_536) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._clock = clock
+        self._max = max_senders
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def allow(self, sender: str) -> bool:
+        """Take one packet's token from `sender`'s bucket; False when it is empty (drop the packet)."""
+        now = self._clock()
+        tokens, at = self._buckets.pop(sender, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
+        ok = tokens >= 1.0
+        self._buckets[sender] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class ReplayJournal:
+    """The replay window on disk: every accepted (sender, timestamp, nonce) is appended before the message is
+    acted on, so a restarted node (`fedpeft-server --resume`) refuses a frame it accepted before the restart.
+    On open, the entries still inside the window are loaded and the file is rewritten with only them."""
+
+    _COMPACT_EVERY = 100_000  # appended entries between rewrites
+
+    def __init__(self, path: Path, verifier: Verifier) -> None:
+        self.path, self._verifier = path, verifier
+        self._appended = 0
+        for sender, ts, nonce in self._read():
+            verifier.remember(sender, ts, nonce)
+        self._rewrite()
+
+    def _read(self) -> list[tuple[str, float, bytes]]:
+        horizon = self._verifier._clock() - self._verifier.window_s
+        out = []
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise ConfigError(f"cannot read the replay journal {self.path}: {exc}") from exc
+        for line in lines:
+            try:
+                sender, ts, nonce = json.loads(line)
+                if ts >= horizon:
+                    out.append((str(sender), float(ts), bytes.fromhex(nonce)))
+            except (ValueError, TypeError):
+                continue  # a line cut by a crash
+        return out
+
+    def _rewrite(self) -> None:
+        entries = [(s, ts, n) for s, seen in self._verifier._seen.items() for n, ts in seen.nonces.items()]
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps([s, ts, n.hex()]) + "\n" for s, ts, n in entries)
+        os.replace(tmp, self.path)
+        self._fh = self.path.open("a", encoding="utf-8")
+        self._appended = 0
+
+    def append(self, sender: str, ts: float, nonce: bytes) -> None:
+        self._fh.write(json.dumps([sender, ts, nonce.hex()]) + "\n")
+        self._fh.flush()  # a crash of this process loses nothing written (the OS has it)
+        self._appended += 1
+        if self._appended >= self._COMPACT_EVERY:
+            self._fh.close()
+            self._rewrite()

@@ -262,10 +262,10 @@ class Reassembler:
                 f"chunk {header.index} of transfer {header.transfer_id.hex()} from {source!r} disagrees with "
                 "the transfer's earlier chunks (count, length, chunk size or digest); dropping the chunk"
             )
+        if header.index in transfer.seen:
+            return None  # QoS 1 redelivery: it never extends the transfer's life (only new data does)
         self._pending.move_to_end(key)
         transfer.last_seen = self._clock()
-        if header.index in transfer.seen:
-            return None  # QoS 1 redelivery
         self._store(source, transfer, header, data)
         transfer.packets.append(packet_bytes)
         if len(transfer.seen) < header.count:

@@ -30,7 +30,12 @@ MESSAGE_MAGIC = b"FPM1"
 TENSORS_MAGIC = b"FPT1"
 VERSION = 1
 BLOB_KEY_PARAM = "_blob_key"  # reserved header key: which message param held the blob
-MAX_HEADER_BYTES = 4 * 1024 * 1024
+# A message's JSON header: reports and profiles are a few KiB; a join carries the manifest (two `[` and ~60 bytes
+# per tensor: ~900 containers for LoRA on every linear layer of a 32-layer LLM). Both bounds are checked before
+# the JSON is parsed: 4 MiB of empty objects cost seconds of server CPU (issue 25); the worst header within
+# them costs a few ms, signature check included (benchmarks/bench_hostile.py --frames-only).
+MAX_HEADER_BYTES = 256 * 1024
+MAX_HEADER_CONTAINERS = 4096  # `{` and `[` bytes in a header (inside strings too: an over-count, never under)
 DEFAULT_MAX_BLOB_BYTES = 2_000_000_000  # CommArgs.max_update_bytes
 
 # decode_tensors(copy=False) shares paho's read-only payload with the tensors it returns, on purpose (they are
@@ -172,8 +177,13 @@ def _finite_float(text: str) -> float:
 
 
 def _parse_header(raw: memoryview) -> dict[str, Any]:
+    data = bytes(raw)
+    containers = data.count(b"{") + data.count(b"[")  # C-speed scan: bounds the parser's work before it runs
+    if containers > MAX_HEADER_CONTAINERS:
+        raise CodecError(f"message header holds {containers} JSON containers, over {MAX_HEADER_CONTAINERS}; "
+                         "refusing it before parsing")
     try:
-        params = json.loads(bytes(raw).decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        params = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CodecError(f"message header is not UTF-8 JSON: {exc}") from exc
     except RecursionError as exc:  # the C scanner recurses per nesting level
@@ -253,6 +263,13 @@ def _rows(shape: tuple[int, ...], encoding: str) -> int:
     if encoding == "int8_row" and len(shape) >= 2:
         return max(1, int(shape[0]))  # an empty tensor still carries one scale
     return 1
+
+
+def encoded_nbytes(manifest: ManifestLike, encoding: str | None = None) -> int:
+    """The exact size of an update of `manifest` in `encoding` (None: the largest over every encoding): the
+    manifest fixes it, so a receiver bounds what it accepts by it rather than by a configured maximum."""
+    encodings = ENCODINGS if encoding is None else (encoding,)
+    return max(_TENSORS.size + _layout(manifest, e)[1] for e in encodings)
 
 
 def _layout(

@@ -1,6 +1,7 @@
 """A hostile MQTT client for integration tests and benchmarks/bench_hostile.py: it connects anonymously or
-with one device's broker credentials (never its signing key) and publishes, as fast as QoS 1 allows, every
-kind of bad packet at the run's topics. It counts what the broker refused and what it accepted."""
+with one device's broker credentials (and, as an insider, that device's signing key) and publishes, as fast as
+QoS 1 allows, every kind of bad packet at the run's topics. It counts what the broker refused and what it
+accepted."""
 
 from __future__ import annotations
 
@@ -26,17 +27,25 @@ from fedpeft_edge.wire.codec import encode_message
 
 KINDS = ("random", "truncated", "wrong_types", "nested", "huge_chunk", "forged", "replayed", "other_topic",
          "false_presence")
+# With the victim's own signing key (an insider, issue 25): frames that verify but whose headers are JSON bombs
+# (more empty objects than the container bound; 4 MiB of them cost seconds of parsing each before it), and
+# partial chunk transfers claiming 200 MB (buffered up to ~2 GB per sender before the manifest bounded them).
+# Small packets on purpose: at thousands a second, large ones overflow the broker's queue for the server (its
+# max_queued_messages drops them unseen), a different class.
+INSIDER_KINDS = ("header_flood", "chunk_flood")
 
 
 class HostileClient:
     """`connect()` says whether the broker let it in; `attack(n, seconds)` publishes and tallies."""
 
     def __init__(self, port: int, run_id: str, victim: str, other: str, username: str | None = None,
-                 password: str | None = None, seed: int = 0) -> None:
+                 password: str | None = None, seed: int = 0, insider_key: Ed25519PrivateKey | None = None) -> None:
         self.port, self.run_id, self.victim, self.other = port, run_id, victim, other
         self.root = f"fedpeft/{run_id}"
         self.rng = random.Random(seed)
         self.key = Ed25519PrivateKey.generate()  # not a provisioned key: its signatures are forgeries
+        self.insider = Signer(insider_key) if insider_key is not None else None
+        self.kinds = KINDS + (INSIDER_KINDS if insider_key is not None else ())
         self.captured: list[bytes] = []  # the server's signed messages to the victim (it may read those)
         self.sent: Counter[str] = Counter()  # broker accepted (PUBACK success), by target topic kind
         self.refused: Counter[str] = Counter()  # broker refused (PUBACK >= 0x80, or no connection)
@@ -113,6 +122,15 @@ class HostileClient:
             if r.random() < 0.5:
                 struct.pack_into("<IIQ", chunk, 24, 0, 2, 1_900_000_000)  # count too small for the claim
             return up, bytes(chunk), False
+        if kind == "header_flood" and self.insider is not None:
+            header = b"[" * 5000 + b"]" * 5000  # over the container bound in 10 KB
+            f = struct.pack("<4sBBHIQ", b"FPM1", 1, 0, 0, len(header), 0) + header
+            return up, self.insider.envelope(up, [f]) + f, False
+        if kind == "chunk_flood":  # the first chunk of a 200 MB transfer that never goes on
+            size, total = 1024, 200_000_000
+            head = struct.pack("<4sBBH16sIIQQ32s", b"FPC1", 1, 0, 0, uuid.uuid4().bytes, 0, -(-total // size), total,
+                               0, os.urandom(32))
+            return up, head + bytes(size), False
         if kind == "forged":
             f = self._frame(base, os.urandom(32))
             return up, Signer(self.key).envelope(up, [f]) + f, False
@@ -154,7 +172,7 @@ class HostileClient:
                 if want > 0 and pace_n >= want * (time.monotonic() - pace_t):
                     time.sleep(min(0.01, 1 / want))
                     continue
-            kind = KINDS[n % len(KINDS)]
+            kind = self.kinds[n % len(self.kinds)]
             topic, payload, retain = self.packet(kind)
             inflight.append((self.client.publish(topic, payload, qos=1, retain=retain), topic))
             n += 1

@@ -1,6 +1,7 @@
 """A run under attack: a provisioned mosquitto (ACL on, signatures required), a real server and two real
-agents; a hostile client, once anonymous and once holding device d2's broker credentials (not its signing
-key), floods the run's topics with every kind of bad packet while rounds go on. The run completes every
+agents; a hostile client, once anonymous and once holding device d2's broker credentials and signing key
+(an insider: JSON-bomb headers that verify, partial chunk transfers claiming 200 MB), floods the run's
+topics with every kind of bad packet while rounds go on. The run completes every
 round, its global tensors equal a clean run's bit for bit, the server's RSS stays bounded, and every attack
 packet is either refused by the broker or recorded as a `dropped_message` in metrics.jsonl."""
 
@@ -22,6 +23,7 @@ from hostile_client import HostileClient
 from fedpeft_edge.server.checkpoint import load_checkpoint
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
 from fedpeft_edge.transport.provision import Provisioned, provision
+from fedpeft_edge.wire.auth import load_private_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400),
               pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")]
@@ -39,7 +41,9 @@ def _configs(tmp: Path, prov: Provisioned, port: int, run_id: str) -> dict[str, 
         out[node] = write_config(
             tmp / f"{run_id}-{node}.yaml", port, run_id,
             train_args={"comm_round": ROUNDS, "min_updates": 2, "round_timeout_s": 120},
-            comm_args={"broker_port": port, "keepalive_s": 10, **comm},
+            # d2's credentials are shared with the attacker: a rate limit per sender would starve d2 itself (what
+            # its own credentials allow); this test is about packet classes (tests/unit/transport/test_sender_rate.py)
+            comm_args={"broker_port": port, "keepalive_s": 10, "sender_rate_per_s": 1e9, **comm},
         )
     return out
 
@@ -90,7 +94,8 @@ def _connect_attackers(port: int, run_id: str, prov: Provisioned) -> tuple[bool,
     anon = HostileClient(port, run_id, "d2", "d1")
     anon_in = anon.connect()
     creds = yaml.safe_load((prov.node_dir("d2") / "comm_args.yaml").read_text())["comm_args"]
-    hostile = HostileClient(port, run_id, "d2", "d1", creds["username"], creds["password"], seed=1)
+    hostile = HostileClient(port, run_id, "d2", "d1", creds["username"], prov.password("d2"), seed=1,
+                            insider_key=load_private_key(prov.node_dir("d2") / "signing.key"))
     assert hostile.connect(), "d2's valid credentials were refused"
     return anon_in, hostile
 
@@ -108,7 +113,9 @@ def _attack(anon_in: bool, hostile: HostileClient, procs: Procs, stop: Any) -> d
 
 def test_hostile_clients_neither_stop_nor_change_a_run(tmp_path: Path) -> None:
     prov = provision(tmp_path / "prov", DEVICES)
-    with start_broker(secure_dir=prov.root) as broker:
+    # The attacker shares d2's credentials while d2 runs: with client ids bound to user names they would knock
+    # each other off in turn (what a device's own credentials allow); this one is about packet classes.
+    with start_broker(secure_dir=prov.root, bind_client_ids=False) as broker:
         clean = _run(tmp_path, prov, broker.port, "clean", attack=False)
         hostile = _run(tmp_path, prov, broker.port, "hostile", attack=True)
     for res in (clean, hostile):

@@ -33,8 +33,9 @@ def _creds(prov_root: Path, node: str) -> dict[str, Any]:
     return dict(yaml.safe_load((prov_root / d / "comm_args.yaml").read_text())["comm_args"])
 
 
-def _client(port: int, user: str | None = None, password: str | None = None) -> tuple[mqtt.Client, Any]:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+def _client(port: int, user: str | None = None, password: str | None = None,
+            client_id: str = "") -> tuple[mqtt.Client, Any]:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if user is not None:
         c.username_pw_set(user, password)
     result: dict[str, Any] = {}
@@ -62,8 +63,8 @@ def test_anonymous_refused_and_acl_keeps_devices_apart(tmp_path: Path) -> None:
         assert reason.is_failure
         wrong.loop_stop()
         a, b = _creds(prov.root, "dev-a"), _creds(prov.root, "dev-b")
-        ca, ra = _client(broker.port, a["username"], a["password"])
-        cb, rb = _client(broker.port, b["username"], b["password"])
+        ca, ra = _client(broker.port, a["username"], prov.password("dev-a"))
+        cb, rb = _client(broker.port, b["username"], prov.password("dev-b"))
         assert not ra.is_failure and not rb.is_failure
         got: list[str] = []
         cb.on_message = lambda _c, _u, m: got.append(m.topic)
@@ -169,7 +170,7 @@ def test_the_shared_model_reaches_every_device_signed_and_only_the_server_writes
                 assert isinstance(m, SharedModel) and m.model_id == "m1" and bytes(m.blob) == blob
             # A device may read the model topic, never write it: the broker's ACL drops a device's publish.
             a = _creds(prov.root, "dev-a")
-            forger, _ = _client(broker.port, a["username"], a["password"])
+            forger, _ = _client(broker.port, a["username"], prov.password("dev-a"))
             forger.publish(Topics("fedpeft", "run4").model(), b"forged model", qos=1).wait_for_publish(5)
             time.sleep(1.0)
             for d, mgr in devs.items():
@@ -180,3 +181,24 @@ def test_the_shared_model_reaches_every_device_signed_and_only_the_server_writes
         finally:
             for mgr in (*devs.values(), server):
                 mgr.close()
+
+
+def test_a_device_cannot_take_over_another_devices_client_id(tmp_path: Path) -> None:
+    """use_username_as_clientid: dev-b connecting with dev-a's client id gets its own; dev-a stays connected."""
+    prov = provision(tmp_path / "prov", ["dev-a", "dev-b"], run_id="run5")
+    with start_broker(secure_dir=prov.root) as broker:
+        lost: list[Any] = []
+        a = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fedpeft-run5-dev-a-123456", protocol=mqtt.MQTTv5)
+        a.username_pw_set("dev-a", prov.password("dev-a"))
+        a.on_disconnect = lambda *args: lost.append(args)
+        a.connect(broker.host, broker.port)
+        a.loop_start()
+        try:
+            time.sleep(0.5)
+            b, reason = _client(broker.port, "dev-b", prov.password("dev-b"), client_id="fedpeft-run5-dev-a-123456")
+            assert not reason.is_failure
+            time.sleep(1.0)
+            assert not lost, "dev-a was knocked off the broker by a client reusing its client id"
+            b.loop_stop()
+        finally:
+            a.loop_stop()

@@ -49,7 +49,9 @@ class FedMedian(Strategy):
 
 class FedTrimmedAvg(Strategy):
     """New global = per coordinate, the mean of the updates left after cutting the `trim_ratio` largest and
-    the `trim_ratio` smallest (floor(trim_ratio * n) from each end; scipy.stats.trim_mean's rule)."""
+    the `trim_ratio` smallest: floor(trim_ratio * n) from each end (scipy.stats.trim_mean's rule), but at
+    least one from each end from n >= 3 when trim_ratio > 0, so that it bites in small rounds (at n = 3 it is
+    the median; scipy's rule trims nothing up to n = 4 at the default 0.2)."""
 
     name = "FedTrimmedAvg"
 
@@ -63,9 +65,15 @@ class FedTrimmedAvg(Strategy):
     ) -> dict[str, torch.Tensor]:
         _require(updates)
         n = len(updates)
-        cut = math.floor(self.trim_ratio * n)
+        cut = trim_count(self.trim_ratio, n)
         out: dict[str, torch.Tensor] = {}
         for name, g in global_state.items():
             x, _ = torch.sort(_stacked(name, g, updates), dim=0)
             out[name] = x[cut:n - cut].mean(dim=0).to(g.dtype)
         return out
+
+
+def trim_count(trim_ratio: float, n: int) -> int:
+    """Updates cut from each end of n: floor(trim_ratio * n), at least 1 from n >= 3 if trim_ratio > 0."""
+    cut = math.floor(trim_ratio * n)
+    return max(cut, 1) if trim_ratio > 0 and n >= 3 else cut

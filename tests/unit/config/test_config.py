@@ -80,16 +80,20 @@ def test_shipped_configs_parse(path: Path) -> None:
     assert isinstance(load_config(path), RunConfig)
 
 
-def test_a_saved_run_config_keeps_the_password_out_and_still_connects(tmp_path: Path) -> None:
-    from fedpeft_edge.config import read_password, redacted_config_dict
+def test_a_saved_run_config_keeps_the_password_out_and_still_connects(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpeft_edge.config import KEYSTORE_ENV, read_password, redacted_config_dict
 
+    monkeypatch.setenv(KEYSTORE_ENV, str(tmp_path / "keystore"))
     cfg = replace_in(RunConfig(), **{"comm_args.username": "server", "comm_args.password": "s3cret"})
-    dump_config(cfg, tmp_path / "config.yaml")
-    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "run").mkdir()
+    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    text = (tmp_path / "run" / "config.yaml").read_text()
     assert "s3cret" not in text
-    secret = tmp_path / "config.password"
-    assert secret.stat().st_mode & 0o777 == 0o600
-    back = load_config(tmp_path / "config.yaml")
+    assert not any("s3cret" in p.read_text() for p in (tmp_path / "run").iterdir())  # nothing in the run dir
+    (secret,) = (tmp_path / "keystore").iterdir()
+    assert secret.stat().st_mode & 0o777 == 0o600 and (tmp_path / "keystore").stat().st_mode & 0o777 == 0o700
+    back = load_config(tmp_path / "run" / "config.yaml")
     assert back.comm_args.password is None and back.comm_args.password_file == str(secret.resolve())
     assert read_password(back.comm_args) == "s3cret" == read_password(cfg.comm_args)
     assert redacted_config_dict(cfg)["comm_args"]["password"] == "<redacted>"

@@ -133,3 +133,31 @@ def test_finished_runs_load_side_by_side(tmp_path: Any) -> None:
     assert (b["run"]["run_id"], len(b["rounds"]), b["run"]["finished"]) == ("b", 3, False)
     with pytest.raises(DashboardError, match="no metrics.jsonl"):
         load_runs([tmp_path / "missing"])
+
+
+def test_a_loopback_dashboard_refuses_foreign_host_headers(served: tuple[DashboardServer, FederationState]) -> None:
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    server, _ = served
+    base = server.url
+    assert _get(base + "api/state/0", {"Host": "evil.example"})[0] == 421
+    assert _get(base + "api/state/0", {"Host": f"evil.example:{server.port}"})[0] == 421
+    assert _get(base + "api/state/0", {"Host": f"localhost:{server.port}"})[0] == 200
+    assert _get(base + "api/state/0")[0] == 200  # 127.0.0.1:port
+
+
+def test_the_token_comes_from_a_file_or_the_environment(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpeft_edge.dashboard.app import host_of
+    from fedpeft_edge.dashboard.server import TOKEN_ENV, allowed_hosts, read_token
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert read_token(None) is None
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert read_token(None) == "from-env"
+    f = tmp_path / "token"
+    f.write_text("from-file\n")
+    assert read_token(f) == "from-file"
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(DashboardError, match="empty"):
+        read_token(tmp_path / "empty")
+    assert host_of("[::1]:80") == "::1" and host_of("LocalHost:8") == "localhost" and host_of("a") == "a"
+    assert allowed_hosts("0.0.0.0") is None and "localhost" in (allowed_hosts("127.0.0.1") or [])

@@ -62,7 +62,7 @@ class Harness:
     """Drives one engine; `out` collects everything it asked to send."""
 
     def __init__(self, run_dir: Path, resume: bool = False, checkpoints: Any = None,
-                 model_delivery: str = "per_device", **train: Any) -> None:
+                 model_delivery: str = "per_device", robust: bool = False, **train: Any) -> None:
         args: dict[str, Any] = dict(client_num_in_total=4, client_num_per_round=3, comm_round=3, min_devices=3,
                                     min_updates=2, round_timeout_s=10.0, join_timeout_s=30.0)
         args.update(train)
@@ -72,7 +72,7 @@ class Harness:
         self.timers = HandTimers()
         self.runlog = RunLog(run_dir)
         spec = RunSpec(self.args, seed=5, run_id="t", manifest=MANIFEST, fingerprint=FINGERPRINT, num_classes=10,
-                       model_delivery=model_delivery)
+                       model_delivery=model_delivery, robust=robust)
         self.engine = RoundEngine(
             spec, state(0), build_strategy(self.args), clock=self.clock, timers=self.timers, runlog=self.runlog,
             checkpoints=checkpoints or DirCheckpoints(run_dir, MANIFEST, FINGERPRINT, "t"),

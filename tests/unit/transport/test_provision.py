@@ -56,3 +56,53 @@ def test_a_directory_is_never_provisioned_twice(tmp_path: Path) -> None:
     provision(tmp_path / "p", ["a"])
     with pytest.raises(ConfigError, match="already provisioned"):
         provision(tmp_path / "p", ["a"])
+
+
+def test_the_keystore_is_private_and_no_config_holds_a_password(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "p", ["a"], tls=True)
+    for d in (prov.root, prov.root / "broker", prov.node_dir("0"), prov.node_dir("a")):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    for node in ("0", "a"):
+        snippet = yaml.safe_load((prov.node_dir(node) / "comm_args.yaml").read_text())["comm_args"]
+        assert "password" not in snippet and Path(snippet["password_file"]).stat().st_mode & 0o077 == 0
+        assert prov.password(node) and prov.password(node) in Path(snippet["password_file"]).read_text()
+    for key in prov.root.rglob("*.key"):
+        assert key.stat().st_mode & 0o077 == 0, key
+
+
+def test_revoke_takes_one_device_out_and_leaves_the_rest(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from fedpeft_edge.transport.provision import revoke
+
+    prov = provision(tmp_path / "p", ["a", "b"], tls=True, run_id="r1")
+    serial = x509.load_pem_x509_certificate((prov.node_dir("a") / "tls/node.crt").read_bytes()).serial_number
+    b_key = (prov.node_dir("b") / "signing.key").read_bytes()
+    after = revoke(prov.root, "a")
+    assert after.devices == ("b",) and not prov.node_dir("a").exists()
+    users = [line.split(":")[0] for line in (prov.root / "broker/passwd").read_text().splitlines()]
+    assert users == [SERVER_USER, "b"]
+    assert "user a" not in (prov.root / "broker/acl").read_text() and "user b" in (prov.root / "broker/acl").read_text()
+    assert set(load_peer_keys(prov.root / "peers")) == {"b"}
+    crl = x509.load_pem_x509_crl((prov.root / "broker/tls/crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert (prov.node_dir("b") / "signing.key").read_bytes() == b_key
+    with pytest.raises(ConfigError, match="not provisioned"):
+        revoke(prov.root, "a")
+
+
+def test_rotate_renews_one_devices_secrets_only(tmp_path: Path) -> None:
+    from fedpeft_edge.transport.provision import rotate
+
+    prov = provision(tmp_path / "p", ["a", "b"])
+    before = {n: (prov.password(n), (prov.node_dir(n) / "signing.key").read_bytes()) for n in ("a", "b")}
+    passwd = (prov.root / "broker/passwd").read_text()
+    rotate(prov.root, "a")
+    assert prov.password("a") != before["a"][0]
+    assert (prov.node_dir("a") / "signing.key").read_bytes() != before["a"][1]
+    assert (prov.root / "peers/a.pub").read_bytes() == (prov.node_dir("a") / "signing.pub").read_bytes()
+    assert (prov.password("b"), (prov.node_dir("b") / "signing.key").read_bytes()) == before["b"]
+    new = (prov.root / "broker/passwd").read_text()
+    assert [ln for ln in new.splitlines() if ln.startswith("b:")] == [ln for ln in passwd.splitlines()
+                                                                      if ln.startswith("b:")]
+    assert (prov.node_dir("a") / "signing.key").stat().st_mode & 0o077 == 0

@@ -3,6 +3,8 @@ with their reason; the replay memory stays bounded without re-opening replays.""
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -76,3 +78,27 @@ def test_window_expiry_frees_nonces() -> None:
     clock.now += 11
     v.open("dev", TOPIC, _sealed(b"new", clock))
     assert len(v._seen["dev"].nonces) == 1
+
+
+def test_the_replay_window_survives_a_restart_through_its_journal(tmp_path: pathlib.Path) -> None:
+    """fedpeft-server --resume: a frame accepted before the restart is refused after it (issue 25)."""
+    key = Ed25519PrivateKey.generate()
+    now = [1000.0]
+    signer = Signer(key, clock=lambda: now[0])
+    frame = b"frame"
+    sealed = signer.envelope("t/d2s/a", [frame]) + frame
+    old = signer.envelope("t/d2s/a", [b"old"]) + b"old"
+    journal = tmp_path / "replay.journal"
+    first = Verifier({"a": key.public_key()}, 300.0, clock=lambda: now[0], journal=journal)
+    first.open("a", "t/d2s/a", sealed)
+    now[0] += 400.0  # entries older than the window are compacted away on the next open
+    fresh = signer.envelope("t/d2s/a", [frame]) + frame
+    Verifier({"a": key.public_key()}, 300.0, clock=lambda: now[0], journal=journal).open("a", "t/d2s/a", fresh)
+    now[0] += 1.0
+    again = Verifier({"a": key.public_key()}, 300.0, clock=lambda: now[0], journal=journal)
+    with pytest.raises(AuthError) as err:
+        again.open("a", "t/d2s/a", fresh)
+    assert err.value.reason == "replayed"
+    assert len(journal.read_text().splitlines()) == 1 and journal.stat().st_mode & 0o077 == 0
+    with pytest.raises(AuthError):
+        again.open("a", "t/d2s/a", old)  # stale anyway
