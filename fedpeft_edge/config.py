@@ -234,7 +234,7 @@ class CommArgs:
     # Packets one sender may make this node check per second (a token bucket, before any signature is verified
     # or chunk buffered); burst 0: derived from the run's largest message (wire/limits.py).
     sender_rate_per_s: float = 20.0
-    sender_burst: int = 0
+    sender_burst: int = 0  # packets a sender may send at once before the rate applies (0: derived)
     # The replay window on disk (wire/auth.py ReplayJournal); the server keeps it in its run directory
     # (replay.journal) unless set, so a frame accepted before `fedpeft-server --resume` is refused after it.
     replay_journal_file: str | None = None

@@ -494,9 +494,19 @@ class RoundEngine:
 
     def _maybe_close_early(self) -> None:
         # Only a round that has its quorum closes before its deadline: fewer than min_updates close a round
-        # only through its own timer, never through what a device sent (an error report, a status).
-        if self.rounds.all_in() and self.rounds.quorum():
+        # only through its own timer, never through what one device sent (an error report, a status). The one
+        # exception takes every selected device: all of them (at least min_updates) failed with the same error,
+        # which no single device can make happen (each report is signed by its own device) and a retry after the
+        # deadline would not cure (issue 29's fast failure).
+        if self.rounds.all_in() and (self.rounds.quorum() or self._unanimous_error()):
             self._close_round()
+
+    def _unanimous_error(self) -> bool:
+        cur = self.rounds.current
+        if cur is None or self.mode != "sync" or len(cur.selected) < max(1, self.args.min_updates):
+            return False
+        errors = {self._errors.get(d) for d in cur.selected}
+        return len(errors) == 1 and None not in errors
 
     # --- closing rounds -------------------------------------------------------------------------------------
     def _close_round(self) -> None:

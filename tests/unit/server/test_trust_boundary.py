@@ -1,5 +1,5 @@
-"""The trust boundary end to end over a real provisioned mosquitto: an insider holding device d1's own broker
-password and signing key publishes, on d1's own channel, well-formed and correctly signed frames of every
+"""The trust boundary end to end over a real provisioned mosquitto: device d1 itself (an insider: its own broker
+connection, password and signing key) publishes, on its own channel, well-formed and correctly signed frames of every
 local-event type and every server-only message type. Each is dropped with reason `forbidden_type` before any
 handler sees it, and the engine's state (round, attempt, selection, pending deadlines, records) is unchanged."""
 
@@ -11,11 +11,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from engine_harness import FINGERPRINT, MANIFEST, Harness
-from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
@@ -82,14 +80,9 @@ def _engine_state(h: Harness) -> dict[str, Any]:
     }
 
 
-def _insider(prov: Any, port: int) -> tuple[mqtt.Client, Signer]:
-    creds = yaml.safe_load((prov.node_dir("d1") / "comm_args.yaml").read_text())["comm_args"]
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"insider-{uuid.uuid4().hex[:6]}",
-                         protocol=mqtt.MQTTv5)
-    client.username_pw_set(creds["username"], creds["password"])
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    return client, Signer(load_private_key(creds["signing_key_file"]))
+def _signer(prov: Any, device: str) -> Signer:
+    creds = yaml.safe_load((prov.node_dir(device) / "comm_args.yaml").read_text())["comm_args"]
+    return Signer(load_private_key(creds["signing_key_file"]))
 
 
 def test_signed_frames_of_local_or_server_types_from_a_device_change_nothing(tmp_path: Path) -> None:
@@ -100,7 +93,7 @@ def test_signed_frames_of_local_or_server_types_from_a_device_change_nothing(tmp
         server = threading.Thread(target=mgr.run_until_done, daemon=True)
         server.start()
         devices = [MqttCommManager(_comm(prov, d, broker.port), RUN, d) for d in ("d1", "d2")]
-        insider, signer = _insider(prov, broker.port)
+        insider, signer = devices[0], _signer(prov, "d1")  # device d1 itself: its own connection and key
         try:
             for d in devices:
                 join = Join(sender=str(d.node_id), backbone_fingerprint=FINGERPRINT, manifest_hash=MANIFEST.hash,
@@ -114,15 +107,13 @@ def test_signed_frames_of_local_or_server_types_from_a_device_change_nothing(tmp
                 params = {K.MSG_ARG_KEY_TYPE: msg_type, K.MSG_ARG_KEY_SENDER: "d1", K.MSG_ARG_KEY_RECEIVER: 0,
                           K.MSG_ARG_KEY_MSG_ID: uuid.uuid4().hex, **extra}
                 frame = encode_message(params)
-                insider.publish(topic, signer.envelope(topic, [frame]) + frame, qos=1).wait_for_publish(10)
+                insider._client.publish(topic, signer.envelope(topic, [frame]) + frame, qos=1).wait_for_publish(10)
             drops = lambda: [r for r in h.records("dropped_message") if r.get("sender") == "d1"]  # noqa: E731
             _wait("every forged frame to be dropped", lambda: len(drops()) >= len(FORGED_TYPES))
             time.sleep(0.5)  # anything a forged frame could still cause would show by now
             assert {r["reason"] for r in drops()} == {FORBIDDEN_TYPE}, drops()
             assert _engine_state(h) == before
         finally:
-            insider.disconnect()
-            insider.loop_stop()
             for d in devices:
                 d.close()
             mgr.finish()

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.timeout(120)
 
 RUN = "fuzz"
 REASONS = {"malformed", "unsigned", "bad_signature", "replayed", "stale", "unknown_sender", "chunk_refused",
-           "duplicate", "transfer_expired", "handler_error", "internal_error", "inbox_full", "forbidden_type"}
+           "duplicate", "transfer_expired", "handler_error", "internal_error", "inbox_full", "forbidden_type",
+           "rate_limited"}
 KEY = Ed25519PrivateKey.generate()
 
 
@@ -58,8 +59,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MqttCommM
     (peers / "dev.pub").write_bytes(KEY.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     drops: list[DroppedMessage] = []
+    # the fuzzer is one sender publishing thousands of packets: the per-sender rate limit (tested on its own in
+    # test_sender_rate.py) would refuse most of them before the decoders this test exercises
     args = CommArgs(broker_port=broker.port, peer_keys_dir=str(peers), max_update_bytes=1 << 20,
-                    max_pending_transfers=2)
+                    max_pending_transfers=2, sender_rate_per_s=1e9)
     mgr = MqttCommManager(args, RUN, M.SERVER_ID, on_drop=drops.append)
     mgr.add_observer(_FedMLLikeObserver())
     try:
