@@ -85,9 +85,9 @@ def main() -> None:
     root = Path(out.strip())
     venv = root / VENV_IN.lstrip("/")
     native_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    agent_mb, server_mb = du_mb(venv), du_mb(Path(sys.prefix))
+    agent_mb, server_mb = du_mb(venv), du_mb(Path(sys.prefix).resolve())
     print(f"installed size: arm64 agent venv {agent_mb:.0f} MB ({venv}); this server venv {server_mb:.0f} MB "
-          f"({sys.prefix}); ratio {agent_mb / server_mb:.2f}")
+          f"({Path(sys.prefix).resolve()}); ratio {agent_mb / server_mb:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         device = ["bash", str(SCRIPT), "--bind", tmp]
         emu = import_s([*device, "exec", f"{VENV_IN}/bin/python"], None, args.repeats)
