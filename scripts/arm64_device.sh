@@ -23,10 +23,10 @@
 # This checkout is visible inside the device at its own path, read-only, and is on the agent's PYTHONPATH: the
 # device runs this checkout's code on the venv's packages (the venv's own copy is what a device would install).
 #
-# Every mount (proc, sys, dev, the binds, binfmt_misc when the host had none) is made in a private mount
-# namespace that ends with the command, so nothing stays mounted after it, however it ends (even SIGKILL). The
-# qemu-aarch64 binfmt entry, registered when missing, stays registered (it is kernel state, not a mount): remove it
-# with `echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64`.
+# Every mount (proc, sys, dev, the binds, binfmt_misc when the host has none mounted) is made in a private mount
+# namespace that ends with the command, so nothing stays mounted after it, however it ends (even SIGKILL). Where
+# the host has binfmt_misc mounted and no qemu-aarch64 entry, the entry registered stays, as update-binfmts' would:
+# remove it with `echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64`.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -63,8 +63,24 @@ CMD=$1; shift
 [ -n "$SUITE" ] || die "cannot tell the host's Debian suite from /etc/os-release; pass --suite (e.g. bookworm)"
 ROOT=$CACHE/rootfs-$SUITE
 
-# Why emulation cannot run here (empty when it can). Registering qemu-aarch64 needs binfmt_misc mounted; when the
-# host has none mounted, it is mounted in a private namespace just for the registration.
+# Inside a private mount namespace: mount binfmt_misc where the host has none mounted, register qemu-aarch64 from
+# qemu-user-static's binfmt.d file where it is missing, and check the entry can serve a chroot (the F flag: qemu
+# is opened at registration, so the root needs no copy of it). $1 = binfmt_misc's path, $2 = the binfmt.d file.
+# Where the host had binfmt_misc mounted, the entry stays (like update-binfmts'); where this mounted it, the
+# mount, and on a kernel whose entries live in the mount the entry too, end with the namespace.
+BINFMT_SETUP='
+    b=$1 conf=$2
+    [ -e "$b/register" ] || mount -t binfmt_misc binfmt_misc "$b" || { echo "cannot mount binfmt_misc at $b" >&2; exit 1; }
+    if [ ! -e "$b/qemu-aarch64" ]; then
+        [ -r "$conf" ] || { echo "no $conf (apt-get install qemu-user-static)" >&2; exit 1; }
+        cat "$conf" > "$b/register" 2>/dev/null || [ -e "$b/qemu-aarch64" ] \
+            || { echo "writing $b/register was refused" >&2; exit 1; }
+    fi
+    grep -q "^enabled" "$b/qemu-aarch64" || { echo "$b/qemu-aarch64 is disabled: echo 1 > $b/qemu-aarch64" >&2; exit 1; }
+    grep -q "^flags:.*F" "$b/qemu-aarch64" || { echo "$b/qemu-aarch64 lacks the F flag a chroot needs" >&2; exit 1; }
+'
+
+# Why emulation cannot run here (empty when it can).
 why_not() {
     [ "$(uname -m)" = x86_64 ] || { echo "the host is $(uname -m), not x86_64"; return; }
     [ "$(id -u)" = 0 ] || { echo "not root (chroot, mounts and binfmt_misc need root)"; return; }
@@ -72,25 +88,12 @@ why_not() {
     command -v debootstrap >/dev/null || [ -f "$ROOT/.root-ok" ] || { echo "no debootstrap: apt-get install debootstrap"; return; }
     command -v unshare >/dev/null || { echo "no unshare (util-linux)"; return; }
     local err
-    if ! err=$(register_binfmt 2>&1); then echo "binfmt_misc: $err"; return; fi
+    if ! err=$(unshare --mount --propagation private sh -ec "$BINFMT_SETUP" sh "$BINFMT" "$QEMU_CONF" 2>&1); then
+        echo "binfmt_misc: $err"; return
+    fi
     [ -f "$ROOT/.root-ok" ] || return 0
     err=$(in_root /bin/uname -m 2>&1) || { echo "the arm64 root does not run: $err"; return; }
     [ "$err" = aarch64 ] || echo "the arm64 root says uname -m = $err"
-}
-
-register_binfmt() {
-    local entry=$BINFMT/qemu-aarch64
-    if [ -e "$entry" ]; then
-        grep -q '^enabled' "$entry" || { echo "$entry is disabled: echo 1 > $entry" >&2; return 1; }
-        grep -q '^flags:.*F' "$entry" || { echo "$entry lacks the F (fix binary) flag that a chroot needs" >&2; return 1; }
-        return 0
-    fi
-    [ -r "$QEMU_CONF" ] || { echo "no $QEMU_CONF (qemu-user-static's binfmt entry)" >&2; return 1; }
-    unshare --mount --propagation private sh -ec '
-        [ -e "$1/register" ] || mount -t binfmt_misc binfmt_misc "$1"
-        [ -e "$1/qemu-aarch64" ] || cat "$2" > "$1/register"' sh "$BINFMT" "$QEMU_CONF"
-    [ -e "$entry" ] || { echo "registered qemu-aarch64 but $entry is not visible (binfmt_misc not mounted here?)" >&2
-                         return 1; }
 }
 
 # Run a command inside the root with proc, sys, dev, this checkout (ro) and the binds mounted in a private mount
@@ -107,8 +110,8 @@ in_root() {
     local binds="" d
     for d in "$REPO" "${BINDS[@]}"; do binds+="$d"$'\n'; done
     local run=(unshare --mount --propagation private bash -ec '
-        root=$1 repo=$2 binds=$3 binfmt=$4; shift 4
-        [ -e "$binfmt/qemu-aarch64" ] || mount -t binfmt_misc binfmt_misc "$binfmt"
+        root=$1 repo=$2 binds=$3 setup=$4; shift 4
+        sh -ec "$setup" sh '"$BINFMT"' '"$QEMU_CONF"'
         mount -t proc proc "$root/proc"
         mount --rbind /sys "$root/sys"
         mount --rbind /dev "$root/dev"
@@ -118,7 +121,7 @@ in_root() {
             mount --bind "$d" "$root$d"
             [ "$d" != "$repo" ] || mount -o remount,bind,ro "$root$d"
         done <<< "$binds"
-        exec chroot "$root" "$@"' in_root "$ROOT" "$REPO" "$binds" "$BINFMT" "${exec_env[@]}" "$@")
+        exec chroot "$root" "$@"' in_root "$ROOT" "$REPO" "$binds" "$BINFMT_SETUP" "${exec_env[@]}" "$@")
     # IN_ROOT_EXEC=1: this shell becomes the device's process (the agent's pid is the caller's child's pid).
     if [ "${IN_ROOT_EXEC:-0}" = 1 ]; then exec "${run[@]}"; else ( exec "${run[@]}" ); fi
 }
