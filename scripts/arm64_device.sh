@@ -133,7 +133,10 @@ build_root() {
     mkdir -p "$CACHE"
     say "debootstrap --arch=arm64 --variant=minbase $SUITE (python3 and the Pi's packages) into $ROOT"
     local t0=$SECONDS
-    debootstrap --arch=arm64 --variant=minbase --include="$PACKAGES" "$SUITE" "$tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
+    # Its second stage runs arm64 binaries: in a namespace with the emulator registered (the mounts it makes end there).
+    unshare --mount --propagation private bash -ec 'sh -ec "$1" sh "$2" "$3"; shift 3; exec debootstrap "$@"' \
+        debootstrap "$BINFMT_SETUP" "$BINFMT" "$QEMU_CONF" \
+        --arch=arm64 --variant=minbase --include="$PACKAGES" "$SUITE" "$tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
         || { tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
     rm -rf "$tmp/var/cache/apt/archives/"*.deb
     echo "$SUITE $PACKAGES" > "$tmp/.root-ok"
