@@ -5,13 +5,16 @@
 #
 #   scripts/install_agent.sh [--venv DIR] [--python PY] [--platform auto|jetson|cpu|cuda|mps|rpi]
 #                            [--torch-wheel FILE|URL] [--torchvision-wheel FILE|URL]
-#                            [--torch-index URL|default] [--extras onnx,nvidia] [--source DIR]
+#                            [--torch-index URL|default] [--torch-version V] [--extras onnx,nvidia] [--source DIR]
 #
 # --torch-wheel/--torchvision-wheel: wheels to install first (required on a Jetson: NVIDIA's wheels for its
 #   L4T release, e.g. from the JetPack's PyTorch page or a file you copied to the board).
 # --torch-index: where pip looks for torch when no wheel is given; "default" = pip's configured index.
-#   Default per platform: cpu = PyTorch's CPU-only index (no 2 GB of CUDA libraries); cuda, mps, rpi =
-#   pip's configured index (PyPI's Linux x86 wheels are CUDA builds; macOS and aarch64 ones are CPU/MPS).
+#   Default per platform: cpu and rpi = PyTorch's CPU-only index; cuda, mps = pip's configured index.
+#   PyPI's Linux x86 wheels are CUDA builds, and so are its Linux aarch64 wheels from torch 2.11 on: they pull
+#   about 3 GB of NVIDIA libraries (CUDA 13, for Grace servers) onto a Pi. torch 2.10.0 is PyPI's last CPU-only
+#   aarch64 torch: a Pi limited to PyPI uses `--torch-index default --torch-version 2.10.0`.
+# --torch-version: install torch==V (and the torchvision pip finds for it) instead of the newest.
 # Whatever torch is installed first is pinned while the agent's other packages install, so pip can never
 # swap it for another build.
 set -euo pipefail
@@ -23,6 +26,7 @@ PLATFORM=auto
 TORCH_WHEEL=""
 TORCHVISION_WHEEL=""
 TORCH_INDEX=""
+TORCH_VERSION=""
 EXTRAS=""
 FEDML_VERSION=0.9.6
 CPU_INDEX=https://download.pytorch.org/whl/cpu
@@ -38,9 +42,10 @@ while [ $# -gt 0 ]; do
         --torch-wheel) TORCH_WHEEL=$2; shift 2 ;;
         --torchvision-wheel) TORCHVISION_WHEEL=$2; shift 2 ;;
         --torch-index) TORCH_INDEX=$2; shift 2 ;;
+        --torch-version) TORCH_VERSION=$2; shift 2 ;;
         --extras) EXTRAS=$2; shift 2 ;;
         --source) SRC=$(cd "$2" && pwd); shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) die "unknown option $1; see --help" ;;
     esac
 done
@@ -79,6 +84,7 @@ if [ "$PLATFORM" = jetson ]; then
         "PyPI's torchvision is built against PyPI's torch, not NVIDIA's"
 fi
 [ -z "$TORCHVISION_WHEEL" ] || [ -n "$TORCH_WHEEL" ] || die "--torchvision-wheel needs --torch-wheel"
+[ -z "$TORCH_VERSION" ] || [ -z "$TORCH_WHEEL" ] || die "--torch-version and --torch-wheel exclude each other"
 
 echo "install_agent: platform $PLATFORM $(l4t_release), Python $PYVER, venv $VENV"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -88,11 +94,12 @@ PIP=("$VENV/bin/python" -m pip)
 if [ -n "$TORCH_WHEEL" ]; then
     "${PIP[@]}" install -q "$TORCH_WHEEL" ${TORCHVISION_WHEEL:+"$TORCHVISION_WHEEL"}
 else
-    index=${TORCH_INDEX:-$([ "$PLATFORM" = cpu ] && echo "$CPU_INDEX" || echo default)}
+    index=${TORCH_INDEX:-$(case "$PLATFORM" in cpu|rpi) echo "$CPU_INDEX" ;; *) echo default ;; esac)}
+    torch="torch${TORCH_VERSION:+==$TORCH_VERSION}"
     if [ "$index" = default ]; then
-        "${PIP[@]}" install -q torch torchvision
+        "${PIP[@]}" install -q "$torch" torchvision
     else
-        "${PIP[@]}" install -q --index-url "$index" torch torchvision
+        "${PIP[@]}" install -q --index-url "$index" "$torch" torchvision
     fi
 fi
 

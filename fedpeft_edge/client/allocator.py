@@ -13,7 +13,6 @@ mappings, about 3% more CPU time per training window (median of 4 alternating ru
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -30,7 +29,9 @@ def _glibc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            # dlopen(NULL) (this process's libc), not find_library("c"): that forks `ldconfig -p`, and a fork in
+            # this multi-threaded process can hang (it did under qemu-user: scripts/arm64_device.sh).
+            lib = ctypes.CDLL(None)
             lib.mallopt  # noqa: B018 - musl has no mallopt/malloc_trim: stay off
             lib.malloc_trim  # noqa: B018
         except (OSError, AttributeError):

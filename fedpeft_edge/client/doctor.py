@@ -12,7 +12,6 @@ Each check takes its inputs explicitly (paths, a probe result, a clock reading) 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import json
 import logging
@@ -324,7 +323,9 @@ def read_kernel_clock() -> KernelClock | None:
                     ("rest", ctypes.c_byte * 200)]  # the tail of struct timex, unused here
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # dlopen(NULL), not find_library("c"): that forks `ldconfig -p`, and a fork in this multi-threaded
+        # process can hang (it did under qemu-user: scripts/arm64_device.sh).
+        libc = ctypes.CDLL(None, use_errno=True)
         tx = Timex()
         state = libc.adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):

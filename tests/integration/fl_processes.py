@@ -55,10 +55,13 @@ class Procs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.command(name, [sys.executable, "-m", module, *args])
+
+    def command(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Any program (e.g. an emulated device's agent started through its script), logged and stopped alike."""
         log = (self.log_dir / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                             cwd=REPO, env=env)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         self.procs[name] = p
         return p
 

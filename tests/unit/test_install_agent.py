@@ -44,6 +44,8 @@ def test_jetpack5_python_is_below_the_floor(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [(("--platform", "tpu"), "use jetson, cpu"),
                                                (("--torchvision-wheel", "tv.whl"), "needs --torch-wheel"),
+                                               (("--torch-version", "2.10.0", "--torch-wheel", "t.whl"),
+                                                "exclude each other"),
                                                (("--frobnicate",), "unknown option")])
 def test_bad_arguments_are_refused(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     res = _run(tmp_path, *args)
