@@ -8,13 +8,16 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fedpeft_edge.config import ModelArgs
 from fedpeft_edge.errors import BackboneError
+
+if TYPE_CHECKING:
+    from fedpeft_edge.llm.spec import TextSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,25 @@ class InputSpec:
 
 @dataclasses.dataclass
 class Backbone:
-    """A timm model with a fresh `num_classes` head, its input spec and where its weights came from."""
+    """A timm model with a fresh `num_classes` head (or a text model, fedpeft_edge/llm/), its input spec and where
+    its weights came from."""
 
     model: nn.Module
     name: str
-    data_config: InputSpec
+    data_config: InputSpec | TextSpec
     weights_source: str
 
 
 def build_backbone(model_args: ModelArgs, device: torch.device | str | None = None) -> Backbone:
-    """Build `model_args.model` with a new head; weights from nothing, a local file or the Lite0 package."""
+    """Build `model_args.model` with a new head; weights from nothing, a local file or the Lite0 package.
+
+    model_args.family picks the kind of model: image (timm, here) or a text model (fedpeft_edge/llm/)."""
+    if model_args.family != "image":
+        from fedpeft_edge.llm.backbone import build_text_backbone
+
+        model, text_spec, text_source = build_text_backbone(model_args)
+        return Backbone(model=model.to(device or "cpu"), name=model_args.model, data_config=text_spec,
+                        weights_source=text_source)
     _refuse_hub_request(model_args)
     model = create_timm_model(model_args.model, model_args.num_classes, model_args.model_kwargs, device)
     if model_args.weights != "none":

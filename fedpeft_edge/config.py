@@ -34,7 +34,8 @@ class CommonArgs:
 class DataArgs:
     """Where a device's data comes from and how the shared data set is split across devices."""
 
-    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "fortunes", "textfolder",
+                     "jsonl"] = "digits"
     data_cache_dir: str | None = None  # directory of the data set; None = the source's default
     partition_method: Literal["iid", "dirichlet", "shards"] = "iid"
     partition_alpha: float = 0.5  # Dirichlet concentration (the paper uses 0.1 and 0.5)
@@ -47,6 +48,10 @@ class DataArgs:
     batch_size: int = 32
     num_workers: int = 0
     cache_max_mb: int = 1024  # keep a client's resized float images in memory up to this size, else per batch
+    # Text (fedpeft_edge/llm/): tokens per training sequence (packed) and per held-out sample, and which
+    # categories of a text source to read (fortunes: file names; None = all of them).
+    max_seq_len: int = 64
+    text_categories: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +60,14 @@ class ModelArgs:
 
     model: str = "tf_efficientnet_lite0"
     num_classes: int = 10
-    weights: Literal["none", "file", "efficientnet_lite0_package"] = "efficientnet_lite0_package"
+    weights: Literal["none", "file", "efficientnet_lite0_package", "smollm2_package",
+                     "minilm_package"] = "efficientnet_lite0_package"
     checkpoint_path: str | None = None  # local file with timm key names, for weights=file
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # passed to timm.create_model
+    # image: a timm model; causal_lm / text_classifier: a transformers model (fedpeft_edge/llm/), whose
+    # model_kwargs are its config's fields when weights=none (a random-init model, tests).
+    family: Literal["image", "causal_lm", "text_classifier"] = "image"
+    gradient_checkpointing: bool = False  # language models: recompute activations in backward (less memory)
 
 
 @dataclasses.dataclass(frozen=True)
