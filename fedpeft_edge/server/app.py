@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,12 @@ log = logging.getLogger(__name__)
 class ModelEvaluator:
     """The global tensors on the server's held-out test set (the method's model, built once)."""
 
-    def __init__(self, method: Any, model: torch.nn.Module, loader: Any, device: torch.device) -> None:
+    def __init__(self, method: Any, model: torch.nn.Module, loader: Any, device: torch.device,
+                 groups: Mapping[str, Any] | None = None, language_model: bool = False) -> None:
         self.method, self.model, self.loader, self.device = method, model, loader, device
+        # a causal LM's held-out text per category: evaluated per group (each row once), overall = their sum
+        self.groups = dict(groups or {})
+        self.language_model = language_model
 
     @property
     def available(self) -> bool:
@@ -45,8 +50,25 @@ class ModelEvaluator:
         if self.loader is None:
             return None
         self.method.set_state(self.model, dict(state))
-        res = evaluate(self.model, self.loader, self.device)
-        return {"loss": res.loss, "top1": res.top1, "samples": res.samples}
+        if not self.groups:
+            res = evaluate(self.model, self.loader, self.device)
+            return _eval_record(res.loss, res.top1, res.samples, self.language_model)
+        per = {name: evaluate(self.model, loader, self.device) for name, loader in self.groups.items()}
+        n = sum(r.samples for r in per.values())
+        loss = sum(r.loss * r.samples for r in per.values() if r.samples) / max(n, 1)
+        top1 = sum(r.top1 * r.samples for r in per.values() if r.samples) / max(n, 1)
+        out = _eval_record(loss, top1, n, self.language_model)
+        out["per_category"] = {name: _eval_record(r.loss, r.top1, r.samples, self.language_model)
+                               for name, r in per.items()}
+        return out
+
+
+def _eval_record(loss: float, top1: float, samples: int, language_model: bool) -> dict[str, Any]:
+    """{loss, top1, samples}, and for a causal LM its perplexity exp(loss) (top1 is next-token accuracy)."""
+    out: dict[str, Any] = {"loss": loss, "top1": top1, "samples": samples}
+    if language_model:
+        out["perplexity"] = math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +100,7 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     checkpoints and evaluator."""
     run_dir = Path(run_dir)
     parts = model if model is not None else build_server_model(cfg)
-    method, device = parts.method, parts.device
+    method = parts.method
     manifest = method.manifest(parts.model)
     fingerprint = fingerprint_backbone(parts.model, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,9 +108,12 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
         _check_resumable(run_dir, manifest.hash, fingerprint)
     else:
         dump_config(cfg, run_dir / "config.yaml")
-    evaluator = ModelEvaluator(method, parts.model, _server_test_loader(cfg, parts.input_spec, parts.source), device)
+    spec = RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind)
+    evaluator = _build_evaluator(cfg, parts)
+    if evaluator.language_model:  # chance level (divergence warnings) is over the vocabulary, not num_classes
+        spec = dataclasses.replace(spec, num_classes=int(parts.input_spec.vocab_size))
     engine = RoundEngine(
-        RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind), method.get_state(parts.model),
+        spec, method.get_state(parts.model),
         build_strategy(cfg.train_args),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
         checkpoints=DirCheckpoints(run_dir, manifest, fingerprint, cfg.common_args.run_id),
@@ -97,6 +122,26 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     if resume:
         engine.resume()
     return engine
+
+
+def _build_evaluator(cfg: RunConfig, parts: ServerModel) -> ModelEvaluator:
+    """The held-out evaluator; a causal LM's held-out text is evaluated per category of its source."""
+    language_model = getattr(parts.input_spec, "task", None) == "causal_lm"
+    source = parts.source
+    if language_model and source is None:
+        from fedpeft_edge.data import load_source
+
+        try:
+            source = load_source(cfg.data_args)
+        except FedPeftError as exc:
+            log.warning("no server-side evaluation: %s", exc)
+    loader = _server_test_loader(cfg, parts.input_spec, source)
+    groups: dict[str, Any] = {}
+    if language_model and loader is not None and source is not None:
+        from fedpeft_edge.llm.data import category_loaders
+
+        groups = category_loaders(loader, source.class_names)
+    return ModelEvaluator(parts.method, parts.model, loader, parts.device, groups, language_model)
 
 
 def _server_test_loader(cfg: RunConfig, input_spec: Any, source: Any) -> Any:
