@@ -229,6 +229,8 @@ def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
         cum = int(rec.get("cum_bytes") or 0)
         ev = rec.get("eval") or {}
         acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
+        if ev.get("perplexity") is not None:  # a causal LM: held-out perplexity, next-token accuracy
+            acc = f"{acc} next-token, perplexity {ev['perplexity']:.2f}"
         print(f"  round {rec['round']}/{rounds}: acc {acc}, {rec.get('accepted')} updates, "
               f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / "
               f"{_mb(rec.get('bytes_up'))} up, {rec.get('round_s', 0):.1f}s, total {_mb(cum)}")

@@ -79,10 +79,14 @@ class TextClassifier(nn.Module):
         return self.head
 
 
-def build_text_backbone(model_args: ModelArgs) -> tuple[nn.Module, TextSpec, str]:
+def build_text_backbone(model_args: ModelArgs, load_weights: bool = True) -> tuple[nn.Module, TextSpec, str]:
     """(wrapped model, its TextSpec, where the weights came from) for model_args.family causal_lm or
-    text_classifier; nothing is downloaded (transformers runs with local files only)."""
+    text_classifier; nothing is downloaded (transformers runs with local files only). `load_weights=False`
+    builds the same architecture randomly initialised, without reading the weights (sizes for planning)."""
     _quiet_transformers()
+    if not load_weights and model_args.weights in _PACKAGES:
+        inner = _architecture(model_args)
+        return _wrap(model_args, inner, ByteTokenizer(), "random-init")
     family = model_args.family
     want = _PACKAGES.get(model_args.weights)
     if model_args.weights == "efficientnet_lite0_package" or (want is not None and want[0] != family):
@@ -100,6 +104,11 @@ def build_text_backbone(model_args: ModelArgs) -> tuple[nn.Module, TextSpec, str
     else:
         inner, tokenizer = _load_file(Path(model_args.checkpoint_path or ""), family)
         source = f"file:{model_args.checkpoint_path}"
+    return _wrap(model_args, inner, tokenizer, source)
+
+
+def _wrap(model_args: ModelArgs, inner: nn.Module, tokenizer: Any, source: str) -> tuple[nn.Module, TextSpec, str]:
+    family = model_args.family
     if model_args.gradient_checkpointing:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model: nn.Module
@@ -148,6 +157,18 @@ def _random_init(model_args: ModelArgs) -> nn.Module:
         return BertModel(BertConfig(**kwargs), add_pooling_layer=False).float()
     except (TypeError, ValueError) as exc:
         raise BackboneError(f"model_args.model_kwargs {kwargs} is not a valid config: {exc}") from exc
+
+
+def _architecture(model_args: ModelArgs) -> nn.Module:
+    """A package model's architecture with random weights: its config only is read."""
+    from transformers import AutoConfig, BertConfig, BertModel, LlamaForCausalLM
+
+    directory = _package_dir(model_args.weights)
+    if model_args.weights == "smollm2_package":
+        config = AutoConfig.from_pretrained(str(directory), gguf_file=SMOLLM2_GGUF, local_files_only=True)
+        return LlamaForCausalLM(config).float()
+    with zipfile.ZipFile(directory / "model.zip") as z:
+        return BertModel(BertConfig(**json.loads(z.read("config.json"))), add_pooling_layer=False).float()
 
 
 def _load_gguf(path: Path) -> tuple[nn.Module, HFTokenizer]:

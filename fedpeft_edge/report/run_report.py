@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 NOT_AVAILABLE = "not available"
 MB = 1e6  # report sizes in decimal megabytes (10^6 bytes), as network figures usually are
 
-ROUND_COLUMNS = ("run", "method", "round", "top1", "loss", "eval_samples", "bytes_up", "bytes_down",
+ROUND_COLUMNS = ("run", "method", "round", "top1", "loss", "perplexity", "eval_samples", "bytes_up", "bytes_down",
                  "cum_bytes", "cum_mb", "round_s", "aggregate_s", "selected", "accepted", "dropped",
                  "devices_online")
 DEVICE_ROUND_COLUMNS = ("run", "round", "device_id", "status", "drop_reason", "num_samples", "bytes_up",
@@ -160,7 +160,8 @@ def round_rows(run: RunData) -> list[dict[str, Any]]:
         cum = r.get("cum_bytes")
         rows.append({
             "run": run.name, "method": run.method, "round": r.get("round"), "top1": ev.get("top1"),
-            "loss": ev.get("loss"), "eval_samples": ev.get("samples"), "bytes_up": r.get("bytes_up"),
+            "loss": ev.get("loss"), "perplexity": ev.get("perplexity"), "eval_samples": ev.get("samples"),
+            "bytes_up": r.get("bytes_up"),
             "bytes_down": r.get("bytes_down"), "cum_bytes": cum,
             "cum_mb": _scaled(cum), "round_s": r.get("round_s"),
             "aggregate_s": r.get("aggregate_s"), "selected": _count(r.get("selected")),
