@@ -92,6 +92,7 @@ class ModelFacts:
     weights_source: str
     model_mb: float  # every parameter and buffer
     trainable_mb: float  # the PEFT method's shared tensors
+    step_mb: float | None = None  # a text backbone: one training step's memory, measured (fedpeft_edge/llm/memory)
 
 
 def build_model_facts(cfg: RunConfig) -> ModelFacts:
@@ -109,7 +110,15 @@ def build_model_facts(cfg: RunConfig) -> ModelFacts:
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return ModelFacts(fingerprint_backbone(model, manifest), backbone.weights_source, total / MB, trainable / MB)
+    fingerprint = fingerprint_backbone(model, manifest)
+    step_mb = None
+    if cfg.model_args.family != "image":  # activations (logits over the vocabulary) dominate: measure a step
+        from fedpeft_edge.llm.memory import training_step_mb
+
+        spec = backbone.data_config
+        step_mb = training_step_mb(model, cfg.train_args, cfg.data_args, int(spec.vocab_size),  # type: ignore
+                                   cfg.model_args.family, cfg.model_args.num_classes)
+    return ModelFacts(fingerprint, backbone.weights_source, total / MB, trainable / MB, step_mb)
 
 
 def check_weights_file(cfg: RunConfig) -> Check:
@@ -117,6 +126,11 @@ def check_weights_file(cfg: RunConfig) -> Check:
     m = cfg.model_args
     if m.weights == "none":
         return Check("backbone weights", "OK", "weights: none (random init from the run's seed)")
+    if m.weights in ("smollm2_package", "minilm_package"):
+        from fedpeft_edge.llm.backbone import package_check
+
+        ok, detail = package_check(m.weights)
+        return Check("backbone weights", "OK" if ok else "FAIL", detail)
     if m.weights == "file":
         path = Path(m.checkpoint_path or "").expanduser()
         if not m.checkpoint_path or not path.is_file():
@@ -370,7 +384,10 @@ def _ina3221_read(rails: Sequence[Any]) -> tuple[str, bool]:
 
 
 def memory_needed_mb(facts: ModelFacts, optimizer: str) -> float:
-    """Model tensors once, plus grads and optimizer state of the trainable ones, plus the runtime overhead."""
+    """Model tensors once, plus grads and optimizer state of the trainable ones, plus the runtime overhead; for a
+    text backbone, the measured training step (activations, gradients, optimizer state) instead of the estimate."""
+    if facts.step_mb is not None:
+        return facts.model_mb + facts.step_mb + RUNTIME_OVERHEAD_MB
     slots = 3 if optimizer == "adamw" else 2  # grad + (exp_avg, exp_avg_sq) or grad + momentum
     return facts.model_mb + slots * facts.trainable_mb + RUNTIME_OVERHEAD_MB
 
@@ -380,9 +397,13 @@ def check_memory(facts: ModelFacts | None, optimizer: str, available_mb: float |
         return Check("free memory", "SKIP", "the model did not build")
     need = memory_needed_mb(facts, optimizer)
     have = available_mb if available_mb is not None else psutil.virtual_memory().available / MB
-    detail = f"{have:.0f} MB available, about {need:.0f} MB needed (model {facts.model_mb:.0f} MB)"
+    detail = f"{have:.0f} MB available, about {need:.0f} MB needed (model {facts.model_mb:.0f} MB"
+    detail += f", one training step {facts.step_mb:.0f} MB measured)" if facts.step_mb is not None else ")"
     if have < need:
-        return Check("free memory", "FAIL", detail + "; close other programs, add swap or pick a smaller model")
+        fix = ("; lower data_args.batch_size or max_seq_len, set model_args.gradient_checkpointing"
+               if facts.step_mb is not None else "")
+        return Check("free memory", "FAIL", detail + fix + "; close other programs, add swap or pick a smaller "
+                     "model")
     return Check("free memory", "OK", detail)
 
 

@@ -149,6 +149,18 @@ def _package_dir(weights: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def package_check(weights: str) -> tuple[bool, str]:
+    """(found, what) for a text package's weights file, without loading it (doctor)."""
+    try:
+        directory = _package_dir(weights)
+    except BackboneError as exc:
+        return False, str(exc)
+    path = directory / (SMOLLM2_GGUF if weights == "smollm2_package" else "model.zip")
+    if not path.is_file():
+        return False, f"{path} is missing; reinstall {_PACKAGES[weights][1]}"
+    return True, f"{_PACKAGES[weights][1]} package, {path.name} ({path.stat().st_size / 2**20:.0f} MB)"
+
+
 def _random_init(model_args: ModelArgs) -> nn.Module:
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
