@@ -51,9 +51,19 @@ class CausalLM(nn.Module):
         super().__init__()
         self.lm = lm
 
+    accepts_soft_prompt = True  # peft_args.method prompt: `self.prompt.tokens[0]` goes before the input
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.lm(input_ids=input_ids, use_cache=False).logits
+        prompt = getattr(self, "prompt", None)
+        if prompt is None:
+            logits = self.lm(input_ids=input_ids, use_cache=False).logits
+        else:  # prompt tuning: learnt embeddings before the text; their positions predict nothing
+            embeds = prompt.insert(self.lm.get_input_embeddings()(input_ids))
+            logits = self.lm(inputs_embeds=embeds, use_cache=False).logits[:, prompt.tokens.shape[1]:]
         return logits.reshape(-1, logits.shape[-1])
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
 
     def get_classifier(self) -> None:
         """No head: the LM head is tied to the embeddings and stays frozen (LoRA, bias train the blocks)."""
@@ -72,15 +82,27 @@ class TextClassifier(nn.Module):
         self.pad_id = pad_id
         self.head = nn.Linear(int(encoder.config.hidden_size), num_classes)
 
+    accepts_soft_prompt = True
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = (input_ids != self.pad_id).long()
-        states = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        prompt = getattr(self, "prompt", None)
+        if prompt is None:
+            states = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        else:  # prompt tuning: attended to by every token, left out of the pooling
+            n = prompt.tokens.shape[1]
+            embeds = prompt.insert(self.encoder.get_input_embeddings()(input_ids))
+            full = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, n), mask], dim=1)
+            states = self.encoder(inputs_embeds=embeds, attention_mask=full).last_hidden_state[:, n:]
         weights = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(pooled)
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
 
 
 def build_text_backbone(model_args: ModelArgs, load_weights: bool = True) -> tuple[nn.Module, TextSpec, str]:

@@ -56,7 +56,7 @@ def test_lora_target_modules_come_from_the_config() -> None:
     assert {n.split(".")[-3] for n in method.manifest(model).names} == {"o_proj"}
 
 
-@pytest.mark.parametrize("method", ["bias", "head", "prompt", "adapter"])
+@pytest.mark.parametrize("method", ["bias", "head", "adapter"])
 def test_methods_that_do_not_apply_to_a_causal_lm_say_which_method_and_model(method: str) -> None:
     with pytest.raises(PeftMethodError, match=rf"(?s)'{method}'.*CausalLM"):
         build_method(PeftArgs(method=method)).apply(build_backbone(tiny_lm_args()).model)  # type: ignore[arg-type]
@@ -101,3 +101,24 @@ def test_package_weights_of_the_other_family_are_refused() -> None:
 
     with pytest.raises(BackboneError, match="minilm_package"):
         build_backbone(dataclasses.replace(args, weights="minilm_package"))
+
+
+@pytest.mark.parametrize("family", ["causal_lm", "text_classifier"])
+def test_prompt_tuning_prepends_learnt_embeddings_to_a_text_backbone(family: str) -> None:
+    from fedpeft_edge.config import PromptArgs
+
+    args = tiny_lm_args() if family == "causal_lm" else tiny_classifier_args()
+    with pytest.raises(PeftMethodError, match="shallow"):
+        build_method(PeftArgs(method="prompt")).apply(build_backbone(args).model)
+    m = build_method(PeftArgs(method="prompt", prompt=PromptArgs(num_tokens=5, depth="shallow")))
+    model = m.apply(build_backbone(args).model)
+    shapes = {t.name: t.shape for t in m.manifest(model).tensors}
+    assert shapes.pop("prompt.tokens") == (1, 5, 32)
+    assert set(shapes) == (set() if family == "causal_lm" else {"head.weight", "head.bias"})
+    x, y = _lm_batch()
+    if family == "text_classifier":
+        y = torch.tensor([0, 1, 2, 0])
+    before = model(x).detach().clone()
+    assert before.shape == ((4 * 16, 258) if family == "causal_lm" else (4, 3))
+    LocalTrainer(model, TrainArgs(client_optimizer="adamw", learning_rate=1e-1), "cpu", [(x, y)]).train(max_steps=2)
+    assert not torch.allclose(model(x), before)  # the prompt trained and changes the output
