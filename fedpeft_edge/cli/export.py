@@ -61,4 +61,7 @@ def _export_text(args: argparse.Namespace) -> int:
     print(f"parity with PyTorch (adapter unmerged) on {r.positions} prompt positions: max |logit diff| "
           f"{r.max_abs_diff:.3g} (tolerance {r.atol:g}), greedy agreement {r.agreement:.2%} -> "
           f"{'OK' if r.passed else 'FAILED'}")
+    if r.gguf is not None:
+        print(f"GGUF for llama.cpp: {r.gguf} ({r.gguf.stat().st_size / 1e6:.1f} MB), loaded back: max |logit diff| "
+              f"{r.gguf_max_abs_diff:.3g}, greedy agreement {r.gguf_agreement:.2%}")
     return 0

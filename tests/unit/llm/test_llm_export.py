@@ -43,6 +43,7 @@ def test_the_merged_model_is_written_and_matches_pytorch(tmp_path: Path) -> None
 
     names = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert not any("lora" in k for k in names)  # merged: a plain Llama
+    assert res.gguf is not None and res.gguf.is_file() and res.gguf_agreement == 1.0  # q/k permuted right
 
 
 def test_a_tight_bound_fails_loudly(tmp_path: Path) -> None:
