@@ -32,7 +32,9 @@ class HFTokenizer:
         if hasattr(tok, "convert_tokens_to_ids"):  # transformers
             eos, pad = tok.eos_token_id, tok.pad_token_id
             size = len(tok)
-        else:  # tokenizers.Tokenizer
+        else:  # tokenizers.Tokenizer; its file may fix padding/truncation (MiniLM's pads to 128): the datasets pad
+            tok.no_padding()
+            tok.no_truncation()
             eos = tok.token_to_id("[SEP]")
             pad = tok.token_to_id("[PAD]")
             size = tok.get_vocab_size()

