@@ -203,6 +203,8 @@ def perplexity_of_run(run: Path) -> dict[str, Any]:
     cfg = load_config(run / "config.yaml")
     parts = build_server_model(cfg)
     base = _build_evaluator(cfg, parts).evaluate(parts.method.get_state(parts.model))
+    while not (run / "summary.json").exists():  # the run may still be going: the base is evaluated meanwhile
+        time.sleep(5.0)
     last = [r for r in read_metrics(run, "round") if r.get("status") == "aggregated"][-1]
     held: dict[str, int] = {}
     names = base["per_category"] if base else {}
