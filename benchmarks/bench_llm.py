@@ -5,7 +5,8 @@ loop, the bytes on the wire, and the federated model's held-out perplexity again
    the `computers` fortunes, batch `--batch`, `--threads` torch threads) with the real `fedpeft-server` over a
    local mosquitto; then a bare loop in its own process: transformers' GGUF load, peft's `get_peft_model` with
    the same LoRA (r 8, alpha 16, q_proj/v_proj), AdamW, the same documents tokenised and packed the same way,
-   the same steps. Figures:
+   the same steps, started at the same time as the agent's run (on a shared machine both see the same load).
+   Figures:
    - training tokens/s: the agent's `images_per_s` of its device_round record (target tokens over the training
      call's wall time) against the bare loop's tokens over its loop's wall time; target >= 0.95.
    - peak RSS: ru_maxrss of each process (os.wait4): both load the same GGUF; target agent <= 1.1 x bare.
@@ -94,7 +95,7 @@ def bare_loop(steps: int, seq: int, batch: int, threads: int, max_docs: int) -> 
         opt.step()
         tokens += int(y.numel())
     wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "loss": float(loss)}
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "loss": float(loss.detach())}
 
 
 # --- the agent over MQTT -----------------------------------------------------------------------------------
@@ -118,11 +119,15 @@ def _run_config(tmp: Path, port: int, steps: int, seq: int, batch: int, threads:
 def _wait_rusage(p: subprocess.Popen[bytes], timeout: float) -> float:
     """Peak RSS (MB) of a child process, from the kernel's ru_maxrss when it exits (SIGTERM after timeout)."""
     deadline = time.monotonic() + timeout
-    while p.poll() is None and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)  # not p.poll(): it would reap the child and its rusage
+        if pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_maxrss / 1024.0
         time.sleep(0.5)
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-    _pid, _status, usage = os.wait4(p.pid, 0)
+    p.send_signal(signal.SIGTERM)
+    _pid, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
     return usage.ru_maxrss / 1024.0
 
 
@@ -162,15 +167,17 @@ def agent_run(steps: int, seq: int, batch: int, threads: int) -> dict[str, Any]:
             "bytes_down": rec["bytes_down"], "raw_bytes": manifest.nbytes, "params": manifest.num_params}
 
 
-def bare_run(steps: int, seq: int, batch: int, threads: int) -> dict[str, Any]:
+def bare_start(out: Path, steps: int, seq: int, batch: int, threads: int) -> subprocess.Popen[bytes]:
+    """The bare loop's process, started beside the agent's run: on a shared machine both then see the same load."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    with tempfile.TemporaryDirectory(prefix="bench-llm-bare-") as d:
-        out = Path(d) / "bare.json"
-        p = subprocess.Popen([sys.executable, __file__, "--bare", str(out), "--steps", str(steps), "--seq", str(seq),
-                              "--batch", str(batch), "--threads", str(threads)], cwd=REPO, env=env)
-        rss = _wait_rusage(p, 3600)
-        res = json.loads(out.read_text())
-    return {**res, "rss_mb": rss}
+    return subprocess.Popen([sys.executable, __file__, "--bare", str(out), "--steps", str(steps), "--seq", str(seq),
+                             "--batch", str(batch), "--threads", str(threads)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def bare_finish(p: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    rss = _wait_rusage(p, 3600)
+    return {**json.loads(out.read_text()), "rss_mb": rss}
 
 
 # --- perplexity after the demo's rounds ----------------------------------------------------------------------
@@ -246,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32), LoRA r=8 q_proj,v_proj, AdamW, {a.steps} steps of "
           f"{a.batch} x {a.seq} tokens, {a.threads} thread(s)")
     if not a.skip_throughput:
-        agent = agent_run(a.steps, a.seq, a.batch, a.threads)
-        bare = bare_run(a.steps, a.seq, a.batch, a.threads)
+        with tempfile.TemporaryDirectory(prefix="bench-llm-bare-") as d:
+            proc = bare_start(Path(d) / "bare.json", a.steps, a.seq, a.batch, a.threads)
+            agent = agent_run(a.steps, a.seq, a.batch, a.threads)
+            bare = bare_finish(proc, Path(d) / "bare.json")
         ratio = agent["tokens_per_s"] / bare["tokens_per_s"]
         rss = agent["rss_mb"] / bare["rss_mb"]
         up, down = agent["bytes_up"] / agent["raw_bytes"], agent["bytes_down"] / agent["raw_bytes"]
