@@ -49,7 +49,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
-        self.lm = lm
+        self.lm: Any = lm  # a transformers PreTrainedModel (typed loosely: its methods are not nn.Module's)
 
     accepts_soft_prompt = True  # peft_args.method prompt: `self.prompt.tokens[0]` goes before the input
 
@@ -76,9 +76,9 @@ class TextClassifier(nn.Module):
     task = "text_classifier"
     lora_targets = ("query", "value")
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pad_id: int) -> None:
+    def __init__(self, encoder: Any, num_classes: int, pad_id: int) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder: Any = encoder  # a transformers BertModel
         self.pad_id = pad_id
         self.head = nn.Linear(int(encoder.config.hidden_size), num_classes)
 
@@ -119,6 +119,7 @@ def build_text_backbone(model_args: ModelArgs, load_weights: bool = True) -> tup
         raise BackboneError(f"model_args.weights={model_args.weights!r} does not hold a {family} model; use "
                             + ", ".join(f"{w!r} for {f}" for w, (f, _) in _PACKAGES.items())
                             + ", 'file' or 'none'")
+    tokenizer: ByteTokenizer | HFTokenizer
     if model_args.weights == "none":
         inner, tokenizer, source = _random_init(model_args), ByteTokenizer(), "random-init"
     elif model_args.weights == "smollm2_package":
@@ -133,7 +134,7 @@ def build_text_backbone(model_args: ModelArgs, load_weights: bool = True) -> tup
     return _wrap(model_args, inner, tokenizer, source)
 
 
-def _wrap(model_args: ModelArgs, inner: nn.Module, tokenizer: Any, source: str) -> tuple[nn.Module, TextSpec, str]:
+def _wrap(model_args: ModelArgs, inner: Any, tokenizer: Any, source: str) -> tuple[nn.Module, TextSpec, str]:
     family = model_args.family
     if model_args.gradient_checkpointing:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,8 +66,8 @@ def export_text_run(run_dir: str | Path, out: str | Path, round_idx: int | None 
     ckpt = load_checkpoint(root, round_idx)
     backbone, method, model, _manifest, _fp = rebuild_checked(cfg, ckpt)
     merged = method.export_model(model)
-    lm = getattr(merged, "lm", None)
-    if not isinstance(lm, nn.Module) or not hasattr(lm, "save_pretrained"):
+    lm: Any = getattr(merged, "lm", None)
+    if not callable(getattr(lm, "save_pretrained", None)):
         raise ExportError(f"{type(merged).__name__} holds no transformers model to save")
     directory = Path(out)
     try:
