@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from fedpeft_edge.errors import BackboneError, ConfigError
 from fedpeft_edge.weights import SOURCES as NAMED_SOURCES
 from fedpeft_edge.weights import load_named_weights
 from fedpeft_edge.weights import source as named_source
+
+if TYPE_CHECKING:
+    from fedpeft_edge.llm.spec import TextSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,27 @@ class InputSpec:
 
 @dataclasses.dataclass
 class Backbone:
-    """A timm model with a fresh `num_classes` head, its input spec and where its weights came from."""
+    """A timm model with a fresh `num_classes` head (or a text model, fedpeft_edge/llm/), its input spec and where
+    its weights came from."""
 
     model: nn.Module
     name: str
-    data_config: InputSpec
+    data_config: InputSpec | TextSpec
     weights_source: str
 
 
 def build_backbone(model_args: ModelArgs, device: torch.device | str | None = None,
                    image_size: int | None = None) -> Backbone:
-    """Build `model_args.model` with a new head; weights from nothing, a local file or the Lite0 package.
-    `image_size` (data_args.image_size) is checked against a model with a fixed input size first."""
+    """Build `model_args.model` with a new head; weights from nothing, a local file or a package.
+    `image_size` (data_args.image_size) is checked against a model with a fixed input size first.
+
+    model_args.family picks the kind of model: image (timm, here) or a text model (fedpeft_edge/llm/)."""
+    if model_args.family != "image":
+        from fedpeft_edge.llm.backbone import build_text_backbone
+
+        model, text_spec, text_source = build_text_backbone(model_args)
+        return Backbone(model=model.to(device or "cpu"), name=model_args.model, data_config=text_spec,
+                        weights_source=text_source)
     _refuse_hub_request(model_args)
     check_input_size(model_args, image_size)
     model = create_timm_model(model_args.model, model_args.num_classes, model_args.model_kwargs, device)

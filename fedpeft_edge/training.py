@@ -19,6 +19,7 @@ from fedpeft_edge.errors import TrainingError
 log = logging.getLogger(__name__)
 
 Batch = Any  # (inputs, labels) as a DataLoader yields them
+IGNORE_INDEX = -100  # a target that counts for nothing (a causal LM's padding): cross_entropy's default
 
 
 class Privatizer(Protocol):
@@ -44,7 +45,8 @@ class StepStats:
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """One local training call: steps and samples seen, mean loss and top-1 on the training batches."""
+    """One local training call: steps and samples seen (images, or a causal LM's target tokens), mean loss and
+    top-1 on the training batches."""
 
     steps: int
     samples: int
@@ -63,7 +65,8 @@ class TrainResult:
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """Mean cross-entropy loss and top-1 accuracy over `samples` images."""
+    """Mean cross-entropy loss and top-1 accuracy over `samples` targets: images, or a causal LM's tokens (then
+    top-1 is next-token accuracy and exp(loss) the perplexity)."""
 
     loss: float
     top1: float
@@ -191,8 +194,7 @@ class LocalTrainer:
             torch.cuda.synchronize(self.device)
         compute_s = time.perf_counter() - t0
         self._steps += 1
-        n = int(labels.shape[0])
-        correct = int((logits.detach().argmax(dim=1) == labels).sum())
+        n, correct = _count_correct(logits.detach(), labels)
         totals.add(n, float(loss.detach()), correct, data_s, compute_s)
         return StepStats(step=self._steps, batch_size=n, loss=float(loss.detach()), data_s=data_s,
                          compute_s=compute_s)
@@ -272,8 +274,9 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | s
                 inputs, labels = _to_device(batch, dev)
                 logits = model(inputs).float()
                 loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == labels).sum())
-                samples += int(labels.shape[0])
+                n, right = _count_correct(logits, labels)
+                correct += right
+                samples += n
     finally:
         model.train(was_training)
     if samples == 0:
@@ -292,6 +295,13 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(targets, correct argmax predictions): an image's label is one target; a causal LM's batch has a target
+    per position, IGNORE_INDEX (-100, cross_entropy's default ignore_index) where there is no next token."""
+    valid = labels != IGNORE_INDEX
+    return int(valid.sum()), int(((logits.argmax(dim=1) == labels) & valid).sum())
+
+
 def _batch_size(batch: Batch) -> int:
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else len(inputs)
@@ -301,6 +311,8 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TrainingError(f"a batch must be (inputs, labels), got {type(batch).__name__}")
     inputs, labels = batch[0], batch[1]
+    if labels.dim() > 1:  # a target per position (causal LM): one row each, as the model returns (B*T, C)
+        labels = labels.reshape(-1)
     non_blocking = device.type == "cuda"
     return (inputs.to(device, non_blocking=non_blocking),
             labels.to(device, dtype=torch.long, non_blocking=non_blocking))

@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
               f"see {logs / 'server.log'}", file=sys.stderr)
         return rc
     _print_tables(run_dir, cfg, wall)
+    if cfg.model_args.family == "causal_lm":
+        _print_answers(cfg, run_dir)
     if not args.no_report:
         from fedpeft_edge.report import write_report
 
@@ -260,6 +262,23 @@ def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
 
         print(f"  DIVERGENCE {describe_divergence(rec)}")
     return cum
+
+
+def _print_answers(cfg: Any, run_dir: Path) -> None:
+    """A causal LM's held-out prompts continued by the base and the federated model (also in the report)."""
+    from fedpeft_edge.errors import FedPeftError
+    from fedpeft_edge.llm.samples import answer_prompts
+
+    try:
+        rows = answer_prompts(cfg, run_dir)
+    except FedPeftError as exc:
+        print(f"no held-out prompts answered: {exc}", file=sys.stderr)
+        return
+    print()
+    print("held-out prompts, continued greedily by the base model and the federated one:")
+    for row in rows:
+        base, fed = (v for k, v in row.items() if k not in ("category", "prompt"))
+        print(f"  [{row['category']}] {row['prompt']!r}\n    base:      {base!r}\n    federated: {fed!r}")
 
 
 def _print_tables(run_dir: Path, cfg: Any, wall: float) -> None:

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"simulated {cfg.train_args.client_num_in_total} devices, {summary['rounds']} rounds in "
           f"{time.perf_counter() - t0:.1f} s; final top-1 {summary.get('final_top1')}; "
-          f"{summary['bytes_total']} encoded bytes; results in {run_dir}")
+          + (f"final perplexity {summary['final_perplexity']:.3f}; " if "final_perplexity" in summary else "")
+          + f"{summary['bytes_total']} encoded bytes; results in {run_dir}")
     reason = summary.get("end_reason")
     if reason != "completed":
         print(f"fedpeft-edge simulate: error: the run ended after {summary['rounds']} of "

@@ -95,13 +95,14 @@ class ModelFacts:
     peak_rss_mb: float | None = None  # this process's peak RSS after one training step (None: not measured)
     step_s: float | None = None  # that step's time
     step_error: str | None = None  # why the step failed
+    step_mb: float | None = None  # a text backbone: one training step's memory, measured (fedpeft_edge/llm/memory)
 
 
 def build_model_facts(cfg: RunConfig) -> ModelFacts:
     """Build the backbone and PEFT method exactly as the agent does (same seed) and fingerprint it."""
     import torch
 
-    from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
+    from fedpeft_edge.backbone import InputSpec, build_backbone, fingerprint_backbone
     from fedpeft_edge.peft import build_method
 
     torch.manual_seed(cfg.common_args.random_seed)
@@ -113,7 +114,14 @@ def build_model_facts(cfg: RunConfig) -> ModelFacts:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     facts = ModelFacts(fingerprint_backbone(model, manifest), backbone.weights_source, total / MB, trainable / MB)
-    return _measure_step(facts, model, cfg, backbone.data_config.input_size)
+    spec = backbone.data_config
+    if not isinstance(spec, InputSpec):  # a text backbone: activations (logits over the vocabulary) dominate
+        from fedpeft_edge.llm.memory import training_step_mb
+
+        step_mb = training_step_mb(model, cfg.train_args, cfg.data_args, int(spec.vocab_size),
+                                   cfg.model_args.family, cfg.model_args.num_classes)
+        return dataclasses.replace(facts, step_mb=step_mb)
+    return _measure_step(facts, model, cfg, spec.input_size)
 
 
 def _measure_step(facts: ModelFacts, model: Any, cfg: RunConfig, input_size: Sequence[int]) -> ModelFacts:
@@ -153,6 +161,11 @@ def check_weights_file(cfg: RunConfig) -> Check:
     m = cfg.model_args
     if m.weights == "none":
         return Check("backbone weights", "OK", "weights: none (random init from the run's seed)")
+    if m.weights in ("smollm2_package", "minilm_package"):
+        from fedpeft_edge.llm.backbone import package_check
+
+        ok, detail = package_check(m.weights)
+        return Check("backbone weights", "OK" if ok else "FAIL", detail)
     if m.weights == "file":
         path = Path(m.checkpoint_path or "").expanduser()
         if not m.checkpoint_path or not path.is_file():
@@ -476,7 +489,10 @@ def _ina3221_read(rails: Sequence[Any]) -> tuple[str, bool]:
 
 
 def memory_needed_mb(facts: ModelFacts, optimizer: str) -> float:
-    """Model tensors once, plus grads and optimizer state of the trainable ones, plus the runtime overhead."""
+    """Model tensors once, plus grads and optimizer state of the trainable ones, plus the runtime overhead; for a
+    text backbone, the measured training step (activations, gradients, optimizer state) instead of the estimate."""
+    if facts.step_mb is not None:
+        return facts.model_mb + facts.step_mb + RUNTIME_OVERHEAD_MB
     slots = 3 if optimizer == "adamw" else 2  # grad + (exp_avg, exp_avg_sq) or grad + momentum
     return facts.model_mb + slots * facts.trainable_mb + RUNTIME_OVERHEAD_MB
 
@@ -500,11 +516,14 @@ def check_memory(facts: ModelFacts | None, optimizer: str, available_mb: float |
                + (f" ({facts.step_s:.1f} s)" if facts.step_s is not None else "") + ", plus the device's data")
     else:
         need = memory_needed_mb(facts, optimizer)
-        how = f"estimated: model {facts.model_mb:.0f} MB"
+        how = f"estimated: model {facts.model_mb:.0f} MB" + (
+            f", one training step {facts.step_mb:.0f} MB measured" if facts.step_mb is not None else "")
     detail = f"{have:.0f} MB available, {need:.0f} MB needed ({how})"
     if have < need:
-        return Check("free memory", "FAIL", detail + "; lower data_args.batch_size, close other programs, add swap "
-                     "or pick a smaller model")
+        fix = ("; lower data_args.batch_size or max_seq_len, set model_args.gradient_checkpointing"
+               if facts.step_mb is not None else "; lower data_args.batch_size")
+        return Check("free memory", "FAIL", detail + fix + ", close other programs, add swap or pick a smaller "
+                     "model")
     return Check("free memory", "OK", detail)
 
 

@@ -89,7 +89,7 @@ class SharedRuntime:
         torch.manual_seed(cfg.common_args.random_seed)
         backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
         self.backbone_name = backbone.name
-        self.input_spec = backbone.data_config
+        self.input_spec: Any = backbone.data_config  # an image InputSpec, or a text backbone's TextSpec
         self.method = build_method(cfg.peft_args)
         self.model = self.method.apply(backbone.model).to(self.device)
         self.manifest = self.method.manifest(self.model)

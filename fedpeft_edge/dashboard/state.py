@@ -168,6 +168,7 @@ class FederationState:
                "dropped": dict(r.get("dropped") or {}), "bytes_down": r.get("bytes_down"),
                "bytes_up": r.get("bytes_up"), "cum_bytes": r.get("cum_bytes"), "round_s": r.get("round_s"),
                "aggregate_s": r.get("aggregate_s"), "top1": ev.get("top1"), "loss": ev.get("loss"),
+               "perplexity": ev.get("perplexity"),
                "devices_online": r.get("devices_online"), "time": r.get("time")}
         self.rounds.append(row)
         delta: dict[str, Any] = {"round": row}

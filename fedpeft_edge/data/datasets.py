@@ -12,6 +12,7 @@ API
     restricted unpickler, see `cifar.py`).
   - `imagefolder`: `data_cache_dir/<class>/...` or `data_cache_dir/{train,test|val}/<class>/...`; how users
     bring Resisc45, PCam exported as images, their own data, and how a device reads its own local directory.
+  - `fortunes`, `textfolder`, `jsonl`: text labelled by category, for text backbones (fedpeft_edge/llm/data.py).
 - Sources without an official test split (digits, a flat ImageFolder) get a fixed held-out set: 20% chosen
   with seed `HELD_OUT_SEED`, the same in every run and process, split off BEFORE any partitioning so clients
   never see it. `hold_out_test=False` keeps everything in `train` (a device reading its own directory).
@@ -49,6 +50,7 @@ class Split:
     labels: np.ndarray
     images: np.ndarray | None = None  # uint8 (N, H, W) or (N, H, W, C)
     files: tuple[Path, ...] | None = None
+    texts: tuple[str, ...] | None = None  # a text source's documents (fedpeft_edge/llm/data.py)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -58,7 +60,8 @@ class Split:
         idx = np.asarray(indices, dtype=np.int64)
         images = None if self.images is None else self.images[idx]
         files = None if self.files is None else tuple(self.files[i] for i in idx)
-        return Split(labels=self.labels[idx], images=images, files=files)
+        texts = None if self.texts is None else tuple(self.texts[i] for i in idx)
+        return Split(labels=self.labels[idx], images=images, files=files, texts=texts)
 
     def load_uint8(self, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
         """All images as uint8 (N, C, H, W); files are decoded at `size`, arrays kept as they are."""
@@ -142,12 +145,22 @@ def _load_image_folder(data_args: DataArgs) -> _Loaded:
     return Split(labels, files=tuple(files)), None, names, str(root)
 
 
+def _load_text(data_args: DataArgs) -> _Loaded:
+    from fedpeft_edge.llm.data import load_text_source  # text sources: documents labelled by category
+
+    train, test, names, location = load_text_source(data_args)
+    return train, test, names, location
+
+
 _LOADERS: dict[str, Callable[[DataArgs], _Loaded]] = {
     "digits": _load_digits,
     "fashion_mnist": _load_fashion,
     "cifar10": _load_cifar,
     "cifar100": _load_cifar,
     "imagefolder": _load_image_folder,
+    "fortunes": _load_text,
+    "textfolder": _load_text,
+    "jsonl": _load_text,
 }
 
 

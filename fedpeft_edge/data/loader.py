@@ -203,10 +203,9 @@ def _client_data(
     source: Source, train: Split, test: Split, data_args: DataArgs, input_spec: InputSpecLike, seed: int,
     client_index: int | None, digest: str | None,
 ) -> ClientData:
-    transform = ImageTransform.from_spec(input_spec, data_args.image_size)
     shuffle_seed = loader_seed(seed, client_index if client_index is not None else 0)
-    train_set = make_dataset(train, transform, data_args.cache_max_mb)
-    test_set = make_dataset(test, transform, data_args.cache_max_mb)
+    train_set = _dataset_for(train, input_spec, data_args, True)
+    test_set = _dataset_for(test, input_spec, data_args, False)
     return ClientData(
         train_loader=make_loader(train_set, data_args, True, shuffle_seed),
         test_loader=make_loader(test_set, data_args, False, 0),
@@ -277,5 +276,17 @@ def build_server_test_loader(
     test = src.test.subset(subset_pool(len(src.test), data_args.max_test_samples, seed, _PURPOSE_SERVER_TEST))
     if not len(test):
         raise DataError(f"{src.name} in {src.location} has no test samples for the server; add a test split")
+    return make_loader(_dataset_for(test, input_spec, data_args, False), data_args, False, 0)
+
+
+def _dataset_for(split: Split, input_spec: Any, data_args: DataArgs, train: bool) -> Dataset[Sample]:
+    """Images through the backbone's transform, or text tokenised for a text backbone (its `TextSpec`)."""
+    if getattr(input_spec, "tokenizer", None) is not None:
+        from fedpeft_edge.llm.data import text_dataset
+
+        return text_dataset(split, input_spec, data_args, train)
+    if split.texts is not None:
+        raise DataError(f"data_args.dataset={data_args.dataset!r} holds text, but the backbone takes images; set "
+                        "model_args.family to causal_lm or text_classifier")
     transform = ImageTransform.from_spec(input_spec, data_args.image_size)
-    return make_loader(make_dataset(test, transform, data_args.cache_max_mb), data_args, False, 0)
+    return make_dataset(split, transform, data_args.cache_max_mb)

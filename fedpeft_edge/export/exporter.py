@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
+from fedpeft_edge.backbone import Backbone, build_backbone, fingerprint_backbone
 from fedpeft_edge.config import RunConfig, load_config
 from fedpeft_edge.errors import ExportError, PeftMethodError
 from fedpeft_edge.export.onnx import OPSET, export_onnx, open_session, resolve_input_size
@@ -87,6 +87,11 @@ def export_run(
     return ExportResult(path=path, size_bytes=len(data), metadata=metadata, parity=parity, export_s=export_s)
 
 
+def load_run_config(root: Path) -> RunConfig:
+    """The config.yaml a server wrote into a run directory."""
+    return _load_run_config(root)
+
+
 def _load_run_config(root: Path) -> RunConfig:
     path = root / CONFIG_FILE
     if not path.exists():
@@ -97,6 +102,16 @@ def _load_run_config(root: Path) -> RunConfig:
 def rebuild_model(cfg: RunConfig, ckpt: Checkpoint) -> _Rebuilt:
     """The run's backbone with its method applied and the checkpoint's tensors loaded, after checking both
     the manifest hash and the frozen-backbone fingerprint against the checkpoint."""
+    backbone, method, model, manifest, fingerprint = rebuild_checked(cfg, ckpt)
+    spec = backbone.data_config
+    input_size = resolve_input_size(spec.input_size, cfg.data_args.image_size)  # type: ignore[union-attr]
+    return _Rebuilt(model, method, manifest, fingerprint, backbone.name, input_size,
+                    tuple(spec.mean), tuple(spec.std))  # type: ignore[union-attr]
+
+
+def rebuild_checked(cfg: RunConfig, ckpt: Checkpoint) -> tuple[Backbone, PeftMethod, nn.Module, Manifest, str]:
+    """(backbone, method, model with the checkpoint's tensors, manifest, fingerprint), both checked against
+    the checkpoint: what every export (ONNX, a text model's safetensors) starts from."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.common_args.random_seed)  # as the server builds it (matters for weights="none")
         backbone = build_backbone(cfg.model_args, image_size=cfg.data_args.image_size)
@@ -123,10 +138,7 @@ def rebuild_model(cfg: RunConfig, ckpt: Checkpoint) -> _Rebuilt:
         raise ExportError(
             f"checkpoint round {ckpt.round} does not load into the rebuilt model: {exc}"
         ) from exc
-    spec = backbone.data_config
-    input_size = resolve_input_size(spec.input_size, cfg.data_args.image_size)
-    return _Rebuilt(model, method, manifest, fingerprint, backbone.name, input_size,
-                    tuple(spec.mean), tuple(spec.std))
+    return backbone, method, model, manifest, fingerprint
 
 
 def export_metadata(cfg: RunConfig, ckpt: Checkpoint, rebuilt: _Rebuilt,

@@ -48,7 +48,12 @@ def measure_updates(
     from fedpeft_edge.peft import build_method
 
     m = build_method(peft_args)
-    model = m.apply(build_backbone(dataclasses.replace(model_args, weights="none")).model)
+    if model_args.family == "image":
+        model = m.apply(build_backbone(dataclasses.replace(model_args, weights="none")).model)
+    else:  # a text model's own architecture (its config, random weights): weights="none" would be a test model
+        from fedpeft_edge.llm.backbone import build_text_backbone
+
+        model = m.apply(build_text_backbone(model_args, load_weights=False)[0])
     manifest = m.manifest(model)
     state = m.get_state(model)
     out = []

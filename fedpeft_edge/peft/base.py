@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedpeft_edge.backbone import classifier, named_tensors
+from fedpeft_edge.backbone import classifier, named_tensors, unwrap
 from fedpeft_edge.errors import PeftMethodError
 from fedpeft_edge.wire.codec import all_finite
 
@@ -133,6 +133,10 @@ class PeftMethod(abc.ABC):
         self._check_supported(model)
         model = self._insert(model)
         trained = set(self._select(model))
+        if not trained:
+            raise PeftMethodError(f"method {self.name!r} does not apply to {type(unwrap(model)).__name__}: it "
+                                  "selects no tensor there (e.g. bias-tuning on a model without biases); pick "
+                                  "another peft_args.method, such as 'lora'")
         for key, tensor in named_tensors(model).items():
             if isinstance(tensor, nn.Parameter):
                 tensor.requires_grad_(key in trained)
@@ -232,7 +236,10 @@ def parameter_names(model: nn.Module) -> list[str]:
 
 
 def head_names(model: nn.Module) -> list[str]:
-    """Canonical names of the classifier's parameters (timm's get_classifier())."""
+    """Canonical names of the classifier's parameters (timm's get_classifier()); none for a model that has no
+    head by design (a causal LM declares `has_head = False`: its output layer is tied to the embeddings)."""
+    if getattr(unwrap(model), "has_head", True) is False:
+        return []
     head = classifier(model)
     if head is None or not any(True for _ in head.parameters()):
         raise PeftMethodError(f"{type(model).__name__} has no classifier with parameters; build it with "

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 NOT_AVAILABLE = "not available"
 MB = 1e6  # report sizes in decimal megabytes (10^6 bytes), as network figures usually are
 
-ROUND_COLUMNS = ("run", "method", "round", "top1", "loss", "eval_samples", "bytes_up", "bytes_down",
+ROUND_COLUMNS = ("run", "method", "round", "top1", "loss", "perplexity", "eval_samples", "bytes_up", "bytes_down",
                  "cum_bytes", "cum_mb", "round_s", "aggregate_s", "selected", "accepted", "dropped",
                  "devices_online")
 DEVICE_ROUND_COLUMNS = ("run", "round", "device_id", "status", "drop_reason", "num_samples", "bytes_up",
@@ -153,6 +153,33 @@ def _count(value: Any) -> Any:
 # --- tables -------------------------------------------------------------------------------------------------
 
 
+CATEGORY_COLUMNS = ("run", "round", "category", "perplexity", "loss", "next_token_acc", "tokens")
+
+
+def category_rows(run: RunData) -> list[dict[str, Any]]:
+    """A causal LM's held-out perplexity and next-token accuracy per category and round (none otherwise)."""
+    rows = []
+    for r in run.rounds:
+        for name, ev in ((r.get("eval") or {}).get("per_category") or {}).items():
+            rows.append({"run": run.name, "round": r.get("round"), "category": name,
+                         "perplexity": ev.get("perplexity"), "loss": ev.get("loss"),
+                         "next_token_acc": ev.get("top1"), "tokens": ev.get("samples")})
+    return rows
+
+
+def answer_rows(run: RunData) -> list[dict[str, Any]]:
+    """The held-out prompts a demo had the base and the federated model continue (llm_samples.json)."""
+    path = run.path / "llm_samples.json"
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return []
+    return [{"run": run.name, **r} for r in rows if isinstance(r, dict)]
+
+
 def round_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per server round."""
     rows = []
@@ -161,7 +188,8 @@ def round_rows(run: RunData) -> list[dict[str, Any]]:
         cum = r.get("cum_bytes")
         rows.append({
             "run": run.name, "method": run.method, "round": r.get("round"), "top1": ev.get("top1"),
-            "loss": ev.get("loss"), "eval_samples": ev.get("samples"), "bytes_up": r.get("bytes_up"),
+            "loss": ev.get("loss"), "perplexity": ev.get("perplexity"), "eval_samples": ev.get("samples"),
+            "bytes_up": r.get("bytes_up"),
             "bytes_down": r.get("bytes_down"), "cum_bytes": cum,
             "cum_mb": _scaled(cum), "round_s": r.get("round_s"),
             "aggregate_s": r.get("aggregate_s"), "selected": _count(r.get("selected")),
@@ -523,6 +551,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "energy": (ENERGY_COLUMNS, [r for run in runs for r in energy_rows(run.device_rounds, run.name)]),
         "divergence": (DIVERGENCE_COLUMNS, [r for run in runs for r in divergence_rows(run)]),
     }
+    categories = [r for run in runs for r in category_rows(run)]
+    if categories:  # a causal LM: held-out perplexity per category, and prompts answered before/after
+        tables["perplexity_by_category"] = (CATEGORY_COLUMNS, categories)
+        answers = [r for run in runs for r in answer_rows(run)]
+        if answers:
+            tables["held_out_prompts"] = (tuple(answers[0]), answers)
     csvs = {name: write_csv(out / f"{name}.csv", cols, rows) for name, (cols, rows) in tables.items()}
     plots = _write_plots(runs, out)
     page = out / "report.html"

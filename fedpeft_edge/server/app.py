@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,12 @@ log = logging.getLogger(__name__)
 class ModelEvaluator:
     """The global tensors on the server's held-out test set (the method's model, built once)."""
 
-    def __init__(self, method: Any, model: torch.nn.Module, loader: Any, device: torch.device) -> None:
+    def __init__(self, method: Any, model: torch.nn.Module, loader: Any, device: torch.device,
+                 groups: Mapping[str, Any] | None = None, language_model: bool = False) -> None:
         self.method, self.model, self.loader, self.device = method, model, loader, device
+        # a causal LM's held-out text per category: evaluated per group (each row once), overall = their sum
+        self.groups = dict(groups or {})
+        self.language_model = language_model
 
     @property
     def available(self) -> bool:
@@ -49,8 +54,25 @@ class ModelEvaluator:
         if self.loader is None:
             return None
         self.method.set_state(self.model, dict(state))
-        res = evaluate(self.model, self.loader, self.device)
-        return {"loss": res.loss, "top1": res.top1, "samples": res.samples}
+        if not self.groups:
+            res = evaluate(self.model, self.loader, self.device)
+            return _eval_record(res.loss, res.top1, res.samples, self.language_model)
+        per = {name: evaluate(self.model, loader, self.device) for name, loader in self.groups.items()}
+        n = sum(r.samples for r in per.values())
+        loss = sum(r.loss * r.samples for r in per.values() if r.samples) / max(n, 1)
+        top1 = sum(r.top1 * r.samples for r in per.values() if r.samples) / max(n, 1)
+        out = _eval_record(loss, top1, n, self.language_model)
+        out["per_category"] = {name: _eval_record(r.loss, r.top1, r.samples, self.language_model)
+                               for name, r in per.items()}
+        return out
+
+
+def _eval_record(loss: float, top1: float, samples: int, language_model: bool) -> dict[str, Any]:
+    """{loss, top1, samples}, and for a causal LM its perplexity exp(loss) (top1 is next-token accuracy)."""
+    out: dict[str, Any] = {"loss": loss, "top1": top1, "samples": samples}
+    if language_model:
+        out["perplexity"] = math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +104,7 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     checkpoints and evaluator."""
     run_dir = Path(run_dir)
     parts = model if model is not None else build_server_model(cfg)
-    method, device = parts.method, parts.device
+    method = parts.method
     manifest = method.manifest(parts.model)
     fingerprint = fingerprint_backbone(parts.model, manifest)
     if resume:
@@ -90,10 +112,11 @@ def build_engine(cfg: RunConfig, run_dir: str | Path, resume: bool, meter: Bandw
     else:
         refuse_reuse(run_dir, cfg.common_args.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    loader, class_names = _server_data(cfg, parts.input_spec, parts.source)
-    evaluator = ModelEvaluator(method, parts.model, loader, device)
+    evaluator, class_names = _build_evaluator(cfg, parts)
     shapes = method.shape_plan(manifest)  # per-device shapes and merge (LoRA flexlora); else the plain manifest
     spec = RunSpec.from_config(cfg, manifest, fingerprint, bytes_kind, class_names)
+    if evaluator.language_model:  # chance level (divergence warnings) is over the vocabulary, not num_classes
+        spec = dataclasses.replace(spec, num_classes=int(parts.input_spec.vocab_size))
     engine = RoundEngine(
         spec, method.get_state(parts.model), with_plan(build_strategy(spec.train_args), shapes),
         clock=SystemClock(), timers=timers, runlog=RunLog(run_dir),
@@ -115,9 +138,25 @@ def start_run_dir(engine: RoundEngine, cfg: RunConfig, run_dir: Path, resume: bo
         (run_dir / CLASSES_FILE).write_text(json.dumps(list(engine.spec.class_names)) + "\n", encoding="utf-8")
 
 
-def _server_data(cfg: RunConfig, input_spec: Any, source: Any) -> tuple[Any, tuple[str, ...] | None]:
-    """The server's test loader (None without data) and the run's class list: data_args.class_names, else the
-    server's data's classes (None when neither is known: devices' labels are then not checked by name)."""
+def _build_evaluator(cfg: RunConfig, parts: ServerModel) -> tuple[ModelEvaluator, tuple[str, ...] | None]:
+    """The held-out evaluator and the run's class list (image runs; a text run's categories are not labels);
+    a causal LM's held-out text is evaluated per category of its source."""
+    language_model = getattr(parts.input_spec, "task", None) == "causal_lm"
+    loader, class_names, source = _server_data(cfg, parts.input_spec, parts.source)
+    groups: dict[str, Any] = {}
+    if language_model and loader is not None and source is not None:
+        from fedpeft_edge.llm.data import category_loaders
+
+        groups = category_loaders(loader, source.class_names)
+    if cfg.model_args.family != "image":
+        class_names = None
+    return ModelEvaluator(parts.method, parts.model, loader, parts.device, groups, language_model), class_names
+
+
+def _server_data(cfg: RunConfig, input_spec: Any, source: Any) -> tuple[Any, tuple[str, ...] | None, Any]:
+    """The server's test loader (None without data), the run's class list (data_args.class_names, else the
+    server's data's classes; None when neither is known: devices' labels are then not checked by name) and the
+    data source it read (None without data)."""
     from fedpeft_edge.data import build_server_test_loader, load_source
 
     names = cfg.data_args.class_names
@@ -132,16 +171,16 @@ def _server_data(cfg: RunConfig, input_spec: Any, source: Any) -> tuple[Any, tup
             log.warning("the server's data has %d classes but model_args.num_classes=%d: its class list is not "
                         "sent to devices; set data_args.class_names", len(names), cfg.model_args.num_classes)
             names = None
-    if names is None:
+    if names is None and cfg.model_args.family == "image":
         log.warning("no class list for this run (set data_args.class_names, or give the server the data): devices' "
                     "class folders are not mapped by name")
     if source is None:
-        return None, names
+        return None, names, None
     try:
-        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source), names
+        return build_server_test_loader(cfg.data_args, input_spec, cfg.common_args.random_seed, source), names, source
     except FedPeftError as exc:
         log.warning("no server-side evaluation: %s", exc)
-        return None, names
+        return None, names, source
 
 
 def _check_resumable(run_dir: Path, manifest_hash: str, fingerprint: str) -> None:

@@ -151,6 +151,7 @@ def build_summary(rounds: list[dict[str, Any]], shared_params: int, fingerprint:
     """summary.json: final accuracy, bytes per direction and per round, from the round records themselves."""
     ok = [r for r in rounds if r.get("status") == "aggregated"]  # failed attempts' bytes crossed the wire too
     evals = [r["eval"]["top1"] for r in ok if r.get("eval")]
+    ppl = [r["eval"]["perplexity"] for r in ok if (r.get("eval") or {}).get("perplexity") is not None]
     down = sum(r["bytes_down"] for r in rounds)
     up = sum(r["bytes_up"] for r in rounds)
     drops: dict[str, int] = {}
@@ -161,6 +162,7 @@ def build_summary(rounds: list[dict[str, Any]], shared_params: int, fingerprint:
         "rounds": len(ok),
         "final_top1": evals[-1] if evals else None,
         "best_top1": max(evals) if evals else None,
+        **({"final_perplexity": ppl[-1], "best_perplexity": min(ppl)} if ppl else {}),  # causal LMs
         "bytes_down": down,
         "bytes_up": up,
         "bytes_total": down + up,

@@ -57,6 +57,7 @@ class _Run:
         return {"run": self.planned.run_id, **self.planned.values, "method": cfg.peft_args.method,
                 "learning_rate": cfg.train_args.learning_rate, "rounds": s.get("rounds"),
                 "final_top1": s.get("final_top1"), "best_top1": s.get("best_top1"),
+                "final_perplexity": s.get("final_perplexity"),
                 "mb_total": _scaled(s.get("bytes_total")), "mb_per_round": _scaled(s.get("bytes_per_round")),
                 "epsilon": self.epsilon, "divergences": len(self.divergences),
                 "rounds_flagged": " ".join(str(x) for x in self.rounds_flagged),
@@ -75,8 +76,8 @@ def write_study_report(study: StudyConfig, planned: Sequence[PlannedRun], runs_d
     for r in runs:
         groups[r.group].append(r)
     axes = [k for k, _v in planned[0].assignment] if planned else []
-    run_cols = ["run", *axes, "method", "learning_rate", "rounds", "final_top1", "best_top1", "mb_total",
-                "mb_per_round", "epsilon", "divergences", "rounds_flagged", "end_reason"]
+    run_cols = ["run", *axes, "method", "learning_rate", "rounds", "final_top1", "best_top1", "final_perplexity",
+                "mb_total", "mb_per_round", "epsilon", "divergences", "rounds_flagged", "end_reason"]
     tables: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = {
         "final_accuracy": (FINAL_COLUMNS, [_final_row(g, rs) for g, rs in groups.items()]),
         "runs": (run_cols, [r.row() for r in runs]),

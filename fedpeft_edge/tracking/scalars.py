@@ -12,6 +12,9 @@ def round_scalars(record: dict[str, Any], epsilons: list[float]) -> dict[str, fl
     out = {
         "round/top1": ev.get("top1"),
         "round/loss": ev.get("loss"),
+        "round/perplexity": ev.get("perplexity"),  # causal LMs (top1 is then next-token accuracy)
+        **{f"round/perplexity/{name}": _mapping(c).get("perplexity")
+           for name, c in _mapping(ev.get("per_category")).items()},
         "round/bytes_down": record.get("bytes_down"),
         "round/bytes_up": record.get("bytes_up"),
         "round/cum_bytes": record.get("cum_bytes"),

@@ -89,6 +89,9 @@ class LoraMethod(PeftMethod):
     def _targets(self, model: nn.Module) -> list[str]:
         if self.args.target_modules:
             return list(self.args.target_modules)
+        declared = getattr(unwrap(model), "lora_targets", None)  # a text backbone names its own (fedpeft_edge/llm)
+        if declared:
+            return list(declared)
         head = {id(m) for m in _head_modules(model)}
         names = [n for n, m in unwrap(model).named_modules()
                  if id(m) not in head and _default_target(n, m)]

@@ -1,4 +1,5 @@
-"""Visual prompt tuning (VPT) for timm VisionTransformer: learnable tokens per layer (deep) or once (shallow)."""
+"""Visual prompt tuning (VPT) for timm VisionTransformer: learnable tokens per layer (deep) or once (shallow);
+prompt tuning of a text backbone's input embeddings (shallow: the backbone prepends the tokens, fedpeft_edge/llm)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ class PromptMethod(PeftMethod):
         from timm.models.vision_transformer import VisionTransformer
 
         inner = unwrap(model)
+        if getattr(inner, "accepts_soft_prompt", False):  # a text backbone (fedpeft_edge/llm): input prompt only
+            if self.args.depth != "shallow":
+                raise PeftMethodError(f"method 'prompt' on {type(inner).__name__} is prompt tuning of the input "
+                                      "embeddings; set peft_args.prompt.depth: shallow")
+            if hasattr(inner, _MODULE):
+                raise PeftMethodError(f"the model already has a {_MODULE!r} attribute; apply the prompt method once")
+            return
         if not isinstance(inner, VisionTransformer):
             raise PeftMethodError(
                 f"method 'prompt' (visual prompt tuning) needs a timm VisionTransformer; got "
@@ -47,6 +55,11 @@ class PromptMethod(PeftMethod):
 
     def _insert(self, model: nn.Module) -> nn.Module:
         inner = unwrap(model)
+        if getattr(inner, "accepts_soft_prompt", False):  # the backbone prepends `prompt.tokens[0]` itself
+            dim = int(inner.get_input_embeddings().embedding_dim)  # type: ignore[operator]
+            prompt = PromptTokens(1, self.args.num_tokens, dim, 0, self.args.init_std)
+            setattr(inner, _MODULE, prompt.to(next(inner.parameters()).device))
+            return model
         blocks = list(inner.blocks)  # type: ignore[arg-type]
         layers = len(blocks) if self.args.depth == "deep" else 1
         prompt = PromptTokens(layers, self.args.num_tokens, int(inner.embed_dim),  # type: ignore[arg-type]
