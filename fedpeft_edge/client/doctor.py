@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import psutil
 
-from fedpeft_edge.config import CommArgs, DeviceArgs, RunConfig
+from fedpeft_edge.config import CommArgs, DeviceArgs, RunConfig, is_loopback
 from fedpeft_edge.errors import BackboneError, FedPeftError
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def check_secrets(comm_args: CommArgs) -> Check:
         path = getattr(comm_args, key)
         if path and Path(path).exists() and Path(path).stat().st_mode & 0o077:
             problems.append(f"comm_args.{key} {path} is readable by others (chmod 600 it)")
-    if not _is_loopback(comm_args.broker_host):
+    if not is_loopback(comm_args.broker_host):
         where = f"broker {comm_args.broker_host} is off loopback"
         if not comm_args.require_signatures:
             problems.append(f"require_signatures is false and the {where}: anyone with broker access steers the "
@@ -261,17 +261,6 @@ def check_secrets(comm_args: CommArgs) -> Check:
         return Check("secrets", "FAIL", "; ".join(problems))
     signed = "signed messages" if comm_args.require_signatures else "unsigned messages (loopback broker)"
     return Check("secrets", "OK", f"key files private, {signed}")
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_broker(probe: Any) -> list[Check]:

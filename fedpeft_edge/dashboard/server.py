@@ -8,7 +8,6 @@ _T0 = time.thread_time()  # importing the web stack is part of what a dashboard 
 
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -21,6 +20,7 @@ from typing import Any  # noqa: E402
 
 import uvicorn  # noqa: E402
 
+from fedpeft_edge.config import is_loopback  # noqa: E402
 from fedpeft_edge.dashboard.app import Hub, build_app  # noqa: E402
 from fedpeft_edge.dashboard.state import FederationState  # noqa: E402
 from fedpeft_edge.errors import DashboardError, FedPeftError  # noqa: E402
@@ -43,15 +43,6 @@ def parse_bind(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise DashboardError(f"dashboard port {port} is outside 0..65535")
     return host, port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 TOKEN_ENV = "FEDPEFT_DASHBOARD_TOKEN"  # a token is never taken from a command line (ps shows it to every user)
