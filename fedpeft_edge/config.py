@@ -67,7 +67,7 @@ class DataArgs:
     # Text (fedpeft_edge/llm/): tokens per training sequence (packed) and per held-out sample, and which
     # categories of a text source to read (fortunes: file names; None = all of them).
     max_seq_len: int = 64
-    text_categories: tuple[str, ...] | None = None
+    text_categories: tuple[str, ...] | None = None  # categories of a text source to read (None = all)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,8 +45,9 @@ def test_a_run_id_outside_the_acl_fails_at_connect_with_the_fix(tmp_path: Path) 
         assert "max_message_bytes" not in text and err.value.reason_code == 0x87
         ok = MqttCommManager(_args(broker.port, creds), "run1", "dev-a", connect_timeout_s=10.0)  # its own run
         ok.close()
+        wrong = {k: v for k, v in creds.items() if k != "password_file"}  # the keystore's file would win
         with pytest.raises(TransportError, match="not authorized.*password"):
-            MqttCommManager(_args(broker.port, {**creds, "password": "wrong"}), "run1", "dev-a",
+            MqttCommManager(_args(broker.port, {**wrong, "password": "wrong"}), "run1", "dev-a",
                             connect_timeout_s=10.0)
 
 
