@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedpeft_edge.errors import FedPeftError, ProtocolError
-from fedpeft_edge.protocol import Channel, ProtocolMessage, parse
+from fedpeft_edge.protocol import Channel, ProtocolMessage, parse, sender_of
+from fedpeft_edge.protocol.keys import MSG_ARG_KEY_TYPE
 from fedpeft_edge.protocol.roles import WIRE_TYPES
 from fedpeft_edge.transport.fedml import FedMLCommManager, message_of, params_of
 
@@ -92,7 +93,7 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
         self.on_message(typed)
 
     def _channel_for(self, params: Any) -> Channel:
-        msg_type = params.get("msg_type") if isinstance(params, dict) else None
+        msg_type = params.get(MSG_ARG_KEY_TYPE) if isinstance(params, dict) else None
         for channel in self._inbound:
             if isinstance(msg_type, int) and not isinstance(msg_type, bool) and msg_type in WIRE_TYPES[channel]:
                 return channel
@@ -103,7 +104,7 @@ class FedPeftCommManager(FedMLCommManager):  # type: ignore[misc, valid-type]
 
     def on_invalid(self, params: dict[str, Any], error: ProtocolError) -> None:
         """Params that did not parse (malformed, or a type its sender may not send here): logged and dropped."""
-        log.warning("dropped a message from %s: %s", params.get("sender"), error)
+        log.warning("dropped a message from %s: %s", sender_of(params), error)
 
     def receive_local(self, event: LocalEvent) -> None:
         """A local event from the transport (never from a frame): handed to `on_local`."""
