@@ -57,6 +57,7 @@ from fedpeft_edge.wire.auth import (
 )
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, Expired, Reassembler, chunk_count, is_chunk, split_payload
 from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
+from fedpeft_edge.wire.limits import sender_burst_for
 from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
@@ -774,7 +775,10 @@ def _inbox_bytes(comm_args: CommArgs) -> int:
 
 
 def _sender_rate(comm_args: CommArgs) -> SenderRate:
-    burst = comm_args.sender_burst or 256  # receive_limits() derives it from the run's manifest
+    # receive_limits() derives the burst from the run's manifest (the server app and every device manager apply
+    # it); a bare transport knows no manifest, so the largest message it takes is max_update_bytes: a burst of
+    # 256 packets at 20/s would drop a large chunked update it is otherwise configured to accept
+    burst = comm_args.sender_burst or sender_burst_for(comm_args, comm_args.max_update_bytes)
     return SenderRate(comm_args.sender_rate_per_s, burst)
 
 

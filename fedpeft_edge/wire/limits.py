@@ -25,7 +25,12 @@ def receive_limits(comm_args: CommArgs, manifest: ManifestLike) -> CommArgs:
     blob = encoded_nbytes(manifest)
     changes: dict[str, int] = {"max_update_bytes": min(comm_args.max_update_bytes, blob)}
     if not comm_args.sender_burst:
-        data = min(comm_args.chunk_bytes or comm_args.max_message_bytes, comm_args.max_message_bytes)
-        per_message = chunk_count(largest_message_bytes(manifest), max(1, data - CHUNK_HEADER_BYTES - 64))
-        changes["sender_burst"] = 4 * per_message + 64
+        changes["sender_burst"] = sender_burst_for(comm_args, largest_message_bytes(manifest))
     return dataclasses.replace(comm_args, **changes)  # type: ignore[arg-type]
+
+
+def sender_burst_for(comm_args: CommArgs, largest_bytes: int) -> int:
+    """Packets one sender may send at once before its rate applies: the chunks of four of its largest messages,
+    plus 64 small ones (so a whole update always gets through a token bucket that starts full)."""
+    data = min(comm_args.chunk_bytes or comm_args.max_message_bytes, comm_args.max_message_bytes)
+    return 4 * chunk_count(largest_bytes, max(1, data - CHUNK_HEADER_BYTES - 64)) + 64
