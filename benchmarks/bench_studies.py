@@ -181,16 +181,17 @@ def claim_privacy(args: argparse.Namespace, scale: dict[str, Any], root: Path, r
 
 def claim_stability(args: argparse.Namespace, scale: dict[str, Any], root: Path, rows: Rows) -> None:
     study = load_study_config(STUDIES / f"{SUITE['prefix']}client_stability.yaml")
-    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "devices": ["16of16", "2of16"]}, root,
+    every, few, n, share = SUITE.get("stability") or ("16of16", "2of16", 16, "12.5%")
+    runner = _run(_slice(study, scale, {"peft_args.method": METHODS, "devices": [every, few]}, root,
                          args.base), args.executor)
     by = {(dict(k)["peft_args.method"], dict(k)["devices"]): v for k, v in _finals(runner).items()}
-    print("\nclient stability, 16 devices: all of them vs 2 (12.5%) per round (final top-1 %):")
+    print(f"\nclient stability, {n} devices: all of them vs {few.split('of')[0]} ({share}) per round (final top-1 %):")
     for m in METHODS:
-        print(f"    {m:<8} all {_stat(by.get((m, '16of16'))):<24} 12.5% {_stat(by.get((m, '2of16')))}")
-    drop = {m: a - b for m in METHODS if (a := _mean(by.get((m, "16of16")))) is not None
-            and (b := _mean(by.get((m, "2of16")))) is not None}
+        print(f"    {m:<8} all {_stat(by.get((m, every))):<24} {share} {_stat(by.get((m, few)))}")
+    drop = {m: a - b for m in METHODS if (a := _mean(by.get((m, every)))) is not None
+            and (b := _mean(by.get((m, few)))) is not None}
     for m in [x for x in METHODS if x != "full"]:
-        claim = f"12.5% per round: {m} loses no more than full"
+        claim = f"{share} per round: {m} loses no more than full"
         if m not in drop or "full" not in drop:
             _row(rows, claim, "drop(m) <= drop(full)", "not measured", None)
             continue
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ONLY.update(args.only or ())
     logging.basicConfig(level=logging.WARNING)
     if args.suite == "vit":
-        SUITE.update(prefix="vit_", privacy=["no_dp", "eps1", "eps5", "eps10"])
+        SUITE.update(prefix="vit_", privacy=["no_dp", "eps1", "eps5", "eps10"],
+                     stability=("10of10", "2of10", 10, "20%"))
     scale = SCALES[args.scale]
     if args.set:
         scale = {**scale, "overrides": {**scale["overrides"], **_parse_sets(args.set)}}

@@ -130,8 +130,30 @@ class StudyRunner:
 
     # --- one run ------------------------------------------------------------------------------------------
 
+    def twin(self, run: PlannedRun) -> Path | None:
+        """A finished run of the same experiment (equal config hash) in a sibling study of the same parent
+        directory: the base runs the heterogeneity, compression and stability studies share."""
+        parent = self.dir.parent
+        if not parent.is_dir():
+            return None
+        for summary in sorted(parent.glob("*/runs/*/summary.json")):
+            other = summary.parent
+            if other.parent.parent == self.dir or other.name.count(".stale-"):
+                continue
+            if run_state(other, run.config_hash) == "finished":
+                return other
+        return None
+
     def _execute(self, run: PlannedRun, state: str, tag: str) -> None:
         run_dir = self.run_dir(run)
+        twin = self.twin(run) if state == "new" else None
+        if twin is not None:
+            shutil.copytree(twin, run_dir)
+            _write_json(self.dir / "logs" / f"{run.run_id}.json", {
+                "run_id": run.run_id, "executor": "reused", "config_hash": run.config_hash, "reused": str(twin),
+                "started": time.time(), "wall_s": 0.0, "error": None, "divergences": []})
+            self.progress(f"{tag}: the same experiment finished in {twin}; reused (copied), not run again")
+            return
         if state == "partial":
             self.progress(f"{tag}: half-finished run directory removed; starting it afresh")
             shutil.rmtree(run_dir)
