@@ -5,7 +5,10 @@ loop, the bytes on the wire, and the federated model's held-out perplexity again
    the `computers` fortunes, batch `--batch`, `--threads` torch threads) with the real `fedpeft-server` over a
    local mosquitto; then a bare loop in its own process: transformers' GGUF load, peft's `get_peft_model` with
    the same LoRA (r 8, alpha 16, q_proj/v_proj), AdamW, the same documents tokenised and packed the same way,
-   the same steps, started at the same time as the agent's run (on a shared machine both see the same load).
+   the same steps. The two run one after the other, never at once, in the order bare, agent, agent, bare, ...
+   (`--repeats` pairs, ABBA so a drift in the machine's load falls on both), each alone on the machine: run side
+   by side they shared 2 cores with the server process (loading its model, then evaluating), which the bare
+   loop does not have, and the ratio measured that contention, not the agent. Medians over the repeats.
    Figures:
    - training tokens/s: the agent's `images_per_s` of its device_round record (target tokens over the training
      call's wall time) against the bare loop's tokens over its loop's wall time; target >= 0.95.
@@ -20,7 +23,7 @@ loop, the bytes on the wire, and the federated model's held-out perplexity again
    `--run RUN_DIR`: the same comparison for a finished run of that config (the demo's, over MQTT): its last
    round's evaluation against the base model's on the same held-out set, evaluated here.
 
-    nice -n 10 python benchmarks/bench_llm.py [--steps 8] [--seq 64] [--batch 4] [--threads 1] [--perplexity]
+    python benchmarks/bench_llm.py [--steps 16] [--seq 64] [--batch 4] [--threads 1] [--repeats 2] [--perplexity]
         [--run runs/<demo run>] [--skip-throughput]
 """
 
@@ -167,17 +170,22 @@ def agent_run(steps: int, seq: int, batch: int, threads: int) -> dict[str, Any]:
             "bytes_down": rec["bytes_down"], "raw_bytes": manifest.nbytes, "params": manifest.num_params}
 
 
-def bare_start(out: Path, steps: int, seq: int, batch: int, threads: int) -> subprocess.Popen[bytes]:
-    """The bare loop's process, started beside the agent's run: on a shared machine both then see the same load."""
+def bare_run(out: Path, steps: int, seq: int, batch: int, threads: int) -> dict[str, Any]:
+    """The bare loop in its own process, alone on the machine; its figures and its peak RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, __file__, "--bare", str(out), "--steps", str(steps), "--seq", str(seq),
-                             "--batch", str(batch), "--threads", str(threads)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def bare_finish(p: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    p = subprocess.Popen([sys.executable, __file__, "--bare", str(out), "--steps", str(steps), "--seq", str(seq),
+                          "--batch", str(batch), "--threads", str(threads)], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rss = _wait_rusage(p, 3600)
+    if p.returncode != 0:
+        raise SystemExit(f"the bare loop exited with code {p.returncode}")
     return {**json.loads(out.read_text()), "rss_mb": rss}
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 # --- perplexity after the demo's rounds ----------------------------------------------------------------------
@@ -238,7 +246,8 @@ def _device_categories(sim: Any) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2, help="bare/agent pairs, run one at a time (ABBA)")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
@@ -253,10 +262,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32), LoRA r=8 q_proj,v_proj, AdamW, {a.steps} steps of "
           f"{a.batch} x {a.seq} tokens, {a.threads} thread(s)")
     if not a.skip_throughput:
+        bares: list[dict[str, Any]] = []
+        agents: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="bench-llm-bare-") as d:
-            proc = bare_start(Path(d) / "bare.json", a.steps, a.seq, a.batch, a.threads)
-            agent = agent_run(a.steps, a.seq, a.batch, a.threads)
-            bare = bare_finish(proc, Path(d) / "bare.json")
+            for i in range(a.repeats):  # ABBA: bare, agent | agent, bare | ...
+                order = ("bare", "agent") if i % 2 == 0 else ("agent", "bare")
+                for who in order:
+                    if who == "bare":
+                        bares.append(bare_run(Path(d) / "bare.json", a.steps, a.seq, a.batch, a.threads))
+                    else:
+                        agents.append(agent_run(a.steps, a.seq, a.batch, a.threads))
+                    res = (bares if who == "bare" else agents)[-1]
+                    print(f"  pair {i + 1}: {who:<5} {res['tokens_per_s']:.1f} tokens/s, peak RSS "
+                          f"{res['rss_mb']:.0f} MB", flush=True)
+        agent = {**agents[-1], "tokens_per_s": _median([r["tokens_per_s"] for r in agents]),
+                 "rss_mb": _median([r["rss_mb"] for r in agents])}
+        bare = {"tokens_per_s": _median([r["tokens_per_s"] for r in bares]),
+                "rss_mb": _median([r["rss_mb"] for r in bares])}
+        pairs = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(agents, bares, strict=True)]
+        print(f"per-pair tokens/s ratios: {', '.join(f'{r:.3f}' for r in pairs)} (medians below)")
         ratio = agent["tokens_per_s"] / bare["tokens_per_s"]
         rss = agent["rss_mb"] / bare["rss_mb"]
         up, down = agent["bytes_up"] / agent["raw_bytes"], agent["bytes_down"] / agent["raw_bytes"]
