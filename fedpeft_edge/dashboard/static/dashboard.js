@@ -101,6 +101,9 @@ class RunView {
     this.$(".round-total").textContent = s.run.comm_round ? " / " + s.run.comm_round : "";
     const withAcc = done.filter((r) => r.top1 != null);
     this.$(".acc").textContent = withAcc.length ? fmt.pct(withAcc[withAcc.length - 1].top1) : "–";
+    const withPpl = done.filter((r) => r.perplexity != null); // a causal LM: top-1 is next-token accuracy
+    this.$(".ppl-kpi").hidden = !withPpl.length;
+    if (withPpl.length) this.$(".ppl").textContent = withPpl[withPpl.length - 1].perplexity.toFixed(2);
     const last = s.rounds[s.rounds.length - 1];
     this.$(".wire").textContent = fmt.mb(last ? last.cum_bytes : 0) + " MB";
     const devs = Object.values(s.devices);
@@ -204,6 +207,10 @@ class RunView {
     const line = (label, stroke) => ({ label, stroke, width: 2, points: { size: 6, fill: stroke } });
     this.chart("acc-round", [rnd, acc], [line("top-1 %", "#3461d1")], { x: "round", y: "%", rounds: true, pct: true });
     this.chart("acc-mb", [mb, acc], [line("top-1 %", "#7a4fd1")], { x: "MB on the wire (cumulative)", y: "%", pct: true });
+    const ppl = ok.map((r) => (r.perplexity == null ? null : r.perplexity));
+    const hasPpl = ppl.some((v) => v != null);
+    this.$(".ppl-card").hidden = !hasPpl;
+    if (hasPpl) this.chart("ppl-round", [rnd, ppl], [line("perplexity", "#c2410c")], { x: "round", y: "perplexity", rounds: true, zero: true });
     const x = rows.map((r) => r.round + 0.1 * Math.min(9, r.attempt || 0)); // a retried round sits just after
     const bars = (align) => (uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.32, 36], align }) : undefined);
     this.chart("bytes", [x, rows.map((r) => (r.bytes_down || 0) / 1e6), rows.map((r) => (r.bytes_up || 0) / 1e6)],
