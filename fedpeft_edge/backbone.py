@@ -343,8 +343,9 @@ def fingerprint_backbone(model: nn.Module, manifest: Any = None) -> str:
     """
     shared = set(getattr(manifest, "names", ()) or ())
     tensors = named_tensors(model)
+    shared_ids = {id(tensors[n]) for n in shared if n in tensors}  # a tied alias of a shared tensor trains too
     digest = hashlib.sha256()
-    for name in sorted(k for k in tensors if k not in shared):
+    for name in sorted(k for k in tensors if k not in shared and id(tensors[k]) not in shared_ids):
         _hash_tensor(digest, name, tensors[name])
     return digest.hexdigest()
 

@@ -231,8 +231,15 @@ def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
 
 
 def parameter_names(model: nn.Module) -> list[str]:
-    """Canonical names of every parameter (not buffer) of the model."""
-    return [k for k, t in named_tensors(model).items() if isinstance(t, nn.Parameter)]
+    """Canonical names of every parameter (not buffer) of the model, each parameter once: a tied parameter (a
+    causal LM's output layer sharing the token embedding) travels under its first name only, not twice."""
+    seen: set[int] = set()
+    names = []
+    for k, t in named_tensors(model).items():
+        if isinstance(t, nn.Parameter) and id(t) not in seen:
+            seen.add(id(t))
+            names.append(k)
+    return names
 
 
 def head_names(model: nn.Module) -> list[str]:

@@ -3,11 +3,12 @@ refuse by name, THE training loop trains them and counts a causal LM's tokens.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from tiny_text import tiny_classifier_args, tiny_lm_args
+from tiny_text import TINY_LLAMA, tiny_classifier_args, tiny_lm_args
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone
 from fedpeft_edge.config import LoraArgs, PeftArgs, TrainArgs
@@ -16,10 +17,13 @@ from fedpeft_edge.peft import build_method
 from fedpeft_edge.training import LocalTrainer, evaluate
 
 
-def _lm(method: str = "lora", **lora: object) -> tuple[torch.nn.Module, object]:
+def _lm(method: str = "lora", tied: bool = False, **lora: object) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
     m = build_method(PeftArgs(method=method, lora=LoraArgs(**lora)))  # type: ignore[arg-type]
-    return m.apply(build_backbone(tiny_lm_args()).model), m
+    args = tiny_lm_args()
+    if tied:
+        args = dataclasses.replace(args, model_kwargs={**TINY_LLAMA, "tie_word_embeddings": True})
+    return m.apply(build_backbone(args).model), m
 
 
 def _lm_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +52,19 @@ def test_lora_on_a_causal_lm_trains_q_and_v_projections_only_and_keeps_the_finge
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert len(trainable) == len(manifest.names)
     other, _ = _lm()
+    assert fingerprint_backbone(model, manifest) == fingerprint_backbone(other, manifest)
+
+
+def test_full_fine_tuning_of_a_tied_causal_lm_sends_the_shared_embedding_once() -> None:
+    model, method = _lm("full", tied=True)
+    manifest = method.manifest(model)
+    assert manifest.num_params == sum(p.numel() for p in model.parameters())  # parameters() lists a tie once
+    assert manifest.num_params < sum(t.numel() for t in model.state_dict().values())
+    names = [n for n in manifest.names if "embed_tokens" in n or "lm_head" in n]
+    assert len(names) == 1, names  # the output layer is the embedding: one name, one copy on the wire
+    state = method.get_state(model)
+    method.set_state(model, {k: v + 1.0 if k == names[0] else v for k, v in state.items()})
+    other, _ = _lm("full", tied=True)
     assert fingerprint_backbone(model, manifest) == fingerprint_backbone(other, manifest)
 
 
