@@ -17,14 +17,16 @@ import math
 import queue
 import time
 from collections.abc import Collection, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone, named_tensors
 from fedpeft_edge.client import allocator
+from fedpeft_edge.client.device import DeviceState
 from fedpeft_edge.config import RunConfig
+from fedpeft_edge.data import PoolPartition, Source
 from fedpeft_edge.errors import ConfigError, FedPeftError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
@@ -33,10 +35,6 @@ from fedpeft_edge.peft.base import StateBinding
 from fedpeft_edge.peft.shapes import DeviceLayout
 from fedpeft_edge.protocol import EvalReport
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
-
-if TYPE_CHECKING:
-    from fedpeft_edge.client.device import DeviceState
-    from fedpeft_edge.data import PoolPartition, Source
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from fedpeft_edge.peft.base import Manifest
 from fedpeft_edge.peft.shapes import DeviceLayout
 from fedpeft_edge.protocol import Update
 from fedpeft_edge.server.strategy import ClientUpdate
-from fedpeft_edge.wire.codec import decode_tensors
+from fedpeft_edge.wire.codec import FlatTensors, decode_tensors
 
 
 class NormBoundExceeded(Exception):
@@ -54,13 +54,15 @@ class UpdateAdmission:
         manifest = layout.manifest if layout is not None else self.manifest
         # Shared with the received payload (copy=False): aggregation only reads an update.
         tensors = decode_tensors(msg.blob, manifest, manifest.hash, self.max_update_bytes, copy=False)
+        # the strategies see tensors, never codec types: one flat tensor where the codec decoded one
+        flat = tensors.flat if isinstance(tensors, FlatTensors) else None
         if layout is not None:
-            tensors, base = layout.widen(tensors), layout.start(base)
+            tensors, base, flat = layout.widen(tensors), layout.start(base), None
         samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
         # nothing to bound or measure (decode_tensors refused NaN/inf already)
         if self.max_norm is None and not as_delta and not self.measure:
-            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,
-                            None)
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta, flat=flat),
+                            samples, None, None)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
                   for k, t in tensors.items()}
         norm = math.sqrt(sum(float(torch.sum(d * d)) for d in deltas.values()))
@@ -76,7 +78,7 @@ class UpdateAdmission:
         if as_delta:
             return Admitted(ClientUpdate(msg.sender, samples, deltas, is_delta=True), samples, norm, action)
         if action is None:  # unchanged tensors: FedAvg of them is exactly the sample-weighted mean of locals
-            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, norm,
-                            None)
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta, flat=flat),
+                            samples, norm, None)
         clipped = {k: (base[k].to(torch.float64) + d).to(base[k].dtype) for k, d in deltas.items()}
         return Admitted(ClientUpdate(msg.sender, samples, clipped, is_delta=False), samples, norm, action)
