@@ -61,10 +61,17 @@ class RuntimeView(Protocol):
     """What a device's state is built from: the shared runtime (client.runtime.SharedRuntime), seen from here
     so that this module, which the runtime imports, does not import it back."""
 
-    cfg: RunConfig
-    input_spec: Any
-    initial_state: Mapping[str, torch.Tensor]
-    blank_optimizer_state: dict[str, Any]
+    @property
+    def cfg(self) -> RunConfig: ...
+
+    @property
+    def input_spec(self) -> Any: ...
+
+    @property
+    def initial_state(self) -> Mapping[str, torch.Tensor]: ...
+
+    @property
+    def blank_optimizer_state(self) -> dict[str, Any]: ...
 
     def source(self) -> Source: ...
 
