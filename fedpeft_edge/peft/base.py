@@ -31,9 +31,12 @@ class StateBinding:
         """Detached contiguous CPU copies of the shared tensors, in manifest order."""
         return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self.tensors.items()}
 
-    def set(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Write `state` after checking keys, shapes, dtypes and finiteness (all or nothing)."""
-        check_state(self.manifest, state)
+    def set(self, state: Mapping[str, torch.Tensor], check_finite: bool = True) -> None:
+        """Write `state` after checking keys, shapes, dtypes and finiteness (all or nothing).
+
+        `check_finite=False` for tensors already checked where they entered the process (the codec's decode)
+        or made by it (its own training): each tensor's values are read for finiteness once per hop."""
+        check_state(self.manifest, state, check_finite)
         with torch.no_grad():
             for name, t in self.tensors.items():
                 t.copy_(state[name])
@@ -124,8 +127,8 @@ class PeftMethod(abc.ABC):
         """Canonical names of the tensors this method trains and shares (structural, not by requires_grad)."""
 
 
-def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
-    """Refuse a state whose keys, shapes, dtypes or values do not match the manifest."""
+def check_state(manifest: Manifest, state: Mapping[str, Any], check_finite: bool = True) -> None:
+    """Refuse a state whose keys, shapes, dtypes or (`check_finite`) values do not match the manifest."""
     names = manifest.names
     missing = [n for n in names if n not in state]
     known = set(names)
@@ -145,7 +148,7 @@ def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
             raise PeftMethodError(
                 f"state[{spec.name!r}] has dtype {value.dtype}, manifest says {spec.dtype}; cast it before set_state"
             )
-        if not all_finite(value):
+        if check_finite and not all_finite(value):
             raise PeftMethodError(f"state[{spec.name!r}] holds NaN or infinite values; refusing the update")
 
 
