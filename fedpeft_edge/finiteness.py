@@ -32,6 +32,7 @@ def _sum_is_finite(t: torch.Tensor) -> bool:
 
 
 def array_is_finite(arr: np.ndarray) -> bool:
+    """Whether the sum of an array is finite (False: NaN/inf somewhere, or an overflow; then check exactly)."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends us to the exact check
         return bool(np.isfinite(_sum(arr)))
 
