@@ -65,8 +65,8 @@ def bare_loop(steps: int, seq: int, batch: int, threads: int, max_docs: int) -> 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedpeft_edge.data.text import FORTUNE_DIRS
     from fedpeft_edge.llm.backbone import SMOLLM2_GGUF, _package_dir  # the package's directory only
-    from fedpeft_edge.llm.data import FORTUNE_DIRS
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -268,7 +268,7 @@ def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
 def _print_answers(cfg: Any, run_dir: Path) -> None:
     """A causal LM's held-out prompts continued by the base and the federated model (also in the report)."""
     from fedpeft_edge.errors import FedPeftError
-    from fedpeft_edge.llm.samples import answer_prompts
+    from fedpeft_edge.report.samples import answer_prompts
 
     try:
         rows = answer_prompts(cfg, run_dir)
@@ -283,7 +283,7 @@ def _print_answers(cfg: Any, run_dir: Path) -> None:
 
 
 def _print_tables(run_dir: Path, cfg: Any, wall: float) -> None:
-    from fedpeft_edge.metering.planning import measure_update
+    from fedpeft_edge.planning import measure_update
     from fedpeft_edge.server.runlog import read_metrics
 
     rounds = read_metrics(run_dir, "round")

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_text(args: argparse.Namespace) -> int:
     """A causal LM: the adapter merged into the base, written as safetensors + tokenizer into --out (a dir)."""
-    from fedpeft_edge.llm.export import export_text_run
+    from fedpeft_edge.export.text import export_text_run
 
     r = export_text_run(args.run, args.out, round_idx=args.round)
     print(f"wrote {r.path} (merged round {r.round}, {r.size_bytes / 1e6:.1f} MB: safetensors, config, tokenizer)")

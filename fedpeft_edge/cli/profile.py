@@ -64,7 +64,7 @@ class Plan:
 def resolve_plan(args: argparse.Namespace) -> Plan:
     """Flags over the config over the defaults; links and encodings validated before anything is built."""
     from fedpeft_edge.config import CommArgs, ModelArgs, load_config
-    from fedpeft_edge.metering.planning import parse_link
+    from fedpeft_edge.planning import parse_link
     from fedpeft_edge.wire.codec import ENCODINGS
 
     links = [parse_link(x) for x in args.link.split(",") if x.strip()]
@@ -140,7 +140,7 @@ def format_table(rows: list[MethodRow]) -> str:
 def bandwidth_rows(plan: Plan, rows: list[MethodRow]) -> list[dict[str, Any]]:
     """One row per method and encoding: measured MQTT bytes per update, per round and per run, and seconds per
     round and per run on each link."""
-    from fedpeft_edge.metering.planning import measure_updates, round_seconds
+    from fedpeft_edge.planning import measure_updates, round_seconds
 
     out: list[dict[str, Any]] = []
     full: dict[str, int] = {}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
-from fedpeft_edge.client.runtime import SharedRuntime
-from fedpeft_edge.data import ClientData, build_client_data, build_local_data
+from fedpeft_edge.config import RunConfig
+from fedpeft_edge.data import ClientData, PoolPartition, Source, build_client_data, build_local_data
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,28 @@ class DeviceState:
         return {"peft": peft, "optimizer": opt, "data": data, "total": peft + opt + data}
 
 
-def build_device_state(runtime: SharedRuntime, identity: AgentIdentity) -> DeviceState:
+class RuntimeView(Protocol):
+    """What a device's state is built from: the shared runtime (client.runtime.SharedRuntime), seen from here
+    so that this module, which the runtime imports, does not import it back."""
+
+    @property
+    def cfg(self) -> RunConfig: ...
+
+    @property
+    def input_spec(self) -> Any: ...
+
+    @property
+    def initial_state(self) -> Mapping[str, torch.Tensor]: ...
+
+    @property
+    def blank_optimizer_state(self) -> dict[str, Any]: ...
+
+    def source(self) -> Source: ...
+
+    def partition(self) -> PoolPartition: ...
+
+
+def build_device_state(runtime: RuntimeView, identity: AgentIdentity) -> DeviceState:
     """A device's data shard, its privatizer (ledger), and its PEFT/optimizer/RNG state at the start."""
     cfg = runtime.cfg
     seed = cfg.common_args.random_seed
@@ -78,7 +100,7 @@ def build_device_state(runtime: SharedRuntime, identity: AgentIdentity) -> Devic
     return state
 
 
-def _build_privatizer(runtime: SharedRuntime, identity: AgentIdentity, sample_size: int) -> Any:
+def _build_privatizer(runtime: RuntimeView, identity: AgentIdentity, sample_size: int) -> Any:
     cfg = runtime.cfg
     if not cfg.dp_args.enabled:
         return None

@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 from fedpeft_edge.client.device import DeviceState
@@ -294,12 +293,16 @@ class DeviceLogic:
         if layout is not None:
             global_state = layout.start(global_state)
         with rt.activate(st, peft=global_state) as slot:
-            report, local = self._train_window(task, slot, global_state, t0)
+            report = self._train_window(task, slot, t0)
+        local = st.peft  # the window's one copy out: the device's new state, and (read only) what it sends
+        if self._train_args.send_delta:
+            local = {k: v - global_state[k] for k, v in local.items()}
         t_enc = time.perf_counter()
         manifest = layout.manifest if layout is not None else rt.manifest
         if layout is not None:
             local = layout.narrow(local)
-        blob = encode_update(local, manifest, self._comm.encoding)  # `local` is this round's own copy
+        # never written in place: activate() replaces st.peft by a fresh copy, so views of it can be sent as they are
+        blob = encode_update(local, manifest, self._comm.encoding)
         encode_s = time.perf_counter() - t_enc
         epsilon = float(st.privatizer.end_round(task.round)) if st.privatizer is not None else None
         download_s = transfer_seconds(self.meter.transfers(round=task.round), task.sent_at)
@@ -311,9 +314,9 @@ class DeviceLogic:
             model_version=task.model_version, msg_id=uuid.uuid4().hex, sent_at=time.time(),
         )
 
-    def _train_window(self, task: RoundTask, slot: TrainingSlot, global_state: Mapping[str, Any],
-                      t0: float) -> tuple[DeviceReport, dict[str, Any]]:
-        """Inside activate() (which set the global tensors, decoded since t0): train, read the local tensors."""
+    def _train_window(self, task: RoundTask, slot: TrainingSlot, t0: float) -> DeviceReport:
+        """Inside activate() (which set the global tensors, decoded since t0): train and report; activate()
+        copies the trained tensors out when the window closes."""
         rt, st = self.runtime, self.state
         t_loaded = time.perf_counter()
         global_eval = rt.evaluate(st) if task.evaluate else None
@@ -323,9 +326,6 @@ class DeviceLogic:
         train_cpu_s = time.thread_time() - cpu0
         if self._slowdown > 1.0:  # tests only: a slow device
             time.sleep((self._slowdown - 1.0) * (time.perf_counter() - t_loaded))
-        local = rt.current_peft(st)
-        if self._train_args.send_delta:
-            local = {k: v - global_state[k] for k, v in local.items()}
         resources = dict(meas.summary())
         # Per device: this device's training window on its worker thread, and its own state's bytes. Shared:
         # the frozen backbone every device of this process uses (counted once, not per device).
@@ -338,7 +338,7 @@ class DeviceLogic:
             images_per_s=result.samples / result.wall_s if result.wall_s > 0 else None,
             resources=resources, global_eval=global_eval,
         )
-        return report, local
+        return report
 
 
 def _task_key(task: RoundTask) -> tuple[int, int]:

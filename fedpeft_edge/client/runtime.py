@@ -17,14 +17,16 @@ import math
 import queue
 import time
 from collections.abc import Collection, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone, named_tensors
 from fedpeft_edge.client import allocator
+from fedpeft_edge.client.device import DeviceState
 from fedpeft_edge.config import RunConfig
+from fedpeft_edge.data import PoolPartition, Source
 from fedpeft_edge.errors import ConfigError, FedPeftError
 from fedpeft_edge.metering.device_profile import collect_device_profile
 from fedpeft_edge.metering.resources import ResourceMonitor
@@ -33,10 +35,6 @@ from fedpeft_edge.peft.base import StateBinding
 from fedpeft_edge.peft.shapes import DeviceLayout
 from fedpeft_edge.protocol import EvalReport
 from fedpeft_edge.training import LocalTrainer, evaluate, resolve_device
-
-if TYPE_CHECKING:
-    from fedpeft_edge.client.device import DeviceState
-    from fedpeft_edge.data import PoolPartition, Source
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +191,17 @@ class SharedRuntime:
         the slot, swap the state out. With every slot busy, the call waits for one.
 
         `peft`: the tensors to start from instead of the device's own (a round starting from the global model
-        writes them once instead of writing the device's and then the global ones)."""
+        writes them once instead of writing the device's and then the global ones); they must come from the
+        codec's decode, which checked their finiteness where they entered this process.
+
+        One copy in (the tensors into the slot's model) and one copy out (`state.peft`, the window's result:
+        read it after the block, it is the device's state and what it sends)."""
         slot = self._free.get()
         trainer = slot.trainer
         try:
             rng = torch.get_rng_state()
-            slot.binding.set(state.peft if peft is None else peft)
+            # no finiteness pass: the device's own tensors came out of its own window, a global state from decode
+            slot.binding.set(state.peft if peft is None else peft, check_finite=False)
             trainer.bind(state.data.train_loader, state.privatizer)
             if trainer.keep_optimizer_state:  # otherwise train() clears it: nothing of a device's to swap
                 trainer.base_optimizer.load_state_dict(state.optimizer)

@@ -12,7 +12,7 @@ API
     restricted unpickler, see `cifar.py`).
   - `imagefolder`: `data_cache_dir/<class>/...` or `data_cache_dir/{train,test|val}/<class>/...`; how users
     bring Resisc45, PCam exported as images, their own data, and how a device reads its own local directory.
-  - `fortunes`, `textfolder`, `jsonl`: text labelled by category, for text backbones (fedpeft_edge/llm/data.py).
+  - `fortunes`, `textfolder`, `jsonl`: text labelled by category, for text backbones (fedpeft_edge/data/text.py).
 - Sources without an official test split (digits, a flat ImageFolder) get a fixed held-out set: 20% chosen
   with seed `HELD_OUT_SEED`, the same in every run and process, split off BEFORE any partitioning so clients
   never see it. `hold_out_test=False` keeps everything in `train` (a device reading its own directory).
@@ -34,6 +34,7 @@ from fedpeft_edge.data.cifar import load_cifar_arrays
 from fedpeft_edge.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_arrays
 from fedpeft_edge.data.imagefolder import decode_images, list_image_folder
 from fedpeft_edge.data.partition import make_rng, permutation
+from fedpeft_edge.data.text import Docs, read_text_source
 from fedpeft_edge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Split:
     labels: np.ndarray
     images: np.ndarray | None = None  # uint8 (N, H, W) or (N, H, W, C)
     files: tuple[Path, ...] | None = None
-    texts: tuple[str, ...] | None = None  # a text source's documents (fedpeft_edge/llm/data.py)
+    texts: tuple[str, ...] | None = None  # a text source's documents (fedpeft_edge/data/text.py)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -146,10 +147,16 @@ def _load_image_folder(data_args: DataArgs) -> _Loaded:
 
 
 def _load_text(data_args: DataArgs) -> _Loaded:
-    from fedpeft_edge.llm.data import load_text_source  # text sources: documents labelled by category
+    """Text sources (data/text.py): documents labelled by category, category names sorted."""
+    docs, test_docs, names, location = read_text_source(data_args)
+    index = {n: i for i, n in enumerate(names)}
 
-    train, test, names, location = load_text_source(data_args)
-    return train, test, names, location
+    def split(items: Docs) -> Split:
+        kept = [(c, t) for c, t in items if c in index]
+        return Split(labels=np.asarray([index[c] for c, _ in kept], dtype=np.int64),
+                     texts=tuple(t for _, t in kept))
+
+    return split(docs), (split(test_docs) if test_docs else None), names, location
 
 
 _LOADERS: dict[str, Callable[[DataArgs], _Loaded]] = {

@@ -3,7 +3,7 @@
 Every figure comes from what the run measured: metrics.jsonl's device_round records (bytes metered at the
 wire; download_s measured at the device from the server's send time, upload_s at the server from the device's
 send time; train_s at the device; response_s from the round's opening to the update's arrival) and the relays'
-byte logs. The prediction is `fedpeft-edge profile --link`'s (metering/planning.py) for the same model, method,
+byte logs. The prediction is `fedpeft-edge profile --link`'s (planning.py) for the same model, method,
 encoding and link rates.
 """
 
@@ -227,7 +227,7 @@ class PredictionRow:
 
 def predictions(cfg: RunConfig, rows: Sequence[LinkRow], links: dict[str, LinkProfile]) -> list[PredictionRow]:
     """The planning module's round_seconds for this job on each shaped link, beside the median measured."""
-    from fedpeft_edge.metering.planning import measure_update, round_seconds
+    from fedpeft_edge.planning import measure_update, round_seconds
 
     size = measure_update(cfg.model_args, cfg.peft_args.method, cfg.comm_args, cfg.peft_args)
     out = []

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from fedpeft_edge.wire.packet import PUBACK_BYTES
+PUBACK_BYTES = 4  # an MQTT PUBACK: fixed header + packet id (MQTT 5 omits reason code 0 with no properties)
 
 Direction = Literal["up", "down"]  # up: device -> server; down: server -> device
 

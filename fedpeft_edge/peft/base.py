@@ -4,96 +4,17 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
-import hashlib
-import json
-import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedpeft_edge.backbone import classifier, named_tensors, unwrap
 from fedpeft_edge.errors import PeftMethodError
-from fedpeft_edge.wire.codec import all_finite
-
-if TYPE_CHECKING:
-    from fedpeft_edge.peft.shapes import DeviceLayout, ShapePlan
-
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
-    torch.int8, torch.bool)}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One shared tensor: its stable name, shape and dtype name (e.g. "float32")."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        try:
-            return _DTYPES[self.dtype]
-        except KeyError as exc:
-            raise PeftMethodError(f"tensor {self.name}: unknown dtype {self.dtype!r}; use one of {sorted(_DTYPES)}") \
-                from exc
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
-        return cls(name=name, shape=tuple(int(s) for s in tensor.shape),
-                   dtype=str(tensor.dtype).removeprefix("torch."))
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """The ordered tensors a method trains and shares; `hash` identifies it across processes."""
-
-    method: str
-    tensors: tuple[TensorSpec, ...]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.tensors)
-
-    @property
-    def num_params(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors in their own dtypes (raw, before any wire encoding)."""
-        return sum(t.nbytes for t in self.tensors)
-
-    @functools.cached_property
-    def hash(self) -> str:  # cached: the codec asks for it on every message (fields are frozen)
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
-
-    def to_json(self) -> str:
-        body = {"method": self.method,
-                "tensors": [[t.name, list(t.shape), t.dtype] for t in self.tensors]}
-        return json.dumps(body, separators=(",", ":"), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Manifest:
-        try:
-            body = json.loads(text)
-            specs = tuple(TensorSpec(str(n), tuple(int(s) for s in shape), str(d)) for n, shape, d in body["tensors"])
-            return cls(method=str(body["method"]), tensors=specs)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PeftMethodError(f"not a manifest JSON ({exc}); expected {{'method':..., 'tensors':[[name, "
-                                  "shape, dtype], ...]}}") from exc
+from fedpeft_edge.finiteness import all_finite
+from fedpeft_edge.peft.manifest import Manifest, TensorSpec
+from fedpeft_edge.peft.shapes import DeviceLayout, ShapePlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +31,12 @@ class StateBinding:
         """Detached contiguous CPU copies of the shared tensors, in manifest order."""
         return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self.tensors.items()}
 
-    def set(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Write `state` after checking keys, shapes, dtypes and finiteness (all or nothing)."""
-        check_state(self.manifest, state)
+    def set(self, state: Mapping[str, torch.Tensor], check_finite: bool = True) -> None:
+        """Write `state` after checking keys, shapes, dtypes and finiteness (all or nothing).
+
+        `check_finite=False` for tensors already checked where they entered the process (the codec's decode)
+        or made by it (its own training): each tensor's values are read for finiteness once per hop."""
+        check_state(self.manifest, state, check_finite)
         with torch.no_grad():
             for name, t in self.tensors.items():
                 t.copy_(state[name])
@@ -182,8 +106,6 @@ class PeftMethod(abc.ABC):
 
     def shape_plan(self, manifest: Manifest) -> ShapePlan:
         """The server's per-device shapes and merge (peft/shapes.py); the default: the manifest for every device."""
-        from fedpeft_edge.peft.shapes import ShapePlan
-
         return ShapePlan()
 
     def layout_at(self, manifest: Manifest, rank: int) -> DeviceLayout:
@@ -205,8 +127,8 @@ class PeftMethod(abc.ABC):
         """Canonical names of the tensors this method trains and shares (structural, not by requires_grad)."""
 
 
-def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
-    """Refuse a state whose keys, shapes, dtypes or values do not match the manifest."""
+def check_state(manifest: Manifest, state: Mapping[str, Any], check_finite: bool = True) -> None:
+    """Refuse a state whose keys, shapes, dtypes or (`check_finite`) values do not match the manifest."""
     names = manifest.names
     missing = [n for n in names if n not in state]
     known = set(names)
@@ -226,7 +148,7 @@ def check_state(manifest: Manifest, state: Mapping[str, Any]) -> None:
             raise PeftMethodError(
                 f"state[{spec.name!r}] has dtype {value.dtype}, manifest says {spec.dtype}; cast it before set_state"
             )
-        if not all_finite(value):
+        if check_finite and not all_finite(value):
             raise PeftMethodError(f"state[{spec.name!r}] holds NaN or infinite values; refusing the update")
 
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedpeft_edge.peft.base import Manifest
+from fedpeft_edge.peft.manifest import Manifest
 
 
 class DeviceLayout:

@@ -9,12 +9,11 @@ from collections.abc import Mapping
 
 import torch
 
-from fedpeft_edge.errors import CodecError
 from fedpeft_edge.peft.base import Manifest
 from fedpeft_edge.peft.shapes import DeviceLayout
 from fedpeft_edge.protocol import Update
 from fedpeft_edge.server.strategy import ClientUpdate
-from fedpeft_edge.wire.codec import decode_tensors
+from fedpeft_edge.wire.codec import FlatTensors, decode_tensors
 
 
 class NormBoundExceeded(Exception):
@@ -54,18 +53,19 @@ class UpdateAdmission:
         manifest = layout.manifest if layout is not None else self.manifest
         # Shared with the received payload (copy=False): aggregation only reads an update.
         tensors = decode_tensors(msg.blob, manifest, manifest.hash, self.max_update_bytes, copy=False)
+        # the strategies see tensors, never codec types: one flat tensor where the codec decoded one
+        flat = tensors.flat if isinstance(tensors, FlatTensors) else None
         if layout is not None:
-            tensors, base = layout.widen(tensors), layout.start(base)
+            tensors, base, flat = layout.widen(tensors), layout.start(base), None
         samples = min(msg.num_samples, declared_samples) if declared_samples > 0 else msg.num_samples
-        # nothing to bound or measure (decode_tensors refused NaN/inf already)
+        # nothing to bound or measure (decode_tensors refused NaN/inf: the one finiteness check on the server)
         if self.max_norm is None and not as_delta and not self.measure:
-            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, None,
-                            None)
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta, flat=flat),
+                            samples, None, None)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
                   for k, t in tensors.items()}
+        # finite: decode_tensors refused NaN/inf, and float64 squares of float32/16 values cannot overflow
         norm = math.sqrt(sum(float(torch.sum(d * d)) for d in deltas.values()))
-        if not math.isfinite(norm):
-            raise CodecError(f"update from {msg.sender} holds non-finite values; the device diverged")
         action = None
         if self.max_norm is not None and norm > self.max_norm:
             if self.norm_action == "drop":
@@ -76,7 +76,7 @@ class UpdateAdmission:
         if as_delta:
             return Admitted(ClientUpdate(msg.sender, samples, deltas, is_delta=True), samples, norm, action)
         if action is None:  # unchanged tensors: FedAvg of them is exactly the sample-weighted mean of locals
-            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta), samples, norm,
-                            None)
+            return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta, flat=flat),
+                            samples, norm, None)
         clipped = {k: (base[k].to(torch.float64) + d).to(base[k].dtype) for k, d in deltas.items()}
         return Admitted(ClientUpdate(msg.sender, samples, clipped, is_delta=False), samples, norm, action)

@@ -6,7 +6,6 @@ The transport uses it to chunk and meter what it sends, metering and planning to
 from __future__ import annotations
 
 MQTT_MAX_PACKET = 268_435_455 + 5  # MQTT's remaining-length limit + the fixed header
-PUBACK_BYTES = 4  # fixed header + packet id (MQTT 5 omits reason code 0 with no properties)
 _VARINT_GROWTH = 3  # a chunk's remaining length may take up to 3 more varint bytes than an empty packet's
 
 

@@ -1,14 +1,18 @@
-"""The package's layout rules, read from the source: no module-level import cycle, and paho / fedml are
-imported only in transport/ (the one place that talks MQTT)."""
+"""The package's layout rules, read from the source: no import cycle between modules or between packages (lazy
+imports in functions and under TYPE_CHECKING included: hiding a cycle in a function does not remove it), the
+layers point down (protocol does not import transport; peft and metering do not import wire; strategies do not
+import the codec), and paho / fedml are imported only in transport/ (the one place that talks MQTT)."""
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "fedpeft_edge"
 
 
+@functools.cache
 def _modules() -> dict[str, Path]:
     out = {}
     for p in PKG.rglob("*.py"):
@@ -29,12 +33,24 @@ def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     return out
 
 
-def _graph() -> dict[str, set[str]]:
+def _all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import in the module: at load, in functions, under TYPE_CHECKING."""
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
+
+
+def _graph(lazy: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (`lazy`: wherever the import stands, else at load only)."""
     mods = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         deps: set[str] = set()
-        for n in _top_level_imports(ast.parse(path.read_text())):
+        tree = _tree(path)
+        for n in _all_imports(tree) if lazy else _top_level_imports(tree):
             if isinstance(n, ast.ImportFrom) and n.module:
                 for a in n.names:
                     deps.add(f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in mods else n.module)
@@ -86,12 +102,63 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def _package(module: str) -> str:
+    """The package a module belongs to: fedpeft_edge.<first part> (a top-level module is its own)."""
+    return ".".join(module.split(".")[:2])
+
+
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        out.setdefault(_package(mod), set()).update(_package(d) for d in deps if _package(d) != _package(mod))
+    return out
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _package_graph({"fedpeft_edge.x.a": {"fedpeft_edge.y.b", "fedpeft_edge.x.c"},
+                           "fedpeft_edge.y.b": {"fedpeft_edge.x.c"}, "fedpeft_edge.x.c": set()}) == \
+        {"fedpeft_edge.x": {"fedpeft_edge.y"}, "fedpeft_edge.y": {"fedpeft_edge.x"}}
+
+
+def test_the_lazy_graph_sees_imports_in_functions_and_under_type_checking() -> None:
+    lazy = _graph(lazy=True)
+    assert all(lazy[m] >= deps for m, deps in _graph().items())
+    tree = ast.parse("if TYPE_CHECKING:\n    import a\ndef f():\n    import b\nimport c\n")
+    assert [ast.unparse(n) for n in _top_level_imports(tree)] == ["import c"]
+    assert sorted(ast.unparse(n) for n in _all_imports(tree)) == ["import a", "import b", "import c"]
 
 
 def test_no_module_level_import_cycle() -> None:
     assert _cycles(_graph()) == []
+
+
+def test_no_import_cycle_between_modules_lazy_imports_included() -> None:
+    assert _cycles(_graph(lazy=True)) == []
+
+
+def test_no_import_cycle_between_packages_lazy_imports_included() -> None:
+    assert _cycles(_package_graph(_graph(lazy=True))) == []
+
+
+# (importer, imported): a lower layer never imports a higher one, not even lazily.
+_FORBIDDEN = (
+    ("fedpeft_edge.protocol", "fedpeft_edge.transport"),
+    ("fedpeft_edge.wire", "fedpeft_edge.transport"),
+    ("fedpeft_edge.peft", "fedpeft_edge.wire"),
+    ("fedpeft_edge.metering", "fedpeft_edge.wire"),
+    ("fedpeft_edge.server.strategy", "fedpeft_edge.wire"),  # strategies see tensors, not codec types
+)
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_layers_point_down() -> None:
+    offenders = sorted(f"{mod} -> {dep}" for mod, deps in _graph(lazy=True).items() for dep in deps
+                       for low, high in _FORBIDDEN if _within(mod, low) and _within(dep, high))
+    assert offenders == []
 
 
 def test_only_transport_imports_paho_or_fedml() -> None:
@@ -99,7 +166,7 @@ def test_only_transport_imports_paho_or_fedml() -> None:
     for name, path in _modules().items():
         if name.startswith("fedpeft_edge.transport"):
             continue
-        for n in ast.walk(ast.parse(path.read_text())):  # lazy imports in functions too
+        for n in ast.walk(_tree(path)):  # lazy imports in functions too
             if not isinstance(n, (ast.Import, ast.ImportFrom)):
                 continue
             names = [n.module or ""] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]

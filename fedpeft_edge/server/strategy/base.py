@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from fedpeft_edge.errors import ProtocolError
-from fedpeft_edge.wire.codec import FlatTensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +17,8 @@ class ClientUpdate:
 
     `scale` multiplies the update's delta from the global model (async staleness weighting; a norm clip is
     applied to the tensors before): local' = global + scale * (local - global). 1.0 leaves it unchanged.
+    `flat`, where admission has it (an update decoded as one flat buffer), lets the running mean add the
+    update in one call without building a view per tensor.
     """
 
     device_id: str
@@ -25,6 +26,7 @@ class ClientUpdate:
     tensors: Mapping[str, torch.Tensor]
     is_delta: bool = False
     scale: float = 1.0
+    flat: torch.Tensor | None = None  # `tensors` as ONE flat tensor, in their order (received as one buffer)
 
 
 def effective_local(name: str, g64: torch.Tensor, u: ClientUpdate) -> torch.Tensor:
@@ -39,11 +41,7 @@ def effective_local(name: str, g64: torch.Tensor, u: ClientUpdate) -> torch.Tens
 
 def consecutive_view(tensors: Mapping[str, torch.Tensor], order: Iterable[str], numel: int) -> torch.Tensor | None:
     """`tensors` (in `order`) as ONE flat view, if they lie one after another in memory, each contiguous, all
-    one dtype (as the codec decodes a uniform blob); else None. Pointer arithmetic only: nothing is copied.
-    A codec FlatTensors in this order is its `flat` tensor as it is: no per-name view is built."""
-    if isinstance(tensors, FlatTensors):  # decoded as one flat tensor: nothing to check but names and size
-        same = tensors.names == (order if isinstance(order, tuple) else tuple(order))
-        return tensors.flat if same and tensors.flat.numel() == numel else None
+    one dtype (as the codec decodes a uniform blob); else None. Pointer arithmetic only: nothing is copied."""
     it = iter(order)
     head = next(it, None)
     if head is None:
@@ -61,6 +59,14 @@ def consecutive_view(tensors: Mapping[str, torch.Tensor], order: Iterable[str], 
     if end - ptr != numel * item or first.storage_offset() + numel > first.untyped_storage().nbytes() // item:
         return None
     return first.as_strided((numel,), (1,), first.storage_offset())
+
+
+def _flat_of(update: ClientUpdate, order: tuple[str, ...], numel: int) -> torch.Tensor | None:
+    """The update's tensors in `order` as one flat tensor: its own `flat` if it came as one (names and size
+    checked, no per-name view built), else a consecutive view of its tensors, else None."""
+    if update.flat is not None:
+        return update.flat if update.flat.numel() == numel and tuple(update.tensors) == order else None
+    return consecutive_view(update.tensors, order, numel)
 
 
 class Aggregation:
@@ -116,7 +122,7 @@ class RunningMean(Aggregation):
             raise ProtocolError(f"update from {update.device_id} reports {update.num_samples} samples; "
                                 "every update needs num_samples > 0")
         if update.scale == 1.0 and not update.is_delta:  # the common case: no float64 copy of the update
-            flat = consecutive_view(update.tensors, self._names, self._numel)
+            flat = _flat_of(update, self._names, self._numel)
             if flat is not None:
                 self._flat.add_(flat, alpha=update.num_samples)
             else:

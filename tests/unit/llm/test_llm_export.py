@@ -10,7 +10,7 @@ from tiny_text import TINY_LLAMA
 
 from fedpeft_edge.config import config_from_dict, dump_config
 from fedpeft_edge.errors import ExportError
-from fedpeft_edge.llm.export import export_text_run
+from fedpeft_edge.export.text import export_text_run
 from fedpeft_edge.peft import build_method
 from fedpeft_edge.server.checkpoint import save_checkpoint
 

@@ -68,7 +68,7 @@ def test_a_decoded_update_is_summed_as_one_view_with_the_same_result_as_per_tens
     """The codec decodes a uniform blob into views of one buffer: RunningMean adds it in one call, bit-equal
     to adding tensor by tensor; tensors that do not lie one after another take the per-tensor path."""
     from fedpeft_edge.peft.base import Manifest, TensorSpec
-    from fedpeft_edge.server.strategy.base import RunningMean, consecutive_view
+    from fedpeft_edge.server.strategy.base import RunningMean, _flat_of, consecutive_view
     from fedpeft_edge.wire.codec import decode_tensors, encode_tensors
 
     glob = _state(0)
@@ -78,12 +78,13 @@ def test_a_decoded_update_is_summed_as_one_view_with_the_same_result_as_per_tens
     assert consecutive_view(_state(1), glob, 17) is None  # two separate allocations
     swapped = dict(reversed(list(decoded.items())))
     assert consecutive_view(swapped, list(reversed(list(glob))), 17) is None  # not in the accumulator's order
-    assert consecutive_view(decoded, tuple(glob), 17) is getattr(decoded, "flat", None)  # as decoded: no views
-    assert consecutive_view(decoded, tuple(reversed(list(glob))), 17) is None
-    assert consecutive_view(decoded, tuple(glob), 16) is None
+    as_decoded = ClientUpdate("d1", 3, decoded, flat=decoded.flat)  # as admission passes it on
+    assert _flat_of(as_decoded, tuple(glob), 17) is decoded.flat  # as decoded: no views
+    assert _flat_of(as_decoded, tuple(reversed(list(glob))), 17) is None
+    assert _flat_of(as_decoded, tuple(glob), 16) is None
 
     flat, apart = RunningMean(FedAvg(), glob), RunningMean(FedAvg(), glob)
-    flat.add(ClientUpdate("d1", 3, decoded))
+    flat.add(as_decoded)
     apart.add(ClientUpdate("d1", 3, {k: v.clone() for k, v in decoded.items()}))
     flat.add(ClientUpdate("d2", 5, _state(2)))
     apart.add(ClientUpdate("d2", 5, _state(2)))

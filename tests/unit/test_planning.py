@@ -8,7 +8,7 @@ import pytest
 
 from fedpeft_edge.config import CommArgs, ModelArgs, PeftArgs
 from fedpeft_edge.errors import ConfigError
-from fedpeft_edge.metering.planning import link_bytes, measure_updates, packet_sizes, parse_link, round_seconds
+from fedpeft_edge.planning import link_bytes, measure_updates, packet_sizes, parse_link, round_seconds
 from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES
 from fedpeft_edge.wire.packet import publish_packet_bytes
 

@@ -1,6 +1,6 @@
 """Export a causal-LM run for on-device inference: the LoRA adapter merged into the base, written as a Hugging
 Face directory (safetensors + config + tokenizer) that transformers, or any runtime reading that layout, serves
-without this project, and (Llama family) as an F32 GGUF file for llama.cpp (`gguf_export.py`); each is loaded
+without this project, and (Llama family) as an F32 GGUF file for llama.cpp (`llm/gguf_export.py`); each is loaded
 back with transformers and compared with the PyTorch model (adapter unmerged) on prompts.
 
 Parity: the greatest |logit difference| over every position of the prompts, and the share of positions whose
