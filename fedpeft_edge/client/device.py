@@ -29,7 +29,7 @@ class AgentIdentity:
 
 
 @dataclasses.dataclass
-class DeviceState:
+class DeviceOwnState:
     """What one device owns; swapped into the shared runtime before it trains and out after."""
 
     identity: AgentIdentity
@@ -78,7 +78,7 @@ class RuntimeView(Protocol):
     def partition(self) -> PoolPartition: ...
 
 
-def build_device_state(runtime: RuntimeView, identity: AgentIdentity) -> DeviceState:
+def build_device_state(runtime: RuntimeView, identity: AgentIdentity) -> DeviceOwnState:
     """A device's data shard, its privatizer (ledger), and its PEFT/optimizer/RNG state at the start."""
     cfg = runtime.cfg
     seed = cfg.common_args.random_seed
@@ -89,7 +89,7 @@ def build_device_state(runtime: RuntimeView, identity: AgentIdentity) -> DeviceS
                                  identity.client_index, source=runtime.source(),
                                  partition=runtime.partition())
     rng = torch.Generator().manual_seed(seed * 1_000_003 + (identity.client_index or 0)).get_state()
-    state = DeviceState(
+    state = DeviceOwnState(
         identity=identity, data=data, peft={k: v.clone() for k, v in runtime.initial_state.items()},
         optimizer=copy.deepcopy(runtime.blank_optimizer_state), rng=rng,
         privatizer=_build_privatizer(runtime, identity, len(data.train_labels)),

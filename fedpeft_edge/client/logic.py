@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from fedpeft_edge.client.device import DeviceState
+from fedpeft_edge.client.device import DeviceOwnState
 from fedpeft_edge.client.runtime import SharedRuntime, TrainingSlot
 from fedpeft_edge.data import align_labels
 from fedpeft_edge.errors import BudgetExhaustedError, DataError, FedPeftError, ProtocolError
@@ -67,7 +67,7 @@ class SyncAction(enum.Enum):
 class DeviceLogic:
     """Join, train each round once, resend on request (rate-limited), stop on FINISH."""
 
-    def __init__(self, runtime: SharedRuntime, state: DeviceState, meter: BandwidthMeter | None = None) -> None:
+    def __init__(self, runtime: SharedRuntime, state: DeviceOwnState, meter: BandwidthMeter | None = None) -> None:
         self.runtime = runtime
         self.state = state
         self.meter = meter if meter is not None else BandwidthMeter()

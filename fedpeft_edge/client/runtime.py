@@ -2,7 +2,7 @@
 
 `SharedRuntime` holds the frozen backbone with the PEFT method applied, its manifest and fingerprint, THE
 training loop (`LocalTrainer`, optimizer built once), the resource monitor and the hardware profile. A device's
-own state (`client.device.DeviceState`) is swapped into it for a training window by `activate()` and out again
+own state (`client.device.DeviceOwnState`) is swapped into it for a training window by `activate()` and out again
 after, so one agent, a fleet of K devices and the simulator run the same objects on one copy of the backbone.
 """
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from fedpeft_edge.backbone import build_backbone, fingerprint_backbone, named_tensors
 from fedpeft_edge.client import allocator
-from fedpeft_edge.client.device import DeviceState
+from fedpeft_edge.client.device import DeviceOwnState
 from fedpeft_edge.config import RunConfig
 from fedpeft_edge.data import PoolPartition, Source
 from fedpeft_edge.errors import ConfigError, FedPeftError
@@ -110,7 +110,7 @@ class SharedRuntime:
             replica = replicate(self.model, self.manifest.names)
             self._free.put(TrainingSlot(i, replica, LocalTrainer(replica, cfg.train_args, self.device, ()),
                                         self.method.bind(replica)))
-        self._active: dict[int, tuple[DeviceState, TrainingSlot]] = {}
+        self._active: dict[int, tuple[DeviceOwnState, TrainingSlot]] = {}
         self._layouts: dict[int, DeviceLayout] = {}
         self._released_at = -math.inf
         self._source: Source | None = None
@@ -186,7 +186,7 @@ class SharedRuntime:
 
     # --- a device's training window -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def activate(self, state: DeviceState, peft: Mapping[str, torch.Tensor] | None = None) -> Iterator[TrainingSlot]:
+    def activate(self, state: DeviceOwnState, peft: Mapping[str, torch.Tensor] | None = None) -> Iterator[TrainingSlot]:
         """Swap `state` into a free slot (PEFT tensors, optimizer state, data loader, DP wrapper, RNG), yield
         the slot, swap the state out. With every slot busy, the call waits for one.
 
@@ -231,22 +231,22 @@ class SharedRuntime:
             self._released_at = now
             allocator.release()
 
-    def _slot_of(self, state: DeviceState) -> TrainingSlot:
+    def _slot_of(self, state: DeviceOwnState) -> TrainingSlot:
         try:
             return self._active[id(state)][1]
         except KeyError:
             raise FedPeftError(f"device {state.identity.device_id} is not active; wrap the call in activate()") \
                 from None
 
-    def load_peft(self, state: DeviceState, tensors: dict[str, torch.Tensor]) -> None:
+    def load_peft(self, state: DeviceOwnState, tensors: dict[str, torch.Tensor]) -> None:
         """Set an active device's PEFT tensors (checked against the manifest)."""
         self._slot_of(state).binding.set(tensors)
 
-    def current_peft(self, state: DeviceState) -> dict[str, torch.Tensor]:
+    def current_peft(self, state: DeviceOwnState) -> dict[str, torch.Tensor]:
         """An active device's PEFT tensors as they are now."""
         return self._slot_of(state).binding.get()
 
-    def evaluate(self, state: DeviceState) -> EvalReport | None:
+    def evaluate(self, state: DeviceOwnState) -> EvalReport | None:
         """Top-1 and loss of an active device's model on its local test split (torch or onnxruntime)."""
         if not len(state.data.test_labels):
             return None

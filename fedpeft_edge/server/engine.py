@@ -1,5 +1,10 @@
 """The server as a transport-free round engine: typed events in, typed messages out.
 
+The engine is the core both ways of running rounds share: joins, presence, admission of updates into the running
+aggregation, records, checkpoints and the end of the run. When and to whom tasks go, which update counts and when a
+round closes is its round policy's (server/round_policy.py): `SyncRounds` (server/sync_rounds.py) or `AsyncRounds`
+(server/async_rounds.py), picked once from `train_args.round_mode` when the engine is built.
+
 `handle(event)` takes a device's message (Join, Update, DeviceErrorReport, ClientStatus), a Presence change or
 a Timer and returns what to send (JoinAck, RoundTask, Finish). Time comes from an injected clock, deadlines
 from an injected timer scheduler; the run log, checkpoints, evaluation and metered traffic are injected too
@@ -12,12 +17,8 @@ naming both settings); a round is retried at most `train_args.max_round_retries`
 re-sends are rate-limited per device. Per-message work is O(1) in the number of devices: updates go into a
 running aggregation as they arrive and the round knows in O(1) whether it still waits for anyone.
 
-Asynchronous mode (`train_args.round_mode: async`, FedBuff-style): up to client_num_per_round devices are kept
-busy; each reporting device is handed the current global model at once; every `async_buffer_size` accepted
-updates are aggregated into a new global version (one "round"). An update trained on version tau and
-aggregated at version v has staleness s = v - tau; updates with s > max_staleness are dropped (too_stale),
-the others enter as deltas from the model they trained on, weighted by 1/sqrt(1+s) (polynomial staleness
-weighting, FedBuff / FedAsync): new = global + sum_k n_k/N * w(s_k) * delta_k.
+An update trained on an older global model (the async policy's) enters as a delta from the model it trained on,
+weighted by 1/sqrt(1+s) for a staleness of s versions (`admit(..., staleness=s)`).
 """
 
 from __future__ import annotations
@@ -53,18 +54,22 @@ from fedpeft_edge.protocol import (
     Update,
 )
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
+from fedpeft_edge.server.async_rounds import AsyncRounds
 from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
 from fedpeft_edge.server.robustness import NormBound, effective_train_args, is_robust, weight_cap
+from fedpeft_edge.server.round_policy import RoundPolicy
 from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
 from fedpeft_edge.server.strategy import Aggregation, Strategy
+from fedpeft_edge.server.sync_rounds import SyncRounds
 from fedpeft_edge.wire.codec import TensorParts, blob_nbytes, encode_update
 
 log = logging.getLogger(__name__)
 
 DEADLINE, JOIN_TIMEOUT = "deadline", "join_timeout"
+POLICIES: dict[str, type[RoundPolicy]] = {"sync": SyncRounds, "async": AsyncRounds}  # train_args.round_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +102,6 @@ class RunSpec:
                    robust=is_robust(cfg.train_args, cfg.comm_args.require_signatures))
 
 
-@dataclasses.dataclass
-class _Busy:
-    """Async: a device working on a task."""
-
-    round: int
-    version: int
-    given_at: float
-
-
 class RoundEngine:
     """One federated run's round flow, from the first join to Finish, as a state machine."""
 
@@ -117,13 +113,13 @@ class RoundEngine:
         self.spec = spec
         self.shapes = shapes or ShapePlan()  # per-device shapes (LoRA ranks); the default: the manifest for all
         self.args = spec.train_args
-        self.mode = self.args.round_mode
         self.global_state: dict[str, torch.Tensor] = dict(global_state)
         self.strategy = strategy
         self.clock, self.timers, self.runlog = clock, timers, runlog
         self.checkpoints, self.evaluator, self.traffic = checkpoints, evaluator, traffic
         self.rounds = RoundController(self.args, spec.seed)
-        self.records = RoundRecords(runlog, traffic, self.mode, spec.bytes_kind)
+        self.policy: RoundPolicy = POLICIES[self.args.round_mode](self)  # the one place the mode is read
+        self.records = RoundRecords(runlog, traffic, self.policy.name, spec.bytes_kind)
         self.divergence = DivergenceWatch(runlog, spec.num_classes, self.args.learning_rate)
         self.norm_bound = NormBound(self.args.max_update_norm, spec.robust, self.args.norm_bound_rounds,
                                     self.args.norm_bound_factor)
@@ -142,14 +138,6 @@ class RoundEngine:
         # joined later never received it: its task carries the tensors)
         self._model_id: str | None = None
         self._model_at = 0.0
-        # async state
-        self._busy: dict[str, _Busy] = {}
-        self._history: dict[int, dict[str, torch.Tensor]] = {}
-        self._task_seq = 0
-        # fast failure: the errors the selected devices reported for the open attempt, and the last attempt's
-        # error when every selected device reported that same one (round, error)
-        self._errors: dict[str, str] = {}
-        self._common_error: tuple[int, str] | None = None
 
     # --- entry points ---------------------------------------------------------------------------------------
     @property
@@ -207,6 +195,10 @@ class RoundEngine:
         out, self._out = self._out, []
         return out
 
+    def emit(self, msg: ProtocolMessage) -> None:
+        """Queue a message to send: returned by the `handle` or `start` call under way."""
+        self._out.append(msg)
+
     # --- devices --------------------------------------------------------------------------------------------
     def _refusal(self, msg: Join) -> str | None:
         spec = self.spec
@@ -247,8 +239,7 @@ class RoundEngine:
         log.info("device %s joined", msg.sender)
         self._assigned(msg.sender, self.shapes.assign(msg.sender, dev.profile))
         self._resend_if_due(msg.sender, now)
-        if self.mode == "async":
-            self._fill(now)
+        self.policy.joined(msg.sender, now)
         self._maybe_open()
 
     def _assigned(self, device_id: str, assignment: dict[str, Any] | None, after_round: int | None = None) -> None:
@@ -270,19 +261,14 @@ class RoundEngine:
         """A device that rejoins mid-round (reconnect, restart) gets its task again, a bounded number of times."""
         dev = self.rounds.devices[device_id]
         cur = self.rounds.current
-        due = (device_id in self._busy if self.mode == "async"
-               else cur is not None and cur.selects(device_id) and device_id not in cur.received)
-        if not due or cur is None:
+        if cur is None or not self.policy.task_owed(device_id, cur):
             return
         if dev.resends >= self.args.resend_rate_per_round:
             self.drops.drop(device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
                             f"{self.args.resend_rate_per_round} task re-sends this round")
             return
         dev.resends += 1  # a re-sent task carries the tensors: the device may have missed the shared model
-        if self.mode == "async":
-            self._give_task(device_id, now, full=True)
-        else:
-            self._out.append(self._task(device_id, cur, now, full=True))
+        self.policy.resend(device_id, cur, now)
 
     def _on_presence(self, msg: Presence) -> None:
         dev = self.rounds.devices.get(msg.node)
@@ -293,11 +279,7 @@ class RoundEngine:
         if msg.online:
             return
         log.info("device %s went offline", msg.node)
-        if self.mode == "async":
-            self._busy.pop(msg.node, None)
-            self._fill(self.clock.now())
-        else:
-            self._maybe_close_early()
+        self.policy.went_offline(msg.node)
 
     def _on_status(self, msg: ClientStatus) -> None:
         dev = self.rounds.devices.get(msg.sender)
@@ -305,8 +287,8 @@ class RoundEngine:
             return
         self.rounds.mark_exhausted(msg.sender)
         self.runlog.write("device_status", device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
-                          round=self._round_index())
-        self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
+                          round=self.round_index())
+        self.policy.fail_device(msg.sender, DropReason.DEVICE_ERROR)
 
     def _on_device_error(self, msg: DeviceErrorReport) -> None:
         if msg.sender not in self.rounds.devices:
@@ -314,30 +296,16 @@ class RoundEngine:
             return
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
         self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
-        if msg.round == self._round_index() or (self.mode == "async" and msg.sender in self._busy):
-            self._errors[msg.sender] = msg.error
-            self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
+        self.policy.device_error(msg.sender, msg.round, msg.error)
 
-    def _fail_device(self, device_id: str, reason: DropReason) -> None:
-        cur = self.rounds.current
-        if self.mode == "async":
-            if self._busy.pop(device_id, None) is not None and cur is not None:
-                cur.dropped[reason.value] += 1
-                self._device_dropped(cur, device_id, reason.value)
-                self._fill(self.clock.now())
-            return
-        if cur is not None and cur.selects(device_id) and device_id not in cur.received:
-            self.rounds.fail(device_id)
-            self.rounds.record_drop(reason)
-            self._device_dropped(cur, device_id, reason.value)
-            self._maybe_close_early()
-
-    def _round_index(self) -> int | None:
+    def round_index(self) -> int | None:
+        """The open round's index (None between rounds)."""
         return self.rounds.current.index if self.rounds.current else None
 
-    def _device_dropped(self, cur: OpenRound, device_id: str, reason: str, report: DeviceReport | None = None,
-                        **extra: Any) -> None:
-        self.records.device(cur.index, cur.attempt, cur.opened_at, device_id, "dropped", reason, report=report,
+    def device_dropped(self, cur: OpenRound, device_id: str, reason: str, report: DeviceReport | None = None,
+                       **extra: Any) -> None:
+        """Write a device's `dropped` device_round record for `cur`."""
+        self.records.device(cur.index, cur.retry, cur.opened_at, device_id, "dropped", reason, report=report,
                             **extra)
 
     # --- timers ---------------------------------------------------------------------------------------------
@@ -346,12 +314,9 @@ class RoundEngine:
             self._on_join_timeout()
             return
         cur = self.rounds.current
-        if msg.name != DEADLINE or cur is None or msg.round != cur.index or msg.attempt != cur.attempt:
+        if msg.name != DEADLINE or cur is None or msg.round != cur.index or msg.attempt != cur.retry:
             return  # the timer of a round that already closed
-        if self.mode == "async":
-            self._async_deadline(cur)
-        else:
-            self._close_round()
+        self.policy.deadline(cur)
 
     def _on_join_timeout(self) -> None:
         if self.rounds.started or self.finished:
@@ -363,7 +328,7 @@ class RoundEngine:
             self.rounds.join_timed_out = True
             self._maybe_open()
             return
-        self._finish(f"join timeout: {n} of train_args.min_devices={self.args.min_devices} devices joined within "
+        self.finish(f"join timeout: {n} of train_args.min_devices={self.args.min_devices} devices joined within "
                      f"train_args.join_timeout_s={self.args.join_timeout_s:g}s (at least train_args.min_updates="
                      f"{self.args.min_updates} needed to start); start more agents, check they reach the broker, "
                      "or raise join_timeout_s")
@@ -374,12 +339,12 @@ class RoundEngine:
             return False
         if self.rounds.all_spent():
             log.warning("every device has spent its privacy budget: ending the run after round %d", self.version)
-            self._finish("all devices spent their privacy budget")
+            self.finish("all devices spent their privacy budget")
             return False
         if not self.rounds.can_open():
             return False
         if self.rounds.finished:
-            self._finish()
+            self.finish()
             return False
         return True
 
@@ -394,20 +359,13 @@ class RoundEngine:
             self._agg = self.strategy.begin(self.global_state)
             self._accepted = []
         # The deadline first: whatever happens while handing out tasks, this round closes.
-        self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.attempt))
+        self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.retry))
         # Large models go out as views of global_state: aggregation replaces its tensors, never writes them.
         self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)
         self._share_model(cur, now)
-        if self.mode == "async":
-            self._history.setdefault(self.version, self.global_state)
-            self._fill(now)
-            selected = sorted(self._busy)
-        else:
-            selected = list(cur.selected)
-            log.info("round %d (attempt %d): %s", cur.index, cur.attempt, ", ".join(selected))
-            self._out.extend(self._task(d, cur, now) for d in selected)
-        self.runlog.write("round_open", round=cur.index, attempt=cur.attempt, selected=selected,
-                          deadline=cur.deadline, opened_at=cur.opened_at, mode=self.mode)
+        selected = self.policy.open(cur, now)
+        self.runlog.write("round_open", round=cur.index, attempt=cur.retry, selected=selected,
+                          deadline=cur.deadline, opened_at=cur.opened_at, mode=self.policy.name)
 
     def _share_model(self, cur: OpenRound, now: float) -> None:
         """Shared delivery: the round's model goes out once, before its tasks, to every device."""
@@ -418,17 +376,18 @@ class RoundEngine:
                                      manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
                                      model_version=self.version))
 
-    def _task(self, device_id: str, cur: OpenRound, now: float, attempt: int | None = None,
-              full: bool = False) -> RoundTask:
-        """A device's task; with shared delivery it names the shared model instead of carrying it, unless
-        `full` or the device joined after that model went out."""
+    def task(self, device_id: str, cur: OpenRound, now: float, *, attempt: int, deadline: float,
+             full: bool = False) -> RoundTask:
+        """A device's task for `cur`; `attempt` is what the task carries under that name (the round's retry in
+        sync rounds, the task's number in async ones). With shared delivery it names the shared model instead of
+        carrying it, unless `full` or the device joined after that model went out."""
         shared = (self._model_id is not None and not full
                   and self.rounds.devices[device_id].joined_at <= self._model_at)
         return RoundTask(
-            receiver=device_id, round=cur.index, attempt=cur.attempt if attempt is None else attempt,
+            receiver=device_id, round=cur.index, attempt=attempt,
             blob=b"" if shared else self._blob, manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
-            deadline=cur.deadline if self.mode == "sync" else now + self.args.round_timeout_s,
-            evaluate=self._device_eval(cur.index), model_version=self.version, mode=self.mode, sent_at=now,
+            deadline=deadline, evaluate=self._device_eval(cur.index), model_version=self.version,
+            mode=self.policy.name, sent_at=now,
             model_id=self._model_id if shared else None, model_bytes=blob_nbytes(self._blob) if shared else None,
             rank=self.shapes.rank(device_id),
         )
@@ -440,27 +399,27 @@ class RoundEngine:
 
     # --- updates --------------------------------------------------------------------------------------------
     def _on_update(self, msg: Update) -> None:
-        if self.mode == "async":
-            self._on_async_update(msg)
-            return
-        now = self.clock.now()
-        reason = self.rounds.judge_update(msg.sender, msg.round, now)
-        cur = self.rounds.current
-        if reason is not None:
-            log.info("dropped update from %s for round %s: %s", msg.sender, msg.round, reason.value)
-            if cur is not None and reason is not DropReason.DUPLICATE and cur.selects(msg.sender):
-                self._device_dropped(cur, msg.sender, reason.value, msg.report)
-            return
-        if cur is None or self._agg is None:  # judge_update accepts only for an open round
-            return
-        if self._admit(cur, msg, self.global_state, now, staleness=None) is None:
-            self.rounds.unaccept(msg.sender)
-            self.rounds.fail(msg.sender)
-        self._maybe_close_early()
+        self.policy.update(msg)
 
-    def _admit(self, cur: OpenRound, msg: Update, base: Mapping[str, torch.Tensor], now: float,
-               staleness: int | None, task_round: int | None = None) -> Accepted | None:
-        """Decode, cap and bound an update and add it to the running aggregation; None if it was dropped."""
+    @property
+    def aggregating(self) -> bool:
+        """A running aggregation is open (from a round's opening to its close; async keeps it over a retry)."""
+        return self._agg is not None
+
+    @property
+    def buffered(self) -> int:
+        """Updates in the running aggregation."""
+        return self._agg.count if self._agg is not None else 0
+
+    @property
+    def has_accepted(self) -> bool:
+        """At least one update was admitted since the round opened."""
+        return bool(self._accepted)
+
+    def admit(self, cur: OpenRound, msg: Update, base: Mapping[str, torch.Tensor], now: float,
+              staleness: int | None, task_round: int | None = None) -> Accepted | None:
+        """Decode, cap and bound an update and add it to the running aggregation; None if it was dropped. With a
+        `staleness` it enters as a delta from `base` (the model it trained on), weighted by 1/sqrt(1+staleness)."""
         dev = self.rounds.devices[msg.sender]
         try:
             adm = self.admission.admit(msg, base, dev.declared_samples, as_delta=staleness is not None,
@@ -468,13 +427,13 @@ class RoundEngine:
         except NormBoundExceeded as exc:
             cur.dropped[DropReason.NORM_BOUND.value] += 1
             log.warning("dropped update from %s: %s", msg.sender, exc)
-            self._device_dropped(cur, msg.sender, DropReason.NORM_BOUND.value, msg.report,
-                                 update_norm=exc.norm, norm_action="dropped")
+            self.device_dropped(cur, msg.sender, DropReason.NORM_BOUND.value, msg.report,
+                                update_norm=exc.norm, norm_action="dropped")
             return None
         except (FedPeftError, ValueError) as exc:
             cur.dropped[DropReason.INVALID.value] += 1
             log.warning("invalid update from %s: %s", msg.sender, exc)
-            self._device_dropped(cur, msg.sender, f"invalid: {exc}", msg.report)
+            self.device_dropped(cur, msg.sender, f"invalid: {exc}", msg.report)
             return None
         weight = 1.0 / math.sqrt(1.0 + staleness) if staleness is not None else 1.0
         update = dataclasses.replace(adm.update, scale=weight) if weight != 1.0 else adm.update
@@ -492,39 +451,20 @@ class RoundEngine:
         self._accepted.append(acc)
         return acc
 
-    def _maybe_close_early(self) -> None:
-        # Only a round that has its quorum closes before its deadline: fewer than min_updates close a round
-        # only through its own timer, never through what one device sent (an error report, a status). The one
-        # exception takes every selected device: all of them (at least min_updates) failed with the same error,
-        # which no single device can make happen (each report is signed by its own device) and a retry after the
-        # deadline would not cure (issue 29's fast failure).
-        if self.rounds.all_in() and (self.rounds.quorum() or self._unanimous_error()):
-            self._close_round()
-
-    def _unanimous_error(self) -> bool:
-        cur = self.rounds.current
-        if cur is None or self.mode != "sync" or len(cur.selected) < max(1, self.args.min_updates):
-            return False
-        errors = {self._errors.get(d) for d in cur.selected}
-        return len(errors) == 1 and None not in errors
-
     # --- closing rounds -------------------------------------------------------------------------------------
-    def _close_round(self) -> None:
-        cur = self.rounds.current
-        if cur is None:
-            return
-        t0 = time.perf_counter()
-        ok = self.rounds.quorum() and bool(self._accepted) and self._aggregate()
-        aggregate_s = time.perf_counter() - t0
+    def end_round(self, cur: OpenRound, ok: bool, aggregate_s: float) -> None:
+        """Close the open round `cur` (aggregated if `ok`), write its records, then open the next one or end."""
         self.rounds.close_round(aggregated=ok)
         accepted, self._accepted, self._agg = self._accepted, [], None
+        self.policy.closed(ok)
         try:
             self._after_close(cur, ok, aggregate_s, accepted)
         except Exception:  # the round is closed whatever went wrong in its records: the run goes on
             log.exception("recording round %d failed; the run goes on", cur.index)
-        self._next(cur, ok)
+        self.advance(cur, ok)
 
-    def _aggregate(self) -> bool:
+    def aggregate(self) -> bool:
+        """Replace the global model with the running aggregation's result; False if there is none or it failed."""
         if self._agg is None:
             return False
         try:
@@ -538,71 +478,42 @@ class RoundEngine:
         for acc in accepted:
             rank = self.shapes.rank(acc.device_id)  # the rank it trained at (before observe() may change it)
             shape: dict[str, Any] = {"rank": rank} if rank is not None else {}
-            self.records.device(cur.index, cur.attempt, cur.opened_at, acc.device_id, "accepted", None, acc=acc,
+            self.records.device(cur.index, cur.retry, cur.opened_at, acc.device_id, "accepted", None, acc=acc,
                                 traffic_round=acc.round, **shape)
             self.divergence.device(cur.index, acc.device_id, acc.report)
             self._assigned(acc.device_id, self.shapes.observe(acc.device_id, acc.report.train_s,
                                                               self.args.round_timeout_s), cur.index)
-        if self.mode == "sync":
-            got = {a.device_id for a in accepted}
-            for d in cur.selected:
-                if d not in got and d not in cur.failed:
-                    dev = self.rounds.devices.get(d)
-                    if dev is not None and not dev.online:  # lost mid-round: counted in the round's `dropped`
-                        cur.dropped[DropReason.OFFLINE.value] += 1
-                    reason = DropReason.OFFLINE if dev is not None and not dev.online else DropReason.NO_UPDATE
-                    self._device_dropped(cur, d, reason.value)
+        self.policy.missing(cur, accepted)
         eval_res = self._evaluate(cur.index, accepted) if ok else None
         self.divergence.global_eval(cur.index, eval_res)
         self.records.round(
-            cur.index, cur.attempt, ok, [a.device_id for a in accepted] if self.mode == "async" else cur.selected,
+            cur.index, cur.retry, ok, self.policy.recorded_selection(cur, accepted),
             len(accepted), dict(cur.dropped), self.clock.now() - cur.opened_at, aggregate_s, eval_res,
             self.rounds.online_count(),
             dropped_messages=self.drops.total, dropped_messages_coalesced=self.drops.coalesced,
         )
-        keep = self.args.max_staleness + 1 if self.mode == "async" else 0
-        self.traffic.forget(up_to_round=cur.index - keep)
+        self.traffic.forget(up_to_round=cur.index - self.policy.traffic_rounds_kept)
         if ok:
             self.admission.max_norm = self.norm_bound.observe(a.update_norm for a in accepted)
             self._checkpoint(cur.index)
         else:
             log.warning("round %d attempt %d closed with %d of %d required updates; retrying it", cur.index,
-                        cur.attempt, len(accepted), self.args.min_updates)
+                        cur.retry, len(accepted), self.args.min_updates)
         self.runlog.sync()
 
-    def _next(self, cur: OpenRound, ok: bool) -> None:
-        errors, self._errors = self._errors, {}
-        if not ok and self._same_error_again(cur, errors):
+    def advance(self, cur: OpenRound, ok: bool) -> None:
+        """After `cur` closed: end the run if its policy or the retry limit says so, else open the next round."""
+        if self.policy.ends_run(cur, ok):
             return
-        if not ok and self.rounds.attempt > self.args.max_round_retries:
-            self._finish(f"round {cur.index} failed {self.rounds.attempt} attempts (train_args.max_round_retries="
-                         f"{self.args.max_round_retries}): fewer than train_args.min_updates="
-                         f"{self.args.min_updates} updates arrived by the deadline each time; check the devices' "
-                         "logs, raise round_timeout_s or lower min_updates")
+        if not ok and self.rounds.retry > self.args.max_round_retries:
+            self.finish(f"round {cur.index} failed {self.rounds.retry} attempts (train_args.max_round_retries="
+                        f"{self.args.max_round_retries}): fewer than train_args.min_updates="
+                        f"{self.args.min_updates} updates arrived by the deadline each time; check the devices' "
+                        "logs, raise round_timeout_s or lower min_updates")
             return
         self._maybe_open()
         if not self.finished and self.rounds.current is None and self.rounds.finished:
-            self._finish()
-
-    def _same_error_again(self, cur: OpenRound, errors: Mapping[str, str]) -> bool:
-        """Every selected device failed this attempt with one and the same error: say so now (the attempt
-        closed at once, no deadline waited for); the second attempt in a row that does ends the run (a
-        deterministic failure, such as a wrong input size, is not cured by retrying)."""
-        selected = cur.selected
-        distinct = {errors.get(d) for d in selected}
-        if self.mode != "sync" or not selected or len(distinct) != 1 or None in distinct:
-            self._common_error = None
-            return False
-        error = str(next(iter(distinct)))
-        if self._common_error == (cur.index, error):
-            self._finish(f"round {cur.index} failed twice in a row on every selected device ({len(selected)}) with "
-                         f"the same error: {error}; retrying cannot help: fix what the error names (the devices' "
-                         "config, model or data) and start the run again")
-            return True
-        self._common_error = (cur.index, error)
-        log.error("round %d attempt %d: every selected device (%d) failed with the same error: %s; retrying once "
-                  "(the run ends if it repeats)", cur.index, cur.attempt, len(selected), error)
-        return False
+            self.finish()
 
     def _evaluate(self, round_idx: int, accepted: list[Accepted]) -> dict[str, Any] | None:
         t0 = time.perf_counter()
@@ -628,7 +539,8 @@ class RoundEngine:
                               {"cum_bytes": self.records.cum_bytes, "seed": self.spec.seed,
                                "norm_bound": self.norm_bound.state(), "declared_samples": declared})
 
-    def _finish(self, reason: str = "completed") -> None:
+    def finish(self, reason: str = "completed") -> None:
+        """End the run: cancel the timers, tell every admitted device, write summary.json."""
         if self.finished:
             return
         self.finished, self.end_reason = True, reason
@@ -643,96 +555,3 @@ class RoundEngine:
         self.runlog.write_summary(summary)
         log.log(logging.INFO if reason == "completed" else logging.ERROR, "run %s finished after %d rounds: %s",
                 self.spec.run_id, self.version, reason)
-
-    # --- asynchronous rounds --------------------------------------------------------------------------------
-    def _fill(self, now: float) -> None:
-        """Keep up to client_num_per_round devices busy (seeded choice among the idle eligible ones)."""
-        cur = self.rounds.current
-        if cur is None or self.finished:
-            return
-        free = self.args.client_num_per_round - len(self._busy)
-        if free <= 0:
-            return
-        idle = [d for d in self.rounds.eligible() if d not in self._busy]
-        rng = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self._task_seq)
-        order = torch.randperm(len(idle), generator=rng).tolist()
-        for i in order[:free]:
-            self._give_task(idle[i], now)
-
-    def _give_task(self, device_id: str, now: float, full: bool = False) -> None:
-        cur = self.rounds.current
-        if cur is None:
-            return
-        self._task_seq += 1
-        self._busy[device_id] = _Busy(cur.index, self.version, now)
-        self._out.append(self._task(device_id, cur, now, attempt=self._task_seq, full=full))
-
-    def _on_async_update(self, msg: Update) -> None:
-        now = self.clock.now()
-        cur = self.rounds.current
-        dev = self.rounds.devices.get(msg.sender)
-        busy = self._busy.get(msg.sender)
-        reason: DropReason | None = None
-        if dev is None or not dev.accepted:
-            reason = DropReason.UNKNOWN_DEVICE
-        elif cur is None or busy is None:
-            reason = DropReason.NOT_SELECTED
-        elif msg.round != busy.round or (msg.model_version is not None and msg.model_version != busy.version):
-            reason = DropReason.STALE_ROUND  # an answer to an earlier task (re-sent after a reconnect)
-        if reason is not None or cur is None or busy is None:
-            log.info("dropped async update from %s for round %s: %s", msg.sender, msg.round, reason)
-            if cur is not None and reason is not None:
-                cur.dropped[reason.value] += 1
-            return
-        del self._busy[msg.sender]
-        staleness = self.version - busy.version
-        if staleness > self.args.max_staleness or busy.version not in self._history:
-            cur.dropped[DropReason.TOO_STALE.value] += 1
-            self._device_dropped(cur, msg.sender, DropReason.TOO_STALE.value, msg.report, staleness=staleness)
-        else:
-            self._admit(cur, msg, self._history[busy.version], now, staleness, task_round=busy.round)
-            if self._agg is not None and self._agg.count >= self.args.async_buffer_size:
-                self._close_async(cur)
-        if not self.finished and self.rounds.current is not None and dev is not None and dev.online \
-                and not dev.exhausted and msg.sender not in self._busy \
-                and len(self._busy) < self.args.client_num_per_round:
-            self._give_task(msg.sender, now)  # handed the newest global model as soon as it reported
-
-    def _close_async(self, cur: OpenRound) -> None:
-        """Aggregate the buffer into the next global version (one async round) and open the next one."""
-        t0 = time.perf_counter()
-        ok = self._aggregate()
-        aggregate_s = time.perf_counter() - t0
-        self.rounds.close_round(aggregated=ok)
-        accepted, self._accepted, self._agg = self._accepted, [], None
-        if ok:
-            self._history[self.version] = self.global_state
-            for v in [v for v in self._history if v < self.version - self.args.max_staleness]:
-                del self._history[v]
-        try:
-            self._after_close(cur, ok, aggregate_s, accepted)
-        except Exception:
-            log.exception("recording async round %d failed; the run goes on", cur.index)
-        self._next(cur, ok)
-
-    def _async_deadline(self, cur: OpenRound) -> None:
-        """Aggregate what the buffer holds if it reaches min_updates; free devices that never answered."""
-        now = self.clock.now()
-        for d, b in list(self._busy.items()):
-            if b.given_at + self.args.round_timeout_s <= now:
-                del self._busy[d]
-                cur.dropped[DropReason.NO_UPDATE.value] += 1
-                self._device_dropped(cur, d, DropReason.NO_UPDATE.value)
-        if self._agg is not None and self._agg.count >= max(1, self.args.min_updates):
-            self._close_async(cur)
-            return
-        # A failed attempt: the buffer is kept, the round re-armed (bounded by max_round_retries).
-        self.rounds.close_round(aggregated=False)
-        try:
-            self.records.round(cur.index, cur.attempt, False, sorted(self._busy), 0, dict(cur.dropped),
-                               now - cur.opened_at, 0.0, None,
-                               self.rounds.online_count())
-            self.runlog.sync()
-        except Exception:
-            log.exception("recording async round %d failed; the run goes on", cur.index)
-        self._next(cur, ok=False)

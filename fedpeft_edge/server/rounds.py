@@ -1,7 +1,8 @@
 """Round bookkeeping: who is online, who is sampled, which updates count, and when a round closes.
 
 Pure logic with no I/O, so the server app, tests and simulations share it. Sampling is a function of
-(seed, round, attempt) and the sorted eligible devices, so a resumed server samples exactly as before.
+(seed, round, retry) and the sorted eligible devices, so a resumed server samples exactly as before. A round's
+`retry` counts its failed attempts (0 the first time); run records and the wire still call it `attempt`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class DropReason(str, enum.Enum):
 
 
 @dataclasses.dataclass
-class DeviceState:
-    """What the server knows about one device. Its accepted/online/exhausted flags are read-only here: the
-    `RoundController` sets them (`admit`, `set_online`, `mark_exhausted`) and keeps its eligible set with them."""
+class KnownDevice:
+    """What the server knows about one device (its join, presence, admission; not the device's own state). Its
+    accepted/online/exhausted flags are read-only here: the `RoundController` sets them (`admit`, `set_online`,
+    `mark_exhausted`) and keeps its eligible set with them."""
 
     device_id: str
     profile: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -73,7 +75,7 @@ class OpenRound:
     """The round in progress."""
 
     index: int
-    attempt: int
+    retry: int  # failed attempts of this round before this one (records and tasks name it `attempt`)
     selected: tuple[str, ...]
     opened_at: float
     deadline: float
@@ -100,7 +102,7 @@ class RoundController:
         self._args = train_args
         self._seed = seed
         self.next_round = next_round
-        self.devices: dict[str, DeviceState] = {}
+        self.devices: dict[str, KnownDevice] = {}
         # Kept as flags change, so that a join or a presence costs O(1), not a scan of every device:
         self._eligible: set[str] = set()  # admitted, online, budget left
         self._eligible_sorted: tuple[str, ...] | None = ()  # sampling's order, sorted once per change
@@ -108,15 +110,15 @@ class RoundController:
         self._spent: set[str] = set()  # admitted with the privacy budget spent
         self._present: set[str] = set()  # admitted and online
         self.current: OpenRound | None = None
-        self._attempt = 0
+        self._retry = 0
         self._started = False
         self.join_timed_out = False  # train_args.join_timeout_s passed: start with the devices that joined
 
     # --- devices ---------------------------------------------------------------------------------------
-    def device(self, device_id: str) -> DeviceState:
-        return self.devices.setdefault(device_id, DeviceState(device_id))
+    def device(self, device_id: str) -> KnownDevice:
+        return self.devices.setdefault(device_id, KnownDevice(device_id))
 
-    def admit(self, device_id: str, accepted: bool, exhausted: bool) -> DeviceState:
+    def admit(self, device_id: str, accepted: bool, exhausted: bool) -> KnownDevice:
         """A join was judged: the device is admitted (or refused), with its privacy budget spent or not."""
         dev = self.device(device_id)
         dev._accepted, dev._exhausted = accepted, exhausted
@@ -129,7 +131,7 @@ class RoundController:
         dev._exhausted = True
         self._refresh(dev)
 
-    def _refresh(self, dev: DeviceState) -> None:
+    def _refresh(self, dev: KnownDevice) -> None:
         name = dev.device_id
         for group, member in ((self._eligible, dev.eligible), (self._admitted, dev.accepted),
                               (self._spent, dev.accepted and dev.exhausted),
@@ -164,9 +166,9 @@ class RoundController:
         return bool(self._admitted) and len(self._spent) == len(self._admitted)
 
     @property
-    def attempt(self) -> int:
-        """The attempt the next (or current) round runs as: 0, then 1, 2 ... after failed attempts."""
-        return self._attempt
+    def retry(self) -> int:
+        """The retry the next (or current) round runs as: 0, then 1, 2 ... after failed attempts."""
+        return self._retry
 
     @property
     def started(self) -> bool:
@@ -178,17 +180,17 @@ class RoundController:
 
     # --- rounds ----------------------------------------------------------------------------------------
     def open_round(self, now: float) -> OpenRound:
-        """Sample this round's devices (seeded by seed, round and attempt) and start its deadline."""
+        """Sample this round's devices (seeded by seed, round and retry) and start its deadline."""
         pool = self.eligible()
         k = min(self._args.client_num_per_round, len(pool))
-        rng = np.random.default_rng([self._seed, self.next_round, self._attempt])
+        rng = np.random.default_rng([self._seed, self.next_round, self._retry])
         chosen = sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
         self._started = True
         for d in chosen:
             self.devices[d].resends = 0
         self.current = OpenRound(
             index=self.next_round,
-            attempt=self._attempt,
+            retry=self._retry,
             selected=tuple(chosen),
             opened_at=now,
             deadline=now + self._args.round_timeout_s,
@@ -265,7 +267,7 @@ class RoundController:
         self.current = None
         if aggregated:
             self.next_round += 1
-            self._attempt = 0
+            self._retry = 0
         else:
-            self._attempt += 1
+            self._retry += 1
         return closed

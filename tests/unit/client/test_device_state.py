@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedpeft_edge.client.device import AgentIdentity, DeviceState, build_device_state
+from fedpeft_edge.client.device import AgentIdentity, DeviceOwnState, build_device_state
 from fedpeft_edge.client.runtime import SharedRuntime
 from fedpeft_edge.config import RunConfig, config_from_dict
 from fedpeft_edge.errors import FedPeftError
@@ -35,13 +35,13 @@ def runtime() -> SharedRuntime:
     return SharedRuntime(tiny_config())
 
 
-def _train(rt: SharedRuntime, state: DeviceState) -> dict[str, torch.Tensor]:
+def _train(rt: SharedRuntime, state: DeviceOwnState) -> dict[str, torch.Tensor]:
     with rt.activate(state) as slot:
         slot.trainer.train(max_steps=3)
     return {k: v.clone() for k, v in state.peft.items()}
 
 
-def _momentum(state: DeviceState) -> list[torch.Tensor]:
+def _momentum(state: DeviceOwnState) -> list[torch.Tensor]:
     return [s["momentum_buffer"].clone() for s in state.optimizer["state"].values()]
 
 

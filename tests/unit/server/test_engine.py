@@ -79,7 +79,7 @@ def test_deadline_without_quorum_retries_the_round(tmp_path: Path) -> None:
     h.fire()
     assert h.records("round")[0]["status"] == "failed"
     cur = h.engine.rounds.current
-    assert cur is not None and cur.index == 1 and cur.attempt == 1
+    assert cur is not None and cur.index == 1 and cur.retry == 1
     assert h.records("round_open")[-1]["attempt"] == 1
 
 
@@ -145,7 +145,7 @@ def test_the_same_error_on_every_device_ends_the_run_when_it_repeats(tmp_path: P
     for d in sel:
         h.send(DeviceErrorReport(sender=d, round=1, error=err))
     cur = h.engine.rounds.current  # closed at once, no deadline waited for; retried once
-    assert not h.engine.finished and cur is not None and cur.attempt == 1
+    assert not h.engine.finished and cur is not None and cur.retry == 1
     for d in h.selected():
         h.send(DeviceErrorReport(sender=d, round=1, error=err))
     assert h.engine.finished  # the second attempt in a row with that error: no more retries

@@ -58,7 +58,7 @@ def test_offline_devices_let_a_round_close_early_and_failed_rounds_retry() -> No
     for name in rc.devices:
         rc.set_online(name, True)
     retry = rc.open_round(20.0)
-    assert retry.index == 1 and retry.attempt == 1
+    assert retry.index == 1 and retry.retry == 1
 
 
 def test_exhausted_devices_are_never_sampled() -> None:

@@ -71,7 +71,7 @@ def _engine_state(h: Harness) -> dict[str, Any]:
     cur = h.engine.rounds.current
     h.runlog.sync()
     return {
-        "round": None if cur is None else (cur.index, cur.attempt, cur.selected, cur.deadline, sorted(cur.received),
+        "round": None if cur is None else (cur.index, cur.retry, cur.selected, cur.deadline, sorted(cur.received),
                                            sorted(cur.failed), sorted(cur.waiting)),
         "pending_timers": list(h.timers.pending),
         "finished": h.engine.finished,
