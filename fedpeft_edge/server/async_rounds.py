@@ -14,17 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from fedpeft_edge.protocol import Update
 from fedpeft_edge.server.records import Accepted
-from fedpeft_edge.server.round_policy import RoundPolicy
+from fedpeft_edge.server.round_policy import EngineCore, RoundPolicy
 from fedpeft_edge.server.rounds import DropReason, OpenRound
-
-if TYPE_CHECKING:  # built by the engine with itself
-    from fedpeft_edge.server.engine import RoundEngine
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +39,7 @@ class AsyncRounds(RoundPolicy):
 
     name = "async"
 
-    def __init__(self, engine: RoundEngine) -> None:
+    def __init__(self, engine: EngineCore) -> None:
         super().__init__(engine)
         self.traffic_rounds_kept = engine.args.max_staleness + 1  # a stale update's upload is still timed
         self._busy: dict[str, _Busy] = {}

@@ -10,14 +10,63 @@ run's `train_args.round_mode` picks one when the engine is built (`engine.POLICI
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from fedpeft_edge.protocol import Update
-from fedpeft_edge.server.records import Accepted
-from fedpeft_edge.server.rounds import DropReason, OpenRound
+import torch
 
-if TYPE_CHECKING:  # the engine builds its policy with itself: a type, not an import at load time
-    from fedpeft_edge.server.engine import RoundEngine
+from fedpeft_edge.config import TrainArgs
+from fedpeft_edge.protocol import DeviceReport, ProtocolMessage, RoundTask, Update
+from fedpeft_edge.server.ports import Clock, RunLogWriter
+from fedpeft_edge.server.records import Accepted, RoundRecords
+from fedpeft_edge.server.rounds import DropReason, OpenRound, RoundController
+
+
+class EngineCore(Protocol):
+    """What a policy uses of the engine's shared core (server/engine.py's RoundEngine implements it): the
+    policies depend on this, not on the engine module, so no module imports its importer."""
+
+    spec: Any
+    args: TrainArgs
+    global_state: dict[str, torch.Tensor]
+    clock: Clock
+    runlog: RunLogWriter
+    rounds: RoundController
+    records: RoundRecords
+    finished: bool
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def aggregating(self) -> bool: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    def round_index(self) -> int | None: ...
+
+    def emit(self, msg: ProtocolMessage) -> None: ...
+
+    def device_dropped(self, cur: OpenRound, device_id: str, reason: str, report: DeviceReport | None = None,
+                       **extra: Any) -> None: ...
+
+    def task(self, device_id: str, cur: OpenRound, now: float, *, attempt: int, deadline: float,
+             full: bool = False) -> RoundTask: ...
+
+    @property
+    def has_accepted(self) -> bool: ...
+
+    def admit(self, cur: OpenRound, msg: Update, base: Mapping[str, torch.Tensor], now: float,
+              staleness: int | None, task_round: int | None = None) -> Accepted | None: ...
+
+    def aggregate(self) -> bool: ...
+
+    def end_round(self, cur: OpenRound, ok: bool, aggregate_s: float) -> None: ...
+
+    def advance(self, cur: OpenRound, ok: bool) -> None: ...
+
+    def finish(self, reason: str = "completed") -> None: ...
 
 
 class RoundPolicy(abc.ABC):
@@ -30,7 +79,7 @@ class RoundPolicy(abc.ABC):
     #: how many closed rounds' traffic the meter keeps after a round closes (late uploads are still timed)
     traffic_rounds_kept: int = 0
 
-    def __init__(self, engine: RoundEngine) -> None:
+    def __init__(self, engine: EngineCore) -> None:
         self.engine = engine
 
     @abc.abstractmethod

@@ -8,15 +8,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from fedpeft_edge.protocol import Update
 from fedpeft_edge.server.records import Accepted
-from fedpeft_edge.server.round_policy import RoundPolicy
+from fedpeft_edge.server.round_policy import EngineCore, RoundPolicy
 from fedpeft_edge.server.rounds import DropReason, OpenRound
-
-if TYPE_CHECKING:  # built by the engine with itself
-    from fedpeft_edge.server.engine import RoundEngine
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +23,7 @@ class SyncRounds(RoundPolicy):
     name = "sync"
     traffic_rounds_kept = 0
 
-    def __init__(self, engine: RoundEngine) -> None:
+    def __init__(self, engine: EngineCore) -> None:
         super().__init__(engine)
         # fast failure: the errors the selected devices reported for the open attempt, and the last attempt's
         # error when every selected device reported that same one (round, error)
