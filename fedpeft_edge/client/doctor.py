@@ -244,7 +244,7 @@ def check_secrets(comm_args: CommArgs) -> Check:
     """FAIL on a key or password file others may read, and, with a broker off loopback, on unsigned messages
     (require_signatures: false), an inline password or tls_insecure (docs/security.md)."""
     problems = []
-    for key in ("signing_key_file", "tls_key_file", "password_file"):
+    for key in ("signing_key_file", "encryption_key_file", "tls_key_file", "password_file"):
         path = getattr(comm_args, key)
         if path and Path(path).exists() and Path(path).stat().st_mode & 0o077:
             problems.append(f"comm_args.{key} {path} is readable by others (chmod 600 it)")
