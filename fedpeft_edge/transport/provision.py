@@ -256,12 +256,13 @@ def _write_snippet(root: Path, node: str, user: str, password: str, tls: bool) -
         comm["peer_keys_dir"] = str(root / "peers")
     else:
         comm["server_public_key_file"] = str(node_dir / "server.pub")
-    if (node_dir / "encryption.key").exists():  # a keystore made before encryption keys has none: say so
+    server_x = node_dir / "server-x25519.pub"
+    if (node_dir / "encryption.key").exists() and server_x.exists():  # a keystore older than encryption: off
         comm.update(encrypt=True, encryption_key_file=str(node_dir / "encryption.key"))
         if node == str(M.SERVER_ID):
             comm["peer_encryption_keys_dir"] = str(root / PEERS_X25519)
         else:
-            comm["server_encryption_key_file"] = str(node_dir / "server-x25519.pub")
+            comm["server_encryption_key_file"] = str(server_x)
     if tls:
         comm.update(tls_ca_file=str(node_dir / "tls/ca.crt"), tls_cert_file=str(node_dir / "tls/node.crt"),
                     tls_key_file=str(node_dir / "tls/node.key"))

@@ -2,7 +2,7 @@
 spy holding broker credentials that read the whole topic tree (what the broker operator sees). The spy records every
 payload of the run; in an encrypted run it finds no tensor blob header and no run of the global model's fp32 bytes,
 in tasks, updates or the shared model, and every round completes. The same search on a run with `encrypt: false`
-finds both (the search can fail)."""
+finds both (the search can fail); the global tensors of all three runs are bit-identical."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import torch
 import yaml
 from fl_processes import Procs, aggregated_rounds, records, run_dir_of, wait_for, write_config
 from paho.mqtt.enums import CallbackAPIVersion
@@ -128,3 +129,8 @@ def test_a_broker_wide_reader_finds_no_tensor_in_an_encrypted_run(tmp_path: Path
     assert any(t.split("/")[2] == "model" for t, _ in shared["payloads"]), "no shared model crossed the broker"
     assert _leaks(sealed) == {"tensor_blob": set(), "global_model": set()}
     assert _leaks(shared) == {"tensor_blob": set(), "global_model": set()}
+    for rnd in range(1, ROUNDS + 1):  # encryption is lossless: the same seed gives the same bits
+        want = load_checkpoint(plain["run_dir"], rnd).state
+        for res in (sealed, shared):
+            got = load_checkpoint(res["run_dir"], rnd).state
+            assert all(torch.equal(want[k], got[k]) for k in want), (rnd, res["run_dir"].name)
