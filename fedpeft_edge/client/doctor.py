@@ -28,6 +28,7 @@ import psutil
 
 from fedpeft_edge.config import CommArgs, DeviceArgs, RunConfig, is_loopback
 from fedpeft_edge.errors import BackboneError, FedPeftError
+from fedpeft_edge.transport.sealing import encryption_on
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,8 @@ def check_secrets(comm_args: CommArgs) -> Check:
     if problems:
         return Check("secrets", "FAIL", "; ".join(problems))
     signed = "signed messages" if comm_args.require_signatures else "unsigned messages (loopback broker)"
-    return Check("secrets", "OK", f"key files private, {signed}")
+    sealed = "encrypted tensors" if encryption_on(comm_args) else "tensors in plaintext to the broker"
+    return Check("secrets", "OK", f"key files private, {signed}, {sealed}")
 
 
 def check_broker(probe: Any) -> list[Check]:
