@@ -61,7 +61,8 @@ class Sealer:
         if not is_sealed_blob(blob):
             raise AuthError(f"a message from {str(params.get(M.MSG_ARG_KEY_SENDER))[:40]!r} carries tensors in "
                             "plaintext where encryption is on (comm_args.encrypt)", "unencrypted")
-        return open_blob(blob, self.aad(params), self.node_id, self._key)
+        shared = str(params.get(M.MSG_ARG_KEY_RECEIVER)) == self._broadcast
+        return open_blob(blob, self.aad(params), self.node_id, self._key, shared=shared)
 
 
 def build_sealer(comm_args: CommArgs, node_id: str | int, run_id: str) -> Sealer | None:

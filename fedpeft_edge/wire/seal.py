@@ -101,9 +101,10 @@ def seal_blob(blob: Buffer, aad: bytes, receiver: tuple[str, X25519PublicKey] | 
     return b"".join([head, *wraps, ChaCha20Poly1305(key).encrypt(nonce, blob, aad)])
 
 
-def open_blob(sealed: Buffer, aad: bytes, me: str, key: X25519PrivateKey) -> bytes:
+def open_blob(sealed: Buffer, aad: bytes, me: str, key: X25519PrivateKey, shared: bool | None = None) -> bytes:
     """The plaintext of a sealed blob addressed to `me` (holding `key`); AuthError reason `undecryptable` for
-    a wrong key, a tampered ciphertext, another header (AAD) or a blob not sealed to `me`."""
+    a wrong key, a tampered ciphertext, another header (AAD) or a blob not sealed to `me`. `shared` False / True:
+    the blob must have been sealed to one receiver / to a recipient list (None: either)."""
     view = memoryview(sealed).cast("B")
     if view.nbytes < SEAL_OVERHEAD or not is_sealed_blob(view):
         raise AuthError(f"blob of {view.nbytes} bytes is not sealed (no {SEAL_MAGIC!r} header)", "undecryptable")
@@ -111,6 +112,9 @@ def open_blob(sealed: Buffer, aad: bytes, me: str, key: X25519PrivateKey) -> byt
     if version != VERSION or flags:
         raise AuthError(f"sealed blob version {version} (flags {flags}) is not supported (this build reads "
                         f"{VERSION})", "undecryptable")
+    if shared is not None and shared != (n > 0):
+        raise AuthError(f"blob sealed to {n} recipients where a {'shared' if shared else 'one-receiver'} blob was "
+                        "expected", "undecryptable")
     try:
         eph = X25519PublicKey.from_public_bytes(eph_pub)
         pos, kek = _HEAD.size, _derive(key.exchange(eph), eph_pub, _raw(key.public_key()), me)

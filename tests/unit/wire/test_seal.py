@@ -57,6 +57,11 @@ def test_shared_blob_is_encrypted_once_and_wrapped_per_device() -> None:
     for d, k in devices.items():
         assert open_blob(sealed, aad, d, k) == DATA
     assert _reason(sealed, aad=aad, me="d0", key=devices["d1"]) == "undecryptable"
+    with pytest.raises(AuthError, match="one-receiver"):  # an update must not carry a recipient list
+        open_blob(sealed, aad, "d0", devices["d0"], shared=False)
+    with pytest.raises(AuthError, match="shared"):
+        open_blob(seal_blob(DATA, aad, receiver=("d0", devices["d0"].public_key())), aad, "d0", devices["d0"],
+                  shared=True)
     with pytest.raises(AuthError, match="none of them 'd9'"):
         open_blob(sealed, aad, "d9", X25519PrivateKey.generate())
 
