@@ -259,6 +259,12 @@ class CommArgs:
     # The replay window on disk (wire/auth.py ReplayJournal); the server keeps it in its run directory
     # (replay.journal) unless set, so a frame accepted before `fedpeft-server --resume` is refused after it.
     replay_journal_file: str | None = None
+    # End-to-end encryption of every message's tensors (wire/seal.py: X25519 + ChaCha20-Poly1305; keys from
+    # `fedpeft-edge provision`), so the broker and broker-credential holders read no tensor.
+    encrypt: bool | None = None  # null: on when require_signatures is on and encryption_key_file is set
+    encryption_key_file: str | None = None  # this node's X25519 private key (PEM)
+    peer_encryption_keys_dir: str | None = None  # server: a directory of <device_id>.pub X25519 public keys
+    server_encryption_key_file: str | None = None  # device: the server's X25519 public key (PEM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -805,6 +811,12 @@ def _check_run(cfg: RunConfig) -> None:
         raise ConfigError(
             "comm_args.require_signatures is true but neither comm_args.peer_keys_dir (server) nor "
             "comm_args.server_public_key_file (device) is set: nobody's signature could be checked"
+        )
+    if c.encrypt and not (c.encryption_key_file and (c.peer_encryption_keys_dir or c.server_encryption_key_file)):
+        raise ConfigError(
+            "comm_args.encrypt is true but comm_args.encryption_key_file or the peers' keys "
+            "(peer_encryption_keys_dir on the server, server_encryption_key_file on a device) are not set; run "
+            "`fedpeft-edge provision` (or `provision --rotate DEVICE`) and use the node's snippet"
         )
     if not 0.0 <= t.trim_ratio < 0.5:
         raise ConfigError(f"train_args.trim_ratio must be in [0, 0.5), got {t.trim_ratio!r}")

@@ -68,6 +68,9 @@ class Simulation:
             self.devices.append(DeviceManager(DeviceLogic(self.runtime, state), cfg.comm_args,
                                               cfg.common_args.run_id, backend=backend))
         self.setup_s = time.perf_counter() - t0
+        if cfg.comm_args.encrypt or cfg.comm_args.require_signatures:  # one process, nothing crosses a network
+            log.info("simulate: messages stay in this process on an in-memory bus, so they are neither signed nor "
+                     "encrypted (comm_args.require_signatures / encrypt apply on MQTT only)")
         log.info("simulation of %d devices ready in %.1fs (one shared backbone, %.1f MB)", len(self.devices),
                  self.setup_s, self.runtime.shared_bytes() / 2**20)
 

@@ -28,6 +28,7 @@ import psutil
 
 from fedpeft_edge.config import CommArgs, DeviceArgs, RunConfig, is_loopback
 from fedpeft_edge.errors import BackboneError, FedPeftError
+from fedpeft_edge.transport.sealing import encryption_on
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def check_secrets(comm_args: CommArgs) -> Check:
     """FAIL on a key or password file others may read, and, with a broker off loopback, on unsigned messages
     (require_signatures: false), an inline password or tls_insecure (docs/security.md)."""
     problems = []
-    for key in ("signing_key_file", "tls_key_file", "password_file"):
+    for key in ("signing_key_file", "encryption_key_file", "tls_key_file", "password_file"):
         path = getattr(comm_args, key)
         if path and Path(path).exists() and Path(path).stat().st_mode & 0o077:
             problems.append(f"comm_args.{key} {path} is readable by others (chmod 600 it)")
@@ -260,7 +261,8 @@ def check_secrets(comm_args: CommArgs) -> Check:
     if problems:
         return Check("secrets", "FAIL", "; ".join(problems))
     signed = "signed messages" if comm_args.require_signatures else "unsigned messages (loopback broker)"
-    return Check("secrets", "OK", f"key files private, {signed}")
+    sealed = "encrypted tensors" if encryption_on(comm_args) else "tensors in plaintext to the broker"
+    return Check("secrets", "OK", f"key files private, {signed}, {sealed}")
 
 
 def check_broker(probe: Any) -> list[Check]:

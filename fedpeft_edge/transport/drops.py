@@ -16,7 +16,7 @@ class DroppedMessage:
 
     sender: str  # the node the topic names (the claimed sender; unauthenticated unless reason says so)
     topic: str
-    reason: str  # a short code: malformed, unsigned, bad_signature, replayed, stale, unknown_sender, ...
+    reason: str  # a short code: malformed, unsigned, bad_signature, replayed, stale, undecryptable, ...
     detail: str  # the error's message
     bytes: int  # payload bytes of what was dropped
     count: int = 1  # packets this record stands for (a full inbox reports its drops together)

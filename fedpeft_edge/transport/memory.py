@@ -1,7 +1,9 @@
 """FedML's BaseCommunicationManager in one process: the nodes of a simulation on one deterministic bus.
 
 Messages are framed exactly as on MQTT (`wire.codec.message_parts`, `transport.framing`) and decoded again on
-delivery, so a handler sees what it would see from a broker and the meter records the same frame bytes. They
+delivery, so a handler sees what it would see from a broker and the meter records the same frame bytes (not
+signed and not encrypted: nothing leaves the process, so the bytes are the MQTT run's less the 96-byte envelope
+and a sealed blob's 68 bytes; the tensors are the same bits). They
 are labelled `bytes_kind = "encoded"`: no MQTT packet header, no PUBACK, no TCP crossed anything. One FIFO
 carries every message and presence change, dispatched on the thread that runs the receive loop, in send order:
 a seed gives the same run every time.

@@ -44,6 +44,7 @@ from fedpeft_edge.transport.framing import (
     round_of,
 )
 from fedpeft_edge.transport.reasons import explain_connect_refusal, explain_topic_refusal
+from fedpeft_edge.transport.sealing import build_sealer
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import (
     ENVELOPE_BYTES,
@@ -59,6 +60,7 @@ from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, Expired, Reassembler, ch
 from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
 from fedpeft_edge.wire.limits import sender_burst_for
 from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
+from fedpeft_edge.wire.seal import MAX_WRAPS_BYTES, SEAL_OVERHEAD, is_sealed_blob
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._rate = _sender_rate(comm_args)
         self.drops = DropLog(on_drop)
         self._signer, self._verifier = _build_auth(comm_args, self.is_server)
+        self._sealer = build_sealer(comm_args, node_id, run_id)  # None: tensors travel in plaintext
         self._presence_seen: dict[str, tuple[float, int]] = {}
         self._session = time.time()
         self._stopping = threading.Event()
@@ -165,6 +168,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._sub_mid: int | None = None
         self._presence_mid, self._presence_seq = -1, 0  # this connection's presence PUBLISH (its PUBACK is awaited)
         most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
+        if self._sealer is not None:  # a sealed blob's header, tag and (the shared model's) wrapped keys
+            most += SEAL_OVERHEAD + MAX_WRAPS_BYTES
         self._reassembler = Reassembler(
             most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
             max_pending_transfers=comm_args.max_pending_transfers,
@@ -443,6 +448,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         params.setdefault(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
         blob = pop_blob(params)
         topic, peer = self._route(params)
+        if self._sealer is not None and blob is not None:  # encrypt, then sign the frame holding the ciphertext
+            blob = memoryview(self._sealer.seal(params, blob if isinstance(blob, memoryview) else bytes(blob)))
         parts = message_parts(params, blob)
         if self._signer is not None:
             parts = [self._signer.envelope(topic, parts), *parts]
@@ -640,6 +647,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._record_in(node, {}, sizes, start, item.arrived, len(payload))
             raise
         self._record_in(node, params, sizes, start, item.arrived, len(payload))
+        if blob is not None and (self._sealer is not None or is_sealed_blob(blob)):
+            check_frame(node, params, me)  # the fields the blob is bound to, typed, before any decryption
+            try:  # after the signature check (in _open): a forged frame is refused before anything is decrypted
+                if self._sealer is None:
+                    raise AuthError(f"encrypted tensors from {node!r} but this node has no encryption key "
+                                    "(comm_args.encryption_key_file, from `fedpeft-edge provision`)", "undecryptable")
+                blob = memoryview(self._sealer.open(params, blob))
+            except AuthError as exc:
+                self._drop(node, item.topic, exc.reason, str(exc), len(payload))
+                return None
         return self._to_message(node, params, blob, me, channel)
 
     def _open(self, node: str, topic: str, payload: bytes | bytearray, replay: bool = True) -> memoryview:

@@ -1,5 +1,6 @@
 """Provisioning a run's security material: per-node broker credentials, a mosquitto password file and ACL,
-Ed25519 signing keys, optional TLS (a CA, broker and node certificates) and a comm_args snippet per node.
+Ed25519 signing keys, X25519 encryption keys, optional TLS (a CA, broker and node certificates) and a
+comm_args snippet per node.
 
 Layout of the output directory (the server's node directory is `server/`):
 
@@ -7,7 +8,9 @@ Layout of the output directory (the server's node directory is `server/`):
     broker/passwd, broker/acl mosquitto's password file (PBKDF2-SHA512, `$7$`) and ACL
     broker/tls/               ca.crt, broker.crt, broker.key (with --tls)
     peers/<device>.pub        every device's public key: the server's comm_args.peer_keys_dir
-    server/, <device>/        signing.key, broker.password, server.pub, tls/ (ca.crt, node.crt, node.key),
+    peers-x25519/<device>.pub every device's X25519 public key: the server's comm_args.peer_encryption_keys_dir
+    server/, <device>/        signing.key, encryption.key (X25519), broker.password, server.pub,
+                              server-x25519.pub, tls/ (ca.crt, node.crt, node.key),
                               comm_args.yaml (names the files; no secret is ever written inline into it)
 
 The directory is a keystore: every directory 0700, every secret 0600. Keep it outside any run directory (a
@@ -35,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from fedpeft_edge.errors import ConfigError
@@ -44,6 +48,7 @@ from fedpeft_edge.transport.topics import Topics
 SERVER_USER = "fedpeft-server"
 SERVER_DIR = "server"
 PASSWORD_FILE = "broker.password"
+PEERS_X25519 = "peers-x25519"
 _PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for `$7$` (PBKDF2-SHA512)
 
 
@@ -106,16 +111,18 @@ def provision(
         raise ConfigError(f"{root} is already provisioned; use a new --out directory (keys are never reused)")
     topic_root = _topic_root(topic_prefix, run_id)
     _private_dir(root)
-    for sub in ("broker", "peers", SERVER_DIR, *devices):
+    for sub in ("broker", "peers", PEERS_X25519, SERVER_DIR, *devices):
         _private_dir(root / sub)
     passwords = {name: secrets.token_urlsafe(24) for name in (SERVER_USER, *devices)}
     _write(root / "broker/passwd", "".join(f"{u}:{hash_password(p)}\n" for u, p in passwords.items()), secret=True)
     _write(root / "broker/acl", acl_text(topic_root, devices))
-    server_pub = _write_keys(root / SERVER_DIR)
+    server_pub, server_x = _write_keys(root / SERVER_DIR), _write_encryption_keys(root / SERVER_DIR)
     for d in devices:
         (root / "peers" / f"{d}.pub").write_bytes(_write_keys(root / d))
+        (root / PEERS_X25519 / f"{d}.pub").write_bytes(_write_encryption_keys(root / d))
     for node_dir in (root / SERVER_DIR, *(root / d for d in devices)):
         (node_dir / "server.pub").write_bytes(server_pub)
+        (node_dir / "server-x25519.pub").write_bytes(server_x)
     if tls:
         _write_tls(root, devices, broker_host)
     for node, user in ((str(M.SERVER_ID), SERVER_USER), *((d, d) for d in devices)):
@@ -130,9 +137,10 @@ def _topic_root(topic_prefix: str, run_id: str) -> str:
 
 
 def revoke(directory: str | Path, device: str) -> Provisioned:
-    """Take one device out of a provisioned fleet: its broker password and ACL entry, its public key (the
-    server's peer_keys_dir) and its keystore directory go; with TLS its certificate joins the CRL. The broker
-    applies it on SIGHUP (or restart), the server on restart (`fedpeft-server --resume`)."""
+    """Take one device out of a provisioned fleet: its broker password and ACL entry, its public keys (the
+    server's peer_keys_dir and peer_encryption_keys_dir) and its keystore directory go; with TLS its
+    certificate joins the CRL. The broker applies it on SIGHUP (or restart), the server on restart
+    (`fedpeft-server --resume`)."""
     prov = load_provisioned(directory)
     if device not in prov.devices:
         raise ConfigError(f"device {device!r} is not provisioned in {prov.root} (devices: {', '.join(prov.devices)})")
@@ -141,6 +149,7 @@ def revoke(directory: str | Path, device: str) -> Provisioned:
     _set_password_line(root, device, None)
     _write(root / "broker/acl", acl_text(_topic_root(prov.topic_prefix, prov.run_id), remaining))
     (root / "peers" / f"{device}.pub").unlink(missing_ok=True)
+    (root / PEERS_X25519 / f"{device}.pub").unlink(missing_ok=True)
     if prov.tls:
         _revoke_cert(root, root / device / "tls/node.crt")
     shutil.rmtree(root / device, ignore_errors=True)
@@ -152,8 +161,8 @@ def revoke(directory: str | Path, device: str) -> Provisioned:
 
 
 def rotate(directory: str | Path, device: str) -> Provisioned:
-    """New broker password and signing key (and, with TLS, certificate) for one device; the rest of the fleet
-    keeps its own. Hand the device its new directory; the old key stops working once the server restarts
+    """New broker password, signing and encryption keys (and, with TLS, certificate) for one device; the rest
+    of the fleet keeps its own. Hand the device its new directory; the old key stops working once the server restarts
     (`--resume`) and the broker reloads (SIGHUP)."""
     prov = load_provisioned(directory)
     if device not in prov.devices:
@@ -162,6 +171,8 @@ def rotate(directory: str | Path, device: str) -> Provisioned:
     password = secrets.token_urlsafe(24)
     _set_password_line(root, device, password)
     (root / "peers" / f"{device}.pub").write_bytes(_write_keys(node_dir))
+    _private_dir(root / PEERS_X25519)  # a keystore made before encryption keys existed gets its directory now
+    (root / PEERS_X25519 / f"{device}.pub").write_bytes(_write_encryption_keys(node_dir))
     if prov.tls:
         _revoke_cert(root, node_dir / "tls/node.crt")
         ca, ca_key = _load_ca(root)
@@ -225,6 +236,17 @@ def _write_keys(node_dir: Path) -> bytes:
     return pub
 
 
+def _write_encryption_keys(node_dir: Path) -> bytes:
+    """An X25519 key pair: encryption.key (PEM, 0600) and encryption.pub; returns the public PEM."""
+    key = X25519PrivateKey.generate()
+    _write(node_dir / "encryption.key", key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()), secret=True)
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write(node_dir / "encryption.pub", pub)
+    return pub
+
+
 def _write_snippet(root: Path, node: str, user: str, password: str, tls: bool) -> None:
     node_dir = root / (SERVER_DIR if node == str(M.SERVER_ID) else node)
     _write(node_dir / PASSWORD_FILE, password + "\n", secret=True)
@@ -234,6 +256,13 @@ def _write_snippet(root: Path, node: str, user: str, password: str, tls: bool) -
         comm["peer_keys_dir"] = str(root / "peers")
     else:
         comm["server_public_key_file"] = str(node_dir / "server.pub")
+    server_x = node_dir / "server-x25519.pub"
+    if (node_dir / "encryption.key").exists() and server_x.exists():  # a keystore older than encryption: off
+        comm.update(encrypt=True, encryption_key_file=str(node_dir / "encryption.key"))
+        if node == str(M.SERVER_ID):
+            comm["peer_encryption_keys_dir"] = str(root / PEERS_X25519)
+        else:
+            comm["server_encryption_key_file"] = str(server_x)
     if tls:
         comm.update(tls_ca_file=str(node_dir / "tls/ca.crt"), tls_cert_file=str(node_dir / "tls/node.crt"),
                     tls_key_file=str(node_dir / "tls/node.key"))

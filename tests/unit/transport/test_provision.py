@@ -106,3 +106,27 @@ def test_rotate_renews_one_devices_secrets_only(tmp_path: Path) -> None:
     assert [ln for ln in new.splitlines() if ln.startswith("b:")] == [ln for ln in passwd.splitlines()
                                                                       if ln.startswith("b:")]
     assert (prov.node_dir("a") / "signing.key").stat().st_mode & 0o077 == 0
+
+
+def test_encryption_keys_are_provisioned_rotated_and_revoked_like_signing_keys(tmp_path: Path) -> None:
+    from fedpeft_edge.transport.provision import PEERS_X25519, revoke, rotate
+    from fedpeft_edge.transport.sealing import build_sealer
+    from fedpeft_edge.wire.seal import load_encryption_private_key, load_peer_encryption_keys
+
+    prov = provision(tmp_path / "p", ["a", "b"])
+    assert (prov.root / PEERS_X25519).stat().st_mode & 0o777 == 0o700
+    assert set(load_peer_encryption_keys(prov.root / PEERS_X25519)) == {"a", "b"}
+    for node in ("0", "a"):
+        comm = CommArgs(**yaml.safe_load((prov.node_dir(node) / "comm_args.yaml").read_text())["comm_args"])
+        assert comm.encrypt and Path(comm.encryption_key_file or "").stat().st_mode & 0o077 == 0
+        load_encryption_private_key(comm.encryption_key_file or "")
+        assert build_sealer(comm, node, "run") is not None
+    a_key = (prov.node_dir("a") / "encryption.key").read_bytes()
+    b_key = (prov.node_dir("b") / "encryption.key").read_bytes()
+    rotate(prov.root, "a")
+    assert (prov.node_dir("a") / "encryption.key").read_bytes() != a_key
+    assert (prov.root / PEERS_X25519 / "a.pub").read_bytes() == (prov.node_dir("a") / "encryption.pub").read_bytes()
+    assert (prov.node_dir("a") / "encryption.key").stat().st_mode & 0o077 == 0
+    assert (prov.node_dir("b") / "encryption.key").read_bytes() == b_key
+    revoke(prov.root, "a")
+    assert set(load_peer_encryption_keys(prov.root / PEERS_X25519)) == {"b"}
