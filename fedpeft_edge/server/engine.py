@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from fedpeft_edge.config import RunConfig, TrainArgs
+from fedpeft_edge.drops import DropRecorder
 from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.peft.base import Manifest
 from fedpeft_edge.peft.shapes import ShapePlan
@@ -53,7 +54,6 @@ from fedpeft_edge.protocol import (
     Update,
 )
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
-from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
@@ -191,16 +191,15 @@ class RoundEngine:
             handler(event)  # type: ignore[operator]
         return self._flush()
 
-    def dropped(self, sender: str | None, reason: str, detail: str, topic: str | None = None,
+    def dropped(self, sender: str | None, reason: DropReason, detail: str, topic: str | None = None,
                 nbytes: int | None = None) -> list[ProtocolMessage]:
-        """A message refused before it became an event (malformed, unverifiable ...): record why."""
-        log.info("dropped a message from %s: %s: %s", sender, reason, detail)
+        """A message refused before it became an event (malformed, unverifiable ...): record why (and log it)."""
         self.drops.drop(sender, reason, detail, topic, nbytes)
         return []
 
     def refuse_join(self, sender: str, error: str) -> list[ProtocolMessage]:
         """A join that failed to parse: tell the device why (it cannot have been admitted with it)."""
-        self.dropped(sender, "invalid", error)
+        self.dropped(sender, DropReason.INVALID, error)
         return [JoinAck(receiver=sender, accepted=False, reason=f"join refused: {error}")]
 
     def _flush(self) -> list[ProtocolMessage]:
@@ -226,7 +225,7 @@ class RoundEngine:
     def _on_join(self, msg: Join) -> None:
         now = self.clock.now()
         if not self._join_allowed(msg.sender, now):
-            self.drops.drop(msg.sender, "rate_limited",
+            self.drops.drop(msg.sender, DropReason.RATE_LIMITED,
                             f"more than train_args.join_rate_per_min={self.args.join_rate_per_min} joins a minute")
             return
         reason = self._refusal(msg)
@@ -275,7 +274,7 @@ class RoundEngine:
         if not due or cur is None:
             return
         if dev.resends >= self.args.resend_rate_per_round:
-            self.drops.drop(device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
+            self.drops.drop(device_id, DropReason.RATE_LIMITED, f"more than train_args.resend_rate_per_round="
                             f"{self.args.resend_rate_per_round} task re-sends this round")
             return
         dev.resends += 1  # a re-sent task carries the tensors: the device may have missed the shared model
@@ -310,7 +309,7 @@ class RoundEngine:
 
     def _on_device_error(self, msg: DeviceErrorReport) -> None:
         if msg.sender not in self.rounds.devices:
-            self.drops.drop(msg.sender, DropReason.UNKNOWN_DEVICE.value, "device error report")
+            self.drops.drop(msg.sender, DropReason.UNKNOWN_DEVICE, "device error report")
             return
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
         self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
@@ -322,23 +321,23 @@ class RoundEngine:
         cur = self.rounds.current
         if self.mode == "async":
             if self._busy.pop(device_id, None) is not None and cur is not None:
-                cur.dropped[reason.value] += 1
-                self._device_dropped(cur, device_id, reason.value)
+                cur.drop(reason)
+                self._device_dropped(cur, device_id, reason)
                 self._fill(self.clock.now())
             return
         if cur is not None and cur.selects(device_id) and device_id not in cur.received:
             self.rounds.fail(device_id)
-            self.rounds.record_drop(reason)
-            self._device_dropped(cur, device_id, reason.value)
+            cur.drop(reason)
+            self._device_dropped(cur, device_id, reason)
             self._maybe_close_early()
 
     def _round_index(self) -> int | None:
         return self.rounds.current.index if self.rounds.current else None
 
-    def _device_dropped(self, cur: OpenRound, device_id: str, reason: str, report: DeviceReport | None = None,
-                        **extra: Any) -> None:
+    def _device_dropped(self, cur: OpenRound, device_id: str, reason: DropReason, report: DeviceReport | None = None,
+                        detail: str | None = None, **extra: Any) -> None:
         self.records.device(cur.index, cur.attempt, cur.opened_at, device_id, "dropped", reason, report=report,
-                            **extra)
+                            detail=detail, **extra)
 
     # --- timers ---------------------------------------------------------------------------------------------
     def _on_timer(self, msg: Timer) -> None:
@@ -449,7 +448,7 @@ class RoundEngine:
         if reason is not None:
             log.info("dropped update from %s for round %s: %s", msg.sender, msg.round, reason.value)
             if cur is not None and reason is not DropReason.DUPLICATE and cur.selects(msg.sender):
-                self._device_dropped(cur, msg.sender, reason.value, msg.report)
+                self._device_dropped(cur, msg.sender, reason, msg.report)
             return
         if cur is None or self._agg is None:  # judge_update accepts only for an open round
             return
@@ -466,15 +465,15 @@ class RoundEngine:
             adm = self.admission.admit(msg, base, dev.declared_samples, as_delta=staleness is not None,
                                        layout=self.shapes.layout(msg.sender))
         except NormBoundExceeded as exc:
-            cur.dropped[DropReason.NORM_BOUND.value] += 1
+            cur.drop(DropReason.NORM_BOUND)
             log.warning("dropped update from %s: %s", msg.sender, exc)
-            self._device_dropped(cur, msg.sender, DropReason.NORM_BOUND.value, msg.report,
+            self._device_dropped(cur, msg.sender, DropReason.NORM_BOUND, msg.report,
                                  update_norm=exc.norm, norm_action="dropped")
             return None
         except (FedPeftError, ValueError) as exc:
-            cur.dropped[DropReason.INVALID.value] += 1
+            cur.drop(DropReason.INVALID)
             log.warning("invalid update from %s: %s", msg.sender, exc)
-            self._device_dropped(cur, msg.sender, f"invalid: {exc}", msg.report)
+            self._device_dropped(cur, msg.sender, DropReason.INVALID, msg.report, detail=str(exc))
             return None
         weight = 1.0 / math.sqrt(1.0 + staleness) if staleness is not None else 1.0
         update = dataclasses.replace(adm.update, scale=weight) if weight != 1.0 else adm.update
@@ -549,9 +548,9 @@ class RoundEngine:
                 if d not in got and d not in cur.failed:
                     dev = self.rounds.devices.get(d)
                     if dev is not None and not dev.online:  # lost mid-round: counted in the round's `dropped`
-                        cur.dropped[DropReason.OFFLINE.value] += 1
+                        cur.drop(DropReason.OFFLINE)
                     reason = DropReason.OFFLINE if dev is not None and not dev.online else DropReason.NO_UPDATE
-                    self._device_dropped(cur, d, reason.value)
+                    self._device_dropped(cur, d, reason)
         eval_res = self._evaluate(cur.index, accepted) if ok else None
         self.divergence.global_eval(cur.index, eval_res)
         self.records.round(
@@ -682,13 +681,13 @@ class RoundEngine:
         if reason is not None or cur is None or busy is None:
             log.info("dropped async update from %s for round %s: %s", msg.sender, msg.round, reason)
             if cur is not None and reason is not None:
-                cur.dropped[reason.value] += 1
+                cur.drop(reason)
             return
         del self._busy[msg.sender]
         staleness = self.version - busy.version
         if staleness > self.args.max_staleness or busy.version not in self._history:
-            cur.dropped[DropReason.TOO_STALE.value] += 1
-            self._device_dropped(cur, msg.sender, DropReason.TOO_STALE.value, msg.report, staleness=staleness)
+            cur.drop(DropReason.TOO_STALE)
+            self._device_dropped(cur, msg.sender, DropReason.TOO_STALE, msg.report, staleness=staleness)
         else:
             self._admit(cur, msg, self._history[busy.version], now, staleness, task_round=busy.round)
             if self._agg is not None and self._agg.count >= self.args.async_buffer_size:
@@ -721,8 +720,8 @@ class RoundEngine:
         for d, b in list(self._busy.items()):
             if b.given_at + self.args.round_timeout_s <= now:
                 del self._busy[d]
-                cur.dropped[DropReason.NO_UPDATE.value] += 1
-                self._device_dropped(cur, d, DropReason.NO_UPDATE.value)
+                cur.drop(DropReason.NO_UPDATE)
+                self._device_dropped(cur, d, DropReason.NO_UPDATE)
         if self._agg is not None and self._agg.count >= max(1, self.args.min_updates):
             self._close_async(cur)
             return

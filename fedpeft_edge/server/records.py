@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.protocol import DeviceReport
 from fedpeft_edge.server.ports import RunLogWriter, Traffic
 
@@ -42,17 +43,18 @@ class RoundRecords:
         self.cum_bytes = 0
 
     def device(
-        self, round_idx: int, attempt: int, opened_at: float, device_id: str, status: str, reason: str | None,
-        *, report: DeviceReport | None = None, acc: Accepted | None = None, traffic_round: int | None = None,
-        **extra: Any,
+        self, round_idx: int, attempt: int, opened_at: float, device_id: str, status: str,
+        reason: DropReason | None, *, report: DeviceReport | None = None, acc: Accepted | None = None,
+        traffic_round: int | None = None, detail: str | None = None, **extra: Any,
     ) -> None:
+        """`reason` and `detail` make the record's drop_reason: "<reason>" or "<reason>: <detail>"."""
         rep = acc.report if acc is not None else (report or DeviceReport())
         fields = rep.record_fields()
         t = self.traffic.device(traffic_round if traffic_round is not None else round_idx, device_id)
         download_s = fields.pop("download_s")
         rec: dict[str, Any] = dict(
             round=round_idx, attempt=attempt, device_id=device_id, status=status,
-            drop_reason=reason, num_samples=acc.num_samples if acc else None,
+            drop_reason=_drop_reason(reason, detail), num_samples=acc.num_samples if acc else None,
             declared_samples=acc.declared_samples if acc else None,
             bytes_down=t.bytes_down, bytes_up=t.bytes_up, msgs_down=t.msgs_down, msgs_up=t.msgs_up,
             download_s=download_s if download_s is not None else t.download_s,
@@ -76,6 +78,12 @@ class RoundRecords:
             bytes_up=up, cum_bytes=self.cum_bytes, round_s=round_s, aggregate_s=aggregate_s, eval=eval_res,
             devices_online=devices_online, mode=self.mode, bytes_kind=self.bytes_kind, **extra,
         )
+
+
+def _drop_reason(reason: DropReason | None, detail: str | None) -> str | None:
+    if reason is None:
+        return None
+    return f"{reason.value}: {detail}" if detail else reason.value
 
 
 class DivergenceWatch:
