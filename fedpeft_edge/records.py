@@ -263,8 +263,7 @@ class DroppedMessage(Record):
 class RunSummary(Record):
     """summary.json: final accuracy, bytes per direction and per round, drops per reason, why the run ended."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"final_perplexity", "best_perplexity", "end_reason",
-                                                    "bytes_kind"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"final_perplexity", "best_perplexity"})
     rounds: int | None = None  # rounds aggregated
     final_top1: float | None = None
     best_top1: float | None = None

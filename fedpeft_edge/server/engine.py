@@ -53,6 +53,16 @@ from fedpeft_edge.protocol import (
     Timer,
     Update,
 )
+from fedpeft_edge.records import (
+    AssignmentRecord,
+    DeviceErrorRecord,
+    DeviceStatusRecord,
+    JoinRecord,
+    PresenceRecord,
+    ResumeRecord,
+    RoundOpenRecord,
+    RoundRecord,
+)
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
 from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
@@ -171,7 +181,7 @@ class RoundEngine:
         self.admission.max_norm = self.norm_bound.bound
         for device_id, declared in dict(ck.extra.get("declared_samples") or {}).items():
             self.rounds.device(str(device_id)).declared_samples = int(declared)
-        self.runlog.write("resume", round=ck.round, next_round=ck.round + 1)
+        self.runlog.append(ResumeRecord(round=ck.round, next_round=ck.round + 1))
         log.info("resuming after round %d", ck.round)
         return ck.round
 
@@ -235,9 +245,9 @@ class RoundEngine:
         dev.declared_samples = self._declared(dev.declared_samples, msg.num_samples, reason is None)
         dev.joined_at = now
         self.rounds.set_online(msg.sender, True)
-        self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
-                          client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
-                          num_samples=msg.num_samples)
+        self.runlog.append(JoinRecord(device_id=msg.sender, accepted=reason is None, reason=reason,
+                                      client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
+                                      num_samples=msg.num_samples))
         self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason,
                                  class_names=self.spec.class_names if reason is None else None))
         if reason is not None:
@@ -254,7 +264,8 @@ class RoundEngine:
         """Record what the shape plan gave a device (its LoRA rank and why), if anything: at join, or after a
         round (`after_round`) from what the device measured in it."""
         if assignment is not None:
-            self.runlog.write("assignment", device_id=device_id, after_round=after_round, **assignment)
+            self.runlog.append(AssignmentRecord.from_dict({**assignment, "device_id": device_id,
+                                                           "after_round": after_round}))
 
     def _declared(self, before: int, claimed: int, accepted: bool) -> int:
         """A device's sample count is fixed at its first accepted join for the run: a re-join may lower it,
@@ -288,7 +299,7 @@ class RoundEngine:
         if msg.node == str(SERVER_ID) or dev is None or dev.online == msg.online:
             return
         self.rounds.set_online(msg.node, msg.online)
-        self.runlog.write("presence", device_id=msg.node, online=msg.online)
+        self.runlog.append(PresenceRecord(device_id=msg.node, online=msg.online))
         if msg.online:
             return
         log.info("device %s went offline", msg.node)
@@ -303,8 +314,8 @@ class RoundEngine:
         if dev is None or not msg.exhausted:
             return
         self.rounds.mark_exhausted(msg.sender)
-        self.runlog.write("device_status", device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
-                          round=self._round_index())
+        self.runlog.append(DeviceStatusRecord(device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
+                                              round=self._round_index()))
         self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
 
     def _on_device_error(self, msg: DeviceErrorReport) -> None:
@@ -312,7 +323,7 @@ class RoundEngine:
             self.drops.drop(msg.sender, DropReason.UNKNOWN_DEVICE, "device error report")
             return
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
-        self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
+        self.runlog.append(DeviceErrorRecord(device_id=msg.sender, round=msg.round, error=msg.error))
         if msg.round == self._round_index() or (self.mode == "async" and msg.sender in self._busy):
             self._errors[msg.sender] = msg.error
             self._fail_device(msg.sender, DropReason.DEVICE_ERROR)
@@ -405,8 +416,8 @@ class RoundEngine:
             selected = list(cur.selected)
             log.info("round %d (attempt %d): %s", cur.index, cur.attempt, ", ".join(selected))
             self._out.extend(self._task(d, cur, now) for d in selected)
-        self.runlog.write("round_open", round=cur.index, attempt=cur.attempt, selected=selected,
-                          deadline=cur.deadline, opened_at=cur.opened_at, mode=self.mode)
+        self.runlog.append(RoundOpenRecord(round=cur.index, attempt=cur.attempt, selected=selected,
+                                           deadline=cur.deadline, opened_at=cur.opened_at, mode=self.mode))
 
     def _share_model(self, cur: OpenRound, now: float) -> None:
         """Shared delivery: the round's model goes out once, before its tasks, to every device."""
@@ -636,10 +647,10 @@ class RoundEngine:
             if dev.accepted:
                 self._out.append(Finish(receiver=device_id, reason=reason))
         self.runlog.sync()
-        summary = build_summary(self.runlog.records("round"), self.spec.manifest.num_params, self.spec.fingerprint)
-        summary["end_reason"] = reason
-        summary["bytes_kind"] = self.spec.bytes_kind
-        self.runlog.write_summary(summary)
+        rounds = [RoundRecord.from_dict(r) for r in self.runlog.records(RoundRecord.KIND)]
+        summary = build_summary(rounds, self.spec.manifest.num_params, self.spec.fingerprint)
+        self.runlog.write_summary(dataclasses.replace(summary, end_reason=reason,
+                                                      bytes_kind=self.spec.bytes_kind).to_dict())
         log.log(logging.INFO if reason == "completed" else logging.ERROR, "run %s finished after %d rounds: %s",
                 self.spec.run_id, self.version, reason)
 
