@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.errors import CheckpointError
+from fedpeft_edge.records import DivergenceRecord, R, RunSummary
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 CLASSES_FILE = "classes.json"  # the run's class names in label order (written when the server knows them)
 
 
@@ -47,15 +50,32 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     return out
 
 
-def describe_divergence(rec: dict[str, Any]) -> str:
+def read_records(run_dir: str | Path, cls: type[R]) -> list[R]:
+    """The run's records of one kind, typed (fedpeft_edge/records.py), in file order."""
+    return [cls.from_dict(rec) for rec in read_metrics(run_dir, cls.KIND)]
+
+
+def read_summary(run_dir: str | Path) -> RunSummary | None:
+    """The run's summary.json, typed; None when it has none (the run did not finish) or it is unreadable."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s is not readable JSON (%s); summary left out", path, exc)
+        return None
+    return RunSummary.from_dict(data) if isinstance(data, dict) else None
+
+
+def describe_divergence(rec: DivergenceRecord | Mapping[str, Any]) -> str:
     """One line for a `divergence` record (engine: round, device_id, metric, value, threshold, hint)."""
-    device = rec.get("device_id")
-    where = f"round {rec.get('round')} " + (f"device {device}" if device else "global model")
-    metric, value, threshold = rec.get("metric"), rec.get("value"), rec.get("threshold")
-    seen = f"{metric} {_fmt(value)}" if metric else ""
-    if seen and isinstance(threshold, (int, float)):
-        seen += f" (chance-level threshold {threshold:.4g})"
-    hint = rec.get("hint") or rec.get("message") or ""
+    d = rec if isinstance(rec, DivergenceRecord) else DivergenceRecord.from_dict(rec)
+    where = f"round {d.round} " + (f"device {d.device_id}" if d.device_id else "global model")
+    seen = f"{d.metric} {_fmt(d.value)}" if d.metric else ""
+    if seen and isinstance(d.threshold, (int, float)):
+        seen += f" (chance-level threshold {d.threshold:.4g})"
+    hint = d.hint or d.extra.get("message") or ""  # older records said `message`
     return f"{where}: {seen}{'; ' if seen and hint else ''}{hint}"
 
 
