@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.errors import CheckpointError
-from fedpeft_edge.records import DivergenceRecord, R, RunSummary
+from fedpeft_edge.records import DivergenceRecord, R, RoundRecord, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,18 @@ def refuse_reuse(run_dir: str | Path, run_id: str) -> None:
         )
 
 
-def describe_round(rec: dict[str, Any], rounds: int) -> str:
+def describe_round(rec: RoundRecord | Mapping[str, Any], rounds: int) -> str:
     """One line for a `round` record (the demo's and the server console's progress line)."""
-    ev = rec.get("eval") or {}
+    r = rec if isinstance(rec, RoundRecord) else RoundRecord.from_dict(rec)
+    ev = r.eval or {}
     acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
     if ev.get("perplexity") is not None:  # a causal LM: held-out perplexity, next-token accuracy
         acc = f"{acc} next-token, perplexity {ev['perplexity']:.2f}"
-    status = "" if rec.get("status", "aggregated") == "aggregated" else f" FAILED (attempt {rec.get('attempt')})"
-    dropped = rec.get("dropped") or {}
-    drops = f", dropped {dict(dropped)}" if dropped else ""
-    return (f"round {rec.get('round')}/{rounds}{status}: acc {acc}, {rec.get('accepted')} updates, "
-            f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / {_mb(rec.get('bytes_up'))} "
-            f"up, {float(rec.get('round_s') or 0):.1f}s, total {_mb(rec.get('cum_bytes'))}{drops}")
+    status = "" if (r.status or "aggregated") == "aggregated" else f" FAILED (attempt {r.attempt})"
+    drops = f", dropped {dict(r.dropped)}" if r.dropped else ""
+    return (f"round {r.round}/{rounds}{status}: acc {acc}, {r.accepted} updates, "
+            f"{r.devices_online} online, {_mb(r.bytes_down)} down / {_mb(r.bytes_up)} "
+            f"up, {float(r.round_s or 0):.1f}s, total {_mb(r.cum_bytes)}{drops}")
 
 
 def _mb(value: Any) -> str:
