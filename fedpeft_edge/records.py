@@ -307,7 +307,8 @@ def schema_markdown() -> str:
     """docs/design.md's record schema, generated from these classes: one table per record (its key, type and
     the comment beside its field). tests/unit/test_records.py fails when the doc and the classes differ."""
     parts = [SCHEMA_BEGIN]
-    for cls in (*METRICS_RECORDS, RunSummary):
+    classes: tuple[type[Record], ...] = (*METRICS_RECORDS, RunSummary)
+    for cls in classes:
         title = f"`metrics.jsonl` kind `{cls.KIND}`" if cls.KIND else "`summary.json`"
         doc = " ".join((cls.__doc__ or "").split())
         notes = _field_comments(cls)
