@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedpeft_edge.drops import DropReason
+
 
 class FedPeftError(Exception):
     """Base of every error fedpeft-edge raises on purpose."""
@@ -30,7 +35,7 @@ class CodecError(FedPeftError):
 class AuthError(CodecError):
     """A message is unsigned, forged, replayed or from an unknown sender; `reason` names which."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: DropReason) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.errors import CheckpointError
+from fedpeft_edge.records import DivergenceRecord, R, RoundRecord, RunSummary
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 CLASSES_FILE = "classes.json"  # the run's class names in label order (written when the server knows them)
 
 
@@ -47,15 +50,32 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     return out
 
 
-def describe_divergence(rec: dict[str, Any]) -> str:
+def read_records(run_dir: str | Path, cls: type[R]) -> list[R]:
+    """The run's records of one kind, typed (fedpeft_edge/records.py), in file order."""
+    return [cls.from_dict(rec) for rec in read_metrics(run_dir, cls.KIND)]
+
+
+def read_summary(run_dir: str | Path) -> RunSummary | None:
+    """The run's summary.json, typed; None when it has none (the run did not finish) or it is unreadable."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s is not readable JSON (%s); summary left out", path, exc)
+        return None
+    return RunSummary.from_dict(data) if isinstance(data, dict) else None
+
+
+def describe_divergence(rec: DivergenceRecord | Mapping[str, Any]) -> str:
     """One line for a `divergence` record (engine: round, device_id, metric, value, threshold, hint)."""
-    device = rec.get("device_id")
-    where = f"round {rec.get('round')} " + (f"device {device}" if device else "global model")
-    metric, value, threshold = rec.get("metric"), rec.get("value"), rec.get("threshold")
-    seen = f"{metric} {_fmt(value)}" if metric else ""
-    if seen and isinstance(threshold, (int, float)):
-        seen += f" (chance-level threshold {threshold:.4g})"
-    hint = rec.get("hint") or rec.get("message") or ""
+    d = rec if isinstance(rec, DivergenceRecord) else DivergenceRecord.from_dict(rec)
+    where = f"round {d.round} " + (f"device {d.device_id}" if d.device_id else "global model")
+    seen = f"{d.metric} {_fmt(d.value)}" if d.metric else ""
+    if seen and isinstance(d.threshold, (int, float)):
+        seen += f" (chance-level threshold {d.threshold:.4g})"
+    hint = d.hint or d.extra.get("message") or ""  # older records said `message`
     return f"{where}: {seen}{'; ' if seen and hint else ''}{hint}"
 
 
@@ -89,18 +109,18 @@ def refuse_reuse(run_dir: str | Path, run_id: str) -> None:
         )
 
 
-def describe_round(rec: dict[str, Any], rounds: int) -> str:
+def describe_round(rec: RoundRecord | Mapping[str, Any], rounds: int) -> str:
     """One line for a `round` record (the demo's and the server console's progress line)."""
-    ev = rec.get("eval") or {}
+    r = rec if isinstance(rec, RoundRecord) else RoundRecord.from_dict(rec)
+    ev = r.eval or {}
     acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
     if ev.get("perplexity") is not None:  # a causal LM: held-out perplexity, next-token accuracy
         acc = f"{acc} next-token, perplexity {ev['perplexity']:.2f}"
-    status = "" if rec.get("status", "aggregated") == "aggregated" else f" FAILED (attempt {rec.get('attempt')})"
-    dropped = rec.get("dropped") or {}
-    drops = f", dropped {dict(dropped)}" if dropped else ""
-    return (f"round {rec.get('round')}/{rounds}{status}: acc {acc}, {rec.get('accepted')} updates, "
-            f"{rec.get('devices_online')} online, {_mb(rec.get('bytes_down'))} down / {_mb(rec.get('bytes_up'))} "
-            f"up, {float(rec.get('round_s') or 0):.1f}s, total {_mb(rec.get('cum_bytes'))}{drops}")
+    status = "" if (r.status or "aggregated") == "aggregated" else f" FAILED (attempt {r.attempt})"
+    drops = f", dropped {dict(r.dropped)}" if r.dropped else ""
+    return (f"round {r.round}/{rounds}{status}: acc {acc}, {r.accepted} updates, "
+            f"{r.devices_online} online, {_mb(r.bytes_down)} down / {_mb(r.bytes_up)} "
+            f"up, {float(r.round_s or 0):.1f}s, total {_mb(r.cum_bytes)}{drops}")
 
 
 def _mb(value: Any) -> str:

@@ -8,7 +8,6 @@ _T0 = time.thread_time()  # importing the web stack is part of what a dashboard 
 
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
@@ -24,6 +23,7 @@ from fedpeft_edge.config import is_loopback  # noqa: E402
 from fedpeft_edge.dashboard.app import Hub, build_app  # noqa: E402
 from fedpeft_edge.dashboard.state import FederationState  # noqa: E402
 from fedpeft_edge.errors import DashboardError, FedPeftError  # noqa: E402
+from fedpeft_edge.rundir import read_summary  # noqa: E402
 from fedpeft_edge.server.runlog import RunLog, read_metrics  # noqa: E402
 
 IMPORT_CPU_S = time.thread_time() - _T0
@@ -224,9 +224,6 @@ def _saved_info(run_dir: Path) -> dict[str, Any]:
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    """The run's summary.json as the browser gets it (rundir.read_summary: typed, any version), or None."""
+    summary = read_summary(run_dir)
+    return summary.to_dict() if summary is not None else None

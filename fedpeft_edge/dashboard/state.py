@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from fedpeft_edge.records import (
+    AssignmentRecord,
+    DeviceErrorRecord,
+    DeviceRoundRecord,
+    DeviceStatusRecord,
+    DroppedMessage,
+    JoinRecord,
+    PresenceRecord,
+    Record,
+    ResumeRecord,
+    RoundOpenRecord,
+    RoundRecord,
+    parse_record,
+)
+
 MB = 1e6
-
-_DEVICE_KINDS = ("join", "presence", "device_round", "device_status", "device_error")
-
 
 class FederationState:
     """Devices, rounds and the round in progress of one run, built only from metrics.jsonl records.
@@ -40,12 +53,12 @@ class FederationState:
     # --- folding --------------------------------------------------------------------------------------
     def apply(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Fold one record in; the delta it caused (None if it changed nothing shown)."""
-        kind = record.get("kind")
-        handler = _HANDLERS.get(str(kind))
+        typed = parse_record(record)
+        handler = _HANDLERS.get(type(typed)) if typed is not None else None
         if handler is None:
             return None
         with self._lock:
-            delta = handler(self, record)
+            delta = handler(self, typed)
             if delta is None:
                 return None
             t = record.get("time")
@@ -82,123 +95,119 @@ class FederationState:
             self.devices[device_id] = dev
         return dev
 
-    def _touch(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        device_id = record.get("device_id")
+    def _touch(self, device_id: str | None, t: float | None) -> dict[str, Any] | None:
         if not device_id:
             return None
         dev = self._device(str(device_id))
-        dev["last_seen"] = record.get("time")
+        dev["last_seen"] = t
         return dev
 
-    def _on_join(self, r: dict[str, Any]) -> dict[str, Any] | None:
-        dev = self._touch(r)
+    def _on_join(self, r: JoinRecord) -> dict[str, Any] | None:
+        dev = self._touch(r.device_id, r.time)
         if dev is None:
             return None
-        dev.update(accepted=bool(r.get("accepted")), online=True, reason=r.get("reason"),
-                   profile=_profile_line(r.get("profile")), num_samples=r.get("num_samples"),
-                   client_idx=r.get("client_idx"))
+        dev.update(accepted=bool(r.accepted), online=True, reason=r.reason,
+                   profile=_profile_line(r.profile), num_samples=r.num_samples, client_idx=r.client_idx)
         return {"devices": {dev["device_id"]: dict(dev)}}
 
-    def _on_assignment(self, r: dict[str, Any]) -> dict[str, Any] | None:
+    def _on_assignment(self, r: AssignmentRecord) -> dict[str, Any] | None:
         """What the server's shape plan gave a device (LoRA flexlora: its rank and why)."""
-        dev = self._touch(r)
+        dev = self._touch(r.device_id, r.time)
         if dev is None:
             return None
-        dev.update(rank=r.get("rank"), rank_reason=r.get("reason"))
+        dev.update(rank=r.rank, rank_reason=r.reason)
         return {"devices": {dev["device_id"]: dict(dev)}}
 
-    def _on_presence(self, r: dict[str, Any]) -> dict[str, Any] | None:
-        dev = self._touch(r)
+    def _on_presence(self, r: PresenceRecord) -> dict[str, Any] | None:
+        dev = self._touch(r.device_id, r.time)
         if dev is None:
             return None
-        dev["online"] = bool(r.get("online"))
+        dev["online"] = bool(r.online)
         return {"devices": {dev["device_id"]: dict(dev)}}
 
-    def _on_device_round(self, r: dict[str, Any]) -> dict[str, Any] | None:
-        dev = self._touch(r)
+    def _on_device_round(self, r: DeviceRoundRecord) -> dict[str, Any] | None:
+        dev = self._touch(r.device_id, r.time)
         if dev is None:
             return None
-        res = _mapping(r.get("resources"))
-        dev.update(last_round=r.get("round"), last_status=r.get("status"), drop_reason=r.get("drop_reason"))
-        dev["bytes_down"] += int(r.get("bytes_down") or 0)
-        dev["bytes_up"] += int(r.get("bytes_up") or 0)
-        if r.get("status") == "accepted":
+        res = _mapping(r.resources)
+        dev.update(last_round=r.round, last_status=r.status, drop_reason=r.drop_reason)
+        dev["bytes_down"] += int(r.bytes_down or 0)
+        dev["bytes_up"] += int(r.bytes_up or 0)
+        if r.status == "accepted":
             dev["rounds_accepted"] += 1
             dev.update(cpu_s=res.get("cpu_s"), cpu_util_pct=res.get("cpu_util_pct"),
                        rss_peak_mb=res.get("rss_peak_mb"), energy_j=res.get("energy_j"),
-                       train_loss=r.get("train_loss"), train_acc=r.get("train_acc"))
-        if r.get("epsilon") is not None:
-            dev["epsilon"] = r.get("epsilon")
-        if r.get("status") == "dropped":
-            reason = _reason_key(r.get("drop_reason"))
+                       train_loss=r.train_loss, train_acc=r.train_acc)
+        if r.epsilon is not None:
+            dev["epsilon"] = r.epsilon
+        if r.status == "dropped":
+            reason = _reason_key(r.drop_reason)
             dev["drops"][reason] = dev["drops"].get(reason, 0) + 1
         delta: dict[str, Any] = {"devices": {dev["device_id"]: dict(dev, drops=dict(dev["drops"]))}}
         cur = self.current
-        if cur is not None and cur.get("round") == r.get("round") and dev["device_id"] in cur["selected"]:
-            cur["answered"][dev["device_id"]] = r.get("status")
+        if cur is not None and cur.get("round") == r.round and dev["device_id"] in cur["selected"]:
+            cur["answered"][dev["device_id"]] = r.status
             delta["current"] = dict(cur, answered=dict(cur["answered"]))
         return delta
 
-    def _on_device_status(self, r: dict[str, Any]) -> dict[str, Any] | None:
-        dev = self._touch(r)
+    def _on_device_status(self, r: DeviceStatusRecord) -> dict[str, Any] | None:
+        dev = self._touch(r.device_id, r.time)
         if dev is None:
             return None
-        dev["last_status"] = r.get("status")
-        if r.get("epsilon") is not None:
-            dev["epsilon"] = r.get("epsilon")
+        dev["last_status"] = r.status
+        if r.epsilon is not None:
+            dev["epsilon"] = r.epsilon
         return {"devices": {dev["device_id"]: dict(dev)}}
 
-    def _on_device_error(self, r: dict[str, Any]) -> dict[str, Any] | None:
-        dev = self._touch(r)
+    def _on_device_error(self, r: DeviceErrorRecord) -> dict[str, Any] | None:
+        dev = self._touch(r.device_id, r.time)
         if dev is None:
             return None
-        dev["error"] = str(r.get("error"))[:300]
+        dev["error"] = str(r.error)[:300]
         return {"devices": {dev["device_id"]: dict(dev)}}
 
-    def _on_round_open(self, r: dict[str, Any]) -> dict[str, Any]:
-        self.current = {"round": r.get("round"), "attempt": r.get("attempt"), "selected": list(r.get("selected") or []),
-                        "deadline": r.get("deadline"), "opened_at": r.get("opened_at") or r.get("time"),
-                        "mode": r.get("mode"), "answered": {}}
+    def _on_round_open(self, r: RoundOpenRecord) -> dict[str, Any]:
+        self.current = {"round": r.round, "attempt": r.attempt, "selected": list(r.selected or []),
+                        "deadline": r.deadline, "opened_at": r.opened_at or r.time, "mode": r.mode, "answered": {}}
         return {"current": dict(self.current)}
 
-    def _on_round(self, r: dict[str, Any]) -> dict[str, Any]:
-        ev = _mapping(r.get("eval"))
-        row = {"round": r.get("round"), "attempt": r.get("attempt"), "status": r.get("status", "aggregated"),
-               "selected": len(r.get("selected") or []), "accepted": r.get("accepted"),
-               "dropped": dict(r.get("dropped") or {}), "bytes_down": r.get("bytes_down"),
-               "bytes_up": r.get("bytes_up"), "cum_bytes": r.get("cum_bytes"), "round_s": r.get("round_s"),
-               "aggregate_s": r.get("aggregate_s"), "top1": ev.get("top1"), "loss": ev.get("loss"),
-               "perplexity": ev.get("perplexity"),
-               "devices_online": r.get("devices_online"), "time": r.get("time")}
+    def _on_round(self, r: RoundRecord) -> dict[str, Any]:
+        ev = _mapping(r.eval)
+        row = {"round": r.round, "attempt": r.attempt, "status": r.status or "aggregated",
+               "selected": len(r.selected or []), "accepted": r.accepted,
+               "dropped": dict(r.dropped or {}), "bytes_down": r.bytes_down,
+               "bytes_up": r.bytes_up, "cum_bytes": r.cum_bytes, "round_s": r.round_s,
+               "aggregate_s": r.aggregate_s, "top1": ev.get("top1"), "loss": ev.get("loss"),
+               "perplexity": ev.get("perplexity"), "devices_online": r.devices_online, "time": r.time}
         self.rounds.append(row)
         delta: dict[str, Any] = {"round": row}
-        if self.current is not None and self.current.get("round") == r.get("round"):
+        if self.current is not None and self.current.get("round") == r.round:
             self.current = None
             delta["current"] = None
         return delta
 
-    def _on_dropped_message(self, r: dict[str, Any]) -> dict[str, Any]:
-        reason = _reason_key(r.get("reason"))
-        self.dropped_messages[reason] = self.dropped_messages.get(reason, 0) + 1
+    def _on_dropped_message(self, r: DroppedMessage) -> dict[str, Any]:
+        reason = _reason_key(r.reason)
+        self.dropped_messages[reason] = self.dropped_messages.get(reason, 0) + r.count  # a summed record: count
         return {"dropped_messages": dict(self.dropped_messages)}
 
-    def _on_resume(self, r: dict[str, Any]) -> dict[str, Any]:
+    def _on_resume(self, r: ResumeRecord) -> dict[str, Any]:
         self.current = None
-        self.run["resumed_after"] = r.get("round")
-        return {"run": {"resumed_after": r.get("round")}, "current": None}
+        self.run["resumed_after"] = r.round
+        return {"run": {"resumed_after": r.round}, "current": None}
 
 
-_HANDLERS = {
-    "join": FederationState._on_join,
-    "presence": FederationState._on_presence,
-    "assignment": FederationState._on_assignment,
-    "device_round": FederationState._on_device_round,
-    "device_status": FederationState._on_device_status,
-    "device_error": FederationState._on_device_error,
-    "round_open": FederationState._on_round_open,
-    "round": FederationState._on_round,
-    "dropped_message": FederationState._on_dropped_message,
-    "resume": FederationState._on_resume,
+_HANDLERS: dict[type[Record], Callable[[FederationState, Any], dict[str, Any] | None]] = {
+    JoinRecord: FederationState._on_join,
+    PresenceRecord: FederationState._on_presence,
+    AssignmentRecord: FederationState._on_assignment,
+    DeviceRoundRecord: FederationState._on_device_round,
+    DeviceStatusRecord: FederationState._on_device_status,
+    DeviceErrorRecord: FederationState._on_device_error,
+    RoundOpenRecord: FederationState._on_round_open,
+    RoundRecord: FederationState._on_round,
+    DroppedMessage: FederationState._on_dropped_message,
+    ResumeRecord: FederationState._on_resume,
 }
 
 

@@ -23,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedpeft_edge.config import LinkProfile, RunConfig  # noqa: E402
-from fedpeft_edge.server.runlog import read_metrics  # noqa: E402
+from fedpeft_edge.records import DeviceRoundRecord, RoundRecord  # noqa: E402
+from fedpeft_edge.rundir import read_records  # noqa: E402
 
 PHASE_COLORS = {"download": "tab:blue", "train": "tab:orange", "upload": "tab:green", "idle": "0.85"}
 
@@ -79,31 +80,38 @@ def _ideal(nbytes: int, mbit: float | None) -> float | None:
 def link_rows(run_dir: Path, links: dict[str, LinkProfile],
               relay_logs: dict[str, Path] | None = None) -> list[LinkRow]:
     """Every accepted device round of the run with its link's ideal transfer times (and the relay's, if given)."""
-    rounds = {(r["round"], r.get("attempt")): r for r in read_metrics(run_dir, "round")}
+    rounds = {(r.round, r.attempt): r for r in read_records(run_dir, RoundRecord)}
     bins = {d: relay_bytes(p)[0] for d, p in (relay_logs or {}).items() if d in links}
     out = []
-    for r in read_metrics(run_dir, "device_round"):
-        if r.get("status") != "accepted" or r["device_id"] not in links:
+    for r in read_records(run_dir, DeviceRoundRecord):
+        if r.status != "accepted" or r.device_id not in links or r.round is None:
             continue
-        prof = links[r["device_id"]]
-        rnd = rounds.get((r["round"], r.get("attempt")), {})
+        prof = links[r.device_id]
+        rnd = rounds.get((r.round, r.attempt))
+        opened = _opened(rnd)
         relay_down = relay_up = None
-        if rnd and r.get("response_s") and r["device_id"] in bins:
-            opened = rnd["time"] - rnd["round_s"]
+        if opened is not None and r.response_s and r.device_id in bins:
             # only this round's bins: back-to-back rounds would otherwise run into one burst
-            mine = [b for b in bins[r["device_id"]] if opened - 0.05 <= b["t"] <= opened + r["response_s"] + 0.05]
+            mine = [b for b in bins[r.device_id] if opened - 0.05 <= b["t"] <= opened + r.response_s + 0.05]
             bursts = _bursts(mine, prof)
             relay_down = _largest(bursts, "down")
             relay_up = _largest(bursts, "up")
-        out.append(LinkRow(r["device_id"], prof.name, r["round"], int(r["bytes_down"]), int(r["bytes_up"]),
-                           r.get("download_s"), r.get("upload_s"), r.get("train_s"), r.get("response_s"),
-                           rnd.get("round_s"), _ideal(int(r["bytes_down"]), prof.down_mbit),
-                           _ideal(int(r["bytes_up"]), prof.up_mbit), relay_down, relay_up, _compute(r)))
+        down, up = int(r.bytes_down or 0), int(r.bytes_up or 0)
+        out.append(LinkRow(r.device_id, prof.name, r.round, down, up, r.download_s, r.upload_s, r.train_s,
+                           r.response_s, rnd.round_s if rnd else None, _ideal(down, prof.down_mbit),
+                           _ideal(up, prof.up_mbit), relay_down, relay_up, _compute(r)))
     return out
 
 
-def _compute(r: dict[str, Any]) -> float | None:
-    parts = [r.get(k) for k in ("set_state_s", "train_s", "encode_s")]
+def _opened(rnd: RoundRecord | None) -> float | None:
+    """When a round opened: its record's time (written when it closed) less its duration."""
+    if rnd is None or rnd.time is None or rnd.round_s is None:
+        return None
+    return rnd.time - rnd.round_s
+
+
+def _compute(r: DeviceRoundRecord) -> float | None:
+    parts = [r.set_state_s, r.train_s, r.encode_s]
     known = [float(x) for x in parts if isinstance(x, (int, float))]
     return sum(known) if known else None
 
@@ -171,19 +179,20 @@ def _largest(bursts: Sequence[Burst], direction: str) -> float | None:
 
 def timeline(run_dir: Path, origin: float) -> list[Segment]:
     """Download, train, upload and idle per device and round, from the device_round and round records."""
-    rounds = {(r["round"], r.get("attempt")): r for r in read_metrics(run_dir, "round")}
+    rounds = {(r.round, r.attempt): r for r in read_records(run_dir, RoundRecord)}
     segs: list[Segment] = []
-    for r in read_metrics(run_dir, "device_round"):
-        rnd = rounds.get((r["round"], r.get("attempt")))
-        if r.get("status") != "accepted" or rnd is None or not r.get("response_s"):
+    for r in read_records(run_dir, DeviceRoundRecord):
+        rnd = rounds.get((r.round, r.attempt))
+        start = _opened(rnd)
+        if r.status != "accepted" or rnd is None or rnd.time is None or start is None or not r.response_s:
             continue
-        opened = rnd["time"] - rnd["round_s"] - origin
-        closed = rnd["time"] - origin
-        arrived = opened + r["response_s"]
-        down_end = opened + (r.get("download_s") or 0.0)
-        up_start = arrived - (r.get("upload_s") or 0.0)
+        opened = start - origin
+        closed = rnd.time - origin
+        arrived = opened + r.response_s
+        down_end = opened + (r.download_s or 0.0)
+        up_start = arrived - (r.upload_s or 0.0)
         train_end = min(up_start, down_end + (_compute(r) or 0.0))
-        d, n = r["device_id"], r["round"]
+        d, n = str(r.device_id), int(r.round or 0)
         segs += [Segment(d, n, "download", opened, down_end), Segment(d, n, "train", down_end, train_end),
                  Segment(d, n, "idle", train_end, up_start), Segment(d, n, "upload", up_start, arrived),
                  Segment(d, n, "idle", arrived, closed)]

@@ -25,7 +25,8 @@ from fedpeft_edge.config import LinkProfile, RunConfig
 from fedpeft_edge.errors import ConfigError, LabError
 from fedpeft_edge.lab.links import OutageSchedule, assign_links, load_profiles
 from fedpeft_edge.lab.netns import SERVER_IP, Topology, cleanup_stale, require_privileges
-from fedpeft_edge.server.runlog import read_metrics
+from fedpeft_edge.records import JoinRecord, RoundOpenRecord, RoundRecord, parse_record
+from fedpeft_edge.rundir import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -227,21 +228,21 @@ def round_open_times(run_dir: Path) -> dict[int, float]:
     last join before it and round r at the close of the aggregated round r-1."""
     if not (run_dir / "metrics.jsonl").exists():
         return {}
-    recs = read_metrics(run_dir)
+    recs = [rec for r in read_metrics(run_dir) if (rec := parse_record(r)) is not None]
     opened: dict[int, float] = {}
-    for r in recs:
-        if r.get("kind") == "round_open" and isinstance(r.get("round"), int):
-            opened.setdefault(r["round"], float(r.get("opened_at") or r["time"]))
+    for o in recs:
+        if isinstance(o, RoundOpenRecord) and isinstance(o.round, int) and (o.opened_at or o.time) is not None:
+            opened.setdefault(o.round, float(o.opened_at or o.time or 0.0))
     if opened:
         return opened
-    joins = [r["time"] for r in recs if r.get("kind") == "join" and r.get("accepted")]
-    rounds = [r for r in recs if r.get("kind") == "round"]
-    first = rounds[0]["time"] - rounds[0]["round_s"] if rounds else None
-    if first is not None:
-        opened[1] = first
+    joins = [j.time for j in recs if isinstance(j, JoinRecord) and j.accepted and j.time is not None]
+    rounds = [r for r in recs if isinstance(r, RoundRecord) and isinstance(r.round, int) and r.time is not None]
+    first = rounds[0] if rounds else None
+    if first is not None and first.time is not None:
+        opened[1] = first.time - (first.round_s or 0.0)
     elif joins:
         opened[1] = max(joins)  # round 1 is open once enough devices joined (approximate until it closes)
     for r in rounds:
-        if r.get("status") == "aggregated":
-            opened.setdefault(r["round"] + 1, float(r["time"]))
+        if r.aggregated and r.round is not None and r.time is not None:
+            opened.setdefault(r.round + 1, float(r.time))
     return opened

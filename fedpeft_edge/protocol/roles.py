@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 
 import fedpeft_edge.protocol.keys as K
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.errors import AuthError
 
 
@@ -31,7 +32,7 @@ WIRE_TYPES: dict[Channel, frozenset[int]] = {
 }
 SERVER_TYPES = WIRE_TYPES[Channel.SERVER_TO_DEVICE] | WIRE_TYPES[Channel.MODEL]
 
-FORBIDDEN_TYPE = "forbidden_type"  # the drop reason of a frame whose type its sender's role may not send
+FORBIDDEN_TYPE = DropReason.FORBIDDEN_TYPE  # the drop reason of a frame whose type its sender's role may not send
 
 
 def check_wire_type(channel: Channel, msg_type: object, sender: str) -> int:

@@ -30,7 +30,15 @@ from fedpeft_edge.config import RunConfig, load_config  # noqa: E402
 from fedpeft_edge.errors import CheckpointError, ConfigError  # noqa: E402
 from fedpeft_edge.metering.energy import ENERGY_COLUMNS, energy_rows  # noqa: E402
 from fedpeft_edge.protocol.report import DeviceReport  # noqa: E402
-from fedpeft_edge.rundir import describe_divergence, read_metrics  # noqa: E402
+from fedpeft_edge.records import (  # noqa: E402
+    AssignmentRecord,
+    DeviceRoundRecord,
+    DivergenceRecord,
+    JoinRecord,
+    RoundRecord,
+    RunSummary,
+)
+from fedpeft_edge.rundir import describe_divergence, read_metrics, read_records, read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +73,11 @@ class RunData:
     path: Path
     method: str | None
     config: RunConfig | None
-    joins: list[dict[str, Any]]
-    device_rounds: list[dict[str, Any]]
-    rounds: list[dict[str, Any]]
-    summary: dict[str, Any]
-    assignments: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # LoRA ranks given (flexlora)
+    joins: list[JoinRecord]
+    device_rounds: list[DeviceRoundRecord]
+    rounds: list[RoundRecord]
+    summary: RunSummary | None  # None: the run has no (readable) summary.json
+    assignments: list[AssignmentRecord] = dataclasses.field(default_factory=list)  # LoRA ranks given (flexlora)
 
     @property
     def label(self) -> str:
@@ -103,9 +111,13 @@ def load_run(path: str | Path) -> RunData:
         by_kind[str(rec.get("kind"))].append(rec)
     return RunData(
         name=run_dir.resolve().name, path=run_dir, method=cfg.peft_args.method if cfg else None, config=cfg,
-        joins=by_kind["join"], device_rounds=sorted(by_kind["device_round"], key=_round_device_key),
-        rounds=sorted(by_kind["round"], key=lambda r: _num(r.get("round")) or 0.0),
-        summary=_read_summary(run_dir / "summary.json"), assignments=by_kind["assignment"],
+        joins=[JoinRecord.from_dict(r) for r in by_kind[JoinRecord.KIND]],
+        device_rounds=sorted((DeviceRoundRecord.from_dict(r) for r in by_kind[DeviceRoundRecord.KIND]),
+                             key=_round_device_key),
+        rounds=sorted((RoundRecord.from_dict(r) for r in by_kind[RoundRecord.KIND]),
+                      key=lambda r: _num(r.round) or 0.0),
+        summary=read_summary(run_dir),
+        assignments=[AssignmentRecord.from_dict(r) for r in by_kind[AssignmentRecord.KIND]],
     )
 
 
@@ -120,19 +132,8 @@ def _read_config(path: Path) -> RunConfig | None:
         return None
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        log.warning("%s is not JSON (%s); summary left out", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _round_device_key(rec: Mapping[str, Any]) -> tuple[float, str]:
-    return (_num(rec.get("round")) or 0.0, str(rec.get("device_id")))
+def _round_device_key(rec: DeviceRoundRecord) -> tuple[float, str]:
+    return (_num(rec.round) or 0.0, str(rec.device_id))
 
 
 def _num(value: Any) -> float | None:
@@ -160,8 +161,8 @@ def category_rows(run: RunData) -> list[dict[str, Any]]:
     """A causal LM's held-out perplexity and next-token accuracy per category and round (none otherwise)."""
     rows = []
     for r in run.rounds:
-        for name, ev in ((r.get("eval") or {}).get("per_category") or {}).items():
-            rows.append({"run": run.name, "round": r.get("round"), "category": name,
+        for name, ev in ((r.eval or {}).get("per_category") or {}).items():
+            rows.append({"run": run.name, "round": r.round, "category": name,
                          "perplexity": ev.get("perplexity"), "loss": ev.get("loss"),
                          "next_token_acc": ev.get("top1"), "tokens": ev.get("samples")})
     return rows
@@ -184,33 +185,32 @@ def round_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per server round."""
     rows = []
     for r in run.rounds:
-        ev = r.get("eval") or {}
-        cum = r.get("cum_bytes")
+        ev = r.eval or {}
         rows.append({
-            "run": run.name, "method": run.method, "round": r.get("round"), "top1": ev.get("top1"),
+            "run": run.name, "method": run.method, "round": r.round, "top1": ev.get("top1"),
             "loss": ev.get("loss"), "perplexity": ev.get("perplexity"), "eval_samples": ev.get("samples"),
-            "bytes_up": r.get("bytes_up"),
-            "bytes_down": r.get("bytes_down"), "cum_bytes": cum,
-            "cum_mb": _scaled(cum), "round_s": r.get("round_s"),
-            "aggregate_s": r.get("aggregate_s"), "selected": _count(r.get("selected")),
-            "accepted": _count(r.get("accepted")), "dropped": _count(r.get("dropped")),
-            "devices_online": _count(r.get("devices_online")),
+            "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "cum_bytes": r.cum_bytes,
+            "cum_mb": _scaled(r.cum_bytes), "round_s": r.round_s,
+            "aggregate_s": r.aggregate_s, "selected": _count(r.selected),
+            "accepted": _count(r.accepted), "dropped": _count(r.dropped),
+            "devices_online": _count(r.devices_online),
         })
     return rows
 
 
 def device_round_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per device per round, with its resource summary and its time spent waiting."""
-    round_s = {r.get("round"): _num(r.get("round_s")) for r in run.rounds}
+    round_s = {r.round: _num(r.round_s) for r in run.rounds}
     rows = []
     for d in run.device_rounds:
-        rep = DeviceReport.from_record(d)  # what the device measured, as the typed report the agent sent
+        rec = d.to_dict()
+        rep = DeviceReport.from_record(rec)  # what the device measured, as the typed report the agent sent
         res = dict(rep.resources or {})
-        row = {k: d.get(k) for k in DEVICE_ROUND_COLUMNS if k in d}
+        row = {k: rec.get(k) for k in DEVICE_ROUND_COLUMNS if k in rec}
         row.update(train_s=rep.train_s, train_loss=rep.train_loss, train_acc=rep.train_acc, epsilon=rep.epsilon,
                    download_s=rep.download_s)
-        row.update(run=run.name, mb_up=_scaled(d.get("bytes_up")), mb_down=_scaled(d.get("bytes_down")),
-                   wait_s=_wait_s(d, round_s.get(d.get("round"))))
+        row.update(run=run.name, mb_up=_scaled(d.bytes_up), mb_down=_scaled(d.bytes_down),
+                   wait_s=_wait_s(d, round_s.get(d.round)))
         row.update({k: res.get(k) for k in _RESOURCE_KEYS})
         rows.append({k: row.get(k) for k in DEVICE_ROUND_COLUMNS})
     return rows
@@ -221,9 +221,9 @@ def _scaled(value: Any) -> float | None:
     return None if v is None else v / MB
 
 
-def _wait_s(rec: Mapping[str, Any], round_s: float | None) -> float | None:
-    parts = [_num(rec.get(k)) for k in ("download_s", "train_s", "upload_s")]
-    if round_s is None or rec.get("status") != "accepted" or any(p is None for p in parts):
+def _wait_s(rec: DeviceRoundRecord, round_s: float | None) -> float | None:
+    parts = [_num(rec.download_s), _num(rec.train_s), _num(rec.upload_s)]
+    if round_s is None or rec.status != "accepted" or any(p is None for p in parts):
         return None
     return max(round_s - sum(p for p in parts if p is not None), 0.0)
 
@@ -231,43 +231,43 @@ def _wait_s(rec: Mapping[str, Any], round_s: float | None) -> float | None:
 def divergence_rows(run: RunData) -> list[dict[str, Any]]:
     """The run's `divergence` records (a device training above chance loss, a global model at chance)."""
     lr = run.config.train_args.learning_rate if run.config else None
-    return [{"run": run.name, "round": d.get("round"), "device_id": d.get("device_id"),
-             "learning_rate": d.get("learning_rate", lr), "metric": d.get("metric"), "value": d.get("value"),
-             "threshold": d.get("threshold"), "flag": describe_divergence(d)}
-            for d in read_metrics(run.path, "divergence")]
+    return [{"run": run.name, "round": d.round, "device_id": d.device_id,
+             "learning_rate": d.extra.get("learning_rate", lr), "metric": d.metric, "value": d.value,
+             "threshold": d.threshold, "flag": describe_divergence(d)}
+            for d in read_records(run.path, DivergenceRecord)]
 
 
 def device_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per device that joined: its profile, data and per-run totals and peaks."""
-    per_dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    per_dev: dict[str, list[DeviceRoundRecord]] = defaultdict(list)
     for d in run.device_rounds:
-        per_dev[str(d.get("device_id"))].append(d)
-    latest = {str(j.get("device_id")): j for j in run.joins}  # a device that re-joined: its last join
-    ranks = {str(a.get("device_id")): a for a in run.assignments}
+        per_dev[str(d.device_id)].append(d)
+    latest = {str(j.device_id): j for j in run.joins}  # a device that re-joined: its last join
+    ranks = {str(a.device_id): a for a in run.assignments}
     rows = []
     for dev, j in latest.items():
-        prof, stats = j.get("profile") or {}, j.get("data_stats") or {}
+        prof, stats = j.profile or {}, j.data_stats or {}
         row: dict[str, Any] = {
-            "run": run.name, "device_id": dev, "accepted": j.get("accepted"), "reason": j.get("reason"),
+            "run": run.name, "device_id": dev, "accepted": j.accepted, "reason": j.reason,
             **{k: prof.get(k) for k in _PROFILE_KEYS},
             "num_train": stats.get("num_train"), "num_test": stats.get("num_test"),
         }
         row.update(_device_totals(per_dev.get(dev, [])))
-        given = ranks.get(dev, {})  # the last rank the server gave it, and why
-        row.update(rank=given.get("rank"), rank_reason=given.get("reason"))
+        given = ranks.get(dev)  # the last rank the server gave it, and why
+        row.update(rank=given.rank if given else None, rank_reason=given.reason if given else None)
         rows.append(row)
     return rows
 
 
-def _device_totals(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in recs if r.get("status") == "accepted"]
-    res = [r.get("resources") or {} for r in recs]
+def _device_totals(recs: Sequence[DeviceRoundRecord]) -> dict[str, Any]:
+    ok = [r for r in recs if r.status == "accepted"]
+    res = [r.resources or {} for r in recs]
     energy = [_num(x.get("energy_j")) for x in res]
-    eps = [_num(r.get("epsilon")) for r in recs if _num(r.get("epsilon")) is not None]
+    eps = [e for r in recs if (e := _num(r.epsilon)) is not None]
     return {
         "rounds_accepted": len(ok),
-        "bytes_up_total": _sum_or_none(r.get("bytes_up") for r in recs),
-        "bytes_down_total": _sum_or_none(r.get("bytes_down") for r in recs),
+        "bytes_up_total": _sum_or_none(r.bytes_up for r in recs),
+        "bytes_down_total": _sum_or_none(r.bytes_down for r in recs),
         "rss_peak_mb": _max_or_none(x.get("rss_peak_mb") for x in res),
         "gpu_mem_peak_reserved_mb": _max_or_none(x.get("gpu_mem_peak_reserved_mb") for x in res),
         "energy_j_total": _sum_or_none(energy), "energy_rounds": sum(e is not None for e in energy),
@@ -491,16 +491,17 @@ def _run_overview(run: RunData) -> dict[str, Any]:
         "run": run.name, "method": run.method, "model": cfg.model_args.model if cfg else None,
         "dataset": cfg.data_args.dataset if cfg else None,
         "encoding": cfg.comm_args.encoding if cfg else None, "rounds": len(run.rounds),
-        "devices joined": len({j.get("device_id") for j in run.joins}),
+        "devices joined": len({j.device_id for j in run.joins}),
     }
 
 
 def _summary_rows(runs: Sequence[RunData]) -> tuple[list[str], list[dict[str, Any]]]:
     """summary.json side by side: one row per scalar key, one column per run."""
     keys: dict[str, None] = {}
-    for run in runs:
-        keys.update({k: None for k, v in run.summary.items() if isinstance(v, (str, int, float, bool))})
-    rows = [{"key": k, **{run.name: run.summary.get(k) for run in runs}} for k in keys]
+    summaries = {run.name: run.summary.to_dict() if run.summary else {} for run in runs}
+    for summary in summaries.values():
+        keys.update({k: None for k, v in summary.items() if isinstance(v, (str, int, float, bool))})
+    rows = [{"key": k, **{name: summary.get(k) for name, summary in summaries.items()}} for k in keys]
     return ["key"] + [run.name for run in runs], rows
 
 
@@ -548,7 +549,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         "rounds": (ROUND_COLUMNS, [r for run in runs for r in round_rows(run)]),
         "devices": (DEVICE_COLUMNS, [r for run in runs for r in device_rows(run)]),
         "device_rounds": (DEVICE_ROUND_COLUMNS, [r for run in runs for r in device_round_rows(run)]),
-        "energy": (ENERGY_COLUMNS, [r for run in runs for r in energy_rows(run.device_rounds, run.name)]),
+        "energy": (ENERGY_COLUMNS, [r for run in runs
+                                    for r in energy_rows([d.to_dict() for d in run.device_rounds], run.name)]),
         "divergence": (DIVERGENCE_COLUMNS, [r for run in runs for r in divergence_rows(run)]),
     }
     categories = [r for run in runs for r in category_rows(run)]

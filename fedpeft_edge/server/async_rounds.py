@@ -103,13 +103,13 @@ class AsyncRounds(RoundPolicy):
         if reason is not None or cur is None or busy is None:
             log.info("dropped async update from %s for round %s: %s", msg.sender, msg.round, reason)
             if cur is not None and reason is not None:
-                cur.dropped[reason.value] += 1
+                cur.drop(reason)
             return
         del self._busy[msg.sender]
         staleness = eng.version - busy.version
         if staleness > eng.args.max_staleness or busy.version not in self._history:
-            cur.dropped[DropReason.TOO_STALE.value] += 1
-            eng.device_dropped(cur, msg.sender, DropReason.TOO_STALE.value, msg.report, staleness=staleness)
+            cur.drop(DropReason.TOO_STALE)
+            eng.device_dropped(cur, msg.sender, DropReason.TOO_STALE, msg.report, staleness=staleness)
         else:
             eng.admit(cur, msg, self._history[busy.version], now, staleness, task_round=busy.round)
             if eng.buffered >= eng.args.async_buffer_size:
@@ -127,8 +127,8 @@ class AsyncRounds(RoundPolicy):
         eng = self.engine
         cur = eng.rounds.current
         if self._busy.pop(device_id, None) is not None and cur is not None:
-            cur.dropped[reason.value] += 1
-            eng.device_dropped(cur, device_id, reason.value)
+            cur.drop(reason)
+            eng.device_dropped(cur, device_id, reason)
             self._fill(eng.clock.now())
 
     def went_offline(self, device_id: str) -> None:
@@ -156,8 +156,8 @@ class AsyncRounds(RoundPolicy):
         for d, b in list(self._busy.items()):
             if b.given_at + eng.args.round_timeout_s <= now:
                 del self._busy[d]
-                cur.dropped[DropReason.NO_UPDATE.value] += 1
-                eng.device_dropped(cur, d, DropReason.NO_UPDATE.value)
+                cur.drop(DropReason.NO_UPDATE)
+                eng.device_dropped(cur, d, DropReason.NO_UPDATE)
         if eng.buffered >= max(1, eng.args.min_updates):
             self._close(cur)
             return

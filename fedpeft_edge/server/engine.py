@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from fedpeft_edge.config import RunConfig, TrainArgs
+from fedpeft_edge.drops import DropRecorder
 from fedpeft_edge.errors import FedPeftError
 from fedpeft_edge.peft.base import Manifest
 from fedpeft_edge.peft.shapes import ShapePlan
@@ -53,9 +54,18 @@ from fedpeft_edge.protocol import (
     Timer,
     Update,
 )
+from fedpeft_edge.records import (
+    AssignmentRecord,
+    DeviceErrorRecord,
+    DeviceStatusRecord,
+    JoinRecord,
+    PresenceRecord,
+    ResumeRecord,
+    RoundOpenRecord,
+    RoundRecord,
+)
 from fedpeft_edge.server.admission import NormBoundExceeded, UpdateAdmission
 from fedpeft_edge.server.async_rounds import AsyncRounds
-from fedpeft_edge.server.drops import DropRecorder
 from fedpeft_edge.server.join_check import join_refusal
 from fedpeft_edge.server.ports import CheckpointStore, Clock, Evaluator, RunLogWriter, TimerScheduler, Traffic
 from fedpeft_edge.server.records import Accepted, DivergenceWatch, RoundRecords, build_summary
@@ -159,7 +169,7 @@ class RoundEngine:
         self.admission.max_norm = self.norm_bound.bound
         for device_id, declared in dict(ck.extra.get("declared_samples") or {}).items():
             self.rounds.device(str(device_id)).declared_samples = int(declared)
-        self.runlog.write("resume", round=ck.round, next_round=ck.round + 1)
+        self.runlog.append(ResumeRecord(round=ck.round, next_round=ck.round + 1))
         log.info("resuming after round %d", ck.round)
         return ck.round
 
@@ -179,16 +189,15 @@ class RoundEngine:
             handler(event)  # type: ignore[operator]
         return self._flush()
 
-    def dropped(self, sender: str | None, reason: str, detail: str, topic: str | None = None,
+    def dropped(self, sender: str | None, reason: DropReason, detail: str, topic: str | None = None,
                 nbytes: int | None = None) -> list[ProtocolMessage]:
-        """A message refused before it became an event (malformed, unverifiable ...): record why."""
-        log.info("dropped a message from %s: %s: %s", sender, reason, detail)
+        """A message refused before it became an event (malformed, unverifiable ...): record why (and log it)."""
         self.drops.drop(sender, reason, detail, topic, nbytes)
         return []
 
     def refuse_join(self, sender: str, error: str) -> list[ProtocolMessage]:
         """A join that failed to parse: tell the device why (it cannot have been admitted with it)."""
-        self.dropped(sender, "invalid", error)
+        self.dropped(sender, DropReason.INVALID, error)
         return [JoinAck(receiver=sender, accepted=False, reason=f"join refused: {error}")]
 
     def _flush(self) -> list[ProtocolMessage]:
@@ -218,7 +227,7 @@ class RoundEngine:
     def _on_join(self, msg: Join) -> None:
         now = self.clock.now()
         if not self._join_allowed(msg.sender, now):
-            self.drops.drop(msg.sender, "rate_limited",
+            self.drops.drop(msg.sender, DropReason.RATE_LIMITED,
                             f"more than train_args.join_rate_per_min={self.args.join_rate_per_min} joins a minute")
             return
         reason = self._refusal(msg)
@@ -228,9 +237,9 @@ class RoundEngine:
         dev.declared_samples = self._declared(dev.declared_samples, msg.num_samples, reason is None)
         dev.joined_at = now
         self.rounds.set_online(msg.sender, True)
-        self.runlog.write("join", device_id=msg.sender, accepted=reason is None, reason=reason,
-                          client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
-                          num_samples=msg.num_samples)
+        self.runlog.append(JoinRecord(device_id=msg.sender, accepted=reason is None, reason=reason,
+                                      client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
+                                      num_samples=msg.num_samples))
         self._out.append(JoinAck(receiver=msg.sender, accepted=reason is None, reason=reason,
                                  class_names=self.spec.class_names if reason is None else None))
         if reason is not None:
@@ -246,7 +255,8 @@ class RoundEngine:
         """Record what the shape plan gave a device (its LoRA rank and why), if anything: at join, or after a
         round (`after_round`) from what the device measured in it."""
         if assignment is not None:
-            self.runlog.write("assignment", device_id=device_id, after_round=after_round, **assignment)
+            self.runlog.append(AssignmentRecord.from_dict({**assignment, "device_id": device_id,
+                                                           "after_round": after_round}))
 
     def _declared(self, before: int, claimed: int, accepted: bool) -> int:
         """A device's sample count is fixed at its first accepted join for the run: a re-join may lower it,
@@ -264,7 +274,7 @@ class RoundEngine:
         if cur is None or not self.policy.task_owed(device_id, cur):
             return
         if dev.resends >= self.args.resend_rate_per_round:
-            self.drops.drop(device_id, "rate_limited", f"more than train_args.resend_rate_per_round="
+            self.drops.drop(device_id, DropReason.RATE_LIMITED, f"more than train_args.resend_rate_per_round="
                             f"{self.args.resend_rate_per_round} task re-sends this round")
             return
         dev.resends += 1  # a re-sent task carries the tensors: the device may have missed the shared model
@@ -275,7 +285,7 @@ class RoundEngine:
         if msg.node == str(SERVER_ID) or dev is None or dev.online == msg.online:
             return
         self.rounds.set_online(msg.node, msg.online)
-        self.runlog.write("presence", device_id=msg.node, online=msg.online)
+        self.runlog.append(PresenceRecord(device_id=msg.node, online=msg.online))
         if msg.online:
             return
         log.info("device %s went offline", msg.node)
@@ -286,27 +296,27 @@ class RoundEngine:
         if dev is None or not msg.exhausted:
             return
         self.rounds.mark_exhausted(msg.sender)
-        self.runlog.write("device_status", device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
-                          round=self.round_index())
+        self.runlog.append(DeviceStatusRecord(device_id=msg.sender, status=msg.status, epsilon=msg.epsilon,
+                                              round=self.round_index()))
         self.policy.fail_device(msg.sender, DropReason.DEVICE_ERROR)
 
     def _on_device_error(self, msg: DeviceErrorReport) -> None:
         if msg.sender not in self.rounds.devices:
-            self.drops.drop(msg.sender, DropReason.UNKNOWN_DEVICE.value, "device error report")
+            self.drops.drop(msg.sender, DropReason.UNKNOWN_DEVICE, "device error report")
             return
         log.warning("device %s failed round %s: %s", msg.sender, msg.round, msg.error)
-        self.runlog.write("device_error", device_id=msg.sender, round=msg.round, error=msg.error)
+        self.runlog.append(DeviceErrorRecord(device_id=msg.sender, round=msg.round, error=msg.error))
         self.policy.device_error(msg.sender, msg.round, msg.error)
 
     def round_index(self) -> int | None:
         """The open round's index (None between rounds)."""
         return self.rounds.current.index if self.rounds.current else None
 
-    def device_dropped(self, cur: OpenRound, device_id: str, reason: str, report: DeviceReport | None = None,
-                       **extra: Any) -> None:
+    def device_dropped(self, cur: OpenRound, device_id: str, reason: DropReason, report: DeviceReport | None = None,
+                       detail: str | None = None, **extra: Any) -> None:
         """Write a device's `dropped` device_round record for `cur`."""
         self.records.device(cur.index, cur.retry, cur.opened_at, device_id, "dropped", reason, report=report,
-                            **extra)
+                            detail=detail, **extra)
 
     # --- timers ---------------------------------------------------------------------------------------------
     def _on_timer(self, msg: Timer) -> None:
@@ -364,8 +374,8 @@ class RoundEngine:
         self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)
         self._share_model(cur, now)
         selected = self.policy.open(cur, now)
-        self.runlog.write("round_open", round=cur.index, attempt=cur.retry, selected=selected,
-                          deadline=cur.deadline, opened_at=cur.opened_at, mode=self.policy.name)
+        self.runlog.append(RoundOpenRecord(round=cur.index, attempt=cur.retry, selected=selected,
+                                           deadline=cur.deadline, opened_at=cur.opened_at, mode=self.policy.name))
 
     def _share_model(self, cur: OpenRound, now: float) -> None:
         """Shared delivery: the round's model goes out once, before its tasks, to every device."""
@@ -425,15 +435,15 @@ class RoundEngine:
             adm = self.admission.admit(msg, base, dev.declared_samples, as_delta=staleness is not None,
                                        layout=self.shapes.layout(msg.sender))
         except NormBoundExceeded as exc:
-            cur.dropped[DropReason.NORM_BOUND.value] += 1
+            cur.drop(DropReason.NORM_BOUND)
             log.warning("dropped update from %s: %s", msg.sender, exc)
-            self.device_dropped(cur, msg.sender, DropReason.NORM_BOUND.value, msg.report,
+            self.device_dropped(cur, msg.sender, DropReason.NORM_BOUND, msg.report,
                                 update_norm=exc.norm, norm_action="dropped")
             return None
         except (FedPeftError, ValueError) as exc:
-            cur.dropped[DropReason.INVALID.value] += 1
+            cur.drop(DropReason.INVALID)
             log.warning("invalid update from %s: %s", msg.sender, exc)
-            self.device_dropped(cur, msg.sender, f"invalid: {exc}", msg.report)
+            self.device_dropped(cur, msg.sender, DropReason.INVALID, msg.report, detail=str(exc))
             return None
         weight = 1.0 / math.sqrt(1.0 + staleness) if staleness is not None else 1.0
         update = dataclasses.replace(adm.update, scale=weight) if weight != 1.0 else adm.update
@@ -549,9 +559,9 @@ class RoundEngine:
             if dev.accepted:
                 self._out.append(Finish(receiver=device_id, reason=reason))
         self.runlog.sync()
-        summary = build_summary(self.runlog.records("round"), self.spec.manifest.num_params, self.spec.fingerprint)
-        summary["end_reason"] = reason
-        summary["bytes_kind"] = self.spec.bytes_kind
-        self.runlog.write_summary(summary)
+        rounds = [RoundRecord.from_dict(r) for r in self.runlog.records(RoundRecord.KIND)]
+        summary = build_summary(rounds, self.spec.manifest.num_params, self.spec.fingerprint)
+        self.runlog.write_summary(dataclasses.replace(summary, end_reason=reason,
+                                                      bytes_kind=self.spec.bytes_kind).to_dict())
         log.log(logging.INFO if reason == "completed" else logging.ERROR, "run %s finished after %d rounds: %s",
                 self.spec.run_id, self.version, reason)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.errors import ProtocolError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.protocol import (
@@ -68,7 +69,7 @@ class ServerManager(FedPeftCommManager):
         if params.get(MSG_ARG_KEY_TYPE) == MSG_TYPE_C2S_JOIN and sender is not None and sender != str(SERVER_ID):
             self._answer(lambda: self.engine.refuse_join(sender, str(error)), sender)
         else:
-            self._answer(lambda: self.engine.dropped(sender, "invalid", str(error)), sender)
+            self._answer(lambda: self.engine.dropped(sender, DropReason.INVALID, str(error)), sender)
 
     def on_local(self, event: LocalEvent) -> None:
         """A timer or a presence change (local events, never from a frame) goes to the engine."""

@@ -15,6 +15,7 @@ import torch
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, transfer_seconds
 from fedpeft_edge.peft.base import Manifest
 from fedpeft_edge.protocol import Timer
+from fedpeft_edge.records import Record
 from fedpeft_edge.server.checkpoint import Checkpoint, latest_round, load_checkpoint, save_checkpoint
 
 
@@ -34,6 +35,9 @@ class TimerScheduler(Protocol):
 class RunLogWriter(Protocol):
     def write(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Append one record (buffered; no fsync per record)."""
+
+    def append(self, record: Record) -> dict[str, Any]:
+        """Append one typed record (fedpeft_edge/records.py)."""
 
     def sync(self) -> None:
         """Make what was written durable (called once per round and at the end)."""

@@ -1,14 +1,17 @@
-"""What the round engine writes about devices and rounds: device_round, round, divergence and summary records."""
+"""What the round engine writes about devices and rounds: device_round, round, divergence and summary records
+(the record classes are fedpeft_edge/records.py's; this module fills them)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.protocol import DeviceReport
+from fedpeft_edge.records import DeviceRoundRecord, DivergenceRecord, R, RoundRecord, RunSummary
 from fedpeft_edge.server.ports import RunLogWriter, Traffic
 
 log = logging.getLogger(__name__)
@@ -42,17 +45,18 @@ class RoundRecords:
         self.cum_bytes = 0
 
     def device(
-        self, round_idx: int, attempt: int, opened_at: float, device_id: str, status: str, reason: str | None,
-        *, report: DeviceReport | None = None, acc: Accepted | None = None, traffic_round: int | None = None,
-        **extra: Any,
+        self, round_idx: int, attempt: int, opened_at: float, device_id: str, status: str,
+        reason: DropReason | None, *, report: DeviceReport | None = None, acc: Accepted | None = None,
+        traffic_round: int | None = None, detail: str | None = None, **extra: Any,
     ) -> None:
+        """`reason` and `detail` make the record's drop_reason: "<reason>" or "<reason>: <detail>"."""
         rep = acc.report if acc is not None else (report or DeviceReport())
         fields = rep.record_fields()
         t = self.traffic.device(traffic_round if traffic_round is not None else round_idx, device_id)
         download_s = fields.pop("download_s")
-        rec: dict[str, Any] = dict(
+        rec = DeviceRoundRecord(
             round=round_idx, attempt=attempt, device_id=device_id, status=status,
-            drop_reason=reason, num_samples=acc.num_samples if acc else None,
+            drop_reason=_drop_reason(reason, detail), num_samples=acc.num_samples if acc else None,
             declared_samples=acc.declared_samples if acc else None,
             bytes_down=t.bytes_down, bytes_up=t.bytes_up, msgs_down=t.msgs_down, msgs_up=t.msgs_up,
             download_s=download_s if download_s is not None else t.download_s,
@@ -61,21 +65,36 @@ class RoundRecords:
             update_norm=acc.update_norm if acc else None, norm_action=acc.norm_action if acc else None,
             staleness=acc.staleness if acc else None,
             staleness_weight=acc.weight if acc and acc.staleness is not None else None,
+            bytes_kind=self.bytes_kind,
         )
-        rec.update(extra)
-        self.runlog.write("device_round", **rec, bytes_kind=self.bytes_kind)
+        self.runlog.append(_with(rec, extra))
 
     def round(self, round_idx: int, attempt: int, ok: bool, selected: Iterable[str], accepted: int,
               dropped: dict[str, int], round_s: float, aggregate_s: float, eval_res: dict[str, Any] | None,
               devices_online: int, **extra: Any) -> None:
         down, up = self.traffic.round_bytes(round_idx)
         self.cum_bytes += down + up
-        self.runlog.write(
-            "round", round=round_idx, attempt=attempt, status="aggregated" if ok else "failed",
+        self.runlog.append(_with(RoundRecord(
+            round=round_idx, attempt=attempt, status="aggregated" if ok else "failed",
             selected=list(selected), accepted=accepted if ok else 0, dropped=dropped, bytes_down=down,
             bytes_up=up, cum_bytes=self.cum_bytes, round_s=round_s, aggregate_s=aggregate_s, eval=eval_res,
-            devices_online=devices_online, mode=self.mode, bytes_kind=self.bytes_kind, **extra,
-        )
+            devices_online=devices_online, mode=self.mode, bytes_kind=self.bytes_kind,
+        ), extra))
+
+
+def _with(rec: R, extra: Mapping[str, Any]) -> R:
+    """The record with `extra` keyword fields set: its own fields by name, the rest kept in `extra`."""
+    if not extra:
+        return rec
+    own = set(rec.field_names())
+    return dataclasses.replace(rec, **{k: v for k, v in extra.items() if k in own},
+                               extra={**rec.extra, **{k: v for k, v in extra.items() if k not in own}})
+
+
+def _drop_reason(reason: DropReason | None, detail: str | None) -> str | None:
+    if reason is None:
+        return None
+    return f"{reason.value}: {detail}" if detail else reason.value
 
 
 class DivergenceWatch:
@@ -113,8 +132,9 @@ class DivergenceWatch:
         hint = f"learning rate train_args.learning_rate={self.lr:g} is the likely cause; lower it"
         who = f"device {device_id}" if device_id else "the global model"
         log.warning("round %d: %s diverges (%s = %s): %s", round_idx, who, what, value, hint)
-        self.runlog.write("divergence", round=round_idx, device_id=device_id, metric=what, value=value,
-                          threshold=threshold if threshold is not None else self.chance_loss, hint=hint)
+        self.runlog.append(DivergenceRecord(round=round_idx, device_id=device_id, metric=what, value=value,
+                                            threshold=threshold if threshold is not None else self.chance_loss,
+                                            hint=hint))
 
     def device(self, round_idx: int, device_id: str, report: DeviceReport) -> None:
         name = "train_loss" if report.train_loss_end is None else "train_loss_end"
@@ -147,27 +167,28 @@ class DivergenceWatch:
             self._was_above = False
 
 
-def build_summary(rounds: list[dict[str, Any]], shared_params: int, fingerprint: str) -> dict[str, Any]:
+def build_summary(rounds: list[RoundRecord], shared_params: int, fingerprint: str) -> RunSummary:
     """summary.json: final accuracy, bytes per direction and per round, from the round records themselves."""
-    ok = [r for r in rounds if r.get("status") == "aggregated"]  # failed attempts' bytes crossed the wire too
-    evals = [r["eval"]["top1"] for r in ok if r.get("eval")]
-    ppl = [r["eval"]["perplexity"] for r in ok if (r.get("eval") or {}).get("perplexity") is not None]
-    down = sum(r["bytes_down"] for r in rounds)
-    up = sum(r["bytes_up"] for r in rounds)
+    ok = [r for r in rounds if r.aggregated]  # failed attempts' bytes crossed the wire too
+    evals = [r.eval["top1"] for r in ok if r.eval]
+    ppl = [(r.eval or {})["perplexity"] for r in ok if (r.eval or {}).get("perplexity") is not None]
+    down = sum(r.bytes_down or 0 for r in rounds)
+    up = sum(r.bytes_up or 0 for r in rounds)
     drops: dict[str, int] = {}
     for r in rounds:
-        for reason, n in (r.get("dropped") or {}).items():
+        for reason, n in (r.dropped or {}).items():
             drops[reason] = drops.get(reason, 0) + int(n)
-    return {
-        "rounds": len(ok),
-        "final_top1": evals[-1] if evals else None,
-        "best_top1": max(evals) if evals else None,
-        **({"final_perplexity": ppl[-1], "best_perplexity": min(ppl)} if ppl else {}),  # causal LMs
-        "bytes_down": down,
-        "bytes_up": up,
-        "bytes_total": down + up,
-        "bytes_per_round": (down + up) / len(ok) if ok else None,
-        "shared_params": shared_params,
-        "backbone_fingerprint": fingerprint,
-        "dropped": drops,
-    }
+    return RunSummary(
+        rounds=len(ok),
+        final_top1=evals[-1] if evals else None,
+        best_top1=max(evals) if evals else None,
+        final_perplexity=ppl[-1] if ppl else None,  # causal LMs
+        best_perplexity=min(ppl) if ppl else None,
+        bytes_down=down,
+        bytes_up=up,
+        bytes_total=down + up,
+        bytes_per_round=(down + up) / len(ok) if ok else None,
+        shared_params=shared_params,
+        backbone_fingerprint=fingerprint,
+        dropped=drops,
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import math
 from collections import Counter
 from typing import Any
@@ -17,22 +16,9 @@ from typing import Any
 import numpy as np
 
 from fedpeft_edge.config import TrainArgs
+from fedpeft_edge.drops import DropReason
 
-
-class DropReason(str, enum.Enum):
-    """Why an update was not aggregated (the keys of a round's `dropped` counter)."""
-
-    STALE_ROUND = "stale_round"
-    NOT_SELECTED = "not_selected"
-    DUPLICATE = "duplicate"
-    LATE = "late"
-    INVALID = "invalid"
-    UNKNOWN_DEVICE = "unknown_device"
-    DEVICE_ERROR = "device_error"
-    NORM_BOUND = "norm_bound"  # the update's distance from the global model exceeds train_args.max_update_norm
-    TOO_STALE = "too_stale"  # async: trained on a global model more than train_args.max_staleness versions old
-    NO_UPDATE = "no_update_by_deadline"
-    OFFLINE = "went_offline"  # a selected device lost mid-round (its presence went offline) and never sent one
+__all__ = ["DropReason", "KnownDevice", "OpenRound", "RoundController"]
 
 
 @dataclasses.dataclass
@@ -81,7 +67,7 @@ class OpenRound:
     deadline: float
     received: set[str] = dataclasses.field(default_factory=set)
     failed: set[str] = dataclasses.field(default_factory=set)  # reported an error or sent an invalid update
-    dropped: Counter[str] = dataclasses.field(default_factory=Counter)
+    dropped: Counter[str] = dataclasses.field(default_factory=Counter)  # {DropReason value: count}: see drop()
     waiting: set[str] = dataclasses.field(default_factory=set)  # selected, online, not yet in or failed
     _chosen: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -93,6 +79,10 @@ class OpenRound:
     def selects(self, device_id: str) -> bool:
         """Whether device_id was sampled for this round."""
         return device_id in self._chosen
+
+    def drop(self, reason: DropReason) -> None:
+        """Count one update this round did not aggregate: the one place a round's `dropped` counter grows."""
+        self.dropped[DropReason(reason).value] += 1
 
 
 class RoundController:
@@ -206,7 +196,7 @@ class RoundController:
                 cur.received.add(device_id)
                 cur.waiting.discard(device_id)
             else:
-                cur.dropped[reason.value] += 1
+                cur.drop(reason)
         return reason
 
     def _reason(self, device_id: str, round_idx: int, now: float) -> DropReason | None:
@@ -222,11 +212,6 @@ class RoundController:
         if now > cur.deadline:
             return DropReason.LATE
         return None
-
-    def record_drop(self, reason: DropReason) -> None:
-        """Count a drop decided after judge_update (e.g. the tensors failed to decode)."""
-        if self.current is not None:
-            self.current.dropped[reason.value] += 1
 
     def unaccept(self, device_id: str) -> None:
         """Forget an accepted update (it turned out invalid after judging)."""

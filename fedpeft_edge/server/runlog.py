@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedpeft_edge.records import Record
 from fedpeft_edge.rundir import read_metrics
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ class RunLog:
             for worker in self._sinks:
                 worker.put(shared)
         return record
+
+    def append(self, record: Record) -> dict[str, Any]:
+        """Append one typed record (fedpeft_edge/records.py): `write(record.KIND, **record.fields())`."""
+        return self.write(record.KIND, **record.fields())
 
     def sync(self) -> None:
         """fsync what was written (the engine calls it when a round closes and when the run ends)."""

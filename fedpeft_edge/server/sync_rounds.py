@@ -56,7 +56,7 @@ class SyncRounds(RoundPolicy):
         if reason is not None:
             log.info("dropped update from %s for round %s: %s", msg.sender, msg.round, reason.value)
             if cur is not None and reason is not DropReason.DUPLICATE and cur.selects(msg.sender):
-                eng.device_dropped(cur, msg.sender, reason.value, msg.report)
+                eng.device_dropped(cur, msg.sender, reason, msg.report)
             return
         if cur is None or not eng.aggregating:  # judge_update accepts only for an open round
             return
@@ -75,8 +75,8 @@ class SyncRounds(RoundPolicy):
         cur = eng.rounds.current
         if cur is not None and cur.selects(device_id) and device_id not in cur.received:
             eng.rounds.fail(device_id)
-            eng.rounds.record_drop(reason)
-            eng.device_dropped(cur, device_id, reason.value)
+            cur.drop(reason)
+            eng.device_dropped(cur, device_id, reason)
             self._maybe_close_early()
 
     def went_offline(self, device_id: str) -> None:
@@ -121,9 +121,9 @@ class SyncRounds(RoundPolicy):
             if d not in got and d not in cur.failed:
                 dev = self.engine.rounds.devices.get(d)
                 if dev is not None and not dev.online:  # lost mid-round: counted in the round's `dropped`
-                    cur.dropped[DropReason.OFFLINE.value] += 1
+                    cur.drop(DropReason.OFFLINE)
                 reason = DropReason.OFFLINE if dev is not None and not dev.online else DropReason.NO_UPDATE
-                self.engine.device_dropped(cur, d, reason.value)
+                self.engine.device_dropped(cur, d, reason)
 
     def recorded_selection(self, cur: OpenRound, accepted: list[Accepted]) -> tuple[str, ...]:
         return cur.selected

@@ -23,8 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedpeft_edge.config import StudyConfig  # noqa: E402
+from fedpeft_edge.records import DeviceRoundRecord, DivergenceRecord, RunSummary  # noqa: E402
 from fedpeft_edge.report.run_report import RunData, html_table, load_run, round_rows, write_csv  # noqa: E402
-from fedpeft_edge.rundir import describe_divergence, read_metrics  # noqa: E402
+from fedpeft_edge.rundir import describe_divergence, read_records  # noqa: E402
 from fedpeft_edge.study.grid import SEED_KEY, PlannedRun, axis_label  # noqa: E402
 
 MB = 1e6
@@ -39,34 +40,35 @@ class _Run:
 
     def __init__(self, planned: PlannedRun, data: RunData) -> None:
         self.planned, self.data = planned, data
-        self.rounds = [r for r in round_rows(data)
-                       if next((x for x in data.rounds if x.get("round") == r["round"]), {})
-                       .get("status", "aggregated") == "aggregated"]
+        # one table row per round record, in order: keep the aggregated attempts (a retried round's last)
+        self.rounds = [row for row, rec in zip(round_rows(data), data.rounds, strict=True)
+                       if (rec.status or "aggregated") == "aggregated"]
         self.group = ", ".join(f"{axis_label(k)}={v}" for k, v in planned.assignment if k != SEED_KEY) or "all runs"
-        self.divergences = read_metrics(data.path, "divergence")
-        eps = [_last_epsilon(data.device_rounds, dev) for dev in {d.get("device_id") for d in data.device_rounds}]
+        self.divergences = read_records(data.path, DivergenceRecord)
+        self.summary = data.summary or RunSummary()  # a run without summary.json: every figure missing
+        eps = [_last_epsilon(data.device_rounds, dev) for dev in {d.device_id for d in data.device_rounds}]
         present = [e for e in eps if e is not None]
         self.epsilon = max(present) if present else None
 
     @property
     def final_top1(self) -> float | None:
-        return _num(self.data.summary.get("final_top1"))
+        return _num(self.summary.final_top1)
 
     def row(self) -> dict[str, Any]:
-        s, cfg = self.data.summary, self.planned.config
+        s, cfg = self.summary, self.planned.config
         return {"run": self.planned.run_id, **self.planned.values, "method": cfg.peft_args.method,
-                "learning_rate": cfg.train_args.learning_rate, "rounds": s.get("rounds"),
-                "final_top1": s.get("final_top1"), "best_top1": s.get("best_top1"),
-                "final_perplexity": s.get("final_perplexity"),
-                "mb_total": _scaled(s.get("bytes_total")), "mb_per_round": _scaled(s.get("bytes_per_round")),
+                "learning_rate": cfg.train_args.learning_rate, "rounds": s.rounds,
+                "final_top1": s.final_top1, "best_top1": s.best_top1,
+                "final_perplexity": s.final_perplexity,
+                "mb_total": _scaled(s.bytes_total), "mb_per_round": _scaled(s.bytes_per_round),
                 "epsilon": self.epsilon, "divergences": len(self.divergences),
                 "rounds_flagged": " ".join(str(x) for x in self.rounds_flagged),
-                "end_reason": s.get("end_reason")}
+                "end_reason": s.end_reason}
 
     @property
     def rounds_flagged(self) -> list[Any]:
         """The rounds with a divergence flag: one round-1 flag is often a cold start, every round is not."""
-        return sorted({d.get("round") for d in self.divergences}, key=lambda x: _num(x) or 0.0)
+        return sorted({d.round for d in self.divergences}, key=lambda x: _num(x) or 0.0)
 
 
 def write_study_report(study: StudyConfig, planned: Sequence[PlannedRun], runs_dir: Path, out: Path) -> Path:
@@ -132,9 +134,9 @@ def _bytes_rows(groups: Mapping[str, Sequence[_Run]]) -> list[dict[str, Any]]:
 
 
 def _divergence_rows(runs: Sequence[_Run]) -> list[dict[str, Any]]:
-    return [{"run": r.planned.run_id, "round": d.get("round"), "device_id": d.get("device_id"),
-             "learning_rate": d.get("learning_rate", r.planned.config.train_args.learning_rate),
-             "metric": d.get("metric"), "value": d.get("value"), "threshold": d.get("threshold"),
+    return [{"run": r.planned.run_id, "round": d.round, "device_id": d.device_id,
+             "learning_rate": d.extra.get("learning_rate", r.planned.config.train_args.learning_rate),
+             "metric": d.metric, "value": d.value, "threshold": d.threshold,
              "message": describe_divergence(d)}
             for r in runs for d in r.divergences]
 
@@ -228,7 +230,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _render(study: StudyConfig, runs: Sequence[_Run], plots: Mapping[str, Path],
             tables: Mapping[str, tuple[Sequence[str], list[dict[str, Any]]]]) -> str:
-    kinds = sorted({str(r.data.summary.get("bytes_kind", "")) for r in runs} - {""})
+    kinds = sorted({str(r.summary.bytes_kind or "") for r in runs} - {""})
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>study {html.escape(study.name)}</title><style>{_CSS}</style></head><body>",
@@ -255,8 +257,8 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-co
         "td.na{color:#999;font-style:italic}img{max-width:100%}")
 
 
-def _last_epsilon(device_rounds: Sequence[Mapping[str, Any]], device: Any) -> float | None:
-    eps = [_num(d.get("epsilon")) for d in device_rounds if d.get("device_id") == device]
+def _last_epsilon(device_rounds: Sequence[DeviceRoundRecord], device: Any) -> float | None:
+    eps = [_num(d.epsilon) for d in device_rounds if d.device_id == device]
     present = [e for e in eps if e is not None]
     return present[-1] if present else None
 

@@ -5,43 +5,45 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedpeft_edge.records import DeviceRoundRecord, RoundRecord, parse_record
 
-def round_scalars(record: dict[str, Any], epsilons: list[float]) -> dict[str, float]:
+
+def round_scalars(record: RoundRecord, epsilons: list[float]) -> dict[str, float]:
     """Scalars of an aggregated `round` record; epsilons are its devices' reported epsilons (max is logged)."""
-    ev = _mapping(record.get("eval"))
+    ev = _mapping(record.eval)
     out = {
         "round/top1": ev.get("top1"),
         "round/loss": ev.get("loss"),
         "round/perplexity": ev.get("perplexity"),  # causal LMs (top1 is then next-token accuracy)
         **{f"round/perplexity/{name}": _mapping(c).get("perplexity")
            for name, c in _mapping(ev.get("per_category")).items()},
-        "round/bytes_down": record.get("bytes_down"),
-        "round/bytes_up": record.get("bytes_up"),
-        "round/cum_bytes": record.get("cum_bytes"),
-        "round/round_s": record.get("round_s"),
-        "round/aggregate_s": record.get("aggregate_s"),
-        "round/accepted": record.get("accepted"),
-        "round/dropped": sum(int(n) for n in (record.get("dropped") or {}).values()),
-        "round/devices_online": record.get("devices_online"),
-        "round/attempt": record.get("attempt"),
+        "round/bytes_down": record.bytes_down,
+        "round/bytes_up": record.bytes_up,
+        "round/cum_bytes": record.cum_bytes,
+        "round/round_s": record.round_s,
+        "round/aggregate_s": record.aggregate_s,
+        "round/accepted": record.accepted,
+        "round/dropped": sum(int(n) for n in (record.dropped or {}).values()),
+        "round/devices_online": record.devices_online,
+        "round/attempt": record.attempt,
         "round/epsilon_max": max(epsilons) if epsilons else None,
     }
     return _numbers(out)
 
 
-def device_scalars(record: dict[str, Any]) -> dict[str, float]:
+def device_scalars(record: DeviceRoundRecord) -> dict[str, float]:
     """Scalars of an accepted `device_round` record, under `device/<id>/...`."""
-    res = _mapping(record.get("resources"))
-    prefix = f"device/{record.get('device_id')}/"
+    res = _mapping(record.resources)
+    prefix = f"device/{record.device_id}/"
     out = {
-        "train_loss": record.get("train_loss"),
-        "train_acc": record.get("train_acc"),
-        "epsilon": record.get("epsilon"),
-        "bytes_down": record.get("bytes_down"),
-        "bytes_up": record.get("bytes_up"),
-        "train_s": record.get("train_s"),
-        "download_s": record.get("download_s"),
-        "upload_s": record.get("upload_s"),
+        "train_loss": record.train_loss,
+        "train_acc": record.train_acc,
+        "epsilon": record.epsilon,
+        "bytes_down": record.bytes_down,
+        "bytes_up": record.bytes_up,
+        "train_s": record.train_s,
+        "download_s": record.download_s,
+        "upload_s": record.upload_s,
         "cpu_s": res.get("cpu_s"),
         "rss_peak_mb": res.get("rss_peak_mb"),
         "energy_j": res.get("energy_j"),
@@ -81,20 +83,23 @@ class ScalarFolder:
         self._epsilons: dict[tuple[Any, Any], list[float]] = {}
 
     def feed(self, record: dict[str, Any]) -> list[tuple[dict[str, float], int]]:
-        kind = record.get("kind")
-        step = record.get("round")
+        rec = parse_record(record)
+        if not isinstance(rec, (DeviceRoundRecord, RoundRecord)):
+            return []
+        step = rec.round
         if not isinstance(step, int):
             return []
-        key = (step, record.get("attempt"))
-        if kind == "device_round" and record.get("status") == "accepted":
-            eps = record.get("epsilon")
+        key = (step, rec.attempt)
+        if isinstance(rec, DeviceRoundRecord):
+            if rec.status != "accepted":
+                return []
+            eps = rec.epsilon
             if isinstance(eps, (int, float)) and math.isfinite(eps):
                 self._epsilons.setdefault(key, []).append(float(eps))
-            return [(device_scalars(record), step)]
-        if kind == "round":
-            epsilons = self._epsilons.pop(key, [])
-            if record.get("status", "aggregated") == "aggregated":
-                return [(round_scalars(record, epsilons), step)]
+            return [(device_scalars(rec), step)]
+        epsilons = self._epsilons.pop(key, [])
+        if "status" not in record or rec.aggregated:  # records of older runs had no status: all aggregated
+            return [(round_scalars(rec, epsilons), step)]
         return []
 
 

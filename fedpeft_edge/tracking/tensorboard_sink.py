@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.errors import TrackingError
+from fedpeft_edge.records import RoundRecord
 from fedpeft_edge.tracking.scalars import ScalarFolder, flatten_config
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class TensorBoardSink:
             wall = record.get("time")
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, global_step=step, walltime=wall)
-        if record.get("kind") == "round":
+        if record.get("kind") == RoundRecord.KIND:
             writer.flush()
 
     def close(self) -> None:

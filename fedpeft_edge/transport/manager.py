@@ -21,9 +21,9 @@ from fedpeft_edge.transport.fedml import FedMLCommManager, message_of, params_of
 
 if TYPE_CHECKING:
     from fedpeft_edge.config import CommArgs
+    from fedpeft_edge.drops import DroppedMessage
     from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
     from fedpeft_edge.protocol.events import LocalEvent
-    from fedpeft_edge.transport.drops import DroppedMessage
 
 log = logging.getLogger(__name__)
 

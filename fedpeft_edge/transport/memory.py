@@ -18,9 +18,11 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from fedpeft_edge.errors import CodecError, TransportError
+from fedpeft_edge.drops import DroppedMessage, DropReason, DropRecorder
+from fedpeft_edge.errors import AuthError, CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
@@ -130,8 +132,8 @@ def memory_backend(bus: MemoryBus) -> Any:
     """A transport.manager backend factory that puts every node on `bus` (for FedPeftCommManager)."""
 
     def build(_comm_args: Any, _run_id: str, node_id: str | int, meter: BandwidthMeter | None,
-              _connect_timeout_s: float, _on_drop: Any = None) -> MemoryCommManager:
-        return MemoryCommManager(bus, node_id, meter)
+              _connect_timeout_s: float, on_drop: Any = None) -> MemoryCommManager:
+        return MemoryCommManager(bus, node_id, meter, on_drop)
 
     return build
 
@@ -147,8 +149,10 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
     bytes_kind = "encoded"  # frame bytes, not MQTT packets on a wire
 
     def __init__(self, bus: MemoryBus, node_id: str | int = M.SERVER_ID,
-                 meter: BandwidthMeter | None = None) -> None:
+                 meter: BandwidthMeter | None = None,
+                 on_drop: Callable[[DroppedMessage], None] | None = None) -> None:
         self.bus = bus
+        self.drops = on_drop if isinstance(on_drop, DropRecorder) else DropRecorder(sink=on_drop)
         self.node_id = node_id
         self.is_server = str(node_id) == str(M.SERVER_ID)
         self.meter = meter if meter is not None else BandwidthMeter()
@@ -251,7 +255,8 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
             check_wire_type(channel, params[M.MSG_ARG_KEY_TYPE], sender)  # roles.WIRE_TYPES
         except CodecError as exc:
             self._record_in(sender, {}, len(frame), sent_at)
-            log.warning("dropped a message from %s: %s", sender, exc)
+            reason = exc.reason if isinstance(exc, AuthError) else DropReason.MALFORMED
+            self.drops(DroppedMessage(sender, None, reason, str(exc), len(frame)))
             return None
         self._record_in(sender, params, len(frame), sent_at)
         return message_from_frame(sender, params, blob)

@@ -28,12 +28,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedpeft_edge.config import CommArgs, read_password
+from fedpeft_edge.drops import DroppedMessage, DropReason, DropRecorder
 from fedpeft_edge.errors import AuthError, CodecError, ConfigError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.protocol.roles import check_wire_type
-from fedpeft_edge.transport.drops import DropLog, DroppedMessage
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import (
     ack_timeout_s,
@@ -152,10 +152,11 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._inbound_lock = threading.Lock()
         self._inbound = [0, 0]  # packets, payload bytes queued
         # (topic, reason) -> (packets, bytes) dropped on paho's thread: a full inbox, a sender over its rate
-        self._overflow: dict[tuple[str, str], tuple[int, int]] = {}
+        self._overflow: dict[tuple[str, DropReason], tuple[int, int]] = {}
         self._inbound_max_bytes = _inbox_bytes(comm_args)
         self._rate = _sender_rate(comm_args)
-        self.drops = DropLog(on_drop)
+        # the server passes its run's recorder (logged and written once); a device only logs and counts
+        self.drops = on_drop if isinstance(on_drop, DropRecorder) else DropRecorder(sink=on_drop)
         self._signer, self._verifier = _build_auth(comm_args, self.is_server)
         self._sealer = build_sealer(comm_args, node_id, run_id)  # None: tensors travel in plaintext
         self._presence_seen: dict[str, tuple[float, int]] = {}
@@ -388,7 +389,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 observer.receive_message(message.get_type(), message)
             except Exception as exc:  # the edge: nothing a message causes may end the receive loop
                 log.debug("handler failed", exc_info=True)
-                self._drop(str(message.get_sender_id()), "", "handler_error", f"{type(exc).__name__}: {exc}", 0)
+                self._drop(str(message.get_sender_id()), "", DropReason.HANDLER_ERROR,
+                           f"{type(exc).__name__}: {exc}", 0)
 
     def _dispatch_local(self, event: LocalEvent) -> None:
         """Hand a local event to the observers that take them (`receive_local`); it never passes the codec."""
@@ -400,7 +402,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 receive_local(event)
             except Exception as exc:  # the edge: nothing may end the receive loop
                 log.debug("local event handler failed", exc_info=True)
-                self._drop(str(self.node_id), "", "handler_error", f"{type(exc).__name__}: {exc}", 0)
+                self._drop(str(self.node_id), "", DropReason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", 0)
 
     # --- sending -------------------------------------------------------------------------------------------
 
@@ -574,21 +576,21 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 self._inbound[0] += 1
                 self._inbound[1] += n
             else:  # reported from the receive thread (sinks are not thread-safe)
-                key = (msg.topic, "rate_limited" if limited else "inbox_full")
+                key = (msg.topic, DropReason.RATE_LIMITED if limited else DropReason.INBOX_FULL)
                 count, nbytes = self._overflow.get(key, (0, 0))
                 if count or len(self._overflow) < 256:
                     self._overflow[key] = (count + 1, nbytes + n)
                 return
         self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), size, time.time()))
 
-    def _drop(self, sender: str, topic: str, reason: str, detail: str, nbytes: int, count: int = 1) -> None:
+    def _drop(self, sender: str, topic: str, reason: DropReason, detail: str, nbytes: int, count: int = 1) -> None:
         self.drops(DroppedMessage(sender, topic, reason, detail, nbytes, count))
 
     def _report_overflow(self) -> None:
         with self._inbound_lock:
             overflow, self._overflow = self._overflow, {}
         for (topic, reason), (count, nbytes) in overflow.items():
-            if reason == "rate_limited":
+            if reason is DropReason.RATE_LIMITED:
                 detail = (f"{count} packets over comm_args.sender_rate_per_s={self.args.sender_rate_per_s:g} (burst "
                           f"{self._rate.burst}), dropped before any check")
             else:
@@ -605,10 +607,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
             self._drop(node, item.topic, exc.reason, str(exc), len(item.payload))
         except CodecError as exc:
-            self._drop(node, item.topic, "malformed", str(exc), len(item.payload))
+            self._drop(node, item.topic, DropReason.MALFORMED, str(exc), len(item.payload))
         except Exception as exc:  # a decoder bug must not end the receive loop either
             log.debug("receive failed", exc_info=True)
-            self._drop(node, item.topic, "internal_error", f"{type(exc).__name__}: {exc}", len(item.payload))
+            self._drop(node, item.topic, DropReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", len(item.payload))
         return None
 
     def _receive_checked(self, item: _Inbound) -> Any:
@@ -652,7 +654,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             try:  # after the signature check (in _open): a forged frame is refused before anything is decrypted
                 if self._sealer is None:
                     raise AuthError(f"encrypted tensors from {node!r} but this node has no encryption key "
-                                    "(comm_args.encryption_key_file, from `fedpeft-edge provision`)", "undecryptable")
+                                    "(comm_args.encryption_key_file, from `fedpeft-edge provision`)",
+                                    DropReason.UNDECRYPTABLE)
                 blob = memoryview(self._sealer.open(params, blob))
             except AuthError as exc:
                 self._drop(node, item.topic, exc.reason, str(exc), len(payload))
@@ -665,10 +668,11 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if is_sealed(payload):
             if self._verifier is None:
                 raise AuthError(f"signed message from {node!r} but this node has no peer keys "
-                                "(comm_args.peer_keys_dir / server_public_key_file)", "unknown_sender")
+                                "(comm_args.peer_keys_dir / server_public_key_file)", DropReason.UNKNOWN_SENDER)
             return self._verifier.open(node, topic, payload, replay=replay)
         if self.args.require_signatures:
-            raise AuthError(f"unsigned message from {node!r} on {topic} (comm_args.require_signatures)", "unsigned")
+            raise AuthError(f"unsigned message from {node!r} on {topic} (comm_args.require_signatures)",
+                            DropReason.UNSIGNED)
         return memoryview(payload)
 
     def _assemble(self, node: str, item: _Inbound) -> tuple[bytes | bytearray | None, list[int], float]:
@@ -676,12 +680,12 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             return item.payload, [item.packet_bytes], item.arrived
         if self.args.require_signatures and (self._verifier is None or not self._verifier.knows(node)):
             raise AuthError(f"chunk from {node!r}, a sender without a public key; refused before reassembly",
-                            "unknown_sender")
+                            DropReason.UNKNOWN_SENDER)
         try:
             done = self._reassembler.add_metered(item.payload, node, item.packet_bytes, item.arrived)
         except CodecError as exc:
             self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
-            self._drop(node, item.topic, "chunk_refused", str(exc), len(item.payload))
+            self._drop(node, item.topic, DropReason.CHUNK_REFUSED, str(exc), len(item.payload))
             return None, [], 0.0
         finally:
             self._expire(self._reassembler.expired)
@@ -695,7 +699,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         now = time.time()
         for e in expired:
             self._record_in(e.source, {}, e.packets, e.started, now, 0)
-            self._drop(e.source, "", "transfer_expired",
+            self._drop(e.source, "", DropReason.TRANSFER_EXPIRED,
                        f"transfer {e.transfer_id.hex()} expired with {e.got_chunks}/{e.count} chunks; "
                        f"freed {e.freed_bytes} bytes", sum(e.packets))
 
@@ -719,7 +723,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if msg_id is not None:
             if (node, str(msg_id)) in self._seen:
                 raise AuthError(f"message {msg_id} from {node} arrived before (QoS 1 redelivery or replay)",
-                                "duplicate")
+                                DropReason.DUPLICATE)
             self._seen[(node, str(msg_id))] = None
             while len(self._seen) > _DEDUP_WINDOW:
                 self._seen.popitem(last=False)
@@ -736,7 +740,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if signed:  # retained presence is old by design: its signed (session, seq) must only move forward
             if node in self._presence_seen and order <= self._presence_seen[node]:
                 raise AuthError(f"presence {order} from {node!r} is not newer than {self._presence_seen[node]}",
-                                "replayed")
+                                DropReason.REPLAYED)
             self._presence_seen[node] = order
         online = body["status"] == M.PRESENCE_ONLINE
         if self.is_server and self.args.presence_echo and online:

@@ -9,6 +9,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.errors import AuthError, ConfigError
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.wire.seal import (
@@ -60,7 +61,7 @@ class Sealer:
         `undecryptable`) otherwise."""
         if not is_sealed_blob(blob):
             raise AuthError(f"a message from {str(params.get(M.MSG_ARG_KEY_SENDER))[:40]!r} carries tensors in "
-                            "plaintext where encryption is on (comm_args.encrypt)", "unencrypted")
+                            "plaintext where encryption is on (comm_args.encrypt)", DropReason.UNENCRYPTED)
         shared = str(params.get(M.MSG_ARG_KEY_RECEIVER)) == self._broadcast
         return open_blob(blob, self.aad(params), self.node_id, self._key, shared=shared)
 

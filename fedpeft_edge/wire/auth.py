@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.errors import AuthError, ConfigError
 
 ENVELOPE_MAGIC = b"FPS1"
@@ -141,19 +142,19 @@ class Verifier:
         key = self._keys.get(sender)
         if key is None:
             raise AuthError(f"no public key for sender {sender!r}; provision it or add it to peer_keys_dir",
-                            "unknown_sender")
+                            DropReason.UNKNOWN_SENDER)
         if view.nbytes < _ENV.size or not is_sealed(view):
-            raise AuthError(f"message from {sender!r} on {topic} is not signed", "unsigned")
+            raise AuthError(f"message from {sender!r} on {topic} is not signed", DropReason.UNSIGNED)
         magic, version, flags, reserved, ts, nonce, sig = _ENV.unpack_from(view, 0)
         if version != VERSION or flags or reserved:
             raise AuthError(f"envelope version {version} (flags {flags}, {reserved}) from {sender!r} is not "
-                            f"supported (this build reads version {VERSION})", "unsigned")
+                            f"supported (this build reads version {VERSION})", DropReason.UNSIGNED)
         frame = view[_ENV.size:]
         try:
             key.verify(sig, _signed_bytes(topic, ts, nonce, frame_digest([frame])))
         except InvalidSignature as exc:
             raise AuthError(f"signature of a message from {sender!r} on {topic} does not verify",
-                            "bad_signature") from exc
+                            DropReason.BAD_SIGNATURE) from exc
         if replay:
             self._check_fresh(sender, ts, bytes(nonce))
         return frame
@@ -163,10 +164,10 @@ class Verifier:
         if not math.isfinite(ts) or abs(now - ts) > self.window_s:
             raise AuthError(
                 f"message from {sender!r} is stamped {ts - now:+.1f} s from our clock, outside the "
-                f"{self.window_s:g} s window (comm_args.replay_window_s; check the clocks)", "stale")
+                f"{self.window_s:g} s window (comm_args.replay_window_s; check the clocks)", DropReason.STALE)
         seen = self._seen.setdefault(sender, _Seen())
         if nonce in seen.nonces or ts <= seen.floor:
-            raise AuthError(f"message from {sender!r} was already received (replay)", "replayed")
+            raise AuthError(f"message from {sender!r} was already received (replay)", DropReason.REPLAYED)
         self.remember(sender, ts, nonce, now)
         if self._journal is not None:
             self._journal.append(sender, ts, nonce)

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedpeft_edge.drops import DropReason
 from fedpeft_edge.errors import AuthError, ConfigError
 
 SEAL_MAGIC = b"FPE1"
@@ -107,14 +108,15 @@ def open_blob(sealed: Buffer, aad: bytes, me: str, key: X25519PrivateKey, shared
     the blob must have been sealed to one receiver / to a recipient list (None: either)."""
     view = memoryview(sealed).cast("B")
     if view.nbytes < SEAL_OVERHEAD or not is_sealed_blob(view):
-        raise AuthError(f"blob of {view.nbytes} bytes is not sealed (no {SEAL_MAGIC!r} header)", "undecryptable")
+        raise AuthError(f"blob of {view.nbytes} bytes is not sealed (no {SEAL_MAGIC!r} header)",
+                        DropReason.UNDECRYPTABLE)
     magic, version, flags, n, eph_pub, nonce = _HEAD.unpack_from(view, 0)
     if version != VERSION or flags:
         raise AuthError(f"sealed blob version {version} (flags {flags}) is not supported (this build reads "
-                        f"{VERSION})", "undecryptable")
+                        f"{VERSION})", DropReason.UNDECRYPTABLE)
     if shared is not None and shared != (n > 0):
         raise AuthError(f"blob sealed to {n} recipients where a {'shared' if shared else 'one-receiver'} blob was "
-                        "expected", "undecryptable")
+                        "expected", DropReason.UNDECRYPTABLE)
     try:
         eph = X25519PublicKey.from_public_bytes(eph_pub)
         pos, kek = _HEAD.size, _derive(key.exchange(eph), eph_pub, _raw(key.public_key()), me)
@@ -129,11 +131,12 @@ def open_blob(sealed: Buffer, aad: bytes, me: str, key: X25519PrivateKey, shared
             raise ValueError(f"recipient list runs past the blob's {view.nbytes} bytes")
         if content is None:
             raise AuthError(f"a shared blob sealed to {n} recipients, none of them {me!r} (was this device "
-                            "provisioned after the server started? restart it with `--resume`)", "undecryptable")
+                            "provisioned after the server started? restart it with `--resume`)",
+                            DropReason.UNDECRYPTABLE)
         return ChaCha20Poly1305(content).decrypt(nonce, view[pos:], aad)
     except (InvalidTag, ValueError, IndexError) as exc:
         raise AuthError(f"sealed blob does not open for {me!r}: wrong key, tampered ciphertext or another "
-                        f"header ({type(exc).__name__}: {exc})", "undecryptable") from exc
+                        f"header ({type(exc).__name__}: {exc})", DropReason.UNDECRYPTABLE) from exc
 
 
 # --- keys --------------------------------------------------------------------------------------------------

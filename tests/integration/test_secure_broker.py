@@ -14,11 +14,11 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DroppedMessage
 from fedpeft_edge.errors import TransportError
 from fedpeft_edge.protocol import Channel, SharedModel, parse
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
-from fedpeft_edge.transport.drops import DroppedMessage
 from fedpeft_edge.transport.fedml import Message, message_of
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.transport.provision import provision

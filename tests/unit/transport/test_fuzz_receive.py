@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DroppedMessage
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.broker import start_broker
-from fedpeft_edge.transport.drops import DroppedMessage
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.wire.auth import Signer
 from fedpeft_edge.wire.chunk import split_payload

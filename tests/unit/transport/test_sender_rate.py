@@ -11,8 +11,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DroppedMessage
 from fedpeft_edge.protocol import keys as M
-from fedpeft_edge.transport.drops import DroppedMessage
 from fedpeft_edge.transport.mqtt import MqttCommManager
 
 pytestmark = pytest.mark.timeout(60)
