@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 import json
 import logging
 import math
@@ -55,7 +56,19 @@ from fedpeft_edge.wire.auth import (
     load_private_key,
     load_public_key,
 )
-from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, Expired, Reassembler, chunk_count, is_chunk, split_payload
+from fedpeft_edge.wire.chunk import (
+    CHUNK_HEADER_BYTES,
+    DIGEST_BYTES,
+    MIN_CHUNK_DATA,
+    Expired,
+    Reassembler,
+    chunk_count,
+    is_chunk,
+    is_manifest,
+    manifests_for,
+    parse_manifest,
+    split_payload,
+)
 from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
 from fedpeft_edge.wire.limits import sender_burst_for
 from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
@@ -165,10 +178,14 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._sub_mid: int | None = None
         self._presence_mid, self._presence_seq = -1, 0  # this connection's presence PUBLISH (its PUBACK is awaited)
         most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
+        # where signatures are required, a chunk is buffered only under a verified signed manifest (its digests
+        # count against the sender's quota too: 32 bytes a chunk)
         self._reassembler = Reassembler(
-            most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
+            most, comm_args.chunk_timeout_s,
+            max_pending_bytes=most + MAX_HEADER_BYTES + DIGEST_BYTES * chunk_count(most, MIN_CHUNK_DATA),
             max_pending_transfers=comm_args.max_pending_transfers,
             unadmitted_max_bytes=MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096,
+            require_manifest=comm_args.require_signatures,
         )
         self._seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._send_lock = threading.Lock()
@@ -452,7 +469,15 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             return _Outgoing(self, topic, peer, params, total, 1, iter([b"".join(parts)]))
         max_chunk = max_chunk_bytes(topic, limit, self.args.qos, self._mqtt5)
         count = chunk_count(total, max_chunk - CHUNK_HEADER_BYTES)
-        return _Outgoing(self, topic, peer, params, total, count, split_payload(parts, max_chunk))
+        if self._signer is None:
+            return _Outgoing(self, topic, peer, params, total, count, split_payload(parts, max_chunk))
+        # Signed: the chunks' manifest goes first, each part in its own signature envelope, so a receiver
+        # verifies who sends what (size, count, each chunk's SHA-256) before it buffers a byte of it.
+        tid = uuid.uuid4().bytes
+        manifests = manifests_for(parts, max_chunk, max_chunk - ENVELOPE_BYTES, tid)
+        heads = [self._signer.envelope(topic, [body]) + body for body in (m.encode() for m in manifests)]
+        chunks = split_payload(parts, max_chunk, tid, manifests[0].digest)
+        return _Outgoing(self, topic, peer, params, total, len(heads) + count, itertools.chain(heads, chunks))
 
     def packet_limit(self) -> int:
         """Largest PUBLISH packet we send: comm_args.max_message_bytes, or less if the broker said so."""
@@ -655,6 +680,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         return memoryview(payload)
 
     def _assemble(self, node: str, item: _Inbound) -> tuple[bytes | bytearray | None, list[int], float]:
+        if is_sealed(item.payload) and is_manifest(memoryview(item.payload)[ENVELOPE_BYTES:]):
+            self._add_manifest(node, item)
+            return None, [], 0.0
         if not is_chunk(item.payload):
             return item.payload, [item.packet_bytes], item.arrived
         if self.args.require_signatures and (self._verifier is None or not self._verifier.knows(node)):
@@ -662,6 +690,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                             "unknown_sender")
         try:
             done = self._reassembler.add_metered(item.payload, node, item.packet_bytes, item.arrived)
+        except AuthError:
+            raise  # no verified manifest covers it, or it differs from its signed hash: `_receive` drops it
         except CodecError as exc:
             self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
             self._drop(node, item.topic, "chunk_refused", str(exc), len(item.payload))
@@ -672,6 +702,21 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if done is None:
             return None, [], 0.0
         return done.payload, done.packets, done.started
+
+    def _add_manifest(self, node: str, item: _Inbound) -> None:
+        """A signed chunk manifest part: verified with the key of the sender its topic names (the role: the server
+        on a device's down-link and the model topic, that device on its up-link) and against replay before the
+        transfer it declares may hold any memory; AuthError / CodecError otherwise (recorded by `_receive`)."""
+        frame = self._open(node, item.topic, item.payload)
+        manifest = parse_manifest(frame, self._reassembler.max_total_bytes)
+        try:
+            self._reassembler.add_manifest(manifest, node, item.packet_bytes, item.arrived)
+        except CodecError as exc:
+            self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
+            self._drop(node, item.topic, "chunk_refused", str(exc), len(item.payload))
+        finally:
+            self._expire(self._reassembler.expired)
+            self._reassembler.expired = []
 
     def _expire(self, expired: list[Expired]) -> None:
         """Meter and report transfers the reassembler freed before they completed."""
