@@ -171,3 +171,65 @@ def test_unsigned_and_wrongly_signed_chunks_are_never_buffered_either_way(tmp_pa
         finally:
             dev.close()
             server.close()
+
+
+def _flood_during(client: mqtt.Client, topic: str, wrong_key: Path, stop: threading.Event) -> int:
+    """Until `stop`: every 20 ms two of the three chunks of a fresh unsigned transfer (never completed, so it
+    would have held a pending slot until its timeout) and a manifest part signed with the wrong key."""
+    signer, n = Signer(load_private_key(wrong_key)), 0
+    while not stop.is_set():
+        tid = uuid.uuid4().bytes
+        for chunk in list(split_payload(b"\2" * 2500, 1024, tid))[:2]:
+            client.publish(topic, chunk, qos=1)
+        body = manifests_for(b"\3" * 2500, 1024, 1024 - ENVELOPE_BYTES, uuid.uuid4().bytes)[0].encode()
+        client.publish(topic, signer.envelope(topic, [body]) + body, qos=1)
+        n += 3
+        time.sleep(0.02)
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_run_completes_while_a_credential_holder_floods_a_device_with_unsigned_chunks(tmp_path: Path) -> None:
+    """Real server and agent processes; every update and task travels chunked (chunk_bytes 1024) under signed
+    manifests. Before manifests, the forged transfers took the device's pending-transfer slots for the server,
+    so the server's own chunked round tasks were refused and the run stalled."""
+    from fl_processes import Procs, aggregated_rounds, run_dir_of, wait_for, write_config
+
+    devices, rounds, run_id = ("d1", "d2"), 3, "floodrun"
+    prov = provision(tmp_path / "prov", devices)
+    with start_broker(secure_dir=prov.root, bind_client_ids=False) as broker:
+        cfgs = {}
+        for node in ("0", *devices):
+            comm = yaml.safe_load((prov.node_dir(node) / "comm_args.yaml").read_text())["comm_args"]
+            cfgs[node] = write_config(
+                tmp_path / f"{node}.yaml", broker.port, run_id,
+                train_args={"comm_round": rounds, "min_updates": 2, "round_timeout_s": 120},
+                # the flood shares the server's rate bucket on d1 (per-sender rates: test_sender_rate)
+                comm_args={"broker_port": broker.port, "chunk_bytes": 1024, "sender_rate_per_s": 1e9, **comm})
+        procs = Procs(tmp_path / "logs")
+        run_dir = run_dir_of(cfgs["0"])
+        stop, sent = threading.Event(), []
+        try:
+            server = procs.server(cfgs["0"])
+            wait_for("the server to connect", lambda: "connected; waiting" in procs.log("server"), 120, procs)
+            attacker = _attacker(broker.port, _creds(prov.root, "0")["username"], prov.password(str(M.SERVER_ID)))
+            flood = threading.Thread(target=lambda: sent.append(
+                _flood_during(attacker, Topics("fedpeft", run_id).s2d("d1"), prov.root / "d2/signing.key", stop)))
+            flood.start()
+            for i, d in enumerate(devices):
+                procs.agent(cfgs[d], d, i)
+            wait_for("the run to finish", lambda: (run_dir / "summary.json").exists() and server.poll() is not None,
+                     300, procs)
+        finally:
+            stop.set()
+            procs.stop_all()
+        flood.join()
+        attacker.disconnect()
+        assert server.returncode == 0, procs.logs()
+        assert aggregated_rounds(run_dir) == list(range(1, rounds + 1)), procs.logs()
+        d1 = procs.log("d1")
+        print(f"\n{sent[0]} forged packets during the run; d1's drops logged: unsigned "
+              f"{d1.count('(unsigned)')}, bad_signature {d1.count('(bad_signature)')}")
+        assert "(unsigned)" in d1 and "(bad_signature)" in d1, d1[-3000:]
+        assert "chunk_refused" not in d1 and "transfer_expired" not in d1, d1[-3000:]
