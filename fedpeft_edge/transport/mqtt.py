@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import itertools
 import json
 import logging
@@ -34,6 +33,7 @@ from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.protocol.roles import check_wire_type
+from fedpeft_edge.transport.connection import ConnectionState, State
 from fedpeft_edge.transport.drops import DropLog, DroppedMessage
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import (
@@ -80,16 +80,6 @@ _ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every
 # Packets awaiting PUBACK per client (paho's bound); a send's window is bounded in bytes by
 # comm_args.inflight_bytes, which also bounds memory for a 300 MB transfer.
 _MAX_INFLIGHT = 256
-
-
-class State(enum.Enum):
-    """Connection states; reconnects go CONNECTED -> RECONNECTING -> CONNECTED."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    CLOSED = "closed"
 
 
 @dataclasses.dataclass
@@ -157,7 +147,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self.topics.presence(node_id)  # validates the id as a topic level
         self.meter = meter if meter is not None else BandwidthMeter()
         self.on_connection_change = on_connection_change  # called on paho's thread: keep it quick
-        self.state = State.NEW
+        self._conn = ConnectionState()
         self._observers: list[Any] = []
         self._inbox: queue.Queue[Any] = queue.Queue()  # local items never wait; inbound ones take a slot
         self._inbound_lock = threading.Lock()
@@ -219,7 +209,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         return client
 
     def _connect(self, timeout_s: float) -> None:
-        self.state = State.CONNECTING
+        self._conn.move(State.CONNECTING)
         kwargs: dict[str, Any] = {}
         if self._mqtt5:
             props = Properties(PacketTypes.CONNECT)
@@ -279,8 +269,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             else:
                 log.error("%s", err)
             return
-        reconnect = self.state is State.RECONNECTING
-        self.state = State.CONNECTED
+        left = self._conn.move(State.CONNECTED)
+        if left is None:
+            return  # closed meanwhile, or already connected: nothing to announce
+        reconnect = left is State.RECONNECTING
         self._connected.set()
         log.info("node %s %sconnected to %s:%s", self.node_id, "re" if reconnect else "",
                  self.args.broker_host, self.args.broker_port)
@@ -289,9 +281,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self.on_connection_change(True)
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if self.state is State.CLOSED:
-            return
-        self.state = State.RECONNECTING
+        if self._conn.move(State.RECONNECTING) is None:
+            return  # closed
         self._session = time.time()  # the next connection is a new presence session with its own will
         client.will_set(self.topics.presence(self.node_id), self._presence_payload(M.PRESENCE_OFFLINE),
                         qos=1, retain=True)
@@ -312,6 +303,11 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._reassembler.admit = admitted
 
     @property
+    def state(self) -> State:
+        """The connection's state (transport.connection's state machine)."""
+        return self._conn.current
+
+    @property
     def connected(self) -> bool:
         return self.state is State.CONNECTED
 
@@ -324,7 +320,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                                         self._presence_payload(M.PRESENCE_OFFLINE), 1, True)
             self._wait_ack(info.mid, -1, timeout_s=2.0, what="OFFLINE presence", raise_on_timeout=False,
                            topic=self.topics.presence(self.node_id))
-        self.state = State.CLOSED
+        if self._conn.move(State.CLOSED) is None:
+            return  # another thread closed it meanwhile
         self._client.disconnect()
         self._client.loop_stop()
 
