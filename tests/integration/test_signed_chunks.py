@@ -27,7 +27,7 @@ from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import ENVELOPE_BYTES, Signer, load_private_key
 from fedpeft_edge.wire.chunk import manifests_for, split_payload
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120),
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300),
               pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")]
 
 RUN = "runsc"
@@ -93,7 +93,7 @@ def _flood(client: mqtt.Client, topic: str, wrong_key: Path) -> int:
     return n
 
 
-def _poll_watching(mgr: MqttCommManager, until: Any, timeout_s: float = 60.0) -> int:
+def _poll_watching(mgr: MqttCommManager, until: Any, timeout_s: float = 150.0) -> int:
     """Poll until `until()`; return the most bytes the node's reassembly held meanwhile."""
     most, deadline = 0, time.monotonic() + timeout_s
     while time.monotonic() < deadline and not until():
