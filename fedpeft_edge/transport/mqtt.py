@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
+import itertools
 import json
 import logging
 import math
@@ -29,11 +29,12 @@ from paho.mqtt.properties import Properties
 
 from fedpeft_edge.config import CommArgs, read_password
 from fedpeft_edge.drops import DroppedMessage, DropReason, DropRecorder
-from fedpeft_edge.errors import AuthError, CodecError, ConfigError, TransportError
+from fedpeft_edge.errors import AuthError, CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.protocol.roles import check_wire_type
+from fedpeft_edge.transport.connection import ConnectionState, State
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import (
     ack_timeout_s,
@@ -45,18 +46,22 @@ from fedpeft_edge.transport.framing import (
 )
 from fedpeft_edge.transport.reasons import explain_connect_refusal, explain_topic_refusal
 from fedpeft_edge.transport.sealing import build_sealer
+from fedpeft_edge.transport.signing import MessageIds, Signing, build_auth
 from fedpeft_edge.transport.topics import Topics
-from fedpeft_edge.wire.auth import (
-    ENVELOPE_BYTES,
-    SenderRate,
-    Signer,
-    Verifier,
-    is_sealed,
-    load_peer_keys,
-    load_private_key,
-    load_public_key,
+from fedpeft_edge.wire.auth import ENVELOPE_BYTES, SenderRate, is_sealed
+from fedpeft_edge.wire.chunk import (
+    CHUNK_HEADER_BYTES,
+    DIGEST_BYTES,
+    MIN_CHUNK_DATA,
+    Expired,
+    Reassembler,
+    chunk_count,
+    is_chunk,
+    is_manifest,
+    manifests_for,
+    parse_manifest,
+    split_payload,
 )
-from fedpeft_edge.wire.chunk import CHUNK_HEADER_BYTES, Expired, Reassembler, chunk_count, is_chunk, split_payload
 from fedpeft_edge.wire.codec import MAX_HEADER_BYTES, decode_message, message_parts
 from fedpeft_edge.wire.limits import sender_burst_for
 from fedpeft_edge.wire.packet import MQTT_MAX_PACKET, max_chunk_bytes, packet_limit, publish_packet_bytes
@@ -64,21 +69,10 @@ from fedpeft_edge.wire.seal import MAX_WRAPS_BYTES, SEAL_OVERHEAD, is_sealed_blo
 
 log = logging.getLogger(__name__)
 
-_DEDUP_WINDOW = 4096
 _ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every device)
 # Packets awaiting PUBACK per client (paho's bound); a send's window is bounded in bytes by
 # comm_args.inflight_bytes, which also bounds memory for a 300 MB transfer.
 _MAX_INFLIGHT = 256
-
-
-class State(enum.Enum):
-    """Connection states; reconnects go CONNECTED -> RECONNECTING -> CONNECTED."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    CLOSED = "closed"
 
 
 @dataclasses.dataclass
@@ -146,7 +140,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self.topics.presence(node_id)  # validates the id as a topic level
         self.meter = meter if meter is not None else BandwidthMeter()
         self.on_connection_change = on_connection_change  # called on paho's thread: keep it quick
-        self.state = State.NEW
+        self._conn = ConnectionState()
         self._observers: list[Any] = []
         self._inbox: queue.Queue[Any] = queue.Queue()  # local items never wait; inbound ones take a slot
         self._inbound_lock = threading.Lock()
@@ -157,7 +151,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._rate = _sender_rate(comm_args)
         # the server passes its run's recorder (logged and written once); a device only logs and counts
         self.drops = on_drop if isinstance(on_drop, DropRecorder) else DropRecorder(sink=on_drop)
-        self._signer, self._verifier = _build_auth(comm_args, self.is_server)
+        self._signing = Signing(*build_auth(comm_args, self.is_server), comm_args.require_signatures)
         self._sealer = build_sealer(comm_args, node_id, run_id)  # None: tensors travel in plaintext
         self._presence_seen: dict[str, tuple[float, int]] = {}
         self._session = time.time()
@@ -171,12 +165,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         most = comm_args.max_update_bytes + MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096
         if self._sealer is not None:  # a sealed blob's header, tag and (the shared model's) wrapped keys
             most += SEAL_OVERHEAD + MAX_WRAPS_BYTES
+        # where signatures are required, a chunk is buffered only under a verified signed manifest (its digests
+        # count against the sender's quota too: 32 bytes a chunk)
         self._reassembler = Reassembler(
-            most, comm_args.chunk_timeout_s, max_pending_bytes=most + MAX_HEADER_BYTES,
+            most, comm_args.chunk_timeout_s,
+            max_pending_bytes=most + MAX_HEADER_BYTES + DIGEST_BYTES * chunk_count(most, MIN_CHUNK_DATA),
             max_pending_transfers=comm_args.max_pending_transfers,
             unadmitted_max_bytes=MAX_HEADER_BYTES + ENVELOPE_BYTES + 4096,
+            require_manifest=comm_args.require_signatures,
         )
-        self._seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._ids = MessageIds()
         self._send_lock = threading.Lock()
         self._ack_cond = threading.Condition()
         self._ack_counter = 0
@@ -208,7 +206,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         return client
 
     def _connect(self, timeout_s: float) -> None:
-        self.state = State.CONNECTING
+        self._conn.move(State.CONNECTING)
         kwargs: dict[str, Any] = {}
         if self._mqtt5:
             props = Properties(PacketTypes.CONNECT)
@@ -268,8 +266,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             else:
                 log.error("%s", err)
             return
-        reconnect = self.state is State.RECONNECTING
-        self.state = State.CONNECTED
+        left = self._conn.move(State.CONNECTED)
+        if left is None:
+            return  # closed meanwhile, or already connected: nothing to announce
+        reconnect = left is State.RECONNECTING
         self._connected.set()
         log.info("node %s %sconnected to %s:%s", self.node_id, "re" if reconnect else "",
                  self.args.broker_host, self.args.broker_port)
@@ -278,9 +278,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self.on_connection_change(True)
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if self.state is State.CLOSED:
-            return
-        self.state = State.RECONNECTING
+        if self._conn.move(State.RECONNECTING) is None:
+            return  # closed
         self._session = time.time()  # the next connection is a new presence session with its own will
         client.will_set(self.topics.presence(self.node_id), self._presence_payload(M.PRESENCE_OFFLINE),
                         qos=1, retain=True)
@@ -292,13 +291,16 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         """Presence of this connection: `time` names the session, `seq` orders ONLINE (1) before OFFLINE (2)."""
         body = json.dumps({"status": status, "node": self.node_id, "time": self._session,
                            "seq": 1 if status == M.PRESENCE_ONLINE else 2}).encode()
-        if self._signer is None:
-            return body
-        return self._signer.envelope(self.topics.presence(self.node_id), [body]) + body
+        return b"".join(self._signing.seal(self.topics.presence(self.node_id), [body]))
 
     def set_admission(self, admitted: Callable[[str], bool]) -> None:
         """Accept chunked transfers beyond a join's size only from senders `admitted(sender)` says yes to."""
         self._reassembler.admit = admitted
+
+    @property
+    def state(self) -> State:
+        """The connection's state (transport.connection's state machine)."""
+        return self._conn.current
 
     @property
     def connected(self) -> bool:
@@ -313,7 +315,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                                         self._presence_payload(M.PRESENCE_OFFLINE), 1, True)
             self._wait_ack(info.mid, -1, timeout_s=2.0, what="OFFLINE presence", raise_on_timeout=False,
                            topic=self.topics.presence(self.node_id))
-        self.state = State.CLOSED
+        if self._conn.move(State.CLOSED) is None:
+            return  # another thread closed it meanwhile
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -453,15 +456,22 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if self._sealer is not None and blob is not None:  # encrypt, then sign the frame holding the ciphertext
             blob = memoryview(self._sealer.seal(params, blob if isinstance(blob, memoryview) else bytes(blob)))
         parts = message_parts(params, blob)
-        if self._signer is not None:
-            parts = [self._signer.envelope(topic, parts), *parts]
+        parts = self._signing.seal(topic, parts)
         total = sum(memoryview(p).nbytes for p in parts)
         limit = self.packet_limit()
         if publish_packet_bytes(topic, total, self.args.qos, self._mqtt5) <= limit:
             return _Outgoing(self, topic, peer, params, total, 1, iter([b"".join(parts)]))
         max_chunk = max_chunk_bytes(topic, limit, self.args.qos, self._mqtt5)
         count = chunk_count(total, max_chunk - CHUNK_HEADER_BYTES)
-        return _Outgoing(self, topic, peer, params, total, count, split_payload(parts, max_chunk))
+        if self._signing.signer is None:
+            return _Outgoing(self, topic, peer, params, total, count, split_payload(parts, max_chunk))
+        # Signed: the chunks' manifest goes first, each part in its own signature envelope, so a receiver
+        # verifies who sends what (size, count, each chunk's SHA-256) before it buffers a byte of it.
+        tid = uuid.uuid4().bytes
+        manifests = manifests_for(parts, max_chunk, max_chunk - ENVELOPE_BYTES, tid)
+        heads = self._signing.seal_manifests(topic, manifests)
+        chunks = split_payload(parts, max_chunk, tid, manifests[0].digest)
+        return _Outgoing(self, topic, peer, params, total, len(heads) + count, itertools.chain(heads, chunks))
 
     def packet_limit(self) -> int:
         """Largest PUBLISH packet we send: comm_args.max_message_bytes, or less if the broker said so."""
@@ -643,7 +653,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if payload is None:
             return None
         try:
-            frame = self._open(node, item.topic, payload)
+            frame = self._signing.open(node, item.topic, payload)
             params, blob = decode_message(frame, self.args.max_update_bytes + 1024 * 1024)
         except CodecError:
             self._record_in(node, {}, sizes, start, item.arrived, len(payload))
@@ -662,27 +672,17 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 return None
         return self._to_message(node, params, blob, me, channel)
 
-    def _open(self, node: str, topic: str, payload: bytes | bytearray, replay: bool = True) -> memoryview:
-        """The frame of a payload: a signed one verified (and checked against replay), an unsigned one only
-        when comm_args.require_signatures is off."""
-        if is_sealed(payload):
-            if self._verifier is None:
-                raise AuthError(f"signed message from {node!r} but this node has no peer keys "
-                                "(comm_args.peer_keys_dir / server_public_key_file)", DropReason.UNKNOWN_SENDER)
-            return self._verifier.open(node, topic, payload, replay=replay)
-        if self.args.require_signatures:
-            raise AuthError(f"unsigned message from {node!r} on {topic} (comm_args.require_signatures)",
-                            DropReason.UNSIGNED)
-        return memoryview(payload)
-
     def _assemble(self, node: str, item: _Inbound) -> tuple[bytes | bytearray | None, list[int], float]:
+        if is_sealed(item.payload) and is_manifest(memoryview(item.payload)[ENVELOPE_BYTES:]):
+            self._add_manifest(node, item)
+            return None, [], 0.0
         if not is_chunk(item.payload):
             return item.payload, [item.packet_bytes], item.arrived
-        if self.args.require_signatures and (self._verifier is None or not self._verifier.knows(node)):
-            raise AuthError(f"chunk from {node!r}, a sender without a public key; refused before reassembly",
-                            DropReason.UNKNOWN_SENDER)
+        self._signing.check_chunk_sender(node)
         try:
             done = self._reassembler.add_metered(item.payload, node, item.packet_bytes, item.arrived)
+        except AuthError:
+            raise  # no verified manifest covers it, or it differs from its signed hash: `_receive` drops it
         except CodecError as exc:
             self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
             self._drop(node, item.topic, DropReason.CHUNK_REFUSED, str(exc), len(item.payload))
@@ -693,6 +693,21 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         if done is None:
             return None, [], 0.0
         return done.payload, done.packets, done.started
+
+    def _add_manifest(self, node: str, item: _Inbound) -> None:
+        """A signed chunk manifest part: verified with the key of the sender its topic names (the role: the server
+        on a device's down-link and the model topic, that device on its up-link) and against replay before the
+        transfer it declares may hold any memory; AuthError / CodecError otherwise (recorded by `_receive`)."""
+        frame = self._signing.open(node, item.topic, item.payload)
+        manifest = parse_manifest(frame, self._reassembler.max_total_bytes)
+        try:
+            self._reassembler.add_manifest(manifest, node, item.packet_bytes, item.arrived)
+        except CodecError as exc:
+            self._record_in(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
+            self._drop(node, item.topic, DropReason.CHUNK_REFUSED, str(exc), len(item.payload))
+        finally:
+            self._expire(self._reassembler.expired)
+            self._reassembler.expired = []
 
     def _expire(self, expired: list[Expired]) -> None:
         """Meter and report transfers the reassembler freed before they completed."""
@@ -721,12 +736,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         check_wire_type(channel, params[M.MSG_ARG_KEY_TYPE], node)  # the trust boundary: roles.WIRE_TYPES
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
         if msg_id is not None:
-            if (node, str(msg_id)) in self._seen:
-                raise AuthError(f"message {msg_id} from {node} arrived before (QoS 1 redelivery or replay)",
-                                DropReason.DUPLICATE)
-            self._seen[(node, str(msg_id))] = None
-            while len(self._seen) > _DEDUP_WINDOW:
-                self._seen.popitem(last=False)
+            self._ids.check_new(node, msg_id)  # QoS 1 redelivery or a replay inside the signature window
         return message_from_frame(node, params, blob)
 
     def _presence(self, node: str, item: _Inbound) -> Any:
@@ -735,7 +745,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._record_in(node, {M.MSG_ARG_KEY_TYPE: M.MSG_TYPE_PRESENCE}, [item.packet_bytes], item.arrived,
                         item.arrived, len(item.payload))
         signed = is_sealed(item.payload)
-        body = _presence_body(node, self._open(node, item.topic, item.payload, replay=False))
+        body = _presence_body(node, self._signing.open(node, item.topic, item.payload, replay=False))
         order = (float(body["time"]), int(body.get("seq", 1)))
         if signed:  # retained presence is old by design: its signed (session, seq) must only move forward
             if node in self._presence_seen and order <= self._presence_seen[node]:
@@ -770,23 +780,6 @@ def _refuse(name: str) -> Any:
 
 def _topic_node(topic: str) -> str:
     return topic.rsplit("/", 1)[-1][:64] if isinstance(topic, str) else "?"
-
-
-def _build_auth(comm_args: CommArgs, is_server: bool) -> tuple[Signer | None, Verifier | None]:
-    """This node's signer and its peers' verifier from comm_args (None where not configured)."""
-    a = comm_args
-    signer = Signer(load_private_key(a.signing_key_file)) if a.signing_key_file else None
-    keys = {}
-    if is_server and a.peer_keys_dir:
-        keys = load_peer_keys(a.peer_keys_dir)
-    elif not is_server and a.server_public_key_file:
-        keys = {str(M.SERVER_ID): load_public_key(a.server_public_key_file)}
-    if a.require_signatures and not keys:
-        raise ConfigError(
-            "comm_args.require_signatures is on but no peer public key was loaded; set "
-            + ("peer_keys_dir to provisioning's keys/ directory" if is_server else "server_public_key_file")
-        )
-    return signer, (Verifier(keys, a.replay_window_s, journal=a.replay_journal_file) if keys else None)
 
 
 def _inbox_bytes(comm_args: CommArgs) -> int:

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DroppedMessage
 from fedpeft_edge.protocol import keys as K
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
-from fedpeft_edge.transport.drops import DroppedMessage
 from fedpeft_edge.transport.fedml import message_of
 from fedpeft_edge.transport.mqtt import MqttCommManager
 from fedpeft_edge.transport.provision import provision
