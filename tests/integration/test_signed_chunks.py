@@ -158,12 +158,11 @@ def test_unsigned_and_wrongly_signed_chunks_are_never_buffered_either_way(tmp_pa
 
             # the up-link: dev-b's broker password without dev-b's key, on dev-b's own up-link
             up = _attacker(broker.port, "dev-b", prov.password("dev-b"))
-            flood.clear()
-            _flood(up, topics.d2s("dev-b"), prov.root / "dev-a/signing.key")
-            up.disconnect()
             before = sum(d.count for d in server_drops)
-            most = _poll_watching(server, lambda: sum(d.count for d in server_drops) - before
-                                  >= FORGED_TRANSFERS * CHUNKS_PER_TRANSFER)
+            sent = _flood(up, topics.d2s("dev-b"), prov.root / "dev-a/signing.key")
+            up.disconnect()
+            # every packet of the flood is dropped: wait for all of them (the wrongly signed manifest comes last)
+            most = _poll_watching(server, lambda: sum(d.count for d in server_drops) - before >= sent)
             assert most == 0 and {d.reason for d in server_drops} >= {"unsigned", "bad_signature"}
             dev.send_message(_message("dev-a", M.SERVER_ID, blob[::-1]))
             _poll_watching(server, lambda: bool(got["server"]))
