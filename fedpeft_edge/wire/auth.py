@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -35,30 +36,39 @@ _MAX_NONCES = 65_536  # per sender; beyond it the oldest are forgotten and the a
 Buffer = bytes | bytearray | memoryview
 
 
+
 def is_sealed(payload: Buffer) -> bool:
     return bytes(memoryview(payload)[:4]) == ENVELOPE_MAGIC
 
 
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    key = _load(path, private=True)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"{path} is not an Ed25519 private key; create keys with `fedpeft-edge provision`")
+def load_key(path: str | Path, key_type: type, what: str) -> Any:
+    """A PEM key file of `key_type` ("an Ed25519 private key", ...): ConfigError naming the file and the fix."""
+    key = _load(path, private="private" in what)
+    if not isinstance(key, key_type):
+        raise ConfigError(f"{path} is not {what}; create keys with `fedpeft-edge provision`")
     return key
+
+
+def load_key_dir(directory: str | Path, key_type: type, what: str, field: str, made_by: str) -> dict[str, Any]:
+    """`<node_id>.pub` public keys of `key_type` in a directory, by node id (the directory is config `field`)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"comm_args.{field} {d} is not a directory; point it at {made_by}")
+    return {p.stem: load_key(p, key_type, what) for p in sorted(d.glob("*.pub"))}
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    return load_key(path, Ed25519PrivateKey, "an Ed25519 private key")
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    key = _load(path, private=False)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path} is not an Ed25519 public key; create keys with `fedpeft-edge provision`")
-    return key
+    return load_key(path, Ed25519PublicKey, "an Ed25519 public key")
 
 
 def load_peer_keys(directory: str | Path) -> dict[str, Ed25519PublicKey]:
     """`<node_id>.pub` files of a directory, by node id."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ConfigError(f"comm_args.peer_keys_dir {d} is not a directory; point it at provisioning's keys/")
-    return {p.stem: load_public_key(p) for p in sorted(d.glob("*.pub"))}
+    return load_key_dir(directory, Ed25519PublicKey, "an Ed25519 public key", "peer_keys_dir",
+                        "provisioning's keys/")
 
 
 def _load(path: str | Path, private: bool) -> object:

@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedpeft_edge.drops import DropReason
-from fedpeft_edge.errors import AuthError, ConfigError
+from fedpeft_edge.errors import AuthError
+from fedpeft_edge.wire.auth import load_key, load_key_dir
 
 SEAL_MAGIC = b"FPE1"
 VERSION = 1
@@ -143,33 +144,16 @@ def open_blob(sealed: Buffer, aad: bytes, me: str, key: X25519PrivateKey, shared
 
 
 def load_encryption_private_key(path: str | Path) -> X25519PrivateKey:
-    key = _load(path, private=True)
-    if not isinstance(key, X25519PrivateKey):
-        raise ConfigError(f"{path} is not an X25519 private key; create keys with `fedpeft-edge provision`")
-    return key
+    return load_key(path, X25519PrivateKey, "an X25519 private key")
 
 
 def load_encryption_public_key(path: str | Path) -> X25519PublicKey:
-    key = _load(path, private=False)
-    if not isinstance(key, X25519PublicKey):
-        raise ConfigError(f"{path} is not an X25519 public key; create keys with `fedpeft-edge provision`")
-    return key
+    return load_key(path, X25519PublicKey, "an X25519 public key")
 
 
 def load_peer_encryption_keys(directory: str | Path) -> dict[str, X25519PublicKey]:
     """`<node_id>.pub` X25519 public keys of a directory, by node id."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ConfigError(f"comm_args.peer_encryption_keys_dir {d} is not a directory; point it at "
-                          "provisioning's peers-x25519/")
-    return {p.stem: load_encryption_public_key(p) for p in sorted(d.glob("*.pub"))}
+    return load_key_dir(directory, X25519PublicKey, "an X25519 public key", "peer_encryption_keys_dir",
+                        "provisioning's peers-x25519/")
 
 
-def _load(path: str | Path, private: bool) -> object:
-    try:
-        data = Path(path).read_bytes()
-        if private:
-            return serialization.load_pem_private_key(data, password=None)
-        return serialization.load_pem_public_key(data)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot read {'private' if private else 'public'} key {path}: {exc}") from exc
