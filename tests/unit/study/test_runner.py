@@ -6,6 +6,7 @@ runner's bookkeeping is tested without training anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -158,3 +159,21 @@ def test_cli_lists_the_plan_and_names_a_bad_key(tmp_path: Path, capsys: pytest.C
     bad.write_text(path.read_text().replace("train_args.learning_rate", "train_args.learnig_rate"))
     assert main(["study", str(bad), "--list"]) == 2
     assert "'learnig_rate'" in capsys.readouterr().err
+
+
+def test_a_run_a_sibling_study_finished_is_copied_not_run_again(tmp_path: Path) -> None:
+    parent = tmp_path / "studies"
+    first = dataclasses.replace(load_study_config(_study(tmp_path)), study_dir=str(parent / "s"))
+    StudyRunner(first, FakeExecutor(), progress=lambda _l: None).run(write_report=False)
+    # a sibling study in the same parent directory: one run the same experiment as study s's, one new
+    sibling = dataclasses.replace(first, name="t", study_dir=str(parent / "t"),
+                                  grid={"peft_args.method": ["head"], "train_args.learning_rate": [0.01, 0.5],
+                                        "common_args.random_seed": [0]})
+    ex = FakeExecutor()
+    lines: list[str] = []
+    runner = StudyRunner(sibling, ex, progress=lines.append)
+    out = runner.run(write_report=False)
+    assert ex.calls == ["method-head_lr-0.5_seed-0"]  # the 0.01 run was copied from study s
+    assert sorted(out.executed) == ["method-head_lr-0.01_seed-0", "method-head_lr-0.5_seed-0"]
+    assert set(runner.states().values()) == {"finished"}
+    assert any("reused (copied), not run again" in line for line in lines)
