@@ -15,14 +15,11 @@ Also printed (no target): seal + open against encode + decode, which are near-me
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+from bench_wire import side_by_side  # benchmarks/ is on sys.path as the script's folder
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedpeft_edge.peft.base import Manifest, TensorSpec
@@ -33,17 +30,6 @@ from fedpeft_edge.wire.seal import blob_aad, open_blob, seal_blob
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 LINK_BPS = 100e6  # the reference link (bits/s)
 SUMMARY: list[tuple[str, str, str, bool]] = []  # figure, measured, target, met
-
-
-def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, interleaved in every repeat so all see the same machine load."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def quickstart_update() -> tuple[dict[str, torch.Tensor], Manifest]:
