@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from brokers import free_port
@@ -33,6 +34,24 @@ def _finished_run(root: Path, perplexity: bool = False) -> Path:
     return run_dir
 
 
+def _read_page(tmp_path: Path, run_dir: Path, script: str) -> Any:
+    """The dashboard of `run_dir` in headless Chromium: what `script` returns once it returns something (None
+    if it never does within 60 s)."""
+    server = DashboardServer(load_runs([run_dir]), "127.0.0.1", free_port(), None).start()
+    driver = start_chromium(tmp_path / "chromium-profile")
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(server.url)
+        deadline, page = time.monotonic() + 60, None
+        while page is None and time.monotonic() < deadline:
+            page = driver.execute_script(script)
+            time.sleep(0.2)
+    finally:
+        driver.quit()
+        server.stop()
+    return page
+
+
 _READ = """
 const v = views[0];
 if (!v || !v.state || !v.charts['acc-round']) return null;
@@ -43,18 +62,7 @@ return {finished: v.state.run.finished, online: Object.values(v.state.devices).m
 
 
 def test_a_finished_run_shows_its_devices_offline_and_accuracy_on_0_to_100(tmp_path: Path) -> None:
-    server = DashboardServer(load_runs([_finished_run(tmp_path)]), "127.0.0.1", free_port(), None).start()
-    driver = start_chromium(tmp_path / "chromium-profile")
-    try:
-        driver.set_page_load_timeout(60)
-        driver.get(server.url)
-        deadline, page = time.monotonic() + 60, None
-        while page is None and time.monotonic() < deadline:
-            page = driver.execute_script(_READ)
-            time.sleep(0.2)
-    finally:
-        driver.quit()
-        server.stop()
+    page = _read_page(tmp_path, _finished_run(tmp_path), _READ)
     assert page is not None, "the page never drew its accuracy chart"
     assert page["finished"] and page["online"] == [False] and "offline" in page["label"]
     assert (page["ymin"], page["ymax"]) == (0, 100)
@@ -72,19 +80,7 @@ return {card: !card.hidden, kpi: !kpi.hidden, value: document.querySelector('.pp
 
 @pytest.mark.parametrize("causal_lm", [True, False])
 def test_a_causal_lm_run_shows_its_perplexity_and_a_classifier_run_does_not(tmp_path: Path, causal_lm: bool) -> None:
-    server = DashboardServer(load_runs([_finished_run(tmp_path, perplexity=causal_lm)]), "127.0.0.1", free_port(),
-                             None).start()
-    driver = start_chromium(tmp_path / "chromium-profile")
-    try:
-        driver.set_page_load_timeout(60)
-        driver.get(server.url)
-        deadline, page = time.monotonic() + 60, None
-        while page is None and time.monotonic() < deadline:
-            page = driver.execute_script(_READ_PPL)
-            time.sleep(0.2)
-    finally:
-        driver.quit()
-        server.stop()
+    page = _read_page(tmp_path, _finished_run(tmp_path, perplexity=causal_lm), _READ_PPL)
     assert page is not None, "the page never drew its accuracy chart"
     if causal_lm:
         assert page["card"] and page["kpi"] and page["value"] == "70.00"
