@@ -2,7 +2,7 @@
 send which on which channel (roles.py), the local events that have no wire form (events.py), the per-round
 device report (report.py) and the field checks parsing applies (fields.py)."""
 
-from fedpeft_edge.protocol.events import LOCAL_EVENTS, ConnectionReady, LocalEvent, Presence, Timer
+from fedpeft_edge.protocol.events import LOCAL_EVENTS, ConnectionReady, LocalEvent, Presence, Throttled, Timer
 from fedpeft_edge.protocol.keys import SERVER_ID
 from fedpeft_edge.protocol.messages import (
     DEVICE_MESSAGES,
@@ -27,5 +27,6 @@ from fedpeft_edge.protocol.roles import Channel
 __all__ = [
     "DEVICE_MESSAGES", "LOCAL_EVENTS", "MESSAGE_CLASSES", "SERVER_ID", "SERVER_MESSAGES", "Channel", "ClientStatus",
     "ConnectionReady", "DeviceErrorReport", "DeviceReport", "EvalReport", "Finish", "Join", "JoinAck", "LocalEvent",
-    "Presence", "ProtocolMessage", "RoundSync", "RoundTask", "SharedModel", "Timer", "Update", "parse", "sender_of",
+    "Presence", "ProtocolMessage", "RoundSync", "RoundTask", "SharedModel", "Throttled", "Timer", "Update", "parse",
+    "sender_of",
 ]

@@ -1,4 +1,5 @@
-"""Local events: a timer that fired, the connection coming up, a peer's broker-reported presence changing.
+"""Local events: a timer that fired, the connection coming up, a peer's broker-reported presence changing, a
+sender the transport rate-limited.
 
 They are built in-process (by a node's own timers or by its transport) and handed to the node through
 `receive_local`, never through a frame. They have no wire form at all (no message type, no `to_params`, no
@@ -44,4 +45,16 @@ class Presence(LocalEvent):
     receiver: str = str(SERVER_ID)
 
 
-LOCAL_EVENTS: tuple[type[LocalEvent], ...] = (Timer, ConnectionReady, Presence)
+@dataclasses.dataclass(frozen=True)
+class Throttled(LocalEvent):
+    """The transport dropped `packets` packets that named `node` as their sender for going over its packet rate
+    (comm_args.sender_rate_per_s), before any check. Whatever that sender had in flight may be lost with them,
+    so the node stops waiting for it; honest traffic stays under the rate by design (the burst follows the
+    manifest's chunk count), so only a flood, from whoever holds that sender's broker credentials, trips it."""
+
+    node: str
+    packets: int
+    receiver: str = str(SERVER_ID)
+
+
+LOCAL_EVENTS: tuple[type[LocalEvent], ...] = (Timer, ConnectionReady, Presence, Throttled)

@@ -51,6 +51,7 @@ from fedpeft_edge.protocol import (
     ProtocolMessage,
     RoundTask,
     SharedModel,
+    Throttled,
     Timer,
     Update,
 )
@@ -184,7 +185,7 @@ class RoundEngine:
             return []
         handler = {Join: self._on_join, Update: self._on_update, ClientStatus: self._on_status,
                    DeviceErrorReport: self._on_device_error, Presence: self._on_presence,
-                   Timer: self._on_timer}.get(type(event))
+                   Throttled: self._on_throttled, Timer: self._on_timer}.get(type(event))
         if handler is not None:
             handler(event)  # type: ignore[operator]
         return self._flush()
@@ -290,6 +291,16 @@ class RoundEngine:
             return
         log.info("device %s went offline", msg.node)
         self.policy.went_offline(msg.node)
+
+    def _on_throttled(self, msg: Throttled) -> None:
+        """Packets naming a device went over its rate and were dropped unread (the transport recorded them): its
+        update may be among them, so the open round stops waiting for it (a round still closes early only with
+        its quorum in). A flood by whoever holds one device's credentials costs that device its round, not the
+        honest devices their round time."""
+        if msg.node not in self.rounds.devices:
+            return
+        log.debug("device %s went over its packet rate (%d packets dropped unread)", msg.node, msg.packets)
+        self.policy.fail_device(msg.node, DropReason.RATE_LIMITED)
 
     def _on_status(self, msg: ClientStatus) -> None:
         dev = self.rounds.devices.get(msg.sender)

@@ -73,7 +73,7 @@ class SyncRounds(RoundPolicy):
     def fail_device(self, device_id: str, reason: DropReason) -> None:
         eng = self.engine
         cur = eng.rounds.current
-        if cur is not None and cur.selects(device_id) and device_id not in cur.received:
+        if cur is not None and cur.selects(device_id) and device_id not in cur.received | cur.failed:
             eng.rounds.fail(device_id)
             cur.drop(reason)
             eng.device_dropped(cur, device_id, reason)

@@ -31,7 +31,7 @@ from fedpeft_edge.config import CommArgs, read_password
 from fedpeft_edge.drops import DroppedMessage, DropReason, DropRecorder
 from fedpeft_edge.errors import AuthError, CodecError, TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
-from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
+from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence, Throttled
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.protocol.roles import check_wire_type
 from fedpeft_edge.transport.connection import ConnectionState, State
@@ -354,6 +354,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             try:
                 item = self._inbox.get(block=block, timeout=timeout_s if block else None)
             except queue.Empty:
+                if self._overflow:
+                    self._report_overflow()
                 self._expire(self._reassembler.expire())
                 self._echo_presence()
                 return done
@@ -607,6 +609,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 detail = (f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
                           f"{self.args.inbox_max_messages} / inbox_max_bytes {self._inbound_max_bytes})")
             self._drop(_topic_node(topic), topic, reason, detail, nbytes, count)
+            if reason is DropReason.RATE_LIMITED:  # whatever that sender had in flight may be among them
+                self._dispatch_local(Throttled(self._rate_node(topic), count, receiver=str(self.node_id)))
 
     def _receive(self, item: _Inbound) -> Any:
         """Decode one inbound packet; every failure is recorded as a drop with its reason, never raised."""
@@ -643,10 +647,15 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     def _rate_ok(self, topic: str) -> bool:
         """The sender's packet rate (comm_args.sender_rate_per_s), on paho's thread, before the packet is queued,
         verified, buffered or parsed; our own packets (presence echoes) are not counted."""
+        node = self._rate_node(topic)
+        return node == str(self.node_id) or self._rate.allow(node)
+
+    def _rate_node(self, topic: str) -> str:
+        """The sender a packet's topic names (a device's down-link names the device; its sender is the server)."""
         node = _topic_node(topic)
         if node == str(self.node_id) and not self.is_server and "/s2d/" in topic:
-            node = str(M.SERVER_ID)  # a device's down-link names the device; the sender is the server
-        return node == str(self.node_id) or self._rate.allow(node)
+            node = str(M.SERVER_ID)
+        return node
 
     def _decode(self, node: str, item: _Inbound, me: str, channel: Channel) -> Any:
         payload, sizes, start = self._assemble(node, item)

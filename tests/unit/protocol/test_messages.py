@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fedpeft_edge.errors import ProtocolError
 from fedpeft_edge.protocol import (
+    LOCAL_EVENTS,
     MESSAGE_CLASSES,
     ClientStatus,
     ConnectionReady,
@@ -26,6 +27,7 @@ from fedpeft_edge.protocol import (
     ProtocolMessage,
     RoundTask,
     SharedModel,
+    Throttled,
     Timer,
     Update,
     parse,
@@ -205,8 +207,15 @@ def test_a_message_parses_only_on_the_channels_its_senders_role_may_use(msg: Any
                 parse(msg.to_params(), channel)
 
 
-@pytest.mark.parametrize("event", [Timer(name="deadline", round=2, attempt=0), ConnectionReady("dev1"),
-                                   Presence(node="dev1", online=False, since=3.5)], ids=lambda e: type(e).__name__)
+EVENTS = [Timer(name="deadline", round=2, attempt=0), ConnectionReady("dev1"),
+          Presence(node="dev1", online=False, since=3.5), Throttled(node="dev1", packets=7)]
+
+
+def test_every_local_event_type_is_checked_for_a_wire_form() -> None:
+    assert {type(e) for e in EVENTS} == set(LOCAL_EVENTS)
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
 def test_local_events_have_no_wire_form(event: LocalEvent) -> None:
     assert not isinstance(event, ProtocolMessage)
     assert not hasattr(event, "to_params") and not hasattr(type(event), "from_params")

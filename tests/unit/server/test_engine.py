@@ -19,6 +19,7 @@ from fedpeft_edge.protocol import (
     JoinAck,
     Presence,
     RoundTask,
+    Throttled,
 )
 from fedpeft_edge.protocol import keys as K
 from fedpeft_edge.server.checkpoint import load_checkpoint
@@ -125,6 +126,32 @@ def test_a_device_vanishing_mid_round_closes_it_early(tmp_path: Path) -> None:
     assert {"device_id": sel[2], "online": False}.items() <= h.records("presence")[0].items()
     assert h.records("round")[0]["dropped"] == {"went_offline": 1}  # the lost device is counted
     assert {r["device_id"]: r["drop_reason"] for r in h.records("device_round")}[sel[2]] == "went_offline"
+
+
+def test_a_device_over_its_packet_rate_is_not_waited_for(tmp_path: Path) -> None:
+    h, sel = _open(tmp_path)
+    outsider = next(d for d in ("d1", "d2", "d3", "d4") if d not in sel)
+    h.send(Throttled(node=outsider, packets=50))  # not selected: nothing to release
+    h.send(Throttled(node="nobody", packets=50))  # not a known device
+    h.update(sel[0], 1, state(1))
+    h.update(sel[1], 1, state(2))
+    assert h.engine.version == 0  # still waiting for sel[2] (the deadline is far off)
+    h.send(Throttled(node=sel[2], packets=900))  # its update may have been among the packets dropped unread
+    h.send(Throttled(node=sel[2], packets=900))  # the flood goes on: one record all the same
+    assert h.engine.version == 1  # closed with the quorum in, at once
+    assert h.records("round")[0]["dropped"] == {"rate_limited": 1}
+    assert {r["device_id"]: r["drop_reason"] for r in h.records("device_round")}[sel[2]] == "rate_limited"
+
+
+def test_a_throttled_device_alone_never_closes_a_round_short_of_its_quorum(tmp_path: Path) -> None:
+    h, sel = _open(tmp_path, min_updates=3)
+    h.update(sel[0], 1, state(1))
+    for _ in range(2):
+        h.send(Throttled(node=sel[1], packets=900))
+        h.send(Throttled(node=sel[2], packets=900))
+    assert h.engine.version == 0 and h.engine.rounds.current is not None  # only its own deadline closes it
+    h.runlog.sync()
+    assert sorted(r["device_id"] for r in h.records("device_round")) == sorted(sel[1:])  # once each
 
 
 def test_device_errors_and_spent_budgets_release_the_round(tmp_path: Path) -> None:
