@@ -7,7 +7,7 @@ in phases of rising rate, each phase a few rounds; round times come from the run
 round is the one d1 and d3 make: the server stops waiting for d2 as soon as its transport rate-limits packets
 naming d2 (a `Throttled` local event), and the quorum of 2 closes the round without it.
 
-    nice -n 10 python benchmarks/bench_hostile.py [--rounds-per-phase 4] [--rates 0,0,100,300,1000,-1,0]
+    nice -n 10 python benchmarks/bench_hostile.py [--rounds-per-phase 4] [--rates 0,0,100,300,1000,-1,-1c,0]
 
 The hostile client runs in this process, so on a small machine its own CPU competes with the server's.
 """
@@ -197,12 +197,43 @@ def _configs(work: Path, prov: Any, port: int, rounds: int) -> dict[str, Path]:
     return out
 
 
-def hostile_run(prov: Any, port: int, rates: list[float], per_phase: int) -> list[dict[str, Any]]:
-    """One run; phase k (rounds k*per_phase+1 ..) is attacked at rates[k]; per-phase round times and rates."""
+def _cpu_s(procs: list[Any]) -> float:
+    """user + system CPU seconds of these psutil processes so far."""
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(Exception):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _mosquitto(port: int) -> list[Any]:
+    """The broker process listening on `port` (psutil), to meter its CPU per phase."""
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "mosquitto":
+            with contextlib.suppress(Exception):
+                if any(c.laddr.port == port for c in proc.net_connections("tcp")):
+                    return [proc]
+    return []
+
+
+def hostile_run(prov: Any, port: int, phases: list[str], per_phase: int, attacker_nice: int = 0
+                ) -> list[dict[str, Any]]:
+    """One run; phase k (rounds k*per_phase+1 ..) is attacked as phases[k] says: a rate in packets/s (0 = clean,
+    -1 = as fast as the attacker goes), with a `c` suffix the control: the same attacker at that rate publishing
+    only to topics d2's ACL refuses (the broker drops them; the server never sees one), so it costs the machine
+    the attacker's CPU without a packet reaching the server. `attacker_nice` > 0 runs the attacker's threads at
+    that nice value: a stand-in for an attacker on another machine, it gets the CPU the run leaves (on 2 cores
+    a Python flood at full speed otherwise takes one of them). Per-phase round times, rates and CPU."""
+    import psutil
     from hostile_client import HostileClient
 
     from fedpeft_edge.server.runlog import read_metrics
 
+    rates = [float(p.rstrip("c")) for p in phases]
+    control = [p.endswith("c") for p in phases]
     work = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     rounds = per_phase * len(rates)
     cfgs = _configs(work, prov, port, rounds)
@@ -215,7 +246,7 @@ def hostile_run(prov: Any, port: int, rates: list[float], per_phase: int) -> lis
         procs.append(subprocess.Popen([sys.executable, "-m", "device_agents.main", "--config", str(cfgs[d]),
                                        "--device-id", d, "--client-index", str(i)], cwd=REPO, env=env,
                                       stdout=logs[d], stderr=subprocess.STDOUT))
-
+    server_ps, broker_ps = [psutil.Process(procs[0].pid)], _mosquitto(port)
     cache = {"at": 0.0, "n": 0}
 
     def done_rounds() -> int:  # re-read at most every 0.2 s: metrics.jsonl fills with drop records
@@ -227,25 +258,36 @@ def hostile_run(prov: Any, port: int, rates: list[float], per_phase: int) -> lis
 
     creds = yaml.safe_load((prov.node_dir("d2") / "comm_args.yaml").read_text())["comm_args"]
     hostile = HostileClient(port, "bench-hostile", "d2", "d1", creds["username"], prov.password("d2"))
-    hostile.connect()
-    sent_at: dict[int, list[float]] = {}  # phase -> [start time, packets at start]
+    all_kinds = hostile.kinds
+    sent_at: dict[int, list[float]] = {}  # phase -> [start time, packets at start, server CPU s, broker CPU s]
     state = {"phase": 0, "n": 0}
+
+    def mark(phase: int) -> None:
+        sent_at.setdefault(phase, [time.monotonic(), hostile.published, _cpu_s(server_ps), _cpu_s(broker_ps)])
 
     def rate() -> float:
         phase = min(done_rounds() // per_phase, len(rates) - 1)
         if phase != state["phase"] or phase not in sent_at:
-            sent_at.setdefault(phase, [time.monotonic(), hostile.published])
+            mark(phase)
             state["phase"] = phase
+            hostile.kinds = ("other_topic",) if control[phase] else all_kinds
         return rates[phase]
 
-    attacker = threading.Thread(target=hostile.attack, kwargs={
-        "max_messages": 10**7, "max_seconds": 1800, "rate": rate,
-        "stop": lambda: procs[0].poll() is not None or done_rounds() >= rounds}, daemon=True)
+    def attack() -> None:
+        if attacker_nice:  # Linux: this thread only, and the paho thread connect() starts from it inherits it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), attacker_nice)
+        hostile.connect()
+        hostile.attack(max_messages=10**7, max_seconds=1800, rate=rate,
+                       stop=lambda: procs[0].poll() is not None or done_rounds() >= rounds)
+
+    attacker = threading.Thread(target=attack, daemon=True)
     while not (run_dir / "metrics.jsonl").exists() and procs[0].poll() is None:
         time.sleep(0.2)
     attacker.start()
+    while procs[0].poll() is None and done_rounds() < rounds:
+        time.sleep(0.1)
+    end = [time.monotonic(), hostile.published, _cpu_s(server_ps), _cpu_s(broker_ps)]
     procs[0].wait(timeout=3600)
-    end_t = time.monotonic()
     attacker.join(timeout=30)
     for p in procs[1:]:
         p.terminate()
@@ -259,13 +301,16 @@ def hostile_run(prov: Any, port: int, rates: list[float], per_phase: int) -> lis
         times = [round_s[i] for i in range(k * per_phase + 2, (k + 1) * per_phase + 1) if i in round_s]
         d2_in = sum(1 for r in read_metrics(run_dir, "device_round") if r.get("device_id") == "d2"
                     and r.get("status") == "accepted" and k * per_phase + 2 <= r["round"] <= (k + 1) * per_phase)
-        out.append({"target_rate": want, "median_round_s": statistics.median(times) if times else float("nan"),
+        out.append({"phase": phases[k], "target_rate": want, "control": control[k],
+                    "median_round_s": statistics.median(times) if times else float("nan"),
                     "rounds": len(times), "d2_accepted": d2_in})
-    phases = sorted(sent_at)
-    for i, k in enumerate(phases):
-        end = sent_at[phases[i + 1]] if i + 1 < len(phases) else [end_t, hostile.published]
-        dt = end[0] - sent_at[k][0]
-        out[k]["measured_rate"] = (end[1] - sent_at[k][1]) / dt if dt > 0 else 0.0
+    marks = sorted(sent_at)
+    for i, k in enumerate(marks):
+        nxt = sent_at[marks[i + 1]] if i + 1 < len(marks) else end
+        dt = nxt[0] - sent_at[k][0]
+        out[k]["measured_rate"] = (nxt[1] - sent_at[k][1]) / dt if dt > 0 else 0.0
+        out[k]["server_cpu"] = (nxt[2] - sent_at[k][2]) / dt if dt > 0 else 0.0  # cores
+        out[k]["broker_cpu"] = (nxt[3] - sent_at[k][3]) / dt if dt > 0 else 0.0
     out[0]["server_drops"] = drops
     return out
 
@@ -273,8 +318,13 @@ def hostile_run(prov: Any, port: int, rates: list[float], per_phase: int) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds-per-phase", type=int, default=4)
-    ap.add_argument("--rates", default="0,0,100,300,1000,-1,0", help="attack packets/s per phase; 0 = clean, -1 = max")
+    ap.add_argument("--rates", default="0,0,100,300,1000,-1,-1c,0",
+                    help="attack packets/s per phase; 0 = clean, -1 = max, a `c` suffix = the control (the same "
+                         "attacker, its packets refused by the broker's ACL)")
     ap.add_argument("--frames-only", action="store_true", help="only the per-frame costs of the insider classes")
+    ap.add_argument("--attacker-nice", type=int, default=0,
+                    help="run the attacker's threads at this nice value (19: it gets only the CPU the run leaves, "
+                         "a stand-in for an attacker on another machine)")
     args = ap.parse_args()
     from fedpeft_edge.transport.broker import start_broker
     from fedpeft_edge.transport.provision import provision
@@ -304,26 +354,32 @@ def main() -> None:
         x = transfer_cost(broker.port, prov)
         print(f"1 MB update device->server over loopback mosquitto: unsigned {x['unsigned_ms']:.1f} ms, signed "
               f"{x['signed_ms']:.1f} ms (+{x['signed_ms'] - x['unsigned_ms']:.1f} ms)")
-        rates = [float(r) for r in args.rates.split(",")]
-        phases = hostile_run(prov, broker.port, rates, args.rounds_per_phase)
+        phases = hostile_run(prov, broker.port, args.rates.split(","), args.rounds_per_phase, args.attacker_nice)
     clean = statistics.median([p["median_round_s"] for p in phases[1:] if p["target_rate"] == 0]
                               or [phases[0]["median_round_s"]])  # warm clean phases (the first one warms up)
     crypto = c["sign_ms"] + c["verify_ms"]
     print(f"sign + verify per 1 MB update: {crypto:.2f} ms = {100 * crypto / (1e3 * clean):.2f}% of a clean round "
           f"({clean:.2f} s), {100 * crypto / x['unsigned_ms']:.1f}% of the 1 MB loopback transfer   "
           f"[target < 2% of round overhead]")
-    print(f"{'target/s':>9} {'measured/s':>11} {'round s':>8} {'vs clean':>9} {'rounds':>7} {'d2 in':>6}")
+    print(f"{'phase':>7} {'measured/s':>11} {'round s':>8} {'vs clean':>9} {'rounds':>7} {'d2 in':>6} "
+          f"{'server cores':>13} {'broker cores':>13}")
     absorbed, worst = 0.0, 0.0
     for p in phases:
         ratio = p["median_round_s"] / clean
-        print(f"{p['target_rate']:>9.0f} {p.get('measured_rate', 0):>11.0f} {p['median_round_s']:>8.2f} "
-              f"{ratio:>8.2f}x {p['rounds']:>7} {p['d2_accepted']:>6}")
-        if ratio <= 1.10:
+        print(f"{p['phase']:>7} {p.get('measured_rate', 0):>11.0f} {p['median_round_s']:>8.2f} {ratio:>8.2f}x "
+              f"{p['rounds']:>7} {p['d2_accepted']:>6} {p.get('server_cpu', 0):>13.2f} {p.get('broker_cpu', 0):>13.2f}")
+        if ratio <= 1.10 and not p["control"]:
             absorbed = max(absorbed, p.get("measured_rate", 0))
-        if p["target_rate"] != 0:
+        if p["target_rate"] != 0 and not p["control"]:
             worst = max(worst, ratio)
     print(f"honest round (d1 + d3) under the worst flood: {worst:.2f}x the clean round   "
           f"[target: <= 1.2x: {'met' if worst <= 1.2 else 'MISSED'}]")
+    controls = [p for p in phases if p["control"]]
+    if controls:
+        ctl = statistics.median([p["median_round_s"] for p in controls])
+        flood = [p["median_round_s"] for p in phases if p["target_rate"] != 0 and not p["control"]]
+        print(f"control (the same attacker on this machine, every packet refused by the broker's ACL): rounds "
+              f"{ctl / clean:.2f}x clean; the flood that reaches the server {max(flood) / ctl:.2f}x the control")
     print(f"attack packets/s absorbed with round time within 10% of clean: {absorbed:.0f}/s "
           f"(server recorded {phases[0]['server_drops']} dropped packets)   [target: report]")
 

@@ -256,6 +256,9 @@ class CommArgs:
     # or chunk buffered); burst 0: derived from the run's largest message (wire/limits.py).
     sender_rate_per_s: float = 20.0
     sender_burst: int = 0  # packets a sender may send at once before the rate applies (0: derived)
+    # Server, provisioned run (require_signatures): a device whose packets go over sender_rate_per_s has its
+    # topics unsubscribed for this long, so the broker discards its flood instead of the server (0: never).
+    shed_s: float = 10.0
     # The replay window on disk (wire/auth.py ReplayJournal); the server keeps it in its run directory
     # (replay.journal) unless set, so a frame accepted before `fedpeft-server --resume` is refused after it.
     replay_journal_file: str | None = None
@@ -802,6 +805,8 @@ def _check_run(cfg: RunConfig) -> None:
                  "max_update_bytes", "chunk_timeout_s", "publish_timeout_s", "min_link_rate_bps", "inflight_bytes",
                  "sender_rate_per_s"):
         _positive(f"comm_args.{name}", getattr(c, name))
+    if c.shed_s < 0:
+        raise ConfigError(f"comm_args.shed_s must be >= 0 seconds (0: never shed a flooding sender), got {c.shed_s}")
     if c.require_signatures and not c.signing_key_file:
         raise ConfigError(
             "comm_args.require_signatures is true but comm_args.signing_key_file is empty; "

@@ -20,12 +20,14 @@ class LocalEvent:
 
 @dataclasses.dataclass(frozen=True)
 class Timer(LocalEvent):
-    """A node's own timer fired (a round's deadline, the join timeout, a device's model wait)."""
+    """A node's own timer fired (a round's deadline, the join timeout, a device's model wait, the end of a
+    flooding device's mute)."""
 
     name: str
     round: int | None = None
     attempt: int | None = None
-    node: str = str(SERVER_ID)
+    node: str = str(SERVER_ID)  # whose timer it is
+    about: str | None = None  # the device a server timer concerns (unmute)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Throttled(LocalEvent):
     node: str
     packets: int
     receiver: str = str(SERVER_ID)
+    shed_s: float = 0.0  # > 0: the transport stopped hearing `node` for this long (transport/shedding.py)
 
 
 LOCAL_EVENTS: tuple[type[LocalEvent], ...] = (Timer, ConnectionReady, Presence, Throttled)

@@ -79,7 +79,7 @@ from fedpeft_edge.wire.codec import TensorParts, blob_nbytes, encode_update
 
 log = logging.getLogger(__name__)
 
-DEADLINE, JOIN_TIMEOUT = "deadline", "join_timeout"
+DEADLINE, JOIN_TIMEOUT, UNMUTE = "deadline", "join_timeout", "unmute"
 POLICIES: dict[str, type[RoundPolicy]] = {"sync": SyncRounds, "async": AsyncRounds}  # train_args.round_mode
 
 
@@ -297,9 +297,13 @@ class RoundEngine:
         update may be among them, so the open round stops waiting for it (a round still closes early only with
         its quorum in). A flood by whoever holds one device's credentials costs that device its round, not the
         honest devices their round time."""
-        if msg.node not in self.rounds.devices:
+        dev = self.rounds.devices.get(msg.node)
+        if dev is None:
             return
         log.debug("device %s went over its packet rate (%d packets dropped unread)", msg.node, msg.packets)
+        if msg.shed_s > 0 and not dev.muted:  # unheard meanwhile: neither sampled nor waited for
+            self.rounds.set_muted(msg.node, True)  # before the round may close (and the next one sample)
+            self.timers.schedule(msg.shed_s, Timer(name=UNMUTE, about=msg.node))
         self.policy.fail_device(msg.node, DropReason.RATE_LIMITED)
 
     def _on_status(self, msg: ClientStatus) -> None:
@@ -333,6 +337,11 @@ class RoundEngine:
     def _on_timer(self, msg: Timer) -> None:
         if msg.name == JOIN_TIMEOUT:
             self._on_join_timeout()
+            return
+        if msg.name == UNMUTE:
+            if msg.about in self.rounds.devices:
+                self.rounds.set_muted(msg.about, False)
+                self._maybe_open()
             return
         cur = self.rounds.current
         if msg.name != DEADLINE or cur is None or msg.round != cur.index or msg.attempt != cur.retry:

@@ -37,6 +37,7 @@ class KnownDevice:
     _accepted: bool = dataclasses.field(default=False, repr=False)
     _online: bool = dataclasses.field(default=False, repr=False)
     _exhausted: bool = dataclasses.field(default=False, repr=False)  # privacy budget spent: never sampled again
+    _muted: bool = dataclasses.field(default=False, repr=False)  # flooding: its topics are shed for a while
 
     @property
     def accepted(self) -> bool:
@@ -51,9 +52,13 @@ class KnownDevice:
         return self._exhausted
 
     @property
+    def muted(self) -> bool:
+        return self._muted
+
+    @property
     def eligible(self) -> bool:
-        """May be sampled: admitted, online, privacy budget left."""
-        return self._accepted and self._online and not self._exhausted
+        """May be sampled: admitted, online, privacy budget left, not shed for flooding."""
+        return self._accepted and self._online and not self._exhausted and not self._muted
 
 
 @dataclasses.dataclass
@@ -119,6 +124,12 @@ class RoundController:
         """The device spent its privacy budget: never sampled again."""
         dev = self.device(device_id)
         dev._exhausted = True
+        self._refresh(dev)
+
+    def set_muted(self, device_id: str, muted: bool) -> None:
+        """The transport stopped (or started again) hearing a flooding device: not sampled meanwhile."""
+        dev = self.device(device_id)
+        dev._muted = muted
         self._refresh(dev)
 
     def _refresh(self, dev: KnownDevice) -> None:

@@ -46,6 +46,7 @@ from fedpeft_edge.transport.framing import (
 )
 from fedpeft_edge.transport.reasons import explain_connect_refusal, explain_topic_refusal
 from fedpeft_edge.transport.sealing import build_sealer
+from fedpeft_edge.transport.shedding import SenderShed
 from fedpeft_edge.transport.signing import MessageIds, Signing, build_auth
 from fedpeft_edge.transport.topics import Topics
 from fedpeft_edge.wire.auth import ENVELOPE_BYTES, SenderRate, is_sealed
@@ -153,6 +154,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self.drops = on_drop if isinstance(on_drop, DropRecorder) else DropRecorder(sink=on_drop)
         self._signing = Signing(*build_auth(comm_args, self.is_server), comm_args.require_signatures)
         self._sealer = build_sealer(comm_args, node_id, run_id)  # None: tensors travel in plaintext
+        verifier = self._signing.verifier
+        known = verifier.senders() if self.is_server and comm_args.require_signatures and verifier else None
+        self._shed = SenderShed(self.topics, known, comm_args.shed_s)  # per-device subscriptions where known
         self._presence_seen: dict[str, tuple[float, int]] = {}
         self._session = time.time()
         self._stopping = threading.Event()
@@ -239,7 +243,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
         _set_nodelay(client)
         if self.is_server:
-            self._sub_topics = [self.topics.all_d2s(), self.topics.all_presence()]
+            self._sub_topics = self._shed.subscriptions()
         else:
             self._sub_topics = [self.topics.s2d(self.node_id), self.topics.presence(M.SERVER_ID)]
             if self.args.model_delivery == "shared":
@@ -356,6 +360,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             except queue.Empty:
                 if self._overflow:
                     self._report_overflow()
+                self._unshed()
                 self._expire(self._reassembler.expire())
                 self._echo_presence()
                 return done
@@ -364,6 +369,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 return done
             if self._overflow:
                 self._report_overflow()
+            self._unshed()
             if isinstance(item, _Local):
                 message: Any = item.event
             else:
@@ -610,7 +616,23 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                           f"{self.args.inbox_max_messages} / inbox_max_bytes {self._inbound_max_bytes})")
             self._drop(_topic_node(topic), topic, reason, detail, nbytes, count)
             if reason is DropReason.RATE_LIMITED:  # whatever that sender had in flight may be among them
-                self._dispatch_local(Throttled(self._rate_node(topic), count, receiver=str(self.node_id)))
+                node = self._rate_node(topic)
+                shed = self._shed.shed(node)
+                self._dispatch_local(Throttled(node, count, receiver=str(self.node_id),
+                                               shed_s=self._shed.shed_s if shed else 0.0))
+                if shed:
+                    self._client.unsubscribe(self._shed.topics_of(node))
+                    log.warning("node %s floods its topics over comm_args.sender_rate_per_s=%g: unsubscribed from "
+                                "them for comm_args.shed_s=%g s (the broker discards its packets meanwhile); if it "
+                                "goes on, revoke it: `fedpeft-edge provision --revoke %s`", node,
+                                self.args.sender_rate_per_s, self._shed.shed_s, node)
+
+    def _unshed(self) -> None:
+        """Subscribe again to the devices whose shedding time is up (a flood that goes on is shed again)."""
+        back = self._shed.due()
+        if back and self.state is State.CONNECTED:
+            self._client.subscribe([(t, 1) for d in back for t in self._shed.topics_of(d)])
+            log.info("subscribed again to %s after comm_args.shed_s", ", ".join(back))
 
     def _receive(self, item: _Inbound) -> Any:
         """Decode one inbound packet; every failure is recorded as a drop with its reason, never raised."""

@@ -142,6 +142,10 @@ class Verifier:
     def knows(self, sender: str) -> bool:
         return sender in self._keys
 
+    def senders(self) -> tuple[str, ...]:
+        """Every sender with a key here (a server's: its provisioned devices)."""
+        return tuple(self._keys)
+
     def open(self, sender: str, topic: str, payload: Buffer, replay: bool = True) -> memoryview:
         """The frame inside a sealed payload from `sender` on `topic`; AuthError (with .reason) otherwise.
 

@@ -154,6 +154,20 @@ def test_a_throttled_device_alone_never_closes_a_round_short_of_its_quorum(tmp_p
     assert sorted(r["device_id"] for r in h.records("device_round")) == sorted(sel[1:])  # once each
 
 
+def test_a_shed_device_is_neither_sampled_nor_waited_for_until_its_unmute(tmp_path: Path) -> None:
+    h, sel = _open(tmp_path)  # 3 of 4 devices per round, quorum 2
+    h.update(sel[0], 1, state(1))
+    h.update(sel[1], 1, state(2))
+    h.send(Throttled(node=sel[2], packets=900, shed_s=10.0))  # the transport unsubscribed from it for 10 s
+    h.send(Throttled(node=sel[2], packets=5, shed_s=10.0))  # already muted: one unmute timer
+    assert h.engine.version == 1  # not waited for
+    assert not h.engine.rounds.devices[sel[2]].eligible
+    assert [t.about for _, t in h.timers.pending if t.name == "unmute"] == [sel[2]]
+    assert sel[2] not in h.selected()  # round 2 samples the other three
+    h.fire("unmute")
+    assert h.engine.rounds.devices[sel[2]].eligible
+
+
 def test_device_errors_and_spent_budgets_release_the_round(tmp_path: Path) -> None:
     h, sel = _open(tmp_path)
     h.update(sel[0], 1, state(1))
