@@ -68,3 +68,8 @@ class Topics:
         if len(parts) != 2 or parts[0] not in ("s2d", "d2s", "presence", "model") or not parts[1]:
             return None
         return parts[0], parts[1]
+
+
+def topic_node(topic: str) -> str:
+    """The node a topic names (its last level, at most 64 characters): the sender of a d2s or presence packet."""
+    return topic.rsplit("/", 1)[-1][:64] if isinstance(topic, str) else "?"
