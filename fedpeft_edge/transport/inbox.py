@@ -107,6 +107,14 @@ class Inbox:
             overflow, self._overflow = self._overflow, {}
         return overflow
 
+    def explain(self, reason: DropReason, count: int) -> str:
+        """A drop record's detail for `count` packets dropped here for `reason`, naming the bound they broke."""
+        if reason is DropReason.RATE_LIMITED:
+            return (f"{count} packets over comm_args.sender_rate_per_s={self.rate.rate_per_s:g} (burst "
+                    f"{self.rate.burst}), dropped before any check")
+        return (f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
+                f"{self.max_messages} / inbox_max_bytes {self.max_bytes})")
+
 
 def build_inbox(comm_args: CommArgs, node_id: str, is_server: bool) -> Inbox:
     """The inbox comm_args bound: inbox_max_messages, inbox_max_bytes (at least one largest packet: the inbox is

@@ -1,8 +1,11 @@
-"""FedML's BaseCommunicationManager on paho 2: QoS 1, chunks, presence, reconnect; handlers off paho's thread.
+"""FedML's BaseCommunicationManager on paho 2: the connection (QoS 1, presence, reconnect) and publishing.
 
-paho's network thread only moves bytes: `on_message` puts the raw payload on a queue. The thread that calls
-`handle_receive_message()` reassembles, decodes, drops duplicates and dispatches to observers, so a handler
-may train for minutes while keepalive goes on. This is the only module that imports paho.
+paho's network thread only moves bytes: `on_message` offers the raw packet to the bounded inbox
+(`transport.inbox`, which also counts each sender's rate). The thread that calls `handle_receive_message()`
+runs the receive pipeline (`transport.inbound`: reassembly, signature, codec, decryption, trust boundary, replay)
+and hands what comes out to the observers (`transport.observers`), so a handler may train for minutes while
+keepalive goes on. Sending frames, encrypts and signs a message, cuts it into packets (`transport.chunking`) and
+publishes them within a window of unacknowledged bytes (`transport.acks`); `transport.metering` records both ways.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-import socket
-import ssl
 import threading
 import time
 import uuid
@@ -23,20 +24,23 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedpeft_edge.config import CommArgs, read_password
-from fedpeft_edge.drops import DroppedMessage, DropReason, DropRecorder
+from fedpeft_edge.config import CommArgs
+from fedpeft_edge.drops import DroppedMessage, DropRecorder
 from fedpeft_edge.errors import TransportError
 from fedpeft_edge.metering.bandwidth import BandwidthMeter, TransferRecord
 from fedpeft_edge.protocol import ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
+from fedpeft_edge.transport.acks import PubAcks
 from fedpeft_edge.transport.chunking import Outgoing, Reassembly, build_reassembler, outgoing
+from fedpeft_edge.transport.client import apply_credentials, set_nodelay
 from fedpeft_edge.transport.connection import ConnectionState, State
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
 from fedpeft_edge.transport.framing import ack_timeout_s, pop_blob
 from fedpeft_edge.transport.inbound import Receiver
 from fedpeft_edge.transport.inbox import STOP, Local, build_inbox
 from fedpeft_edge.transport.metering import LinkMeter
-from fedpeft_edge.transport.presence import PresenceReader, presence_payload
+from fedpeft_edge.transport.observers import Observers
+from fedpeft_edge.transport.presence import PresenceEcho, PresenceReader, presence_payload
 from fedpeft_edge.transport.reasons import explain_connect_refusal, explain_topic_refusal
 from fedpeft_edge.transport.sealing import build_sealer
 from fedpeft_edge.transport.signing import Signing, build_auth
@@ -46,7 +50,6 @@ from fedpeft_edge.wire.packet import packet_limit, publish_packet_bytes
 
 log = logging.getLogger(__name__)
 
-_ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every device)
 # Packets awaiting PUBACK per client (paho's bound); a send's window is bounded in bytes by
 # comm_args.inflight_bytes, which also bounds memory for a 300 MB transfer.
 _MAX_INFLIGHT = 256
@@ -76,9 +79,9 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self.meter = meter if meter is not None else BandwidthMeter()
         self.on_connection_change = on_connection_change  # called on paho's thread: keep it quick
         self._conn = ConnectionState()
-        self._observers: list[Any] = []
         # the server passes its run's recorder (logged and written once); a device only logs and counts
         self.drops = on_drop if isinstance(on_drop, DropRecorder) else DropRecorder(sink=on_drop)
+        self._observers = Observers(str(node_id), self.drops)
         self._inbox = build_inbox(comm_args, str(node_id), self.is_server)  # paho's thread only offers to it
         self._signing = Signing(*build_auth(comm_args, self.is_server), comm_args.require_signatures)
         self._sealer = build_sealer(comm_args, node_id, run_id)  # None: tensors travel in plaintext
@@ -99,13 +102,10 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self._sub_mid: int | None = None
         self._presence_mid, self._presence_seq = -1, 0  # this connection's presence PUBLISH (its PUBACK is awaited)
         self._send_lock = threading.Lock()
-        self._ack_cond = threading.Condition()
-        self._ack_counter = 0
-        self._acks: dict[int, tuple[int, int]] = {}  # mid -> (ack sequence number, reason code)
+        self._acks = PubAcks()
         self._mqtt5 = comm_args.mqtt_version == "5"
         self._online_payload = b""  # this session's ONLINE presence, re-sent as is by the presence echo
-        self._echo_due = False
-        self._echo_at = 0.0
+        self._echo = PresenceEcho(enabled=self.is_server and comm_args.presence_echo)
         self._client = self._make_client(client_id or f"fedpeft-{run_id}-{node_id}-{uuid.uuid4().hex[:6]}")
         self._connect(connect_timeout_s)
 
@@ -160,7 +160,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
             self._connected.set()
             return
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
-        _set_nodelay(client)
+        set_nodelay(client)
         if self.is_server:
             self._sub_topics = [self.topics.all_d2s(), self.topics.all_presence()]
         else:
@@ -171,8 +171,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         # on a broker cluster where a subscription takes a moment to spread to the other nodes.
         _rc, self._sub_mid = client.subscribe([(t, 1) for t in self._sub_topics])
         self._online_payload = self._presence_payload(M.PRESENCE_ONLINE)
-        with self._ack_cond:
-            self._presence_seq = self._ack_counter
+        self._presence_seq = self._acks.mark()
         self._presence_mid = client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True).mid
 
     def _on_subscribe(self, _client: mqtt.Client, _u: Any, mid: int, reasons: Any, _props: Any) -> None:
@@ -243,7 +242,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     # --- BaseCommunicationManager -----------------------------------------------------------------------
 
     def add_observer(self, observer: Any) -> None:
-        self._observers.append(observer)
+        self._observers.add(observer)
 
     def remove_observer(self, observer: Any) -> None:
         self._observers.remove(observer)
@@ -286,46 +285,21 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 message: Any = item.event
             else:
                 message = self._receiver.receive(item)
-                if isinstance(message, Presence) and message.online and self.is_server and self.args.presence_echo:
-                    self._echo_due = True  # sent from poll(), so a burst of devices coming online costs one echo
+                if isinstance(message, Presence):
+                    self._echo.heard(message)
             if isinstance(message, LocalEvent):
-                self._dispatch_local(message)
+                self._observers.dispatch_local(message)
                 done += 1
             elif message is not None:
-                self._dispatch(message)
+                self._observers.dispatch(message)
                 done += 1
 
     def _echo_presence(self) -> None:
         """Re-publish this session's ONLINE presence if a device came online (comm_args.presence_echo)."""
-        now = time.monotonic()
-        if not self._echo_due or now - self._echo_at < _ECHO_INTERVAL_S or self.state is not State.CONNECTED:
+        if self.state is not State.CONNECTED or not self._echo.take():
             return
-        self._echo_due, self._echo_at = False, now
         self._client.publish(self.topics.presence(self.node_id), self._online_payload, 1, True)
         log.debug("node %s re-announced its presence for devices that came online", self.node_id)
-
-    def _dispatch(self, message: Any) -> None:
-        """Hand a message to every observer; whatever a handler raises is a drop, never the loop's end."""
-        for observer in list(self._observers):
-            try:
-                observer.receive_message(message.get_type(), message)
-            except Exception as exc:  # the edge: nothing a message causes may end the receive loop
-                log.debug("handler failed", exc_info=True)
-                self.drops(DroppedMessage(str(message.get_sender_id()), "", DropReason.HANDLER_ERROR,
-                                          f"{type(exc).__name__}: {exc}", 0))
-
-    def _dispatch_local(self, event: LocalEvent) -> None:
-        """Hand a local event to the observers that take them (`receive_local`); it never passes the codec."""
-        for observer in list(self._observers):
-            receive_local = getattr(observer, "receive_local", None)
-            if receive_local is None:
-                continue
-            try:
-                receive_local(event)
-            except Exception as exc:  # the edge: nothing may end the receive loop
-                log.debug("local event handler failed", exc_info=True)
-                self.drops(DroppedMessage(str(self.node_id), "", DropReason.HANDLER_ERROR,
-                                          f"{type(exc).__name__}: {exc}", 0))
 
     # --- sending -------------------------------------------------------------------------------------------
 
@@ -371,7 +345,8 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         params = dict(msg.get_params())
         params.setdefault(M.MSG_ARG_KEY_MSG_ID, uuid.uuid4().hex)
         blob = pop_blob(params)
-        topic, peer = self._route(params)
+        topic, peer = self.topics.route(self.node_id, params.get(M.MSG_ARG_KEY_RECEIVER),
+                                        params.get(M.MSG_ARG_KEY_TYPE))
         if self._sealer is not None and blob is not None:  # encrypt, then sign the frame holding the ciphertext
             blob = memoryview(self._sealer.seal(params, blob if isinstance(blob, memoryview) else bytes(blob)))
         parts = self._signing.seal(topic, message_parts(params, blob))
@@ -380,20 +355,6 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     def packet_limit(self) -> int:
         """Largest PUBLISH packet we send: comm_args.max_message_bytes, or less if the broker said so."""
         return packet_limit(self.args.max_message_bytes, self._broker_max_packet, self.args.chunk_bytes)
-
-    def _route(self, params: dict[str, Any]) -> tuple[str, str]:
-        receiver = params.get(M.MSG_ARG_KEY_RECEIVER)
-        if self.is_server:
-            if receiver == M.BROADCAST and params.get(M.MSG_ARG_KEY_TYPE) == M.MSG_TYPE_S2C_MODEL:
-                return self.topics.model(), M.BROADCAST
-            if receiver is None or str(receiver) == str(M.SERVER_ID):
-                raise TransportError(f"server cannot send to receiver {receiver!r}; address a device id")
-            return self.topics.s2d(receiver), str(receiver)
-        if str(receiver) != str(M.SERVER_ID):
-            raise TransportError(
-                f"device {self.node_id} can only send to the server ({M.SERVER_ID}), not to {receiver!r}"
-            )
-        return self.topics.d2s(self.node_id), str(M.SERVER_ID)
 
     def _publish_lanes(self, lanes: dict[str, collections.deque[Outgoing]]) -> None:
         """Publish one packet per lane (topic) in turn, keeping up to comm_args.inflight_bytes awaiting PUBACK."""
@@ -404,8 +365,7 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
                 out = lanes[topic][0]
                 if not out.sizes:
                     out.start = time.time()
-                with self._ack_cond:
-                    seq0 = self._ack_counter
+                seq0 = self._acks.mark()
                 packet = next(out.packets)
                 info = self._client.publish(topic, packet, qos=self.args.qos, retain=False)
                 if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -439,37 +399,24 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
         self, mid: int, seq0: int, timeout_s: float, what: str, raise_on_timeout: bool = True, why: str = "",
         topic: str | None = None,
     ) -> None:
-        deadline = time.monotonic() + timeout_s
-        with self._ack_cond:
-            while True:
-                got = self._acks.get(mid)
-                if got is not None and got[0] > seq0:
-                    del self._acks[mid]
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if raise_on_timeout:
-                        raise TransportError(
-                            f"no PUBACK for {what} within {timeout_s:.1f} s ({why or 'fixed'}; state "
-                            f"{self.state.value}): the broker is unreachable or dropped it; if the link is "
-                            "slower than comm_args.min_link_rate_bps, lower that (or raise "
-                            "comm_args.publish_timeout_s)"
-                        )
-                    return
-                self._ack_cond.wait(remaining)
-        if got[1] >= 0x80:
+        code = self._acks.wait(mid, seq0, timeout_s)
+        if code is None:
+            if raise_on_timeout:
+                raise TransportError(
+                    f"no PUBACK for {what} within {timeout_s:.1f} s ({why or 'fixed'}; state {self.state.value}): "
+                    "the broker is unreachable or dropped it; if the link is slower than comm_args.min_link_rate_bps, "
+                    "lower that (or raise comm_args.publish_timeout_s)"
+                )
+            return
+        if code >= 0x80:
             raise TransportError(
                 f"broker refused {what}: "
-                f"{explain_topic_refusal(got[1], 'publish', topic or what, self.args.username, self.topics.run_id)}",
-                reason_code=got[1],
+                f"{explain_topic_refusal(code, 'publish', topic or what, self.args.username, self.topics.run_id)}",
+                reason_code=code,
             )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _props: Any) -> None:
-        code = int(getattr(reason, "value", 0) or 0)
-        with self._ack_cond:
-            self._ack_counter += 1
-            self._acks[mid] = (self._ack_counter, code)
-            self._ack_cond.notify_all()
+        self._acks.acked(mid, int(getattr(reason, "value", 0) or 0))
         if self.args.qos:
             self.meter.record_ack(sent=False)
 
@@ -487,33 +434,6 @@ class MqttCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-typ
     def _report_overflow(self) -> None:
         """Record, on the receive thread, what paho's thread dropped since the last call: one drop per (topic,
         reason), a sender over its rate or a full inbox, with the count and bytes of its packets."""
-        inbox = self._inbox
-        for (topic, reason), (count, nbytes) in inbox.take_overflow().items():
-            if reason is DropReason.RATE_LIMITED:
-                detail = (f"{count} packets over comm_args.sender_rate_per_s={self.args.sender_rate_per_s:g} (burst "
-                          f"{inbox.rate.burst}), dropped before any check")
-            else:
-                detail = (f"{count} packets arrived while the inbox was full (comm_args.inbox_max_messages "
-                          f"{self.args.inbox_max_messages} / inbox_max_bytes {inbox.max_bytes})")
+        for (topic, reason), (count, nbytes) in self._inbox.take_overflow().items():
+            detail = self._inbox.explain(reason, count)
             self.drops(DroppedMessage(topic_node(topic), topic, reason, detail, nbytes, count))
-
-
-def _set_nodelay(client: mqtt.Client) -> None:
-    """Disable Nagle: a message's last segment and every PUBACK go out at once, not after a delayed ACK."""
-    sock = client.socket()
-    if isinstance(sock, (socket.socket, ssl.SSLSocket)):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # not TCP (a unix socket or websocket proxy): nothing to tune
-            log.debug("TCP_NODELAY not set: %s", exc)
-
-
-def apply_credentials(client: mqtt.Client, comm_args: CommArgs) -> None:
-    """Broker username/password and TLS (CA, client certificate) from comm_args, on a paho client."""
-    a = comm_args
-    if a.username is not None:
-        client.username_pw_set(a.username, read_password(a))
-    if a.tls_ca_file or a.tls_cert_file:
-        client.tls_set(ca_certs=a.tls_ca_file, certfile=a.tls_cert_file, keyfile=a.tls_key_file,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.tls_insecure_set(a.tls_insecure)

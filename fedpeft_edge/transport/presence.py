@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fedpeft_edge.drops import DropReason
@@ -17,6 +19,7 @@ from fedpeft_edge.transport.signing import Signing
 from fedpeft_edge.wire.auth import is_sealed
 
 MAX_PRESENCE_BYTES = 4096
+ECHO_INTERVAL_S = 1.0  # at most one presence echo a second (each reaches every device)
 
 
 def presence_payload(signing: Signing, topic: str, node_id: str | int, session: float, status: str) -> bytes:
@@ -50,6 +53,30 @@ class PresenceReader:
             self._seen[node] = order
         return Presence(node=node, online=body["status"] == M.PRESENCE_ONLINE, since=float(body["time"]),
                         receiver=self.node_id)
+
+
+class PresenceEcho:
+    """When the server re-announces its presence (comm_args.presence_echo: a broker cluster whose retained store
+    is node-local): after a device came online, at most once every `interval_s`, so a burst of devices coming
+    online costs one echo."""
+
+    def __init__(self, enabled: bool, interval_s: float = ECHO_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.enabled, self.interval_s, self._clock = enabled, interval_s, clock
+        self._due, self._at = False, 0.0
+
+    def heard(self, presence: Presence) -> None:
+        """A peer's presence arrived: an ONLINE one makes an echo due."""
+        if self.enabled and presence.online:
+            self._due = True
+
+    def take(self) -> bool:
+        """True (once) when an echo is due and the last was `interval_s` ago: publish it now."""
+        now = self._clock()
+        if not self._due or now - self._at < self.interval_s:
+            return False
+        self._due, self._at = False, now
+        return True
 
 
 def presence_body(node: str, frame: memoryview) -> dict[str, Any]:
