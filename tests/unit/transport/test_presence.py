@@ -39,6 +39,8 @@ def test_the_echo_is_due_after_an_online_device_at_most_once_an_interval() -> No
     assert not echo.take()
     now[0] += 0.6
     assert echo.take()
+    now[0] += 5.0
+    assert not echo.take()  # nothing came online since
     off = PresenceEcho(enabled=False, clock=lambda: now[0])
     off.heard(online)
     assert not off.take()
