@@ -5,6 +5,7 @@ The MQTT and the in-memory comm managers frame a message the same way, so the by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedpeft_edge.errors import CodecError
@@ -76,7 +77,7 @@ def message_from_frame(node: str, params: dict[str, Any], blob: memoryview | Non
     return message
 
 
-def round_of(params: dict[str, Any]) -> int | None:
+def round_of(params: Mapping[str, Any]) -> int | None:
     """The round a message's params name, if any (for metering)."""
     value = params.get(M.MSG_ARG_KEY_ROUND)
     return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -28,7 +28,8 @@ from fedpeft_edge.protocol import Channel, ConnectionReady, LocalEvent, Presence
 from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.protocol.roles import check_wire_type
 from fedpeft_edge.transport.fedml import BaseCommunicationManager
-from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob, round_of
+from fedpeft_edge.transport.framing import check_frame, message_from_frame, pop_blob
+from fedpeft_edge.transport.metering import LinkMeter
 from fedpeft_edge.wire.codec import decode_message, message_parts
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
         self.node_id = node_id
         self.is_server = str(node_id) == str(M.SERVER_ID)
         self.meter = meter if meter is not None else BandwidthMeter()
+        self._link_meter = LinkMeter(self.meter, self.is_server)  # the same records as the MQTT link's
         self._observers: list[Any] = []
         self.stopping = False
         self.closed = False
@@ -203,13 +205,7 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
         if len(frame) > self.bus.max_message_bytes:
             raise TransportError(f"message of {len(frame)} bytes exceeds {self.bus.max_message_bytes}; "
                                  "raise comm_args.max_update_bytes")
-        rec = TransferRecord(
-            direction="down" if self.is_server else "up", sent=True, peer=str(receiver), round=round_of(params),
-            msg_type=params.get(M.MSG_ARG_KEY_TYPE), msg_id=params[M.MSG_ARG_KEY_MSG_ID], chunks=1,
-            mqtt_bytes=len(frame), payload_bytes=len(frame), chunk_bytes=(len(frame),), start=start,
-            end=time.time(),
-        )
-        self.meter.record(rec)
+        rec = self._link_meter.sent(str(receiver), params, [len(frame)], len(frame), start, time.time())
         if receiver == M.BROADCAST:
             self.bus.broadcast(str(self.node_id), frame, start)
         else:
@@ -262,8 +258,4 @@ class MemoryCommManager(BaseCommunicationManager):  # type: ignore[misc, valid-t
         return message_from_frame(sender, params, blob)
 
     def _record_in(self, peer: str, params: dict[str, Any], size: int, start: float) -> None:
-        self.meter.record(TransferRecord(
-            direction="up" if self.is_server else "down", sent=False, peer=peer, round=round_of(params),
-            msg_type=params.get(M.MSG_ARG_KEY_TYPE, "dropped"), msg_id=params.get(M.MSG_ARG_KEY_MSG_ID),
-            chunks=1, mqtt_bytes=size, payload_bytes=size, chunk_bytes=(size,), start=start, end=time.time(),
-        ))
+        self._link_meter.received(peer, params, [size], start, time.time(), size)

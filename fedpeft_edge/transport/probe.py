@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedpeft_edge.config import CommArgs
 from fedpeft_edge.protocol import SERVER_ID
-from fedpeft_edge.transport.mqtt import apply_credentials
+from fedpeft_edge.transport.client import apply_credentials
 from fedpeft_edge.transport.topics import Topics
 
 

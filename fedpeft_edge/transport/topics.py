@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedpeft_edge.errors import TransportError
-from fedpeft_edge.protocol.keys import SERVER_ID
+from fedpeft_edge.protocol.keys import BROADCAST, MSG_TYPE_S2C_MODEL, SERVER_ID
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
@@ -59,6 +59,19 @@ class Topics:
         """What the server subscribes to for presence."""
         return f"{self.root}/presence/+"
 
+    def route(self, sender: str | int, receiver: object, msg_type: object) -> tuple[str, str]:
+        """(topic, peer) of a message `sender` sends to `receiver`: the server to one device or, for its shared
+        model, to every device; a device only to the server. TransportError for any other receiver."""
+        if str(sender) == str(SERVER_ID):
+            if receiver == BROADCAST and msg_type == MSG_TYPE_S2C_MODEL:
+                return self.model(), BROADCAST
+            if receiver is None or str(receiver) == str(SERVER_ID):
+                raise TransportError(f"server cannot send to receiver {receiver!r}; address a device id")
+            return self.s2d(str(receiver)), str(receiver)
+        if str(receiver) != str(SERVER_ID):
+            raise TransportError(f"device {sender} can only send to the server ({SERVER_ID}), not to {receiver!r}")
+        return self.d2s(sender), str(SERVER_ID)
+
     def parse(self, topic: str) -> tuple[str, str] | None:
         """(kind, node_id) of one of this run's topics, or None for a foreign topic."""
         head = self.root + "/"
@@ -68,3 +81,8 @@ class Topics:
         if len(parts) != 2 or parts[0] not in ("s2d", "d2s", "presence", "model") or not parts[1]:
             return None
         return parts[0], parts[1]
+
+
+def topic_node(topic: str) -> str:
+    """The node a topic names (its last level, at most 64 characters): the sender of a d2s or presence packet."""
+    return topic.rsplit("/", 1)[-1][:64] if isinstance(topic, str) else "?"

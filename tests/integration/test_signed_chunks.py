@@ -98,7 +98,7 @@ def _poll_watching(mgr: MqttCommManager, until: Any, timeout_s: float = 150.0) -
     most, deadline = 0, time.monotonic() + timeout_s
     while time.monotonic() < deadline and not until():
         mgr.poll(timeout_s=0.05)
-        most = max(most, mgr._reassembler.pending_bytes)
+        most = max(most, mgr._reassembly.reassembler.pending_bytes)
     return most
 
 

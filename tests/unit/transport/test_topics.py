@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedpeft_edge.errors import TransportError
+from fedpeft_edge.protocol import keys as M
 from fedpeft_edge.transport.topics import Topics
 
 
@@ -25,3 +26,13 @@ def test_bad_ids_are_refused(bad: str) -> None:
         Topics("fedpeft", "run").d2s(bad)
     with pytest.raises(TransportError):
         Topics("fedpeft", bad)
+
+
+def test_route_sends_the_server_to_a_device_or_the_model_topic_and_a_device_only_to_the_server() -> None:
+    t = Topics("fedpeft", "r")
+    assert t.route(0, "dev-a", M.MSG_TYPE_S2C_FINISH) == ("fedpeft/r/s2d/dev-a", "dev-a")
+    assert t.route("0", M.BROADCAST, M.MSG_TYPE_S2C_MODEL) == ("fedpeft/r/model/0", M.BROADCAST)
+    assert t.route("dev-a", 0, M.MSG_TYPE_C2S_JOIN) == ("fedpeft/r/d2s/dev-a", "0")
+    for sender, receiver, msg_type in ((0, None, 7), (0, "0", 7), ("dev-a", "dev-b", 3)):
+        with pytest.raises(TransportError):
+            t.route(sender, receiver, msg_type)
