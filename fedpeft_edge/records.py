@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import io
 import tokenize
@@ -36,11 +37,12 @@ class Record:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The record's own keys, in the order written (without `kind` and `time`)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE)
+        return _own_fields(cls)
 
     def fields(self) -> dict[str, Any]:
         """The keys a writer passes to the run log (`RunLog.write(KIND, **fields)`): all but `kind` and `time`."""
-        out = {n: getattr(self, n) for n in self.field_names()}
+        values = vars(self)  # a record is written per update: no getattr per field (bench_engine)
+        out = {n: values[n] for n in _own_fields(type(self))}
         for n in self.OPTIONAL:
             if out[n] is None:
                 del out[n]
@@ -63,6 +65,12 @@ class Record:
         t = rec.get("time")
         return cls(time=t if isinstance(t, (int, float)) and not isinstance(t, bool) else None, extra=extra,
                    **known)
+
+
+@functools.cache
+def _own_fields(cls: type[Record]) -> tuple[str, ...]:
+    """A record class's own field names, computed once per class (dataclasses.fields walks every field)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
