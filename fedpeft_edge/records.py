@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import inspect
 import io
 import tokenize
@@ -67,10 +66,15 @@ class Record:
                    **known)
 
 
-@functools.cache
-def _own_fields(cls: type[Record]) -> tuple[str, ...]:
+_OWN_FIELDS: dict[type, tuple[str, ...]] = {}  # record class -> its own field names (class metadata, not run state)
+
+
+def _own_fields(cls: type) -> tuple[str, ...]:
     """A record class's own field names, computed once per class (dataclasses.fields walks every field)."""
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE)
+    names = _OWN_FIELDS.get(cls)
+    if names is None:
+        names = _OWN_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE)
+    return names
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
