@@ -41,7 +41,7 @@ class Record:
     def fields(self) -> dict[str, Any]:
         """The keys a writer passes to the run log (`RunLog.write(KIND, **fields)`): all but `kind` and `time`."""
         values = vars(self)  # a record is written per update: no getattr per field (bench_engine)
-        out = {n: values[n] for n in _own_fields(type(self))}
+        out = {n: values[n] for n in _OWN_FIELDS.get(type(self)) or _own_fields(type(self))}
         for n in self.OPTIONAL:
             if out[n] is None:
                 del out[n]

@@ -131,6 +131,9 @@ class AsyncRounds(RoundPolicy):
             eng.device_dropped(cur, device_id, reason)
             self._fill(eng.clock.now())
 
+    def came_online(self, device_id: str) -> None:
+        """Nothing: a device gets a task when it joins (`joined`) or reports, not when its presence returns."""
+
     def went_offline(self, device_id: str) -> None:
         self._busy.pop(device_id, None)
         self._fill(self.engine.clock.now())

@@ -237,6 +237,7 @@ class RoundEngine:
         dev.declared_samples = self._declared(dev.declared_samples, msg.num_samples, reason is None)
         dev.joined_at = now
         self.rounds.set_online(msg.sender, True)
+        self.policy.came_online(msg.sender)
         self.runlog.append(JoinRecord(device_id=msg.sender, accepted=reason is None, reason=reason,
                                       client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
                                       num_samples=msg.num_samples))
@@ -287,6 +288,7 @@ class RoundEngine:
         self.rounds.set_online(msg.node, msg.online)
         self.runlog.append(PresenceRecord(device_id=msg.node, online=msg.online))
         if msg.online:
+            self.policy.came_online(msg.node)
             return
         log.info("device %s went offline", msg.node)
         self.policy.went_offline(msg.node)
