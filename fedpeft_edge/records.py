@@ -151,7 +151,7 @@ class RoundOpenRecord(Record):
 
     KIND: ClassVar[str] = "round_open"
     round: int | None = None
-    attempt: int | None = None  # sync: the retry of this round (0 first); async: the aggregation's
+    attempt: int | None = None  # the round's retry: 0 first, n after n failed attempts (both modes)
     selected: list[str] | None = None  # the devices sampled (async: those given a task)
     deadline: float | None = None  # epoch s
     opened_at: float | None = None  # epoch s
@@ -165,7 +165,7 @@ class DeviceRoundRecord(Record):
     KIND: ClassVar[str] = "device_round"
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"rank"})
     round: int | None = None
-    attempt: int | None = None  # of the round
+    attempt: int | None = None  # the round's retry (as in its round_open)
     device_id: str | None = None
     status: str | None = None  # "accepted" or "dropped"
     drop_reason: str | None = None  # a DropReason value, "invalid: <why>" for an update that did not validate
@@ -205,7 +205,7 @@ class RoundRecord(Record):
     KIND: ClassVar[str] = "round"
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"dropped_messages", "dropped_messages_coalesced"})
     round: int | None = None
-    attempt: int | None = None  # sync: the retry of this round (0 first)
+    attempt: int | None = None  # the round's retry: 0 first, n after n failed attempts (both modes)
     status: str | None = None  # "aggregated" or "failed"
     selected: list[str] | None = None  # sync: the devices sampled; async: those aggregated
     accepted: int | None = None  # updates aggregated (0 when failed)

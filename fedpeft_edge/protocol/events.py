@@ -23,7 +23,8 @@ class Timer(LocalEvent):
 
     name: str
     round: int | None = None
-    attempt: int | None = None
+    retry: int | None = None  # the round's retry (a deadline; a sync task's model wait)
+    task_number: int | None = None  # an async task's number (its model wait)
     node: str = str(SERVER_ID)
 
 

@@ -110,7 +110,7 @@ class SyncRounds(RoundPolicy):
         self._replies = Replies(cur, self.engine.args.min_updates)
         log.info("round %d (attempt %d): %s", cur.index, cur.retry, ", ".join(selected))
         for d in selected:
-            self.engine.emit(self.engine.task(d, cur, now, attempt=cur.retry, deadline=cur.deadline))
+            self.engine.emit(self.engine.task(d, cur, now, retry=cur.retry, deadline=cur.deadline))
         return selected
 
     def joined(self, device_id: str, now: float) -> None:
@@ -121,7 +121,7 @@ class SyncRounds(RoundPolicy):
         return cur.selects(device_id) and (rep is None or device_id not in rep.received)
 
     def resend(self, device_id: str, cur: OpenRound, now: float) -> None:
-        self.engine.emit(self.engine.task(device_id, cur, now, attempt=cur.retry, deadline=cur.deadline, full=True))
+        self.engine.emit(self.engine.task(device_id, cur, now, retry=cur.retry, deadline=cur.deadline, full=True))
 
     # --- what devices send ----------------------------------------------------------------------------------
     def update(self, msg: Update) -> None:
