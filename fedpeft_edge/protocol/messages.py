@@ -373,8 +373,9 @@ class RoundTask(ProtocolMessage):
                        f"{model_id!r}: a round task carries its tensors or names the shared model, one of the two",
                        "send the global tensors as the message's blob, or a model_id with no blob")
         mode = check_choice(p.get(K.MSG_ARG_KEY_MODE, "sync"), K.MSG_ARG_KEY_MODE, ROUND_MODES)
-        attempt = check_int(p.get(K.MSG_ARG_KEY_ATTEMPT, 0), K.MSG_ARG_KEY_ATTEMPT, 0, 10**6)
         is_async = mode == "async"  # the one key carries the async task's number, else the sync round's retry
+        # an async run numbers every task it hands out: a long one passes a million (a sync retry stays small)
+        attempt = check_int(p.get(K.MSG_ARG_KEY_ATTEMPT, 0), K.MSG_ARG_KEY_ATTEMPT, 0, 2**53 if is_async else 10**6)
         return cls(
             receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
             round=check_round(p.get(K.MSG_ARG_KEY_ROUND)),

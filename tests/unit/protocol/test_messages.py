@@ -72,6 +72,8 @@ def test_a_tasks_retry_or_number_travels_under_the_one_attempt_key() -> None:
     assert _parse(sync.to_params()) == sync and _parse(unsync.to_params()) == unsync
     with pytest.raises(ValueError, match="task_number=3"):
         RoundTask(**base, task_number=3).to_params()  # type: ignore[arg-type]
+    long_run = RoundTask(**base, task_number=5_000_000, mode="async")  # type: ignore[arg-type]
+    assert _parse(long_run.to_params()) == long_run, "a long async run numbers more than a million tasks"
 
 
 def _update_params(**override: Any) -> dict[str, Any]:
