@@ -36,11 +36,12 @@ class Record:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The record's own keys, in the order written (without `kind` and `time`)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE)
+        return _own_fields(cls)
 
     def fields(self) -> dict[str, Any]:
         """The keys a writer passes to the run log (`RunLog.write(KIND, **fields)`): all but `kind` and `time`."""
-        out = {n: getattr(self, n) for n in self.field_names()}
+        values = vars(self)  # a record is written per update: no getattr per field (bench_engine)
+        out = {n: values[n] for n in _OWN_FIELDS.get(type(self)) or _own_fields(type(self))}
         for n in self.OPTIONAL:
             if out[n] is None:
                 del out[n]
@@ -63,6 +64,17 @@ class Record:
         t = rec.get("time")
         return cls(time=t if isinstance(t, (int, float)) and not isinstance(t, bool) else None, extra=extra,
                    **known)
+
+
+_OWN_FIELDS: dict[type, tuple[str, ...]] = {}  # record class -> its own field names (class metadata, not run state)
+
+
+def _own_fields(cls: type) -> tuple[str, ...]:
+    """A record class's own field names, computed once per class (dataclasses.fields walks every field)."""
+    names = _OWN_FIELDS.get(cls)
+    if names is None:
+        names = _OWN_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _BASE)
+    return names
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,7 +151,7 @@ class RoundOpenRecord(Record):
 
     KIND: ClassVar[str] = "round_open"
     round: int | None = None
-    attempt: int | None = None  # sync: the retry of this round (0 first); async: the aggregation's
+    attempt: int | None = None  # the round's retry: 0 first, n after n failed attempts (both modes)
     selected: list[str] | None = None  # the devices sampled (async: those given a task)
     deadline: float | None = None  # epoch s
     opened_at: float | None = None  # epoch s
@@ -153,7 +165,7 @@ class DeviceRoundRecord(Record):
     KIND: ClassVar[str] = "device_round"
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"rank"})
     round: int | None = None
-    attempt: int | None = None  # of the round
+    attempt: int | None = None  # the round's retry (as in its round_open)
     device_id: str | None = None
     status: str | None = None  # "accepted" or "dropped"
     drop_reason: str | None = None  # a DropReason value, "invalid: <why>" for an update that did not validate
@@ -193,7 +205,7 @@ class RoundRecord(Record):
     KIND: ClassVar[str] = "round"
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"dropped_messages", "dropped_messages_coalesced"})
     round: int | None = None
-    attempt: int | None = None  # sync: the retry of this round (0 first)
+    attempt: int | None = None  # the round's retry: 0 first, n after n failed attempts (both modes)
     status: str | None = None  # "aggregated" or "failed"
     selected: list[str] | None = None  # sync: the devices sampled; async: those aggregated
     accepted: int | None = None  # updates aggregated (0 when failed)

@@ -82,8 +82,8 @@ class DeviceLogic:
         self._server_online: bool | None = None
         self._server_session: Any = None
         self._lock = threading.Lock()
-        # Tasks are keyed (round, task number) in async mode, where one round index hands out several tasks, and
-        # (round, 0) in sync mode, where a retried attempt of an answered round asks for the same update again.
+        # Tasks are keyed (round, task_number): async tasks are numbered (one round index hands out several), sync
+        # ones carry 0, so a retried attempt of an answered round asks for the same update again.
         self._training: tuple[int, int] | None = None  # the task being trained now
         self._last_task = (-1, 0)  # the last task this device trained (or failed) for
         self._last_reply: Reply | None = None
@@ -215,12 +215,12 @@ class DeviceLogic:
                 self._waiting = None
             return ready
 
-    def model_missing(self, round_idx: int | None, attempt: int | None) -> list[ProtocolMessage]:
+    def model_missing(self, round_idx: int | None, retry: int | None, task_number: int = 0) -> list[ProtocolMessage]:
         """The host's wait for a task's shared model ran out: give the task up and join again, so the server
         re-sends it with the tensors (a re-sent task always carries them)."""
         with self._lock:
             task = self._waiting
-            if task is None or (task.round, task.attempt) != (round_idx, attempt):
+            if task is None or (task.round, task.retry, task.task_number) != (round_idx, retry, task_number):
                 return []
             self._waiting, self._training = None, None
         log.warning("%s: the shared model %s of round %d did not arrive; asking for the task again",
@@ -342,5 +342,5 @@ class DeviceLogic:
 
 
 def _task_key(task: RoundTask) -> tuple[int, int]:
-    """What tells one task from another: the round, and in async mode also the task number (`attempt`)."""
-    return task.round, task.attempt if task.mode == "async" else 0
+    """What tells one task from another: the round and the task's number (0 for every sync task)."""
+    return task.round, task.task_number

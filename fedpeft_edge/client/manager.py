@@ -70,7 +70,7 @@ class DeviceManager(FedPeftCommManager):
         try:
             if isinstance(event, Timer):
                 if event.name == MODEL_WAIT and event.node == self.logic.device_id:
-                    self._send_all(self.logic.model_missing(event.round, event.attempt))
+                    self._send_all(self.logic.model_missing(event.round, event.retry, event.task_number or 0))
                 return
             self._send_all(self.logic.handle_control(event))
             if self.logic.finished:
@@ -114,7 +114,8 @@ class DeviceManager(FedPeftCommManager):
             wait = min(wait, max(1.0, (task.deadline - time.time()) / 2))
         log.info("%s: round %d waits up to %.1f s for shared model %s", self.logic.device_id, task.round, wait,
                  task.model_id)
-        timer = Timer(name=MODEL_WAIT, round=task.round, attempt=task.attempt, node=self.logic.device_id)
+        timer = Timer(name=MODEL_WAIT, round=task.round, retry=task.retry, task_number=task.task_number,
+                      node=self.logic.device_id)
         t = threading.Timer(wait, self.post_local, args=(timer,))
         t.daemon = True
         t.start()

@@ -25,7 +25,8 @@ class Timer(LocalEvent):
 
     name: str
     round: int | None = None
-    attempt: int | None = None
+    retry: int | None = None  # the round's retry (a deadline; a sync task's model wait)
+    task_number: int | None = None  # an async task's number (its model wait)
     node: str = str(SERVER_ID)  # whose timer it is
     about: str | None = None  # the device a server timer concerns (unmute)
 

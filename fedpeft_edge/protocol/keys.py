@@ -66,7 +66,7 @@ PRESENCE_ONLINE = "ONLINE"
 PRESENCE_OFFLINE = "OFFLINE"  # FedML's CommunicationConstants.MSG_CLIENT_STATUS_OFFLINE
 
 SERVER_ID = 0  # FedML's convention: the server is rank 0; devices are 1..N (ints) or strings
-MSG_ARG_KEY_ATTEMPT = "attempt"  # the attempt of a round (a failed round is retried as attempt + 1)
+MSG_ARG_KEY_ATTEMPT = "attempt"  # RoundTask.retry (sync) or RoundTask.task_number (async): the task's mode says
 MSG_ARG_KEY_IS_DELTA = "is_delta"  # informational only: the server takes it from train_args.send_delta
 MSG_ARG_KEY_EPSILON = "epsilon"  # a device's privacy spend so far
 MSG_ARG_KEY_DEVICE_ID = "device_id"

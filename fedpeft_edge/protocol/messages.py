@@ -290,6 +290,10 @@ class RoundTask(ProtocolMessage):
 
     With shared delivery (`model_id` set) the blob is empty: the tensors come in the SharedModel message of that
     id, `model_bytes` long, published once for every device.
+
+    A sync task carries its round's `retry` (0 first, n after n failed attempts of the round), an async task its
+    own `task_number` (a re-sent task is a new one); the other is 0. Both travel under the one wire key
+    `attempt` (the frame format of earlier versions): the task's `mode` says which of the two it is.
     """
 
     msg_type: ClassVar[int] = K.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT
@@ -299,7 +303,8 @@ class RoundTask(ProtocolMessage):
     manifest_hash: str
     encoding: str
     deadline: float | None = None  # wall clock (time.time()) by which the update must arrive
-    attempt: int = 0
+    retry: int = 0  # sync: failed attempts of this round before this one
+    task_number: int = 0  # async: this task's own number
     evaluate: bool = False  # evaluate the received global model on the local test split first
     model_version: int | None = None  # async: the version of the global model in the blob
     mode: str = "sync"
@@ -315,7 +320,7 @@ class RoundTask(ProtocolMessage):
 
     def to_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
-            K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self.attempt,
+            K.MSG_ARG_KEY_ROUND: self.round, K.MSG_ARG_KEY_ATTEMPT: self._wire_attempt(),
             K.MSG_ARG_KEY_MANIFEST_HASH: self.manifest_hash, K.MSG_ARG_KEY_ENCODING: self.encoding,
             K.MSG_ARG_KEY_DEADLINE: self.deadline, K.MSG_ARG_KEY_CONFIG: {K.CONFIG_KEY_EVALUATE: self.evaluate},
             K.MSG_ARG_KEY_MODE: self.mode,
@@ -331,6 +336,17 @@ class RoundTask(ProtocolMessage):
         if self.rank is not None:
             params[K.MSG_ARG_KEY_RANK] = self.rank
         return _new(self.msg_type, _server_out(self.receiver), self.receiver, **params)
+
+    def _wire_attempt(self) -> int:
+        """The one number the `attempt` key carries: the retry of a sync task, the number of an async one."""
+        if self.mode == "async":
+            number, (unsent, value) = self.task_number, ("retry", self.retry)
+        else:
+            number, (unsent, value) = self.retry, ("task_number", self.task_number)
+        if value:
+            raise ValueError(f"a {self.mode} round task with {unsent}={value}: its wire form cannot carry it; give "
+                             "sync tasks a retry, async ones a task_number")
+        return number
 
     def with_model(self, model: SharedModel) -> RoundTask:
         """This task with the tensors of the shared model it names (ProtocolError if `model` is another one)."""
@@ -356,6 +372,10 @@ class RoundTask(ProtocolMessage):
             raise fail(K.MSG_ARG_KEY_MODEL_PARAMS, type(blob).__name__, f"and {K.MSG_ARG_KEY_MODEL_ID} "
                        f"{model_id!r}: a round task carries its tensors or names the shared model, one of the two",
                        "send the global tensors as the message's blob, or a model_id with no blob")
+        mode = check_choice(p.get(K.MSG_ARG_KEY_MODE, "sync"), K.MSG_ARG_KEY_MODE, ROUND_MODES)
+        is_async = mode == "async"  # the one key carries the async task's number, else the sync round's retry
+        # an async run numbers every task it hands out: a long one passes a million (a sync retry stays small)
+        attempt = check_int(p.get(K.MSG_ARG_KEY_ATTEMPT, 0), K.MSG_ARG_KEY_ATTEMPT, 0, 2**53 if is_async else 10**6)
         return cls(
             receiver=check_node_id(p.get(K.MSG_ARG_KEY_RECEIVER), "receiver"),
             round=check_round(p.get(K.MSG_ARG_KEY_ROUND)),
@@ -366,11 +386,11 @@ class RoundTask(ProtocolMessage):
             manifest_hash=check_text(p.get(K.MSG_ARG_KEY_MANIFEST_HASH), K.MSG_ARG_KEY_MANIFEST_HASH, _HASH_CHARS),
             encoding=check_text(p.get(K.MSG_ARG_KEY_ENCODING), K.MSG_ARG_KEY_ENCODING, 32),
             deadline=check_opt_number(p.get(K.MSG_ARG_KEY_DEADLINE), K.MSG_ARG_KEY_DEADLINE, 0.0),
-            attempt=check_int(p.get(K.MSG_ARG_KEY_ATTEMPT, 0), K.MSG_ARG_KEY_ATTEMPT, 0, 10**6),
+            retry=0 if is_async else attempt, task_number=attempt if is_async else 0,
             evaluate=check_bool(evaluate, f"{K.MSG_ARG_KEY_CONFIG}.{K.CONFIG_KEY_EVALUATE}"),
             model_version=check_opt_int(p.get(K.MSG_ARG_KEY_MODEL_VERSION), K.MSG_ARG_KEY_MODEL_VERSION, 0,
                                         10**9),
-            mode=check_choice(p.get(K.MSG_ARG_KEY_MODE, "sync"), K.MSG_ARG_KEY_MODE, ROUND_MODES),
+            mode=mode,
             sent_at=check_opt_number(p.get(K.MSG_ARG_KEY_SENT_AT), K.MSG_ARG_KEY_SENT_AT, 0.0),
             rank=check_opt_int(p.get(K.MSG_ARG_KEY_RANK), K.MSG_ARG_KEY_RANK, 1, 2**20),
         )

@@ -5,8 +5,7 @@ once; every `async_buffer_size` accepted updates are aggregated into a new globa
 update trained on version tau and aggregated at version v has staleness s = v - tau; updates with
 s > max_staleness are dropped (too_stale), the others enter as deltas from the model they trained on, weighted
 by 1/sqrt(1+s) (polynomial staleness weighting, FedBuff / FedAsync): new = global + sum_k n_k/N * w(s_k) * delta_k.
-Each task has its own number (`task_number`, sent as the task's `attempt`), so a device tells a new task from a
-re-sent one.
+Each task has its own number (`RoundTask.task_number`), so a device tells a new task from a re-sent one.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ class AsyncRounds(RoundPolicy):
             return
         self._task_number += 1
         self._busy[device_id] = _Busy(cur.index, eng.version, now)
-        eng.emit(eng.task(device_id, cur, now, attempt=self._task_number,
+        eng.emit(eng.task(device_id, cur, now, task_number=self._task_number,
                           deadline=now + eng.args.round_timeout_s, full=full))
 
     # --- what devices send ----------------------------------------------------------------------------------
@@ -130,6 +129,9 @@ class AsyncRounds(RoundPolicy):
             cur.drop(reason)
             eng.device_dropped(cur, device_id, reason)
             self._fill(eng.clock.now())
+
+    def came_online(self, device_id: str) -> None:
+        """Nothing: a device gets a task when it joins (`joined`) or reports, not when its presence returns."""
 
     def went_offline(self, device_id: str) -> None:
         self._busy.pop(device_id, None)

@@ -238,6 +238,7 @@ class RoundEngine:
         dev.declared_samples = self._declared(dev.declared_samples, msg.num_samples, reason is None)
         dev.joined_at = now
         self.rounds.set_online(msg.sender, True)
+        self.policy.came_online(msg.sender)
         self.runlog.append(JoinRecord(device_id=msg.sender, accepted=reason is None, reason=reason,
                                       client_idx=msg.client_idx, profile=dev.profile, data_stats=dev.data_stats,
                                       num_samples=msg.num_samples))
@@ -288,6 +289,7 @@ class RoundEngine:
         self.rounds.set_online(msg.node, msg.online)
         self.runlog.append(PresenceRecord(device_id=msg.node, online=msg.online))
         if msg.online:
+            self.policy.came_online(msg.node)
             return
         log.info("device %s went offline", msg.node)
         self.policy.went_offline(msg.node)
@@ -344,7 +346,7 @@ class RoundEngine:
                 self._maybe_open()
             return
         cur = self.rounds.current
-        if msg.name != DEADLINE or cur is None or msg.round != cur.index or msg.attempt != cur.retry:
+        if msg.name != DEADLINE or cur is None or msg.round != cur.index or msg.retry != cur.retry:
             return  # the timer of a round that already closed
         self.policy.deadline(cur)
 
@@ -389,7 +391,7 @@ class RoundEngine:
             self._agg = self.strategy.begin(self.global_state)
             self._accepted = []
         # The deadline first: whatever happens while handing out tasks, this round closes.
-        self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, attempt=cur.retry))
+        self.timers.schedule(self.args.round_timeout_s, Timer(name=DEADLINE, round=cur.index, retry=cur.retry))
         # Large models go out as views of global_state: aggregation replaces its tensors, never writes them.
         self._blob = encode_update(self.global_state, self.spec.manifest, self.spec.encoding)
         self._share_model(cur, now)
@@ -406,15 +408,15 @@ class RoundEngine:
                                      manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
                                      model_version=self.version))
 
-    def task(self, device_id: str, cur: OpenRound, now: float, *, attempt: int, deadline: float,
-             full: bool = False) -> RoundTask:
-        """A device's task for `cur`; `attempt` is what the task carries under that name (the round's retry in
-        sync rounds, the task's number in async ones). With shared delivery it names the shared model instead of
-        carrying it, unless `full` or the device joined after that model went out."""
+    def task(self, device_id: str, cur: OpenRound, now: float, *, deadline: float, retry: int = 0,
+             task_number: int = 0, full: bool = False) -> RoundTask:
+        """A device's task for `cur`, carrying the round's `retry` (sync) or its own `task_number` (async). With
+        shared delivery it names the shared model instead of carrying it, unless `full` or the device joined after
+        that model went out."""
         shared = (self._model_id is not None and not full
                   and self.rounds.devices[device_id].joined_at <= self._model_at)
         return RoundTask(
-            receiver=device_id, round=cur.index, attempt=attempt,
+            receiver=device_id, round=cur.index, retry=retry, task_number=task_number,
             blob=b"" if shared else self._blob, manifest_hash=self.spec.manifest.hash, encoding=self.spec.encoding,
             deadline=deadline, evaluate=self._device_eval(cur.index), model_version=self.version,
             mode=self.policy.name, sent_at=now,

@@ -45,7 +45,7 @@ class RoundRecords:
         self.cum_bytes = 0
 
     def device(
-        self, round_idx: int, attempt: int, opened_at: float, device_id: str, status: str,
+        self, round_idx: int, retry: int, opened_at: float, device_id: str, status: str,
         reason: DropReason | None, *, report: DeviceReport | None = None, acc: Accepted | None = None,
         traffic_round: int | None = None, detail: str | None = None, **extra: Any,
     ) -> None:
@@ -55,7 +55,7 @@ class RoundRecords:
         t = self.traffic.device(traffic_round if traffic_round is not None else round_idx, device_id)
         download_s = fields.pop("download_s")
         rec = DeviceRoundRecord(
-            round=round_idx, attempt=attempt, device_id=device_id, status=status,
+            round=round_idx, attempt=retry, device_id=device_id, status=status,
             drop_reason=_drop_reason(reason, detail), num_samples=acc.num_samples if acc else None,
             declared_samples=acc.declared_samples if acc else None,
             bytes_down=t.bytes_down, bytes_up=t.bytes_up, msgs_down=t.msgs_down, msgs_up=t.msgs_up,
@@ -69,13 +69,13 @@ class RoundRecords:
         )
         self.runlog.append(_with(rec, extra))
 
-    def round(self, round_idx: int, attempt: int, ok: bool, selected: Iterable[str], accepted: int,
+    def round(self, round_idx: int, retry: int, ok: bool, selected: Iterable[str], accepted: int,
               dropped: dict[str, int], round_s: float, aggregate_s: float, eval_res: dict[str, Any] | None,
               devices_online: int, **extra: Any) -> None:
         down, up = self.traffic.round_bytes(round_idx)
         self.cum_bytes += down + up
         self.runlog.append(_with(RoundRecord(
-            round=round_idx, attempt=attempt, status="aggregated" if ok else "failed",
+            round=round_idx, attempt=retry, status="aggregated" if ok else "failed",
             selected=list(selected), accepted=accepted if ok else 0, dropped=dropped, bytes_down=down,
             bytes_up=up, cum_bytes=self.cum_bytes, round_s=round_s, aggregate_s=aggregate_s, eval=eval_res,
             devices_online=devices_online, mode=self.mode, bytes_kind=self.bytes_kind,

@@ -51,8 +51,8 @@ class EngineCore(Protocol):
     def device_dropped(self, cur: OpenRound, device_id: str, reason: DropReason, report: DeviceReport | None = None,
                        detail: str | None = None, **extra: Any) -> None: ...
 
-    def task(self, device_id: str, cur: OpenRound, now: float, *, attempt: int, deadline: float,
-             full: bool = False) -> RoundTask: ...
+    def task(self, device_id: str, cur: OpenRound, now: float, *, deadline: float, retry: int = 0,
+             task_number: int = 0, full: bool = False) -> RoundTask: ...
 
     @property
     def has_accepted(self) -> bool: ...
@@ -70,9 +70,9 @@ class EngineCore(Protocol):
 
 
 class RoundPolicy(abc.ABC):
-    """One way to run rounds over the engine's shared core. A policy holds its own state (the sync policy the
-    errors of the open attempt, the async one the busy devices and recent global models); everything it sends
-    or records goes through the engine it was built with."""
+    """One way to run rounds over the engine's shared core. A policy holds its own state (the sync policy which
+    selected devices replied and the errors of the open attempt, the async one the busy devices and recent global
+    models); everything it sends or records goes through the engine it was built with."""
 
     #: the round_mode it implements: written into round and round_open records and sent in each task
     name: str = ""
@@ -98,6 +98,11 @@ class RoundPolicy(abc.ABC):
     @abc.abstractmethod
     def resend(self, device_id: str, cur: OpenRound, now: float) -> None:
         """Send a device its task again, carrying the tensors (the re-send's rate limit is the engine's)."""
+
+    @abc.abstractmethod
+    def came_online(self, device_id: str) -> None:
+        """A known device is online: it joined (admitted or refused) or its presence came back (the engine has
+        recorded it)."""
 
     @abc.abstractmethod
     def went_offline(self, device_id: str) -> None:

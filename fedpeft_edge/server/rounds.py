@@ -1,8 +1,10 @@
-"""Round bookkeeping: who is online, who is sampled, which updates count, and when a round closes.
+"""Round bookkeeping both round policies share: the devices the server knows (admitted, online, budget left),
+which of them may be sampled, the seeded sample of each round, and the round's index and retry.
 
 Pure logic with no I/O, so the server app, tests and simulations share it. Sampling is a function of
 (seed, round, retry) and the sorted eligible devices, so a resumed server samples exactly as before. A round's
-`retry` counts its failed attempts (0 the first time); run records and the wire still call it `attempt`.
+`retry` counts its failed attempts (0 the first time); run records call it `attempt`. Which update counts and
+when a round closes is its policy's (server/sync_rounds.py, server/async_rounds.py).
 """
 
 from __future__ import annotations
@@ -66,20 +68,15 @@ class OpenRound:
     """The round in progress."""
 
     index: int
-    retry: int  # failed attempts of this round before this one (records and tasks name it `attempt`)
+    retry: int  # failed attempts of this round before this one (records name it `attempt`)
     selected: tuple[str, ...]
     opened_at: float
     deadline: float
-    received: set[str] = dataclasses.field(default_factory=set)
-    failed: set[str] = dataclasses.field(default_factory=set)  # reported an error or sent an invalid update
     dropped: Counter[str] = dataclasses.field(default_factory=Counter)  # {DropReason value: count}: see drop()
-    waiting: set[str] = dataclasses.field(default_factory=set)  # selected, online, not yet in or failed
     _chosen: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._chosen = frozenset(self.selected)  # membership per message in O(1), not a scan of `selected`
-        if not self.waiting:
-            self.waiting = set(self.selected)
 
     def selects(self, device_id: str) -> bool:
         """Whether device_id was sampled for this round."""
@@ -91,7 +88,7 @@ class OpenRound:
 
 
 class RoundController:
-    """Decides sampling, acceptance and closing; the server app does the messaging around it."""
+    """Knows the devices and samples the rounds; the engine and its round policy do the rest."""
 
     def __init__(self, train_args: TrainArgs, seed: int, next_round: int = 1) -> None:
         self._args = train_args
@@ -130,6 +127,12 @@ class RoundController:
         """The transport stopped (or started again) hearing a flooding device: not sampled meanwhile."""
         dev = self.device(device_id)
         dev._muted = muted
+        self._refresh(dev)
+
+    def set_online(self, device_id: str, online: bool) -> None:
+        """Presence changed (a join, or the broker's report)."""
+        dev = self.device(device_id)
+        dev._online = online
         self._refresh(dev)
 
     def _refresh(self, dev: KnownDevice) -> None:
@@ -197,63 +200,6 @@ class RoundController:
             deadline=now + self._args.round_timeout_s,
         )
         return self.current
-
-    def judge_update(self, device_id: str, round_idx: int, now: float) -> DropReason | None:
-        """None if an update from device_id for round_idx may be aggregated, else why it is dropped."""
-        cur = self.current
-        reason = self._reason(device_id, round_idx, now)
-        if cur is not None:
-            if reason is None:
-                cur.received.add(device_id)
-                cur.waiting.discard(device_id)
-            else:
-                cur.drop(reason)
-        return reason
-
-    def _reason(self, device_id: str, round_idx: int, now: float) -> DropReason | None:
-        cur = self.current
-        if device_id not in self.devices or not self.devices[device_id].accepted:
-            return DropReason.UNKNOWN_DEVICE
-        if cur is None or round_idx != cur.index:
-            return DropReason.STALE_ROUND
-        if not cur.selects(device_id):
-            return DropReason.NOT_SELECTED
-        if device_id in cur.received:
-            return DropReason.DUPLICATE
-        if now > cur.deadline:
-            return DropReason.LATE
-        return None
-
-    def unaccept(self, device_id: str) -> None:
-        """Forget an accepted update (it turned out invalid after judging)."""
-        if self.current is not None:
-            self.current.received.discard(device_id)
-
-    def fail(self, device_id: str) -> None:
-        """A selected device failed (error, invalid update): the round no longer waits for it."""
-        if self.current is not None:
-            self.current.failed.add(device_id)
-            self.current.waiting.discard(device_id)
-
-    def set_online(self, device_id: str, online: bool) -> None:
-        """Presence changed: an offline device is not waited for; one back online is again, if still due."""
-        dev = self.device(device_id)
-        dev._online = online
-        self._refresh(dev)
-        cur = self.current
-        if cur is None or not cur.selects(device_id):
-            return
-        if online and device_id not in cur.received and device_id not in cur.failed:
-            cur.waiting.add(device_id)
-        elif not online:
-            cur.waiting.discard(device_id)
-
-    def all_in(self) -> bool:
-        """Every selected device has replied, failed or gone offline: no reason to wait for the deadline (O(1))."""
-        return self.current is not None and not self.current.waiting
-
-    def quorum(self) -> bool:
-        return self.current is not None and len(self.current.received) >= self._args.min_updates
 
     def close_round(self, aggregated: bool) -> OpenRound:
         """End the open round; an aggregated round advances the index, a failed one is retried."""

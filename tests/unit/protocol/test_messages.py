@@ -49,7 +49,7 @@ SAMPLES = [
          class_names=("cat", "dog")),
     JoinAck(receiver="dev2", accepted=True, class_names=("bird", "cat", "dog")),
     RoundTask(receiver="dev1", round=1, blob=b"xyz", manifest_hash="h" * 64, encoding="fp32", deadline=5.0,
-              attempt=1, evaluate=True, model_version=0, mode="async", sent_at=2.0, rank=2),
+              task_number=1, evaluate=True, model_version=0, mode="async", sent_at=2.0, rank=2),
     Finish(receiver="dev1", reason="completed"),
 ]
 
@@ -65,6 +65,17 @@ def _parse(msg: Any) -> Any:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_every_message_round_trips_through_a_fedml_message(msg: Any) -> None:
     assert _parse(msg.to_params()) == msg
+
+
+def test_a_tasks_retry_or_number_travels_under_the_one_attempt_key() -> None:
+    base = dict(receiver="dev1", round=4, blob=b"xyz", manifest_hash="h" * 64, encoding="fp32", sent_at=1.0)
+    sync, unsync = RoundTask(**base, retry=2), RoundTask(**base, task_number=7, mode="async")  # type: ignore[arg-type]
+    assert sync.to_params()[K.MSG_ARG_KEY_ATTEMPT] == 2 and unsync.to_params()[K.MSG_ARG_KEY_ATTEMPT] == 7
+    assert _parse(sync.to_params()) == sync and _parse(unsync.to_params()) == unsync
+    with pytest.raises(ValueError, match="task_number=3"):
+        RoundTask(**base, task_number=3).to_params()  # type: ignore[arg-type]
+    long_run = RoundTask(**base, task_number=5_000_000, mode="async")  # type: ignore[arg-type]
+    assert _parse(long_run.to_params()) == long_run, "a long async run numbers more than a million tasks"
 
 
 def _update_params(**override: Any) -> dict[str, Any]:
@@ -207,7 +218,7 @@ def test_a_message_parses_only_on_the_channels_its_senders_role_may_use(msg: Any
                 parse(msg.to_params(), channel)
 
 
-EVENTS = [Timer(name="deadline", round=2, attempt=0), ConnectionReady("dev1"),
+EVENTS = [Timer(name="deadline", round=2, retry=0), ConnectionReady("dev1"),
           Presence(node="dev1", online=False, since=3.5), Throttled(node="dev1", packets=7)]
 
 

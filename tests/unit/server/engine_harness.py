@@ -17,6 +17,7 @@ from fedpeft_edge.server.engine import RoundEngine, RunSpec
 from fedpeft_edge.server.ports import DirCheckpoints, MeterTraffic
 from fedpeft_edge.server.runlog import RunLog, read_metrics
 from fedpeft_edge.server.strategy import build_strategy
+from fedpeft_edge.server.sync_rounds import Replies, SyncRounds
 from fedpeft_edge.wire.codec import encode_tensors
 
 MANIFEST = Manifest("bias", (TensorSpec("a.bias", (4,), "float32"), TensorSpec("head.weight", (2, 3), "float32")))
@@ -115,6 +116,12 @@ class Harness:
     def records(self, kind: str) -> list[dict[str, Any]]:
         self.runlog.sync()
         return read_metrics(self.run_dir, kind)
+
+    def replies(self) -> Replies | None:
+        """The open synchronous round's replies (who is in, failed, still waited for)."""
+        policy = self.engine.policy
+        assert isinstance(policy, SyncRounds), policy
+        return policy.replies
 
     def selected(self) -> list[str]:
         cur = self.engine.rounds.current

@@ -32,7 +32,7 @@ def test_devices_are_kept_busy_and_handed_the_model_as_soon_as_they_report(tmp_p
                                                      for t in first.values())
     h.update("d1", first["d1"].round, state(1), model_version=0)
     again = _task(h, "d1")
-    assert again.attempt != first["d1"].attempt and again.model_version == 0  # buffer not full yet
+    assert again.task_number != first["d1"].task_number and again.model_version == 0  # buffer not full yet
     h.update("d2", first["d2"].round, state(2), model_version=0)
     assert h.engine.version == 1  # two updates = one aggregation = one round
     assert _task(h, "d2").model_version == 1  # reported into the aggregation: gets the new model

@@ -68,11 +68,12 @@ def _wait(what: str, cond: Any, timeout_s: float = 30.0) -> None:
 
 
 def _engine_state(h: Harness) -> dict[str, Any]:
-    cur = h.engine.rounds.current
+    cur, rep = h.engine.rounds.current, h.replies()
     h.runlog.sync()
     return {
-        "round": None if cur is None else (cur.index, cur.retry, cur.selected, cur.deadline, sorted(cur.received),
-                                           sorted(cur.failed), sorted(cur.waiting)),
+        "round": None if cur is None or rep is None else (cur.index, cur.retry, cur.selected, cur.deadline,
+                                                          sorted(rep.received), sorted(rep.failed),
+                                                          sorted(rep.waiting)),
         "pending_timers": list(h.timers.pending),
         "finished": h.engine.finished,
         "online": sorted(d for d, s in h.engine.rounds.devices.items() if s.online),
