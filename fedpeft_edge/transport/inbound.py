@@ -42,12 +42,15 @@ class Receiver:
         self.ids = MessageIds()
 
     def receive(self, item: Inbound) -> Any:
-        """Decode one inbound packet: a Message, a Presence, or None (incomplete, not ours, or dropped)."""
+        """Decode one inbound packet: a Message, a Presence, or None (incomplete, not ours, or dropped). Each
+        packet is metered once: with its type where it decoded, else as "dropped"."""
         node = topic_node(item.topic)
+        metered = self.meter.received_count
         try:
             return self._route(item)
         except AuthError as exc:
-            self.meter.received(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
+            if self.meter.received_count == metered:  # refused before it decoded (a signature, a chunk)
+                self.meter.received(node, {}, [item.packet_bytes], item.arrived, item.arrived, len(item.payload))
             self._drop(node, item.topic, exc.reason, str(exc), len(item.payload))
         except CodecError as exc:
             self._drop(node, item.topic, DropReason.MALFORMED, str(exc), len(item.payload))

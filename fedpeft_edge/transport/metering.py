@@ -17,6 +17,7 @@ class LinkMeter:
     def __init__(self, meter: BandwidthMeter, is_server: bool) -> None:
         self.meter = meter
         self.is_server = is_server
+        self.received_count = 0  # records of received messages so far (the receive pipeline meters each once)
 
     def sent(self, peer: str, params: Mapping[str, Any], sizes: Sequence[int], payload: int, start: float,
              end: float) -> TransferRecord:
@@ -35,6 +36,7 @@ class LinkMeter:
         received in packets of `sizes` bytes; a type or id that is not a scalar is not believed."""
         msg_type = params.get(M.MSG_ARG_KEY_TYPE, "dropped")
         msg_id = params.get(M.MSG_ARG_KEY_MSG_ID)
+        self.received_count += 1
         self.meter.record(TransferRecord(
             direction="up" if self.is_server else "down", sent=False, peer=peer, round=round_of(params),
             msg_type=msg_type if is_scalar(msg_type) else "dropped", msg_id=msg_id if is_scalar(msg_id) else None,

@@ -72,11 +72,10 @@ def test_each_check_drops_with_its_reason() -> None:
     receiver.receive(_in(d2s, forged))
     assert [d.reason for d in drops] == ["malformed", "forbidden_type", "duplicate", "malformed", "bad_signature"]
     assert all(d.sender == d.topic.rsplit("/", 1)[1] and d.detail for d in drops)
-    # what decoded is metered with its type; an AuthError past the codec once more as "dropped" (the pipeline's
-    # records as they were before it left mqtt.py: 1 + 2 + 1 + 2 + 1 + 2)
+    # each packet metered once: what decoded with its (claimed) type, what did not as "dropped" (an AuthError
+    # past the codec was metered twice before: once with its type, once more as "dropped")
     assert [r.msg_type for r in meter.transfers()] == [
-        "dropped", M.MSG_TYPE_S2C_FINISH, "dropped", M.MSG_TYPE_C2S_JOIN, M.MSG_TYPE_C2S_JOIN, "dropped",
-        M.MSG_TYPE_C2S_JOIN, "dropped", "dropped"]
+        "dropped", M.MSG_TYPE_S2C_FINISH, M.MSG_TYPE_C2S_JOIN, M.MSG_TYPE_C2S_JOIN, M.MSG_TYPE_C2S_JOIN, "dropped"]
 
 
 def test_signatures_required_refuse_an_unsigned_frame_and_pass_a_signed_one() -> None:
@@ -88,7 +87,7 @@ def test_signatures_required_refuse_an_unsigned_frame_and_pass_a_signed_one() ->
 
 
 def test_a_peers_presence_becomes_a_local_event_and_a_stale_signed_one_is_refused() -> None:
-    receiver, _, drops = _server()
+    receiver, meter, drops = _server()
     topic = TOPICS.presence("dev-a")
     device = Signing(Signer(KEY), None, False)
     online = presence_payload(device, topic, "dev-a", 10.0, M.PRESENCE_ONLINE)
@@ -99,3 +98,4 @@ def test_a_peers_presence_becomes_a_local_event_and_a_stale_signed_one_is_refuse
     assert receiver.receive(_in(topic, online)) is None and drops[-1].reason == "replayed"
     assert receiver.receive(_in(TOPICS.presence("0"), online)) is None  # our own
     assert receiver.receive(_in(topic, b'{"status": "maybe"}')) is None and drops[-1].reason == "malformed"
+    assert len(meter.transfers()) == 4  # each peer presence once (the replayed one too), our own not at all
