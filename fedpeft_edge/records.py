@@ -40,12 +40,15 @@ class Record:
 
     def fields(self) -> dict[str, Any]:
         """The keys a writer passes to the run log (`RunLog.write(KIND, **fields)`): all but `kind` and `time`."""
-        values = vars(self)  # a record is written per update: no getattr per field (bench_engine)
-        out = {n: values[n] for n in _OWN_FIELDS.get(type(self)) or _own_fields(type(self))}
+        # a record is written per update (bench_engine): one C-level copy of the instance dict, whose keys are the
+        # dataclass fields in order (Record's own `time` and `extra` first), not a getattr per field
+        out = dict(vars(self))
+        del out["time"], out["extra"]
         for n in self.OPTIONAL:
             if out[n] is None:
                 del out[n]
-        out.update(self.extra)
+        if self.extra:
+            out.update(self.extra)
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -98,7 +98,13 @@ class RunLog:
         self._sinks.append(worker)
 
     def write(self, kind: str, **fields: Any) -> dict[str, Any]:
-        record = {"kind": kind, "time": time.time(), **fields}
+        return self._write({"kind": kind, "time": time.time(), **fields})
+
+    def append(self, record: Record) -> dict[str, Any]:
+        """Append one typed record (fedpeft_edge/records.py), as `write(record.KIND, **record.fields())` would."""
+        return self._write({"kind": record.KIND, "time": time.time(), **record.fields()})
+
+    def _write(self, record: dict[str, Any]) -> dict[str, Any]:
         line = json.dumps(record, default=_jsonable)
         self._fh.write(line + "\n")
         self._fh.flush()
@@ -107,10 +113,6 @@ class RunLog:
             for worker in self._sinks:
                 worker.put(shared)
         return record
-
-    def append(self, record: Record) -> dict[str, Any]:
-        """Append one typed record (fedpeft_edge/records.py): `write(record.KIND, **record.fields())`."""
-        return self.write(record.KIND, **record.fields())
 
     def sync(self) -> None:
         """fsync what was written (the engine calls it when a round closes and when the run ends)."""
