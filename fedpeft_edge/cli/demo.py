@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft_edge.config import PEFT_METHODS
+from fedpeft_edge.records import DivergenceRecord, JoinRecord, Record, RoundRecord, parse_record
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -158,10 +159,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _end_reason(run_dir: Path) -> str | None:
     """Why the server ended the run, from its summary.json (None when it wrote none)."""
-    try:
-        return str(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("end_reason"))
-    except (OSError, ValueError):
-        return None
+    from fedpeft_edge.rundir import read_summary
+
+    summary = read_summary(run_dir)
+    return str(summary.end_reason) if summary is not None else None
 
 
 def _dashboard_args(bind: str) -> tuple[list[str], str, dict[str, str]]:
@@ -238,7 +239,7 @@ def _follow(run_dir: Path, server: subprocess.Popen[bytes], rounds: int, timeout
             except json.JSONDecodeError:
                 break
             seen += 1
-            cum = _progress(rec, rounds, cum)
+            cum = _progress(parse_record(rec), rounds, cum)
         code = server.poll()
         if code is not None:
             return code
@@ -248,17 +249,17 @@ def _follow(run_dir: Path, server: subprocess.Popen[bytes], rounds: int, timeout
         time.sleep(0.3)
 
 
-def _progress(rec: dict[str, Any], rounds: int, cum: int) -> int:
-    kind = rec.get("kind")
-    if kind == "join":
-        state = "joined" if rec.get("accepted") else f"REFUSED ({rec.get('reason')})"
-        print(f"  {rec.get('device_id')} {state}")
-    elif kind == "round":
+def _progress(rec: Record | None, rounds: int, cum: int) -> int:
+    """Print one record the server wrote (a join, a round, a divergence); return the cumulative bytes so far."""
+    if isinstance(rec, JoinRecord):
+        state = "joined" if rec.accepted else f"REFUSED ({rec.reason})"
+        print(f"  {rec.device_id} {state}")
+    elif isinstance(rec, RoundRecord):
         from fedpeft_edge.rundir import describe_round
 
-        cum = int(rec.get("cum_bytes") or 0)
+        cum = int(rec.cum_bytes or 0)
         print(f"  {describe_round(rec, rounds)}")
-    elif kind == "divergence":
+    elif isinstance(rec, DivergenceRecord):
         from fedpeft_edge.rundir import describe_divergence
 
         print(f"  DIVERGENCE {describe_divergence(rec)}")
@@ -284,20 +285,20 @@ def _print_answers(cfg: Any, run_dir: Path) -> None:
 
 def _print_tables(run_dir: Path, cfg: Any, wall: float) -> None:
     from fedpeft_edge.planning import measure_update
-    from fedpeft_edge.server.runlog import read_metrics
+    from fedpeft_edge.rundir import read_records
 
-    rounds = read_metrics(run_dir, "round")
+    rounds = read_records(run_dir, RoundRecord)
     print()
     print(f"{'round':>5} {'top-1':>7} {'MB down':>9} {'MB up':>9} {'round s':>8} {'updates':>8}")
     for r in rounds:
-        ev = r.get("eval") or {}
+        ev = r.eval or {}
         acc = f"{100 * ev['top1']:.1f}%" if ev.get("top1") is not None else "-"
-        print(f"{r['round']:>5} {acc:>7} {(r['bytes_down'] or 0) / 1e6:>9.3f} {(r['bytes_up'] or 0) / 1e6:>9.3f} "
-              f"{r['round_s']:>8.1f} {r['accepted']:>8}")
+        print(f"{r.round:>5} {acc:>7} {(r.bytes_down or 0) / 1e6:>9.3f} {(r.bytes_up or 0) / 1e6:>9.3f} "
+              f"{r.round_s or 0:>8.1f} {r.accepted or 0:>8}")
     if not rounds:
         return
-    per_round = sum((r["bytes_down"] or 0) + (r["bytes_up"] or 0) for r in rounds) / len(rounds)
-    devices = sum(r["accepted"] for r in rounds) / len(rounds)
+    per_round = sum((r.bytes_down or 0) + (r.bytes_up or 0) for r in rounds) / len(rounds)
+    devices = sum(r.accepted or 0 for r in rounds) / len(rounds)
     full = measure_update(cfg.model_args, "full", cfg.comm_args)
     full_round = 2 * full.mqtt_bytes * devices
     print()

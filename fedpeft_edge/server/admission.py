@@ -43,6 +43,7 @@ class UpdateAdmission:
         self.max_norm = max_norm
         self.norm_action = norm_action
         self.measure = measure  # compute every update's norm (a bound applies or is being derived)
+        self._bases: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]] = []  # recent bases, flat (newest first)
 
     def admit(self, msg: Update, base: Mapping[str, torch.Tensor], declared_samples: int,
               as_delta: bool = False, layout: DeviceLayout | None = None) -> Admitted:
@@ -62,6 +63,9 @@ class UpdateAdmission:
         if self.max_norm is None and not as_delta and not self.measure:
             return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta, flat=flat),
                             samples, None, None)
+        base_flat = self._flat_base(base) if isinstance(tensors, FlatTensors) else None
+        if isinstance(tensors, FlatTensors) and base_flat is not None:
+            return self._admit_flat(msg.sender, samples, tensors, base_flat, as_delta)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
                   for k, t in tensors.items()}
         # finite: decode_tensors refused NaN/inf, and float64 squares of float32/16 values cannot overflow
@@ -80,3 +84,49 @@ class UpdateAdmission:
                             samples, norm, None)
         clipped = {k: (base[k].to(torch.float64) + d).to(base[k].dtype) for k, d in deltas.items()}
         return Admitted(ClientUpdate(msg.sender, samples, clipped, is_delta=False), samples, norm, action)
+
+    def _admit_flat(self, sender: str, samples: int, tensors: FlatTensors, base_flat: torch.Tensor,
+                    as_delta: bool) -> Admitted:
+        """`admit` for an update decoded as one flat buffer: the delta, its norm and its clip as a few calls over
+        the whole buffer, not a few per tensor (1000 async devices: 1.7 ms -> 0.2 ms per update, bench_engine)."""
+        flat = tensors.flat
+        delta = flat.to(torch.float64, copy=True)  # never a view of the received payload: it is clipped in place
+        if not self.send_delta:
+            delta.sub_(base_flat)
+        norm = math.sqrt(float(torch.dot(delta, delta)))  # finite: decode refused NaN/inf, float64 squares
+        action = None
+        if self.max_norm is not None and norm > self.max_norm:
+            if self.norm_action == "drop":
+                raise NormBoundExceeded(norm, self.max_norm)
+            delta.mul_(self.max_norm / norm)
+            action = "clipped"
+        if as_delta:
+            return Admitted(ClientUpdate(sender, samples, tensors.over(delta), is_delta=True, flat=delta),
+                            samples, norm, action)
+        if action is None:
+            return Admitted(ClientUpdate(sender, samples, tensors, is_delta=self.send_delta, flat=flat),
+                            samples, norm, None)
+        local = delta.add_(base_flat).to(base_flat.dtype)
+        return Admitted(ClientUpdate(sender, samples, tensors.over(local), is_delta=False, flat=local),
+                        samples, norm, action)
+
+    def _flat_base(self, base: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """`base` as one flat tensor in the manifest's order, if its tensors share one dtype (else None); the
+        last few bases are kept (a round's updates share one; async ones a few), keyed by the mapping itself."""
+        for i, (seen, flat) in enumerate(self._bases):
+            if seen is base:
+                if i:
+                    self._bases.insert(0, self._bases.pop(i))
+                return flat
+        values = [base[s.name] for s in self.manifest.tensors]
+        if len({t.dtype for t in values}) != 1:
+            return None
+        flat = torch.cat([t.reshape(-1) for t in values])
+        self._bases.insert(0, (base, flat))
+        del self._bases[_BASES_KEPT:]
+        return flat
+
+
+_BASES_KEPT = 2  # global models kept flat: the current one and the one before (async staleness 1)
+
+

@@ -602,6 +602,12 @@ class FlatTensors(Mapping[str, torch.Tensor]):
     def names(self) -> tuple[str, ...]:
         return self._plan.names
 
+    def over(self, flat: torch.Tensor) -> FlatTensors:
+        """The same names and shapes over another flat buffer of as many values (a delta, a clipped update)."""
+        if flat.dim() != 1 or flat.numel() != self.flat.numel():
+            raise ValueError(f"a buffer of {flat.numel()} values cannot hold these tensors ({self.flat.numel()})")
+        return FlatTensors(flat, self._plan)
+
     def _split(self) -> dict[str, torch.Tensor]:
         if self._views is None:
             parts = self.flat.split(list(self._plan.counts)) if self._plan.counts else ()

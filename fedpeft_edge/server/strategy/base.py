@@ -39,6 +39,16 @@ def effective_local(name: str, g64: torch.Tensor, u: ClientUpdate) -> torch.Tens
     return t
 
 
+def _effective_flat(g64: torch.Tensor, flat: torch.Tensor, u: ClientUpdate) -> torch.Tensor:
+    """effective_local over the whole flat buffer: element for element the same float64 arithmetic."""
+    t = flat.to(torch.float64)
+    if u.is_delta:
+        return g64 + (t * u.scale if u.scale != 1.0 else t)
+    if u.scale != 1.0:
+        return g64 + (t - g64) * u.scale
+    return t
+
+
 def consecutive_view(tensors: Mapping[str, torch.Tensor], order: Iterable[str], numel: int) -> torch.Tensor | None:
     """`tensors` (in `order`) as ONE flat view, if they lie one after another in memory, each contiguous, all
     one dtype (as the codec decodes a uniform blob); else None. Pointer arithmetic only: nothing is copied."""
@@ -105,7 +115,12 @@ class RunningMean(Aggregation):
 
     def __init__(self, strategy: Strategy, global_state: Mapping[str, torch.Tensor]) -> None:
         super().__init__(strategy, global_state)
-        self._g64 = {name: g.to(torch.float64) for name, g in global_state.items()}
+        # the global model as one float64 buffer (a delta or a scaled update is added to it), one view per tensor
+        gsizes = [g.numel() for g in global_state.values()]
+        self._g64flat = torch.cat([g.reshape(-1).to(torch.float64) for g in global_state.values()]) \
+            if global_state else torch.zeros(0, dtype=torch.float64)
+        self._g64 = {name: view.view(g.shape) for (name, g), view
+                     in zip(global_state.items(), self._g64flat.split(gsizes), strict=True)}
         # One float64 buffer, one view per tensor: an update decoded as views of one buffer in the same order
         # (the codec's uniform path) is added in one call instead of one per tensor (100 tensors: 0.65 ms ->
         # 0.05 ms per update; a mixed-dtype add_ has a fixed cost of ~6 us).
@@ -129,8 +144,12 @@ class RunningMean(Aggregation):
                 for name, acc in self._acc.items():
                     acc.add_(update.tensors[name], alpha=update.num_samples)
         else:
-            for name, g64 in self._g64.items():
-                self._acc[name].add_(effective_local(name, g64, update), alpha=update.num_samples)
+            flat = _flat_of(update, self._names, self._numel)
+            if flat is not None:  # the same arithmetic as effective_local, over the whole buffer at once
+                self._flat.add_(_effective_flat(self._g64flat, flat, update), alpha=update.num_samples)
+            else:
+                for name, g64 in self._g64.items():
+                    self._acc[name].add_(effective_local(name, g64, update), alpha=update.num_samples)
         self.total += update.num_samples
         self.count += 1
 
