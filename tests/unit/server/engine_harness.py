@@ -15,10 +15,23 @@ from fedpeft_edge.peft.base import Manifest, TensorSpec
 from fedpeft_edge.protocol import Join, ProtocolMessage, RoundTask, Timer, Update
 from fedpeft_edge.server.engine import RoundEngine, RunSpec
 from fedpeft_edge.server.ports import DirCheckpoints, MeterTraffic
+from fedpeft_edge.server.rounds import RoundController
 from fedpeft_edge.server.runlog import RunLog, read_metrics
 from fedpeft_edge.server.strategy import build_strategy
 from fedpeft_edge.server.sync_rounds import Replies, SyncRounds
 from fedpeft_edge.wire.codec import encode_tensors
+
+
+def six_devices(**kw: object) -> RoundController:
+    """A round controller of 6 admitted, online devices, 3 per round, a quorum of 2 (`kw`: more TrainArgs)."""
+    args = TrainArgs(client_num_in_total=6, client_num_per_round=3, min_devices=3, min_updates=2,
+                     round_timeout_s=10.0, comm_round=3, **kw)  # type: ignore[arg-type]
+    rc = RoundController(args, seed=7)
+    for i in range(6):
+        rc.admit(f"dev{i}", accepted=True, exhausted=False)
+        rc.set_online(f"dev{i}", True)
+    return rc
+
 
 MANIFEST = Manifest("bias", (TensorSpec("a.bias", (4,), "float32"), TensorSpec("head.weight", (2, 3), "float32")))
 FINGERPRINT = "f" * 64

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+from engine_harness import six_devices
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fedpeft_edge.config import TrainArgs
 from fedpeft_edge.server.rounds import RoundController
 
-
-def _controller(**kw: object) -> RoundController:
-    args = TrainArgs(client_num_in_total=6, client_num_per_round=3, min_devices=3, min_updates=2,
-                     round_timeout_s=10.0, comm_round=3, **kw)  # type: ignore[arg-type]
-    rc = RoundController(args, seed=7)
-    for i in range(6):
-        rc.admit(f"dev{i}", accepted=True, exhausted=False)
-        rc.set_online(f"dev{i}", True)
-    return rc
+_controller = six_devices
 
 
 def test_sampling_is_seeded_and_resumable() -> None:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from fedpeft_edge.config import TrainArgs
-from fedpeft_edge.server.rounds import DropReason, RoundController
+from engine_harness import six_devices
+
+from fedpeft_edge.server.rounds import DropReason
 from fedpeft_edge.server.sync_rounds import Replies
 
-
-def _controller() -> RoundController:
-    args = TrainArgs(client_num_in_total=6, client_num_per_round=3, min_devices=3, min_updates=2,
-                     round_timeout_s=10.0, comm_round=3)
-    rc = RoundController(args, seed=7)
-    for i in range(6):
-        rc.admit(f"dev{i}", accepted=True, exhausted=False)
-        rc.set_online(f"dev{i}", True)
-    return rc
+_controller = six_devices
 
 
 def test_drop_reasons_and_quorum() -> None:
