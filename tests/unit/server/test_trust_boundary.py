@@ -19,6 +19,7 @@ from fedpeft_edge.config import CommArgs
 from fedpeft_edge.metering.bandwidth import BandwidthMeter
 from fedpeft_edge.protocol import Join
 from fedpeft_edge.protocol import keys as K
+from fedpeft_edge.protocol.events import LOCAL_EVENTS
 from fedpeft_edge.protocol.roles import FORBIDDEN_TYPE, SERVER_TYPES
 from fedpeft_edge.rundir import read_metrics
 from fedpeft_edge.server.manager import ServerManager
@@ -45,6 +46,9 @@ FORGED_TYPES = {
     "round task": (K.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, {K.MSG_ARG_KEY_ROUND: 1}),
     "finish": (K.MSG_TYPE_S2C_FINISH, {K.MSG_ARG_KEY_REASON: "completed"}),
     "shared model": (K.MSG_TYPE_S2C_MODEL, {K.MSG_ARG_KEY_ROUND: 1}),
+    # Throttled has no type id at all (a transport's own event): a frame naming it by any id or name
+    "throttled (d2 over its rate, by name)": ("throttled", {"node": "d2", "packets": 10**6, "shed_s": 3600.0}),
+    "throttled (d2 over its rate, by a free id)": (106, {"node": "d2", "packets": 10**6, "shed_s": 3600.0}),
 }
 
 
@@ -52,6 +56,8 @@ def test_the_forged_types_cover_every_local_event_and_server_message() -> None:
     forged = {t for t, _ in FORGED_TYPES.values()}
     assert forged >= SERVER_TYPES
     assert {K.MSG_TYPE_LOCAL_TIMER, K.MSG_TYPE_PRESENCE, K.MSG_TYPE_CONNECTION_IS_READY} <= forged
+    named = {label.split(" (")[0].replace(" ", "") for label in FORGED_TYPES}  # "connection ready" -> ...
+    assert {e.__name__.lower() for e in LOCAL_EVENTS} <= named, named
 
 
 def _comm(prov: Any, node: str, port: int) -> CommArgs:
