@@ -125,3 +125,17 @@ def restart_mosquitto(config_path: Path, port: int, log_path: Path, timeout: flo
             time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"mosquitto did not come back on port {port}")
+
+
+def image_folder(root: Path, seed: int = 0, classes: int = 10, per_class: int = 4) -> Path:
+    """An image-folder data set (`root/<class>/<i>.png`, 32x32 random RGB) for a device's `data_args.data_dir`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
+    return root

@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from fl_processes import REPO, Procs, aggregated_rounds, run_dir_of, wait_for, write_config
-from PIL import Image
+from fl_processes import REPO, Procs, aggregated_rounds, image_folder, run_dir_of, wait_for, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -47,16 +45,6 @@ def agent_python() -> Path:
             pytest.fail(f"install_agent.sh failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         STAMP.write_text(want)
     return VENV / "bin" / "python"
-
-
-def _image_folder(root: Path, classes: int = 10, per_class: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
-    return root
 
 
 def _agent_env() -> dict[str, str]:
@@ -109,7 +97,7 @@ def test_agent_only_install_completes_a_round(agent_python: Path, mosquitto_brok
                        train_args={"client_num_in_total": 1, "client_num_per_round": 1, "comm_round": 1,
                                    "min_devices": 1, "min_updates": 1})
     run_dir = run_dir_of(cfg)
-    data = _image_folder(tmp_path / "device-data")
+    data = image_folder(tmp_path / "device-data")
     procs = Procs(tmp_path / "logs")
     try:
         procs.server(cfg)  # the full install: this interpreter

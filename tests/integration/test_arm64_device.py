@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
-from fl_processes import REPO, Procs, aggregated_rounds, records, run_dir_of, wait_for, write_config
-from PIL import Image
+from fl_processes import REPO, Procs, aggregated_rounds, image_folder, records, run_dir_of, wait_for, write_config
 
 from fedpeft_edge.transport.broker import find_mosquitto, start_broker
 from fedpeft_edge.transport.provision import Provisioned, provision
@@ -49,16 +47,6 @@ def arm64_device() -> Path:
         pytest.fail(f"arm64_device.sh build failed ({build.returncode}):\n{build.stdout[-3000:]}\n"
                     f"{build.stderr[-3000:]}")
     return SCRIPT
-
-
-def _image_folder(root: Path, seed: int, classes: int = 10, per_class: int = 3) -> Path:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
-    return root
 
 
 def _configs(tmp: Path, prov: Provisioned, port: int) -> dict[str, Path]:
@@ -88,7 +76,8 @@ def _fingerprint(rows: dict[str, dict[str, str]]) -> str:
 
 def test_an_emulated_arm64_device_trains_beside_an_x86_one(arm64_device: Path, tmp_path: Path) -> None:
     prov = provision(tmp_path / "prov", [X86, ARM], run_id=RUN_ID)
-    data = {X86: _image_folder(tmp_path / "data-x86", 0), ARM: _image_folder(tmp_path / "data-arm64", 1)}
+    data = {X86: image_folder(tmp_path / "data-x86", 0, per_class=3),
+            ARM: image_folder(tmp_path / "data-arm64", 1, per_class=3)}
     device = ["bash", str(arm64_device), "--bind", str(tmp_path)]
     with start_broker(secure_dir=prov.root) as broker:
         cfgs = _configs(tmp_path, prov, broker.port)
