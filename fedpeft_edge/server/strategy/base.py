@@ -31,17 +31,13 @@ class ClientUpdate:
 
 def effective_local(name: str, g64: torch.Tensor, u: ClientUpdate) -> torch.Tensor:
     """The update's tensor `name` as a float64 local model (deltas added to the global, scale applied)."""
-    t = u.tensors[name].to(torch.float64)
-    if u.is_delta:
-        return g64 + (t * u.scale if u.scale != 1.0 else t)
-    if u.scale != 1.0:
-        return g64 + (t - g64) * u.scale
-    return t
+    return _effective(g64, u.tensors[name], u)
 
 
-def _effective_flat(g64: torch.Tensor, flat: torch.Tensor, u: ClientUpdate) -> torch.Tensor:
-    """effective_local over the whole flat buffer: element for element the same float64 arithmetic."""
-    t = flat.to(torch.float64)
+def _effective(g64: torch.Tensor, values: torch.Tensor, u: ClientUpdate) -> torch.Tensor:
+    """`values` of update `u` (one tensor, or all of them as one flat buffer over a flat `g64`) as float64 local
+    model values: the same arithmetic element for element either way."""
+    t = values.to(torch.float64)
     if u.is_delta:
         return g64 + (t * u.scale if u.scale != 1.0 else t)
     if u.scale != 1.0:
@@ -146,7 +142,7 @@ class RunningMean(Aggregation):
         else:
             flat = _flat_of(update, self._names, self._numel)
             if flat is not None:  # the same arithmetic as effective_local, over the whole buffer at once
-                self._flat.add_(_effective_flat(self._g64flat, flat, update), alpha=update.num_samples)
+                self._flat.add_(_effective(self._g64flat, flat, update), alpha=update.num_samples)
             else:
                 for name, g64 in self._g64.items():
                     self._acc[name].add_(effective_local(name, g64, update), alpha=update.num_samples)
