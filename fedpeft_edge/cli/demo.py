@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
           f"{n} devices, {cfg.train_args.comm_round} rounds, {cfg.data_args.dataset}; run dir {run_dir}")
     t0 = time.monotonic()
     broker = start_broker(port=port, secure_dir=None if prov is None else prov.root)
-    security = "anonymous, unsigned" if prov is None else f"ACL + passwords + Ed25519 signatures ({prov.root})"
+    security = ("anonymous, unsigned" if prov is None else
+                f"ACL + passwords + Ed25519 signatures + end-to-end encryption (keystore {prov.root})")
     print(f"broker: {broker.kind} on 127.0.0.1:{broker.port}, {security}")
     procs: list[subprocess.Popen[bytes]] = []
     logs = run_dir / "logs"
