@@ -1,5 +1,6 @@
 """`fedpeft-edge provision --devices N | --device-ids a,b,c --out DIR [--tls]`: a run's security material;
-`--revoke DEVICE --out DIR` takes one device out, `--rotate DEVICE --out DIR` renews one device's secrets."""
+`--revoke DEVICE --out DIR` takes one device out, `--rotate DEVICE --out DIR` renews one device's secrets,
+`--upgrade --out DIR` brings a keystore of an earlier version to this one's layout (encryption keys)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     who.add_argument("--revoke", metavar="DEVICE", help="remove DEVICE from the provisioned --out directory")
     who.add_argument("--rotate", metavar="DEVICE",
                      help="new password, signing key (and certificate) for DEVICE in the provisioned --out directory")
+    who.add_argument("--upgrade", action="store_true",
+                     help="add what a keystore of an earlier version lacks (X25519 encryption keys; a password "
+                          "moved out of comm_args.yaml), keeping its passwords and signing keys")
     parser.add_argument("--out", required=True,
                         help="directory to create (never reused): a keystore, keep it outside run directories")
     parser.add_argument("--tls", action="store_true", help="also a CA, a broker certificate and node certificates")
@@ -23,8 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedpeft_edge.errors import ConfigError
-    from fedpeft_edge.transport.provision import provision, revoke, rotate
+    from fedpeft_edge.transport.provision import provision, revoke, rotate, upgrade
 
+    if args.upgrade:
+        prov, changed = upgrade(args.out)
+        if not changed:
+            print(f"{prov.root} is up to date; nothing changed")
+            return 0
+        print(f"upgraded {prov.root}:")
+        for line in changed:
+            print(f"  {line}")
+        print("  apply: hand each device its directory again, restart the server (`fedpeft-server --resume RUN_DIR`) "
+              "and the agents with the new comm_args.yaml")
+        return 0
     if args.revoke or args.rotate:
         device = args.revoke or args.rotate
         prov = (revoke if args.revoke else rotate)(args.out, device)

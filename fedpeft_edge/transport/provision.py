@@ -15,7 +15,8 @@ Layout of the output directory (the server's node directory is `server/`):
 
 The directory is a keystore: every directory 0700, every secret 0600. Keep it outside any run directory (a
 run directory is copied, shared and read by reports and dashboards). `revoke` and `rotate` change one
-device without touching the rest of the fleet.
+device without touching the rest of the fleet; `upgrade` brings a keystore of an earlier version (no encryption
+keys, passwords inline) to this layout, keeping its passwords and signing keys.
 """
 
 from __future__ import annotations
@@ -179,6 +180,48 @@ def rotate(directory: str | Path, device: str) -> Provisioned:
         _write_leaf(node_dir / "tls", "node", ca, ca_key, common_name=device)
     _write_snippet(root, device, device, password, prov.tls)
     return prov
+
+
+def upgrade(directory: str | Path) -> tuple[Provisioned, list[str]]:
+    """Bring a keystore provisioned by an earlier version to this one's layout, keeping every password, signing
+    key and certificate: X25519 encryption keys for the server and each device that lacks them (with the server's
+    public key handed to every node), a password written inline into a snippet moved to its 0600 password file,
+    and every snippet rewritten (so `encrypt` is on). Returns the keystore and what changed (empty: nothing to do).
+    Hand each device its directory again; restart the server and the agents with their new snippets."""
+    prov = load_provisioned(directory)
+    root, changed = prov.root, []
+    nodes = ((str(M.SERVER_ID), SERVER_USER), *((d, d) for d in prov.devices))
+    passwords = {}
+    for node, _user in nodes:
+        node_dir = prov.node_dir(node)
+        if not (node_dir / PASSWORD_FILE).is_file():
+            inline = (yaml.safe_load((node_dir / "comm_args.yaml").read_text()) or {}).get("comm_args", {})
+            if not isinstance(inline.get("password"), str):
+                raise ConfigError(f"{node_dir} has neither {PASSWORD_FILE} nor a password in comm_args.yaml; "
+                                  f"rotate the node (`fedpeft-edge provision --rotate {node} --out {root}`) or "
+                                  "provision a new keystore")
+            changed.append(f"{node}: its password moved out of comm_args.yaml into {PASSWORD_FILE} (0600)")
+            passwords[node] = inline["password"]
+        else:
+            passwords[node] = prov.password(node)
+    _private_dir(root / PEERS_X25519)
+    server_dir = root / SERVER_DIR
+    if not (server_dir / "encryption.key").is_file():
+        _write_encryption_keys(server_dir)
+        changed.append("server: an X25519 encryption key pair")
+    server_x = (server_dir / "encryption.pub").read_bytes()
+    for d in prov.devices:
+        if not (root / d / "encryption.key").is_file():
+            (root / PEERS_X25519 / f"{d}.pub").write_bytes(_write_encryption_keys(root / d))
+            changed.append(f"{d}: an X25519 encryption key pair")
+    for node, user in nodes:
+        node_dir = prov.node_dir(node)
+        (node_dir / "server-x25519.pub").write_bytes(server_x)
+        before = (node_dir / "comm_args.yaml").read_text()
+        _write_snippet(root, node, user, passwords[node], prov.tls)
+        if (node_dir / "comm_args.yaml").read_text() != before:
+            changed.append(f"{node}: comm_args.yaml rewritten (encrypt on)")
+    return prov, changed
 
 
 def _set_password_line(root: Path, user: str, password: str | None) -> None:

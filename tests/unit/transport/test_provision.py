@@ -6,6 +6,7 @@ import base64
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -130,3 +131,57 @@ def test_encryption_keys_are_provisioned_rotated_and_revoked_like_signing_keys(t
     assert (prov.node_dir("b") / "encryption.key").read_bytes() == b_key
     revoke(prov.root, "a")
     assert set(load_peer_encryption_keys(prov.root / PEERS_X25519)) == {"b"}
+
+
+def _as_an_earlier_keystore(prov: Any) -> None:
+    """Make a fresh keystore look like one provisioned before encryption and password files existed."""
+    from fedpeft_edge.transport.provision import PASSWORD_FILE, PEERS_X25519
+
+    shutil.rmtree(prov.root / PEERS_X25519)
+    for node in ("0", *prov.devices):
+        d = prov.node_dir(node)
+        for name in ("encryption.key", "encryption.pub", "server-x25519.pub"):
+            (d / name).unlink()
+        comm = yaml.safe_load((d / "comm_args.yaml").read_text())["comm_args"]
+        if node == "b":  # the oldest layout: the password inline in the snippet
+            comm["password"] = prov.password(node)
+            del comm["password_file"]
+            (d / PASSWORD_FILE).unlink()
+        for key in ("encrypt", "encryption_key_file", "peer_encryption_keys_dir", "server_encryption_key_file"):
+            comm.pop(key, None)
+        (d / "comm_args.yaml").write_text(yaml.safe_dump({"comm_args": comm}))
+
+
+def test_upgrade_gives_an_earlier_keystore_encryption_and_keeps_its_secrets(tmp_path: Path) -> None:
+    from fedpeft_edge.transport.provision import PEERS_X25519, upgrade
+    from fedpeft_edge.transport.sealing import build_sealer
+
+    prov = provision(tmp_path / "p", ["a", "b"])
+    passwords = {n: prov.password(n) for n in ("0", "a", "b")}
+    signing = {n: (prov.node_dir(n) / "signing.key").read_bytes() for n in ("0", "a", "b")}
+    passwd = (prov.root / "broker/passwd").read_text()
+    _as_an_earlier_keystore(prov)
+    assert not CommArgs(**yaml.safe_load((prov.node_dir("a") / "comm_args.yaml").read_text())["comm_args"]).encrypt
+
+    _, changed = upgrade(prov.root)
+    assert any("b: its password moved" in c for c in changed) and any("server: an X25519" in c for c in changed)
+    assert (prov.root / "broker/passwd").read_text() == passwd  # broker logins unchanged
+    for node in ("0", "a", "b"):
+        d = prov.node_dir(node)
+        snippet = yaml.safe_load((d / "comm_args.yaml").read_text())["comm_args"]
+        assert "password" not in snippet and prov.password(node) == passwords[node]
+        assert (d / "signing.key").read_bytes() == signing[node]
+        assert (d / "encryption.key").stat().st_mode & 0o077 == 0
+        comm = CommArgs(**snippet)
+        assert comm.encrypt and build_sealer(comm, node, "run") is not None
+    assert (prov.root / PEERS_X25519).stat().st_mode & 0o777 == 0o700
+    assert upgrade(prov.root)[1] == []  # a second upgrade changes nothing
+
+
+def test_upgrade_refuses_a_node_without_any_password(tmp_path: Path) -> None:
+    from fedpeft_edge.transport.provision import PASSWORD_FILE, upgrade
+
+    prov = provision(tmp_path / "p", ["a"])
+    (prov.node_dir("a") / PASSWORD_FILE).unlink()
+    with pytest.raises(ConfigError, match="--rotate a"):
+        upgrade(prov.root)
