@@ -63,9 +63,10 @@ class UpdateAdmission:
         if self.max_norm is None and not as_delta and not self.measure:
             return Admitted(ClientUpdate(msg.sender, samples, tensors, is_delta=self.send_delta, flat=flat),
                             samples, None, None)
-        base_flat = self._flat_base(base) if isinstance(tensors, FlatTensors) else None
-        if isinstance(tensors, FlatTensors) and base_flat is not None:
-            return self._admit_flat(msg.sender, samples, tensors, base_flat, as_delta)
+        if isinstance(tensors, FlatTensors):
+            base_flat = self._flat_base(base)
+            if base_flat is not None:
+                return self._admit_flat(msg.sender, samples, tensors, base_flat, as_delta)
         deltas = {k: (t.to(torch.float64) if self.send_delta else t.to(torch.float64) - base[k].to(torch.float64))
                   for k, t in tensors.items()}
         # finite: decode_tensors refused NaN/inf, and float64 squares of float32/16 values cannot overflow
